@@ -1,0 +1,47 @@
+"""pixeldance: PixelDance-style latent video diffusion in JAX/Flax.
+
+Dependencies are pinned to versions tested together on Python 3.11 (CPU):
+`pip install -e .` for the library, `pip install -e '.[test]'` for the test suite.
+"""
+import setuptools
+
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "ml-collections==1.1.0",
+    "chex==0.1.92",
+    "absl-py==2.5.1",
+    "av==18.1.0",
+    "numpy>=2.0,<3",
+    "pillow==13.0.0",
+    "tensorboardX==2.6.5",
+    "tqdm==4.70.1",
+    "safetensors==0.8.0",
+    "einops==0.8.2",
+]
+
+EXTRAS = {
+    # Everything the test suite needs, including executing the colabs.
+    "test": [
+        "pytest==9.0.3",
+        "pytest-xdist==3.8.0",
+        "nbformat==5.11.1",
+        "nbclient==0.11.0",
+        "ipykernel==7.4.0",
+    ],
+}
+
+setuptools.setup(
+    name="pixeldance",
+    version="0.1.0",
+    description="PixelDance-style text + image-instruction video diffusion in JAX/Flax",
+    packages=setuptools.find_packages(include=["pixeldance", "pixeldance.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["pixeldance=pixeldance.main:run"]},
+)
