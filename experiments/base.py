@@ -1,0 +1,146 @@
+r"""Base experiment: the synthetic shapes world, VAE then DiT, all defaults in one place.
+
+Every other experiment file starts from `get_config` here and changes only what it is about.
+
+  python -m pixeldance.main --config=experiments/base.py --workdir=/tmp/pd_base
+  python -m pixeldance.main --config=experiments/base.py:runlocal --workdir=/tmp/pd_smoke
+
+Arguments after the colon: `runlocal` (shrink everything to seconds on a CPU),
+`vae=NAME` and `dit=NAME` (size-table variants).
+"""
+import ml_collections
+
+from pixeldance import configs
+
+
+def get_config(arg=None):
+    arg = configs.parse_arg(arg, runlocal=False, vae="shapes", dit="shapes")
+    c = ml_collections.ConfigDict()
+    # 'train' runs every stage in order: VAE, latent cache, DiT, sampling + evaluation.
+    # The stages can also be run one by one: train_vae, cache, train_dit, sample.
+    c.mode = "train"
+    c.seed = 0
+
+    # Mesh ('data','fsdp','context','tensor'); -1 fills with the remaining devices.
+    c.mesh = dict(shape=(1, -1, 1, 1), preset="fsdp")
+
+    c.data = dict(
+        name="shapes",       # the built-in synthetic world (see pixeldance/data/synthetic.py)
+        num_frames=17,       # 1 + 4k so the causal VAE gives 1 + k latent frames
+        resolution=64,
+        num_objects=1,
+        world_seed=0,
+        num_workers=0,       # grain worker processes (0: in the main process)
+    )
+
+    c.vae = dict(
+        variant=arg.vae,
+        batch_size=8,
+        train_frames=9,      # clips the VAE trains on (it is causal and convolutional)
+        num_steps=1500,
+        lr=1e-3,
+        warmup_steps=100,
+        weight_decay=0.0,
+        grad_clip=1.0,
+        kl_weight=1e-6,
+        l2_weight=1.0,
+        l1_weight=1.0,
+        ema_decay=0.999,
+        log_every=25,
+        ckpt_every=250,
+        keep_checkpoints=2,
+    )
+
+    c.cache = dict(
+        num_videos=4096,     # training videos encoded once into the latent cache
+        batch_size=16,
+    )
+
+    c.text = dict(
+        max_length=12,       # word tokens incl. the leading BOS token
+        width=128,
+        num_layers=2,
+        num_heads=4,
+    )
+
+    c.dit = dict(
+        variant=arg.dit,
+        patch_size=(1, 2, 2),
+        attention="full",    # 'full' space-time attention
+        remat="none",        # 'none' | 'full' | 'dots'
+        dtype="float32",
+    )
+
+    c.diffusion = dict(
+        objective="flow",          # rectified flow: x_t = (1 - t) x0 + t eps
+        prediction="x0",           # network output: 'x0' or 'velocity'; the loss is on velocity
+        time_sampling="logit_normal",
+        logit_mean=0.0,
+        logit_std=1.0,
+        min_t_for_x0=0.05,         # velocity from an x0 prediction divides by max(t, this)
+    )
+
+    c.cond = dict(
+        first_frame="replace",     # 'replace': clean first latent replaces the noisy one (and is
+                                   # masked out of the loss) plus channel concat; 'concat': concat only
+        p_first=0.8,               # probability that a training example gets a first frame
+        p_last=0.75,               # ... and, given a first frame, a last frame (1 - eta)
+        last_from=3,               # last-frame instruction drawn from the last `last_from` frames
+        noise=0.1,                 # noise on c_image: flow time 0.1 ~ 100 of 1000 DDPM steps
+        p_drop_text=0.1,           # text dropped (BOS only) for classifier-free guidance
+    )
+
+    c.train = dict(
+        batch_size=32,
+        num_steps=3000,
+        lr=5e-4,
+        warmup_steps=200,
+        weight_decay=0.0,
+        grad_clip=1.0,
+        ema_decay=0.999,
+        log_every=50,
+        ckpt_every=500,
+        keep_checkpoints=2,
+    )
+
+    c.sample = dict(
+        sampler="euler",
+        steps=25,
+        guidance=3.0,
+        tau=10,                    # last frame used for the first `tau` steps only
+        batch_size=16,
+    )
+
+    c.eval = dict(
+        num_per_mode=64,           # held-out and seen videos sampled per mode
+        heldout_fraction=0.5,
+        num_mp4=4,                 # mp4 files written per mode
+    )
+
+    if arg.runlocal:
+        c.data.num_frames = 9
+        c.data.resolution = 32
+        c.vae.variant = "mu"
+        c.vae.batch_size = 2
+        c.vae.train_frames = 5
+        c.vae.num_steps = 4
+        c.vae.warmup_steps = 1
+        c.vae.log_every = 2
+        c.vae.ckpt_every = 2
+        c.cache.num_videos = 8
+        c.cache.batch_size = 4
+        c.text.width = 32
+        c.text.num_layers = 1
+        c.text.num_heads = 2
+        c.dit.variant = "mu"
+        c.train.batch_size = 8
+        c.train.num_steps = 4
+        c.train.warmup_steps = 1
+        c.train.log_every = 2
+        c.train.ckpt_every = 2
+        c.sample.steps = 3
+        c.sample.tau = 1
+        c.sample.batch_size = 4
+        c.eval.num_per_mode = 4
+        c.eval.num_mp4 = 1
+    return c

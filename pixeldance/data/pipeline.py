@@ -1,0 +1,85 @@
+"""grain pipelines: random-access source -> per-host shard -> shuffle -> transform -> batch.
+
+Every pipeline is a `grain.MapDataset` shuffled by seed and repeated, so element k of the
+stream is a pure function of (seed, k): the iterator position is all the state a checkpoint
+needs, and each host reads only its own slice of the source.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import grain
+import jax
+import numpy as np
+
+
+class BatchIterator:
+    """A resumable iterator of host batches (dicts of numpy arrays)."""
+
+    def __init__(self, dataset: grain.MapDataset, num_workers: int = 0):
+        ids = dataset.to_iter_dataset()
+        if num_workers > 0:
+            ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+        self._it = iter(ids)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._it)
+
+    def get_state(self) -> dict:
+        return self._it.get_state()
+
+    def set_state(self, state: dict):
+        if state:
+            self._it.set_state(state)
+
+
+def make_batches(source, *, batch_size: int, seed: int, transform: Callable[[dict, np.random.Generator], dict] | None = None,
+                 num_workers: int = 0) -> BatchIterator:
+    """Batches of this host's share of `batch_size` (the global batch), endlessly reshuffled.
+
+    transform(example, rng) -> example runs per element with a generator seeded by
+    (seed, element position), so random crops are reproducible too.
+    """
+    if batch_size % jax.process_count():
+        raise ValueError(f"global batch size {batch_size} is not divisible by {jax.process_count()} hosts")
+    ds = grain.MapDataset.source(source)
+    ds = ds[jax.process_index()::jax.process_count()]
+    ds = ds.shuffle(seed=seed).repeat()
+    if transform is not None:
+        ds = ds.random_map(lambda ex, rng: transform(ex, rng), seed=seed)
+    ds = ds.batch(batch_size // jax.process_count(), drop_remainder=True)
+    return BatchIterator(ds, num_workers=num_workers)
+
+
+def drop_strings(example: dict) -> dict:
+    """Device batches carry arrays only (captions stay on the host)."""
+    return {k: v for k, v in example.items() if not isinstance(v, (str, bytes))}
+
+
+class LatentCacheSource:
+    """Random access over a latent cache written by `pixeldance.tools.cache_latents`.
+
+    Each element: z float32 [T, h, w, C] (the video's latents, unnormalised), z_last float32
+    [K, h, w, C] (the last K frames each encoded as an image, latest first), tokens int32 [S].
+    """
+
+    def __init__(self, path: str):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"latent cache not found: {path} (run the 'cache' stage first)")
+        with np.load(path) as f:
+            self._z = f["z"]
+            self._z_last = f["z_last"]
+            self._tokens = f["tokens"]
+
+    def __len__(self) -> int:
+        return len(self._z)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return dict(z=self._z[i], z_last=self._z_last[i], tokens=self._tokens[i])
+
+    def __repr__(self) -> str:
+        return f"LatentCacheSource(n={len(self)}, z={self._z.shape[1:]})"

@@ -1,0 +1,73 @@
+"""Layers shared by the transformer models, with logical axis names on every parameter.
+
+Axis glossary: see pixeldance/sharding.py for the logical names.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+
+class Dense(nn.Module):
+    """Contracts the last `in_dims` axes of x with a kernel of shape in_shape + features.
+
+    Unlike flax's DenseGeneral (which initialises a flat kernel and reshapes it), the kernel is
+    created in its final shape, so logical names apply per axis (e.g. ('embed', 'heads', 'kv')).
+    kernel_axes: logical names of the kernel's axes (inputs then outputs).
+    """
+    features: Sequence[int] | int
+    kernel_axes: Sequence[str | None]
+    in_dims: int = 1
+    use_bias: bool = True
+    zero_init: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        in_shape = x.shape[x.ndim - self.in_dims:]
+        if len(self.kernel_axes) != self.in_dims + len(features):
+            raise ValueError(f"kernel_axes {self.kernel_axes} do not match {in_shape} -> {features}")
+        if self.zero_init:
+            init = nn.initializers.zeros_init()
+        else:
+            in_axes = tuple(range(self.in_dims))
+            out_axes = tuple(range(self.in_dims, self.in_dims + len(features)))
+            init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=in_axes, out_axis=out_axes)
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.kernel_axes)),
+                            in_shape + features)
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                                ((tuple(range(x.ndim - self.in_dims, x.ndim)), in_axes_of(self.in_dims)), ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                                   tuple(self.kernel_axes[self.in_dims:])), features)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def in_axes_of(n: int) -> tuple[int, ...]:
+    return tuple(range(n))
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis with logically named scale/bias (optional, for adaLN)."""
+    use_scale: bool = True
+    use_bias: bool = True
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        d = x.shape[-1]
+        if self.use_scale:
+            y = y * self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)), (d,))
+        if self.use_bias:
+            y = y + self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)), (d,))
+        return y.astype(self.dtype)

@@ -1,0 +1,83 @@
+"""Text encoder for captions: a word-level tokenizer and a small transformer trained jointly.
+
+Choice for the synthetic world: its captions use a closed vocabulary of 17 words
+("a red circle moves left"), so a word tokenizer is exact and a 2-layer transformer trained
+together with the DiT is enough to bind colour, shape and direction words. Pretrained
+encoders (CLIP/T5) would need downloaded weights; for real data they come in through
+converters, behind the same interface: tokens [B, S] -> embeddings [B, S, D] and a mask.
+
+Axis glossary: B batch, S text tokens, D width, N heads, K head width.
+"""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from pixeldance.models import attention
+from pixeldance.models.layers import Dense, LayerNorm
+
+PAD, UNK, BOS = 0, 1, 2
+_SPECIAL = ("<pad>", "<unk>", "<bos>")
+
+
+class WordTokenizer:
+    """Lower-cased words -> ids; id 2 (BOS) always leads, so an empty prompt is one valid token."""
+
+    def __init__(self, words: Sequence[str], max_length: int):
+        self.words = tuple(dict.fromkeys(w.lower() for w in words))
+        self.vocab = {w: i for i, w in enumerate(_SPECIAL + self.words)}
+        self.max_length = max_length
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        """texts: B strings -> int32 [B, max_length]; words past max_length are dropped."""
+        out = np.full((len(texts), self.max_length), PAD, np.int32)
+        for b, text in enumerate(texts):
+            ids = [BOS] + [self.vocab.get(w, UNK) for w in re.findall(r"[a-z0-9']+", text.lower())]
+            ids = ids[: self.max_length]
+            out[b, : len(ids)] = ids
+        return out
+
+
+class TextEncoder(nn.Module):
+    """tokens int32 [B, S] -> (embeddings float [B, S, D], mask bool [B, S])."""
+
+    vocab_size: int
+    max_length: int
+    width: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens):
+        mask = tokens != PAD
+        init = nn.initializers.normal(0.02)
+        emb = self.param("embedding", nn.with_logical_partitioning(init, ("vocab", "embed")),
+                         (self.vocab_size, self.width))
+        pos = self.param("position", nn.with_logical_partitioning(init, (None, "embed")),
+                         (self.max_length, self.width))
+        x = jnp.take(emb, tokens, axis=0) + pos[None, : tokens.shape[1]]
+        x = x.astype(self.dtype)
+        head = self.width // self.num_heads
+        for i in range(self.num_layers):
+            y = LayerNorm(dtype=self.dtype, name=f"ln_attn_{i}")(x)
+            qkv = Dense((3, self.num_heads, head), ("embed", None, "heads", "kv"), dtype=self.dtype,
+                        name=f"qkv_{i}")(y)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            y = attention.dot_product_attention(q, k, v, key_mask=mask)
+            x = x + Dense(self.width, ("heads", "kv", "embed"), in_dims=2, dtype=self.dtype,
+                          name=f"out_{i}")(y)
+            y = LayerNorm(dtype=self.dtype, name=f"ln_mlp_{i}")(x)
+            y = Dense(4 * self.width, ("embed", "mlp"), dtype=self.dtype, name=f"mlp_in_{i}")(y)
+            y = Dense(self.width, ("mlp", "embed"), dtype=self.dtype, name=f"mlp_out_{i}")(nn.gelu(y))
+            x = x + y
+        x = LayerNorm(dtype=self.dtype, name="ln_final")(x)
+        return x, mask

@@ -1,0 +1,233 @@
+r"""Sampling API and command line.
+
+  python -m pixeldance.sample --workdir=DIR --prompt="a red circle moves left" \
+      [--first_frame=a.png] [--last_frame=b.png] [--tau=10] [--guidance=3] [--steps=25] \
+      [--seed=0] [--num_frames=17] [--resize] --output=out.mp4
+
+From Python: `pipe = pixeldance.load_pipeline(DIR); video = pipe.generate("a red circle moves left")`
+(uint8 [F, H, W, 3]), and `vae = pixeldance.load_vae(DIR)` with `encode` / `decode`.
+
+Axis glossary: B batch, F frames, H/W pixels, T latent frames, h/w latent height/width, C channels.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from pixeldance import train_lib
+from pixeldance.diffusion import conditioning, objectives, samplers
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no pixeldance workdir at {workdir} (missing {path})")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+class VideoVAE:
+    """A trained causal video VAE.
+
+    encode: uint8 [B, F, H, W, 3] with F = 1 + 4k -> float32 latents [B, 1 + k, H/8, W/8, C]
+      (posterior means). decode: latents -> uint8 [B, 1 + 4(T-1), 8h, 8w, 3].
+    """
+
+    def __init__(self, model, params):
+        self.model, self.params = model, params
+        self._encode = jax.jit(lambda p, v: model.apply(
+            p, v.astype(jnp.float32) / 127.5 - 1.0, method=model.encode)[0])
+        self._decode = jax.jit(lambda p, z: jnp.clip(
+            jnp.round((model.apply(p, z, method=model.decode) + 1.0) * 127.5), 0, 255).astype(jnp.uint8))
+
+    def encode(self, video) -> np.ndarray:
+        video = np.asarray(video)
+        if video.dtype != np.uint8 or video.ndim != 5 or video.shape[-1] != 3:
+            raise ValueError(f"encode wants uint8 [B, F, H, W, 3], got {video.dtype} {video.shape}")
+        return np.asarray(self._encode(self.params, video))
+
+    def decode(self, latents) -> np.ndarray:
+        latents = np.asarray(latents, np.float32)
+        if latents.ndim != 5:
+            raise ValueError(f"decode wants latents [B, T, h, w, C], got {latents.shape}")
+        return np.asarray(self._decode(self.params, latents))
+
+
+def load_vae(workdir_or_path: str) -> VideoVAE:
+    """The VAE of a workdir (or of a folder with config.json and vae/ checkpoints)."""
+    from pixeldance.trainers import vae as vae_trainer
+    config = load_workdir_config(workdir_or_path)
+    model = vae_trainer.build_vae(config)
+    dummy = jnp.zeros((1, 1, config.data.resolution, config.data.resolution, 3))
+    params, _ = train_lib.load_ema_params(os.path.join(workdir_or_path, "vae"),
+                                          lambda rng: model.init(rng, dummy), config.vae)
+    return VideoVAE(model, params)
+
+
+class Pipeline:
+    """Text (+ first frame, + last frame) -> video, with classifier-free guidance and tau."""
+
+    def __init__(self, config, vae: VideoVAE, model, params, tokenizer, latent_mean, latent_std):
+        self.config, self.vae, self.model, self.params = config, vae, model, params
+        self.tokenizer = tokenizer
+        self.latent_mean = jnp.asarray(latent_mean)
+        self.latent_std = jnp.asarray(latent_std)
+        self.resolution = config.data.resolution
+        self.num_frames = config.data.num_frames
+        self._sample = jax.jit(self._sample_latents, static_argnames=("steps", "sampler"))
+
+    def _sample_latents(self, params, noise, z_first, z_last, has_first, has_last, tokens, rng,
+                        guidance, tau, *, steps: int, sampler: str):
+        """All arguments batched on B; returns normalised latents [B, T, h, w, C]."""
+        from pixeldance.trainers.dit import null_tokens
+        B, T = noise.shape[:2]
+        cond, diffusion = self.config.cond, self.config.diffusion
+        c_full, m_full = conditioning.make_instructions(z_first, z_last, has_first, has_last, T)
+        c_full = conditioning.noise_instructions(rng, c_full, m_full, cond.noise)
+        c_drop, m_drop = conditioning.drop_last(c_full, m_full)
+        tok = jnp.concatenate([tokens, null_tokens(B, tokens.shape[1])])
+        replace = cond.first_frame == "replace"
+
+        def velocity(x, t, i):
+            use_last = i < tau  # PixelDance's strength: the last frame guides the first tau steps
+            c = jnp.where(use_last, c_full, c_drop)
+            m = jnp.where(use_last, m_full, m_drop)
+            xx = jnp.concatenate([x, x])
+            tt = jnp.full((2 * B,), t)
+            out = self.model.apply(params, xx, tt, jnp.concatenate([c, c]), jnp.concatenate([m, m]), tok)
+            v = objectives.to_velocity(out, xx, tt, prediction=diffusion.prediction,
+                                       min_t=diffusion.min_t_for_x0)
+            v_cond, v_uncond = jnp.split(v, 2)
+            return v_uncond + guidance * (v_cond - v_uncond)
+
+        project = (lambda x: conditioning.replace_first(x, z_first, has_first)) if replace else None
+        return samplers.sample(velocity, noise, steps=steps, sampler=sampler, project=project)
+
+    def _check_image(self, image, name: str) -> np.ndarray:
+        image = np.asarray(image)
+        R = self.resolution
+        if image.dtype != np.uint8 or image.shape != (R, R, 3):
+            raise ValueError(f"{name} must be uint8 [{R}, {R}, 3] for this model, got {image.dtype} {image.shape}")
+        return image
+
+    def generate_batch(self, prompts: Sequence[str], first_frames=None, last_frames=None, *,
+                       num_frames: int | None = None, steps: int | None = None, guidance: float | None = None,
+                       tau: int | None = None, seed: int = 0, sampler: str | None = None) -> np.ndarray:
+        """B prompts, optional per-example first/last frames (uint8 [H, W, 3] or None) -> uint8 [B, F, H, W, 3]."""
+        s = self.config.sample
+        steps = s.steps if steps is None else int(steps)
+        guidance = s.guidance if guidance is None else float(guidance)
+        tau = s.tau if tau is None else int(tau)
+        sampler = s.sampler if sampler is None else sampler
+        F = self.num_frames if num_frames is None else int(num_frames)
+        if F < 1 or (F - 1) % 4:
+            raise ValueError(f"num_frames must be 1 + 4k (1, 5, 9, 13, 17, ...), got {F}")
+        B, R = len(prompts), self.resolution
+        first_frames = [None] * B if first_frames is None else list(first_frames)
+        last_frames = [None] * B if last_frames is None else list(last_frames)
+        for b in range(B):
+            if last_frames[b] is not None and first_frames[b] is None:
+                raise ValueError("a last frame needs a first frame (PixelDance's instructions are [first, ..., last])")
+        blank = np.zeros((R, R, 3), np.uint8)
+        firsts = np.stack([blank if f is None else self._check_image(f, "first_frame") for f in first_frames])
+        lasts = np.stack([blank if f is None else self._check_image(f, "last_frame") for f in last_frames])
+        # Both instruction images encode as one-frame videos, in one call.
+        z_img = self.vae.encode(np.concatenate([firsts, lasts])[:, None])[:, 0]
+        z_img = (z_img - np.asarray(self.latent_mean)) / np.asarray(self.latent_std)
+        z_first, z_last = z_img[:B], z_img[B:]
+        T = 1 + (F - 1) // 4
+        h = z_first.shape[1]
+        key = jax.random.key(seed)
+        noise = jax.random.normal(jax.random.fold_in(key, 0), (B, T, h, h, z_first.shape[-1]))
+        tokens = jnp.asarray(self.tokenizer(prompts))
+        has_first = jnp.asarray([f is not None for f in first_frames])
+        has_last = jnp.asarray([f is not None for f in last_frames])
+        z = self._sample(self.params, noise, jnp.asarray(z_first), jnp.asarray(z_last), has_first, has_last,
+                         tokens, jax.random.fold_in(key, 1), jnp.float32(guidance), jnp.int32(tau),
+                         steps=steps, sampler=sampler)
+        return self.vae.decode(z * self.latent_std + self.latent_mean)
+
+    def generate(self, prompt: str, first_frame=None, last_frame=None, *, num_frames: int | None = None,
+                 steps: int | None = None, guidance: float | None = None, tau: int | None = None,
+                 seed: int = 0, sampler: str | None = None) -> np.ndarray:
+        """One video, uint8 [F, H, W, 3]. steps/guidance/tau default to the workdir's config.sample."""
+        return self.generate_batch([prompt], [first_frame], [last_frame], num_frames=num_frames,
+                                   steps=steps, guidance=guidance, tau=tau, seed=seed, sampler=sampler)[0]
+
+
+def load_pipeline(workdir: str) -> Pipeline:
+    """The trained pipeline of a workdir (EMA weights of the newest VAE and DiT checkpoints)."""
+    from pixeldance.trainers import dit as dit_trainer
+    config = load_workdir_config(workdir)
+    vae = load_vae(workdir)
+    mean, std = dit_trainer.load_latent_stats(workdir)
+    C = len(mean)
+    model = dit_trainer.build_model(config, C)
+    R, S = config.data.resolution, config.text.max_length
+    T, h = 1 + (config.data.num_frames - 1) // 4, R // 8
+    dummy = (jnp.zeros((1, T, h, h, C)), jnp.zeros((1,)), jnp.zeros((1, T, h, h, C)),
+             jnp.zeros((1, T, h, h, 1)), jnp.zeros((1, S), jnp.int32))
+    params, _ = train_lib.load_ema_params(os.path.join(workdir, "dit"),
+                                          lambda rng: model.init(rng, *dummy), config.train)
+    return Pipeline(config, vae, model, params, dit_trainer.build_tokenizer(config), mean, std)
+
+
+def main(argv):
+    from absl import flags
+    from pixeldance.data import video_io
+    FLAGS = flags.FLAGS
+    del argv
+    try:
+        if not FLAGS.output:
+            raise ValueError("--output is required (a .mp4 or .gif path)")
+        if not FLAGS.output.endswith((".mp4", ".gif")):
+            raise ValueError(f"--output must end in .mp4 or .gif, got {FLAGS.output}")
+        pipe = load_pipeline(FLAGS.workdir)
+        size = pipe.resolution if FLAGS.resize else None
+        first = video_io.read_image(FLAGS.first_frame, size) if FLAGS.first_frame else None
+        last = video_io.read_image(FLAGS.last_frame, size) if FLAGS.last_frame else None
+        for name, img in (("first_frame", first), ("last_frame", last)):
+            if img is not None and img.shape[:2] != (pipe.resolution,) * 2:
+                path = getattr(FLAGS, name)
+                raise ValueError(f"--{name} {path} is {img.shape[1]}x{img.shape[0]}, the model makes "
+                                 f"{pipe.resolution}x{pipe.resolution} videos (pass --resize to resize it)")
+        video = pipe.generate(FLAGS.prompt, first, last, num_frames=FLAGS.num_frames, steps=FLAGS.steps,
+                              guidance=FLAGS.guidance, tau=FLAGS.tau, seed=FLAGS.seed, sampler=FLAGS.sampler)
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+        if FLAGS.output.endswith(".mp4"):
+            video_io.write_mp4(FLAGS.output, video)
+        else:
+            video_io.write_gif(FLAGS.output, video, scale=4)
+        print(f"wrote {FLAGS.output} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]})")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run():
+    from absl import app, flags
+    flags.DEFINE_string("workdir", None, "Workdir of a trained pipeline.", required=True)
+    flags.DEFINE_string("prompt", "", "Text instruction.")
+    flags.DEFINE_string("first_frame", None, "First-frame instruction image (png/jpg).")
+    flags.DEFINE_string("last_frame", None, "Last-frame instruction image (needs --first_frame).")
+    flags.DEFINE_boolean("resize", False, "Resize instruction images to the model's resolution.")
+    flags.DEFINE_integer("num_frames", None, "Frames (1 + 4k); default: the training clip length.")
+    flags.DEFINE_integer("steps", None, "Sampling steps; default: config.sample.steps.")
+    flags.DEFINE_float("guidance", None, "Text guidance scale; default: config.sample.guidance.")
+    flags.DEFINE_integer("tau", None, "Steps during which the last frame is used; default: config.sample.tau.")
+    flags.DEFINE_string("sampler", None, "euler or heun; default: config.sample.sampler.")
+    flags.DEFINE_integer("seed", 0, "Random seed.")
+    flags.DEFINE_string("output", None, "Output .mp4 or .gif path.")
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,139 @@
+"""DiT trainer: rectified flow on cached VAE latents with PixelDance image instructions.
+
+Axis glossary: B batch, T latent frames, h/w latent height/width, C channels, S text tokens,
+K candidate last frames.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from pixeldance import sharding, train_lib
+from pixeldance.checkpoint import Checkpointer
+from pixeldance.data import pipeline, synthetic
+from pixeldance.diffusion import conditioning, objectives, schedules
+from pixeldance.models import dit as dit_lib
+from pixeldance.models import text as text_lib
+
+LATENT_STATS = "latent_stats.json"
+
+
+def build_tokenizer(config) -> text_lib.WordTokenizer:
+    if config.data.name != "shapes":
+        raise ValueError(f"no word tokenizer for dataset {config.data.name!r}")
+    words = ("a", "moves", "and") + synthetic.COLOURS + synthetic.SHAPES + synthetic.DIRECTIONS
+    return text_lib.WordTokenizer(words, config.text.max_length)
+
+
+def build_model(config, latent_channels: int) -> dit_lib.PixelDanceModel:
+    tok = build_tokenizer(config)
+    dtype = jnp.dtype(config.dit.dtype)
+    text = text_lib.TextEncoder(vocab_size=tok.vocab_size, max_length=config.text.max_length,
+                                width=config.text.width, num_layers=config.text.num_layers,
+                                num_heads=config.text.num_heads, dtype=dtype)
+    kwargs = dit_lib.decode_variant(config.dit.variant)
+    kwargs.setdefault("patch_size", tuple(config.dit.patch_size))
+    dit = dit_lib.VideoDiT(latent_channels=latent_channels, remat=config.dit.remat, dtype=dtype, **kwargs)
+    return dit_lib.PixelDanceModel(text, dit)
+
+
+def null_tokens(batch: int, length: int):
+    """The empty prompt: BOS then padding (the unconditional input for guidance)."""
+    return jnp.zeros((batch, length), jnp.int32).at[:, 0].set(text_lib.BOS)
+
+
+def load_latent_stats(workdir: str) -> tuple[np.ndarray, np.ndarray]:
+    path = os.path.join(workdir, LATENT_STATS)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"latent statistics not found: {path} (run the 'cache' stage first)")
+    with open(path) as f:
+        stats = json.load(f)
+    return np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
+
+
+def dit_loss(params, batch, rng, *, model, cond, diffusion, latent_mean, latent_std):
+    """PixelDance training loss on a batch of cached latents.
+
+    batch: z [B, T, h, w, C], z_last [B, K, h, w, C], tokens int32 [B, S].
+    Per example: a first-frame instruction with probability p_first; given one, a last-frame
+    instruction (picked among the last K frames) with probability p_last; noise on c_image;
+    text dropped with probability p_drop_text.
+    """
+    z = (batch["z"] - latent_mean) / latent_std
+    z_last_all = (batch["z_last"] - latent_mean) / latent_std
+    B, T = z.shape[:2]
+    keys = jax.random.split(rng, 7)
+    has_first = jax.random.uniform(keys[0], (B,)) < cond.p_first
+    has_last = has_first & (jax.random.uniform(keys[1], (B,)) < cond.p_last)
+    pick = jax.random.randint(keys[2], (B,), 0, min(cond.last_from, z_last_all.shape[1]))
+    z_last = jnp.take_along_axis(z_last_all, pick[:, None, None, None, None], axis=1)[:, 0]
+    c_image, c_mask = conditioning.make_instructions(z[:, 0], z_last, has_first, has_last, T)
+    c_image = conditioning.noise_instructions(keys[3], c_image, c_mask, cond.noise)
+
+    drop = jax.random.uniform(keys[4], (B,)) < cond.p_drop_text
+    tokens = jnp.where(drop[:, None], null_tokens(B, batch["tokens"].shape[1]), batch["tokens"])
+
+    t = schedules.sample_time(keys[5], B, kind=diffusion.time_sampling, mean=diffusion.logit_mean,
+                              std=diffusion.logit_std)
+    noise = jax.random.normal(keys[6], z.shape)
+    x_t = objectives.interpolate(z, noise, t)
+    replace = cond.first_frame == "replace"
+    if replace:
+        x_t = conditioning.replace_first(x_t, z[:, 0], has_first)
+    out = model.apply(params, x_t, t, c_image, c_mask, tokens)
+    loss_mask = conditioning.first_frame_loss_mask(has_first, T, replace)
+    loss, _ = objectives.flow_loss(out, z, noise, t, loss_mask, prediction=diffusion.prediction,
+                                   min_t=diffusion.min_t_for_x0)
+    x0_hat = objectives.to_x0(out, x_t, t, prediction=diffusion.prediction)
+    x0_err = jnp.mean(jnp.square(x0_hat - z) * loss_mask) / jnp.mean(loss_mask)
+    return loss, dict(x0_mse=x0_err)
+
+
+def train_dit(config, workdir: str):
+    c = config.train
+    if config.cond.first_frame not in ("replace", "concat"):
+        raise ValueError(f"config.cond.first_frame must be 'replace' or 'concat', got {config.cond.first_frame!r}")
+    # Mesh and data: the latent cache written by the 'cache' stage.
+    mesh, preset = train_lib.mesh_from_config(config.mesh)
+    source = pipeline.LatentCacheSource(os.path.join(workdir, "cache", "latents.npz"))
+    batches = pipeline.make_batches(source, batch_size=c.batch_size, seed=config.seed)
+    latent_mean, latent_std = load_latent_stats(workdir)
+    example = source[0]
+    T, h, w, C = example["z"].shape
+
+    # Model, optimizer, sharded init or restore.
+    model = build_model(config, C)
+    S = config.text.max_length
+    dummy = (jnp.zeros((1, T, h, w, C)), jnp.zeros((1,)), jnp.zeros((1, T, h, w, C)),
+             jnp.zeros((1, T, h, w, 1)), jnp.zeros((1, S), jnp.int32))
+    init_fn = lambda rng: model.init(rng, *dummy)
+    tx = train_lib.make_optimizer(lr=c.lr, warmup_steps=c.warmup_steps, num_steps=c.num_steps,
+                                  weight_decay=c.weight_decay, grad_clip=c.grad_clip)
+    rng = jax.random.key(config.seed + 1)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(preset)):
+        abstract, state_sh = train_lib.state_shardings(init_fn, tx, mesh, preset, rng)
+        ckpt = Checkpointer(os.path.join(workdir, "dit"), keep=c.keep_checkpoints)
+        state, data_state = train_lib.restore_or_init(ckpt, init_fn, tx, abstract, state_sh, rng)
+        batches.set_state(data_state)
+        writer = train_lib.MetricWriter(workdir, "dit")
+        writer.truncate_after(int(jax.device_get(state.step)))
+
+        loss_fn = functools.partial(dit_loss, model=model, cond=config.cond, diffusion=config.diffusion,
+                                    latent_mean=jnp.asarray(latent_mean), latent_std=jnp.asarray(latent_std))
+        batch_sh = sharding.batch_sharding(mesh)
+        step_fn = train_lib.compile_step(train_lib.make_train_step(loss_fn, tx, c.ema_decay),
+                                         state_sh, batch_sh, mesh)
+        state = train_lib.train_loop(
+            stage="dit", state=state, step_fn=step_fn, batches=batches,
+            to_device=lambda b: train_lib.to_global(b, batch_sh), checkpointer=ckpt, writer=writer,
+            num_steps=c.num_steps, log_every=c.log_every, ckpt_every=c.ckpt_every,
+            rng=jax.random.fold_in(rng, 1), data_state_fn=batches.get_state)
+    writer.close()
+    ckpt.close()
+    return state

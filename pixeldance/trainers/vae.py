@@ -1,0 +1,92 @@
+"""VAE trainer: reconstruction (L1 + L2) + KL on the synthetic world, EMA, Orbax, resumable.
+
+Axis glossary: B batch, F frames, H/W pixels, T latent frames, h/w latent height/width, C channels.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from pixeldance import sharding, train_lib
+from pixeldance.checkpoint import Checkpointer
+from pixeldance.data import pipeline, synthetic
+from pixeldance.models import vae as vae_lib
+
+
+def build_vae(config) -> vae_lib.CausalVAE:
+    return vae_lib.vae_from_variant(config.vae.variant)
+
+
+def world_config(config) -> synthetic.WorldConfig:
+    return synthetic.WorldConfig(num_frames=config.data.num_frames, resolution=config.data.resolution,
+                                 num_objects=config.data.num_objects, seed=config.data.world_seed)
+
+
+def to_unit(video_u8):
+    """uint8 [..., 3] in [0, 255] -> float32 in [-1, 1]."""
+    return video_u8.astype(jnp.float32) / 127.5 - 1.0
+
+
+def vae_loss(params, batch, rng, *, model, l1_weight, l2_weight, kl_weight):
+    """batch['video']: uint8 [B, F, H, W, 3] -> (loss, metrics)."""
+    video = to_unit(batch["video"])
+    out = model.apply(params, video, sample_rng=rng)
+    err = out["recon"] - video
+    l1, l2 = jnp.mean(jnp.abs(err)), jnp.mean(jnp.square(err))
+    mean, logvar = out["mean"], out["logvar"]
+    kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
+    psnr = -10.0 * jnp.log10(jnp.mean(jnp.square(jnp.clip(out["recon"], -1, 1) - video)) / 4.0)
+    loss = l1_weight * l1 + l2_weight * l2 + kl_weight * kl
+    return loss, dict(l1=l1, l2=l2, kl=kl, psnr=psnr)
+
+
+def train_vae(config, workdir: str):
+    c = config.vae
+    # Mesh and data.
+    mesh, preset = train_lib.mesh_from_config(config.mesh)
+    frames = c.train_frames
+
+    def crop(example, rng):
+        # A random window of `frames` frames: the VAE is causal and convolutional, so short clips
+        # teach it what it needs and cost a fraction of full ones.
+        start = rng.integers(0, example["video"].shape[0] - frames + 1)
+        return dict(video=example["video"][start:start + frames])
+
+    source = synthetic.ShapesSource("train", size=1_000_000, config=world_config(config))
+    batches = pipeline.make_batches(source, batch_size=c.batch_size, seed=config.seed, transform=crop,
+                                    num_workers=config.data.num_workers)
+
+    # Model, optimizer, sharded init or restore.
+    model = build_vae(config)
+    res = config.data.resolution
+    dummy = jnp.zeros((1, frames, res, res, 3), jnp.float32)
+    init_fn = lambda rng: model.init(rng, dummy)
+    tx = train_lib.make_optimizer(lr=c.lr, warmup_steps=c.warmup_steps, num_steps=c.num_steps,
+                                  weight_decay=c.weight_decay, grad_clip=c.grad_clip)
+    rng = jax.random.key(config.seed)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(preset)):
+        abstract, state_sh = train_lib.state_shardings(init_fn, tx, mesh, preset, rng)
+        ckpt = Checkpointer(os.path.join(workdir, "vae"), keep=c.keep_checkpoints)
+        state, data_state = train_lib.restore_or_init(ckpt, init_fn, tx, abstract, state_sh, rng)
+        batches.set_state(data_state)
+        writer = train_lib.MetricWriter(workdir, "vae")
+        writer.truncate_after(int(jax.device_get(state.step)))
+
+        loss_fn = functools.partial(vae_loss, model=model, l1_weight=c.l1_weight,
+                                    l2_weight=c.l2_weight, kl_weight=c.kl_weight)
+        batch_sh = sharding.batch_sharding(mesh)
+        step_fn = train_lib.compile_step(train_lib.make_train_step(loss_fn, tx, c.ema_decay),
+                                         state_sh, batch_sh, mesh)
+        state = train_lib.train_loop(
+            stage="vae", state=state, step_fn=step_fn, batches=batches,
+            to_device=lambda b: train_lib.to_global(b, batch_sh), checkpointer=ckpt, writer=writer,
+            num_steps=c.num_steps, log_every=c.log_every, ckpt_every=c.ckpt_every,
+            rng=jax.random.fold_in(rng, 1), data_state_fn=batches.get_state)
+    writer.close()
+    ckpt.close()
+    return state
