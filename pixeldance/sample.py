@@ -65,7 +65,7 @@ def load_vae(workdir_or_path: str) -> VideoVAE:
     """The VAE of a workdir (or of a folder with config.json and vae/ checkpoints)."""
     from pixeldance.trainers import vae as vae_trainer
     config = load_workdir_config(workdir_or_path)
-    model = vae_trainer.build_vae(config)
+    model = vae_trainer.build_vae(config, workdir_or_path)
     dummy = jnp.zeros((1, 1, config.data.resolution, config.data.resolution, 3))
     params, _ = train_lib.load_ema_params(os.path.join(workdir_or_path, "vae"),
                                           lambda rng: model.init(rng, dummy), config.vae)

@@ -27,7 +27,7 @@ from pixeldance.sharding import constrain
 # Size table: width D, depth, heads N. `mu` is for tests; `shapes` for the built-in world on a CPU.
 DIT_VARIANTS = {
     "mu": dict(width=32, depth=2, num_heads=2, mlp_ratio=2),
-    "shapes": dict(width=192, depth=6, num_heads=4, mlp_ratio=4),
+    "shapes": dict(width=128, depth=4, num_heads=4, mlp_ratio=4),
     "S": dict(width=384, depth=12, num_heads=6, mlp_ratio=4),
     "B": dict(width=768, depth=12, num_heads=12, mlp_ratio=4),
     "L": dict(width=1024, depth=24, num_heads=16, mlp_ratio=4),
@@ -170,6 +170,7 @@ class VideoDiT(nn.Module):
     num_heads: int = 4
     mlp_ratio: int = 4
     remat: str = "none"
+    scan_layers: bool = True
     dtype: Any = jnp.float32
     attention_impl: str | None = None
 
@@ -204,11 +205,17 @@ class VideoDiT(nn.Module):
             if self.remat not in _REMAT_POLICIES:
                 raise ValueError(f"unknown remat policy {self.remat!r}; choose none/{'/'.join(_REMAT_POLICIES)}")
             block = nn.remat(block, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
-        blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast,) * 4, length=self.depth,
-                         metadata_params={nn.PARTITION_NAME: "layers"})
-        h, _ = blocks(D, self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl,
-                      name="blocks")(h, cond, rope, text_h, text_mask)
+        if self.scan_layers:
+            # One compiled layer body, iterated: compile time independent of depth.
+            blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                             in_axes=(nn.broadcast,) * 4, length=self.depth,
+                             metadata_params={nn.PARTITION_NAME: "layers"})
+            h, _ = blocks(D, self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl,
+                          name="blocks")(h, cond, rope, text_h, text_mask)
+        else:
+            for i in range(self.depth):
+                h, _ = block(D, self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl,
+                             name=f"block_{i}")(h, cond, rope, text_h, text_mask)
 
         # adaLN-modulated final layer, zero-initialised so training starts from output 0.
         shift, scale = jnp.split(_dense(2 * D, ("embed", "mlp"), self.dtype, "final_adaln",

@@ -4,6 +4,7 @@ Axis glossary: see pixeldance/sharding.py for the logical names.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import jax
@@ -39,17 +40,16 @@ class Dense(nn.Module):
             init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=in_axes, out_axis=out_axes)
         kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.kernel_axes)),
                             in_shape + features)
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                                ((tuple(range(x.ndim - self.in_dims, x.ndim)), in_axes_of(self.in_dims)), ((), ())))
+        # As one 2D matmul: XLA:CPU runs multi-axis dot_generals (and their gradients) as slow
+        # loops, while [rows, in] @ [in, out] hits its GEMM kernel (measured 10x on the backward).
+        n_in, n_out = math.prod(in_shape), math.prod(features)
+        y = jnp.dot(x.astype(self.dtype).reshape(-1, n_in), kernel.astype(self.dtype).reshape(n_in, n_out))
+        y = y.reshape(x.shape[:x.ndim - self.in_dims] + features)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                                    tuple(self.kernel_axes[self.in_dims:])), features)
             y = y + bias.astype(self.dtype)
         return y
-
-
-def in_axes_of(n: int) -> tuple[int, ...]:
-    return tuple(range(n))
 
 
 class LayerNorm(nn.Module):

@@ -4,7 +4,9 @@ Axis glossary: B batch, F frames, H/W pixels, T latent frames, h/w latent height
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import os
 
 import jax
@@ -18,8 +20,24 @@ from pixeldance.data import pipeline, synthetic
 from pixeldance.models import vae as vae_lib
 
 
-def build_vae(config) -> vae_lib.CausalVAE:
+MODEL_SPEC = "vae_model.json"
+
+
+def build_vae(config, workdir: str | None = None) -> vae_lib.CausalVAE:
+    """The VAE of `config`; with `workdir`, the architecture saved there when it was trained
+    (so a changed size table never breaks loading an older checkpoint)."""
+    path = os.path.join(workdir, MODEL_SPEC) if workdir else None
+    if path and os.path.exists(path):
+        with open(path) as f:
+            return vae_lib.CausalVAE(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()})
     return vae_lib.vae_from_variant(config.vae.variant)
+
+
+def save_model_spec(model: vae_lib.CausalVAE, workdir: str):
+    spec = {f.name: getattr(model, f.name) for f in dataclasses.fields(vae_lib.CausalVAE)
+            if f.name not in ("parent", "name") and f.name != "dtype"}
+    with open(os.path.join(workdir, MODEL_SPEC), "w") as f:
+        json.dump(spec, f, indent=1)
 
 
 def world_config(config) -> synthetic.WorldConfig:
@@ -62,7 +80,8 @@ def train_vae(config, workdir: str):
                                     num_workers=config.data.num_workers)
 
     # Model, optimizer, sharded init or restore.
-    model = build_vae(config)
+    model = build_vae(config, workdir)
+    save_model_spec(model, workdir)
     res = config.data.resolution
     dummy = jnp.zeros((1, frames, res, res, 3), jnp.float32)
     init_fn = lambda rng: model.init(rng, dummy)

@@ -1,0 +1,129 @@
+r"""DiT train-step throughput: achieved FLOP/s against a float32 matmul peak measured in-process.
+
+  python benchmarks/train_step.py --variant=shapes [--batch=32 --frames=5 --latent=8 --repeats=5]
+  python benchmarks/train_step.py --variant=S --batch=2 --frames=4 --latent=32
+
+Prints one JSON object (and appends it to --output if given). Model FLOPs are counted
+analytically (`pixeldance.models.dit.dit_flops_per_sample`, plus the text encoder): XLA's
+cost analysis counts a scanned layer loop once. A train step is counted as 3x the forward.
+On a CPU only the ratio is meaningful: both numbers come from the same process and moment.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+
+from pixeldance import train_lib
+from pixeldance.models import dit as dit_lib
+from pixeldance.models import text as text_lib
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """Best float32 FLOP/s of an n x n matmul, after warm-up."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    f(a, b).block_until_ready()
+    best = min(_timed(lambda: f(a, b).block_until_ready()) for _ in range(repeats))
+    return 2 * n ** 3 / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def text_flops_per_sample(length: int, width: int, layers: int) -> float:
+    per_layer = 2 * length * (4 * width * width + 8 * width * width) + 4 * length * length * width
+    return layers * per_layer
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", default="shapes", help="DiT size-table name (pixeldance.models.dit.DIT_VARIANTS)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--frames", type=int, default=5, help="latent frames T")
+    p.add_argument("--latent", type=int, default=8, help="latent height = width")
+    p.add_argument("--channels", type=int, default=16)
+    p.add_argument("--patch", type=int, default=2, help="spatial patch size")
+    p.add_argument("--text_len", type=int, default=12)
+    p.add_argument("--text_width", type=int, default=128)
+    p.add_argument("--text_layers", type=int, default=2)
+    p.add_argument("--remat", default="none")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--output", default=None, help="append the JSON line to this file")
+    args = p.parse_args()
+
+    kwargs = dit_lib.decode_variant(args.variant)
+    kwargs["patch_size"] = (1, args.patch, args.patch)
+    model = dit_lib.PixelDanceModel(
+        text_lib.TextEncoder(vocab_size=32, max_length=args.text_len, width=args.text_width,
+                             num_layers=args.text_layers, num_heads=4),
+        dit_lib.VideoDiT(latent_channels=args.channels, remat=args.remat, **kwargs))
+    B, T, H, C, S = args.batch, args.frames, args.latent, args.channels, args.text_len
+    rng = np.random.default_rng(0)
+    batch = dict(x=rng.normal(size=(B, T, H, H, C)).astype(np.float32),
+                 t=rng.uniform(size=(B,)).astype(np.float32),
+                 c=rng.normal(size=(B, T, H, H, C)).astype(np.float32),
+                 m=np.ones((B, T, H, H, 1), np.float32),
+                 tokens=rng.integers(3, 32, size=(B, S)).astype(np.int32),
+                 target=rng.normal(size=(B, T, H, H, C)).astype(np.float32))
+    params = nn.unbox(model.init(jax.random.key(0), batch["x"][:1], batch["t"][:1], batch["c"][:1],
+                                 batch["m"][:1], batch["tokens"][:1]))
+    tx = optax.adamw(1e-4)
+
+    def loss_fn(p, b, rng):
+        out = model.apply(p, b["x"], b["t"], b["c"], b["m"], b["tokens"])
+        return jnp.mean(jnp.square(out - b["target"])), {}
+
+    state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                                 ema_params=jax.tree.map(jnp.copy, params))
+    step = jax.jit(train_lib.make_train_step(loss_fn, tx, 0.999), donate_argnums=0)
+    key = jax.random.key(0)
+    t0 = time.perf_counter()
+    state, m = step(state, batch, key)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        state, m = step(state, batch, key)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    peak = matmul_peak()
+
+    tokens = T * (H // args.patch) ** 2
+    fwd = dit_lib.dit_flops_per_sample(num_tokens=tokens, text_len=S, width=kwargs["width"],
+                                       depth=kwargs["depth"], mlp_ratio=kwargs["mlp_ratio"],
+                                       patch_dim_in=args.patch ** 2 * (2 * C + 1),
+                                       patch_dim_out=args.patch ** 2 * C)
+    fwd += text_flops_per_sample(S, args.text_width, args.text_layers)
+    flops = 3 * fwd * B
+    median = float(np.median(times))
+    result = dict(
+        benchmark="train_step", variant=args.variant, batch=B, latent=[T, H, H, C], patch=args.patch,
+        tokens=tokens, params=int(sum(x.size for x in jax.tree.leaves(params))),
+        flops_per_step=flops, step_time_median_s=median, step_time_min_s=float(min(times)),
+        compile_s=compile_s, achieved_flops=flops / median, peak_flops=peak, ratio=flops / median / peak,
+        backend=jax.default_backend(), devices=jax.device_count(), jax=jax.__version__,
+        machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),
+        xla_flags=os.environ.get("XLA_FLAGS", ""))
+    line = json.dumps(result)
+    print(line)
+    if args.output:
+        with open(args.output, "a") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
