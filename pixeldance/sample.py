@@ -190,6 +190,8 @@ def main(argv):
             raise ValueError("--output is required (a .mp4 or .gif path)")
         if not FLAGS.output.endswith((".mp4", ".gif")):
             raise ValueError(f"--output must end in .mp4 or .gif, got {FLAGS.output}")
+        if FLAGS.last_frame and not FLAGS.first_frame:
+            raise ValueError("--last_frame needs --first_frame (the instructions are [first, ..., last])")
         pipe = load_pipeline(FLAGS.workdir)
         size = pipe.resolution if FLAGS.resize else None
         first = video_io.read_image(FLAGS.first_frame, size) if FLAGS.first_frame else None
@@ -213,7 +215,8 @@ def main(argv):
 
 
 def run():
-    from absl import app, flags
+    from absl import app, flags, logging
+    logging.set_verbosity(logging.WARNING)  # keep Orbax's INFO lines out of the one-line errors
     flags.DEFINE_string("workdir", None, "Workdir of a trained pipeline.", required=True)
     flags.DEFINE_string("prompt", "", "Text instruction.")
     flags.DEFINE_string("first_frame", None, "First-frame instruction image (png/jpg).")

@@ -98,9 +98,27 @@ def logical_sharding(mesh, logical_axes: Sequence[str | None], preset: str) -> N
 
 
 def tree_shardings(mesh, abstract_tree, preset: str):
-    """Shardings for a pytree of (possibly `nn.Partitioned`-boxed) abstract arrays."""
+    """Shardings for a pytree of (possibly `nn.Partitioned`-boxed) abstract arrays.
+
+    A dimension that its mesh axes do not divide (e.g. a 12-channel output conv over 8 fsdp
+    devices) is replicated instead of failing: small odd-sized leaves cost little memory.
+    """
     specs = nn.get_partition_spec(abstract_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules(preset))
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules(preset))
+    values = jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, abstract_tree,
+                          is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return jax.tree.map(lambda s, x: _divisible(s, x.shape), shardings, values)
+
+
+def _divisible(named: NamedSharding, shape) -> NamedSharding:
+    spec = list(named.spec) + [None] * (len(shape) - len(named.spec))
+    for i, axes in enumerate(spec):
+        if axes is None:
+            continue
+        names = axes if isinstance(axes, tuple) else (axes,)
+        if shape[i] % int(np.prod([named.mesh.shape[a] for a in names])):
+            spec[i] = None
+    return NamedSharding(named.mesh, P(*spec))
 
 
 def batch_sharding(mesh) -> NamedSharding:

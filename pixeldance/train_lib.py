@@ -93,8 +93,8 @@ def make_train_step(loss_fn: Callable, tx, ema_decay: float):
         params = optax.apply_updates(state.params, updates)
         d = ema_decay_at(state.step, ema_decay)
         ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
-        metrics = dict(loss=loss, grad_norm=optax.global_norm(grads),
-                       param_norm=optax.global_norm(params), update_norm=optax.global_norm(updates),
+        metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads),
+                       param_norm=optax.tree.norm(params), update_norm=optax.tree.norm(updates),
                        **aux)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                              ema_params=ema), metrics
@@ -216,6 +216,8 @@ def load_ema_params(directory: str, init_fn: Callable, stage_config, *, step: in
     stage_config: the optimizer fields the checkpoint was trained with (config.vae / config.train),
     which fix the structure of the stored optimizer state.
     """
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoint in {directory}")
     ckpt = Checkpointer(directory, use_async=False)
     if ckpt.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint in {directory}")

@@ -1,0 +1,53 @@
+"""The notebooks run top to bottom against a real workdir (the runlocal main job's)."""
+import os
+
+import nbformat
+from nbclient import NotebookClient
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(REPO, "colabs", "01_quickstart.ipynb")
+MODES = ("text", "first frame + text", "first + last frame + text")
+
+
+def run_notebook(path, workdir, env):
+    """Executes a notebook with WORKDIR (its cell tagged 'parameters') set to `workdir`."""
+    nb = nbformat.read(path, as_version=4)
+    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1 and "WORKDIR =" in params[0].source
+    params[0].source = f"WORKDIR = {workdir!r}"
+    client = NotebookClient(nb, kernel_name="python3", timeout=600, allow_errors=False,
+                            resources={"metadata": {"path": REPO}})
+    client.execute(env=env)  # raises CellExecutionError on the first failing cell
+    return nb
+
+
+def _text(cell):
+    return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+
+
+def test_quickstart(runlocal_workdir, child_env):
+    nb = run_notebook(QUICKSTART, runlocal_workdir, child_env)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count is not None for c in code)
+    for cell in code:
+        assert not [o for o in cell.outputs if o.output_type == "error"]
+        assert "Traceback" not in _text(cell)
+    text = "\n".join(_text(c) for c in code)
+    assert "9 frames of 32x32 pixels" in text
+    for mode in MODES:
+        assert f"{mode}: uint8 (9, 32, 32, 3)" in text.splitlines(), text
+        assert any(line.startswith(mode + " {") and "'colour_correct'" in line for line in text.splitlines()), mode
+    gifs = [o for c in code for o in c.outputs
+            if o.output_type == "display_data" and "image/gif" in o.get("data", {})]
+    assert len(gifs) == 1 + len(MODES)  # the real clip and the three generated videos
+
+
+def test_notebooks_are_stored_without_outputs():
+    """Notebooks are committed clean: outputs belong to a run, not to the repository."""
+    for name in sorted(os.listdir(os.path.join(REPO, "colabs"))):
+        if name.endswith(".ipynb"):
+            nb = nbformat.read(os.path.join(REPO, "colabs", name), as_version=4)
+            nbformat.validate(nb)
+            for cell in nb.cells:
+                if cell.cell_type == "code":
+                    assert not cell.outputs and cell.execution_count is None, name

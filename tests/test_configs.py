@@ -1,0 +1,115 @@
+"""Experiment configs: every experiment builds, overrides are checked, the entry point rejects typos."""
+import glob
+import os
+
+import ml_collections
+import pytest
+
+from pixeldance import configs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = sorted(glob.glob(os.path.join(REPO, "experiments", "*.py")))
+RUNLOCAL = os.path.join(REPO, "experiments", "shapes.py") + ":runlocal"
+
+
+def test_experiments_found():
+    names = [os.path.basename(p) for p in EXPERIMENTS]
+    assert "base.py" in names and "shapes.py" in names
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=os.path.basename)
+def test_experiment_builds(path):
+    full = configs.load_config(path)
+    small = configs.load_config(path + ":runlocal")
+    for c in (full, small):
+        assert isinstance(c, ml_collections.ConfigDict)
+        assert c.is_locked
+        assert c.mode in ("train", "train_vae", "cache", "train_dit", "sample")
+        assert len(c.mesh.shape) == 4
+    # runlocal shrinks the run; it never grows it.
+    assert small.vae.num_steps <= full.vae.num_steps and small.train.num_steps <= full.train.num_steps
+    assert small.data.resolution <= full.data.resolution
+    # Each experiment's docstring holds the command that runs it.
+    with open(path) as f:
+        source = f.read()
+    assert f"--config=experiments/{os.path.basename(path)}" in source
+
+
+def test_load_config_errors():
+    with pytest.raises(FileNotFoundError, match="nope.py"):
+        configs.load_config("experiments/nope.py:runlocal")
+    with pytest.raises(ValueError, match="runlocl"):
+        configs.load_config(RUNLOCAL.replace("runlocal", "runlocl"))
+
+
+def test_override():
+    base = configs.load_config(RUNLOCAL)
+    c = configs.override(base, **{"train.num_steps": 3, "mesh.preset": "data", "seed": 7})
+    assert (c.train.num_steps, c.mesh.preset, c.seed) == (3, "data", 7)
+    assert (base.train.num_steps, base.mesh.preset, base.seed) == (4, "fsdp", 0)  # a copy
+    assert c.is_locked
+
+
+@pytest.mark.parametrize("key", ["train.num_stepz", "trian.num_steps", "num_steps"])
+def test_override_misspelt_key(key):
+    with pytest.raises(KeyError, match=key.replace(".", r"\.")):
+        configs.override(configs.load_config(RUNLOCAL), **{key: 3})
+
+
+def test_override_wrong_type():
+    with pytest.raises(TypeError):
+        configs.override(configs.load_config(RUNLOCAL), **{"train.num_steps": "many"})
+
+
+def test_locked_config_rejects_new_fields():
+    c = configs.load_config(RUNLOCAL)
+    with pytest.raises(AttributeError):
+        c.train.num_stepz = 3
+    with pytest.raises(AttributeError):
+        c.new_section = dict(a=1)
+    c.train.num_steps = 3  # existing fields stay writable
+    assert c.train.num_steps == 3
+
+
+def test_parse_arg_types():
+    defaults = dict(runlocal=False, variant="B/2", steps=10, lr=0.1)
+    a = configs.parse_arg(None, **defaults)
+    assert a.to_dict() == defaults
+    assert configs.parse_arg("", **defaults).to_dict() == defaults
+    a = configs.parse_arg("runlocal,variant=mu,steps=3,lr=2e-3", **defaults)
+    assert a.runlocal is True and a.variant == "mu"
+    assert a.steps == 3 and isinstance(a.steps, int)
+    assert a.lr == 2e-3 and isinstance(a.lr, float)
+    assert configs.parse_arg("runlocal=false", **defaults).runlocal is False
+    assert configs.parse_arg("runlocal=1", **defaults).runlocal is True
+    assert configs.parse_arg(" steps=4 , ", **defaults).steps == 4
+
+
+@pytest.mark.parametrize("arg, match", [
+    ("runlocl", "runlocl"),              # unknown names are named
+    ("varaint=S", "varaint"),
+    ("steps", "steps"),                  # a bare name is only for booleans
+    ("runlocal=maybe", "runlocal"),      # booleans are true/false
+    ("steps=ten", "ten"),                # ints must parse
+])
+def test_parse_arg_errors(arg, match):
+    with pytest.raises(ValueError, match=match):
+        configs.parse_arg(arg, runlocal=False, variant="B/2", steps=10)
+
+
+def test_entry_point_rejects_misspelt_flag(python_runner, tmp_path):
+    workdir = tmp_path / "wd"
+    proc = python_runner("-m", "pixeldance.main", f"--config={RUNLOCAL}", f"--workdir={workdir}",
+                         "--config.train.num_stepz=1")
+    assert proc.returncode != 0
+    assert "num_stepz" in proc.stderr
+    assert not workdir.exists()  # rejected before anything ran
+
+
+def test_entry_point_rejects_unknown_config_argument(python_runner, tmp_path):
+    workdir = tmp_path / "wd"
+    proc = python_runner("-m", "pixeldance.main", f"--config={RUNLOCAL.replace('runlocal', 'runlocl')}",
+                         f"--workdir={workdir}")
+    assert proc.returncode != 0
+    assert "runlocl" in proc.stderr
+    assert not workdir.exists()
