@@ -11,7 +11,6 @@ Axis glossary: B batch, F frames, H/W pixels, T latent frames, h/w latent height
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys

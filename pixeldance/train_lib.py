@@ -46,6 +46,13 @@ def make_optimizer(*, lr: float, warmup_steps: int, num_steps: int, weight_decay
                        optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
 
 
+def stage_optimizer(stage_config):
+    """`make_optimizer` from a stage's config fields (lr, warmup_steps, num_steps, weight_decay, grad_clip)."""
+    c = stage_config
+    return make_optimizer(lr=c.lr, warmup_steps=c.warmup_steps, num_steps=c.num_steps,
+                          weight_decay=c.weight_decay, grad_clip=c.grad_clip)
+
+
 def state_shardings(init_fn: Callable, tx, mesh, preset: str, rng):
     """(abstract TrainState, its shardings) without allocating anything.
 
@@ -221,9 +228,7 @@ def load_ema_params(directory: str, init_fn: Callable, stage_config, *, step: in
     ckpt = Checkpointer(directory, use_async=False)
     if ckpt.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint in {directory}")
-    tx = make_optimizer(lr=stage_config.lr, warmup_steps=stage_config.warmup_steps,
-                        num_steps=stage_config.num_steps, weight_decay=stage_config.weight_decay,
-                        grad_clip=stage_config.grad_clip)
+    tx = stage_optimizer(stage_config)
     params = strip_boxes(jax.eval_shape(init_fn, jax.random.key(0)))
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                           opt_state=jax.eval_shape(tx.init, params), ema_params=params)
@@ -231,3 +236,30 @@ def load_ema_params(directory: str, init_fn: Callable, stage_config, *, step: in
     state, _ = ckpt.restore(abstract_like(abstract, jax.tree.map(lambda _: device, abstract)), step)
     ckpt.close()
     return state.ema_params, int(state.step)
+
+
+def fit(*, stage: str, workdir: str, mesh, preset: str, init_fn: Callable, loss_fn: Callable, tx,
+        batches, stage_config, rng) -> TrainState:
+    """The part every trainer shares: sharded init or restore, then `train_loop`, then close.
+
+    Checkpoints go to `<workdir>/<stage>/`; stage_config supplies ema_decay, num_steps,
+    log_every, ckpt_every and keep_checkpoints.
+    """
+    c = stage_config
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(preset)):
+        abstract, state_sh = state_shardings(init_fn, tx, mesh, preset, rng)
+        ckpt = Checkpointer(os.path.join(workdir, stage), keep=c.keep_checkpoints)
+        state, data_state = restore_or_init(ckpt, init_fn, tx, abstract, state_sh, rng)
+        batches.set_state(data_state)
+        writer = MetricWriter(workdir, stage)
+        writer.truncate_after(int(jax.device_get(state.step)))
+        batch_sh = sharding.batch_sharding(mesh)
+        step_fn = compile_step(make_train_step(loss_fn, tx, c.ema_decay), state_sh, batch_sh, mesh)
+        state = train_loop(
+            stage=stage, state=state, step_fn=step_fn, batches=batches,
+            to_device=lambda b: to_global(b, batch_sh), checkpointer=ckpt, writer=writer,
+            num_steps=c.num_steps, log_every=c.log_every, ckpt_every=c.ckpt_every,
+            rng=jax.random.fold_in(rng, 1), data_state_fn=batches.get_state)
+    writer.close()
+    ckpt.close()
+    return state

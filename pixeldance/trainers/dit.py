@@ -12,10 +12,8 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 
-from pixeldance import sharding, train_lib
-from pixeldance.checkpoint import Checkpointer
+from pixeldance import train_lib
 from pixeldance.data import pipeline, synthetic
 from pixeldance.diffusion import conditioning, objectives, schedules
 from pixeldance.models import dit as dit_lib
@@ -113,27 +111,9 @@ def train_dit(config, workdir: str):
     dummy = (jnp.zeros((1, T, h, w, C)), jnp.zeros((1,)), jnp.zeros((1, T, h, w, C)),
              jnp.zeros((1, T, h, w, 1)), jnp.zeros((1, S), jnp.int32))
     init_fn = lambda rng: model.init(rng, *dummy)
-    tx = train_lib.make_optimizer(lr=c.lr, warmup_steps=c.warmup_steps, num_steps=c.num_steps,
-                                  weight_decay=c.weight_decay, grad_clip=c.grad_clip)
+    tx = train_lib.stage_optimizer(c)
     rng = jax.random.key(config.seed + 1)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(preset)):
-        abstract, state_sh = train_lib.state_shardings(init_fn, tx, mesh, preset, rng)
-        ckpt = Checkpointer(os.path.join(workdir, "dit"), keep=c.keep_checkpoints)
-        state, data_state = train_lib.restore_or_init(ckpt, init_fn, tx, abstract, state_sh, rng)
-        batches.set_state(data_state)
-        writer = train_lib.MetricWriter(workdir, "dit")
-        writer.truncate_after(int(jax.device_get(state.step)))
-
-        loss_fn = functools.partial(dit_loss, model=model, cond=config.cond, diffusion=config.diffusion,
-                                    latent_mean=jnp.asarray(latent_mean), latent_std=jnp.asarray(latent_std))
-        batch_sh = sharding.batch_sharding(mesh)
-        step_fn = train_lib.compile_step(train_lib.make_train_step(loss_fn, tx, c.ema_decay),
-                                         state_sh, batch_sh, mesh)
-        state = train_lib.train_loop(
-            stage="dit", state=state, step_fn=step_fn, batches=batches,
-            to_device=lambda b: train_lib.to_global(b, batch_sh), checkpointer=ckpt, writer=writer,
-            num_steps=c.num_steps, log_every=c.log_every, ckpt_every=c.ckpt_every,
-            rng=jax.random.fold_in(rng, 1), data_state_fn=batches.get_state)
-    writer.close()
-    ckpt.close()
-    return state
+    loss_fn = functools.partial(dit_loss, model=model, cond=config.cond, diffusion=config.diffusion,
+                                latent_mean=jnp.asarray(latent_mean), latent_std=jnp.asarray(latent_std))
+    return train_lib.fit(stage="dit", workdir=workdir, mesh=mesh, preset=preset, init_fn=init_fn,
+                         loss_fn=loss_fn, tx=tx, batches=batches, stage_config=c, rng=rng)

@@ -11,11 +11,8 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import linen as nn
 
-from pixeldance import sharding, train_lib
-from pixeldance.checkpoint import Checkpointer
+from pixeldance import train_lib
 from pixeldance.data import pipeline, synthetic
 from pixeldance.models import vae as vae_lib
 
@@ -85,27 +82,9 @@ def train_vae(config, workdir: str):
     res = config.data.resolution
     dummy = jnp.zeros((1, frames, res, res, 3), jnp.float32)
     init_fn = lambda rng: model.init(rng, dummy)
-    tx = train_lib.make_optimizer(lr=c.lr, warmup_steps=c.warmup_steps, num_steps=c.num_steps,
-                                  weight_decay=c.weight_decay, grad_clip=c.grad_clip)
+    tx = train_lib.stage_optimizer(c)
     rng = jax.random.key(config.seed)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(preset)):
-        abstract, state_sh = train_lib.state_shardings(init_fn, tx, mesh, preset, rng)
-        ckpt = Checkpointer(os.path.join(workdir, "vae"), keep=c.keep_checkpoints)
-        state, data_state = train_lib.restore_or_init(ckpt, init_fn, tx, abstract, state_sh, rng)
-        batches.set_state(data_state)
-        writer = train_lib.MetricWriter(workdir, "vae")
-        writer.truncate_after(int(jax.device_get(state.step)))
-
-        loss_fn = functools.partial(vae_loss, model=model, l1_weight=c.l1_weight,
-                                    l2_weight=c.l2_weight, kl_weight=c.kl_weight)
-        batch_sh = sharding.batch_sharding(mesh)
-        step_fn = train_lib.compile_step(train_lib.make_train_step(loss_fn, tx, c.ema_decay),
-                                         state_sh, batch_sh, mesh)
-        state = train_lib.train_loop(
-            stage="vae", state=state, step_fn=step_fn, batches=batches,
-            to_device=lambda b: train_lib.to_global(b, batch_sh), checkpointer=ckpt, writer=writer,
-            num_steps=c.num_steps, log_every=c.log_every, ckpt_every=c.ckpt_every,
-            rng=jax.random.fold_in(rng, 1), data_state_fn=batches.get_state)
-    writer.close()
-    ckpt.close()
-    return state
+    loss_fn = functools.partial(vae_loss, model=model, l1_weight=c.l1_weight,
+                                l2_weight=c.l2_weight, kl_weight=c.kl_weight)
+    return train_lib.fit(stage="vae", workdir=workdir, mesh=mesh, preset=preset, init_fn=init_fn,
+                         loss_fn=loss_fn, tx=tx, batches=batches, stage_config=c, rng=rng)

@@ -1,0 +1,14 @@
+r"""Ablation: the network predicts the velocity directly (the default predicts x0; the loss is on
+velocity in both).
+
+  python -m pixeldance.main --config=experiments/shapes_velocity.py --workdir=workdirs/shapes_velocity
+"""
+from pixeldance import configs
+
+base = configs.import_sibling(__file__, "base")
+
+
+def get_config(arg=None):
+    config = base.get_config(arg)
+    config.diffusion.prediction = "velocity"
+    return config
