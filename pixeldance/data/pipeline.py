@@ -55,11 +55,6 @@ def make_batches(source, *, batch_size: int, seed: int, transform: Callable[[dic
     return BatchIterator(ds, num_workers=num_workers)
 
 
-def drop_strings(example: dict) -> dict:
-    """Device batches carry arrays only (captions stay on the host)."""
-    return {k: v for k, v in example.items() if not isinstance(v, (str, bytes))}
-
-
 class LatentCacheSource:
     """Random access over a latent cache written by `pixeldance.tools.cache_latents`.
 
