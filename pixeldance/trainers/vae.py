@@ -15,18 +15,30 @@ import jax.numpy as jnp
 from pixeldance import train_lib
 from pixeldance.data import pipeline, synthetic
 from pixeldance.models import vae as vae_lib
+from pixeldance.models import wan_vae
 
 
 MODEL_SPEC = "vae_model.json"
 
 
-def build_vae(config, workdir: str | None = None) -> vae_lib.CausalVAE:
+def build_vae(config, workdir: str | None = None) -> vae_lib.CausalVAE | wan_vae.WanVAE:
     """The VAE of `config`; with `workdir`, the architecture saved there when it was trained
-    (so a changed size table never breaks loading an older checkpoint)."""
+    (so a changed size table never breaks loading an older checkpoint).
+
+    ``config.vae.family == 'wan'`` (a folder written by `pixeldance.convert.wan_vae`) gives the
+    `WanVAE` of the converted open weights; otherwise a `CausalVAE`.
+    """
     path = os.path.join(workdir, MODEL_SPEC) if workdir else None
+    spec = None
     if path and os.path.exists(path):
         with open(path) as f:
-            return vae_lib.CausalVAE(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()})
+            spec = {k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()}
+    if config.vae.get("family", "causal") == "wan":
+        if spec is None:
+            raise FileNotFoundError(f"converted Wan VAE without its architecture (missing {path})")
+        return wan_vae.WanVAE(**spec)
+    if spec is not None:
+        return vae_lib.CausalVAE(**spec)
     return vae_lib.vae_from_variant(config.vae.variant)
 
 
