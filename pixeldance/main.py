@@ -19,6 +19,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from pixeldance import xla_flags
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and samples.")
 
@@ -48,6 +50,8 @@ def main(argv):
     config, workdir = _CONFIG.value, _WORKDIR.value
     if config is None or not workdir:
         raise app.UsageError("--config and --workdir are required")
+    if config.get("xla_fast_compile") and not xla_flags.enable_fast_compile():
+        logging.warning("xla_fast_compile ignored: a JAX backend was already running")
     stages = STAGES if config.mode == "train" else (config.mode,)
     for stage in stages:
         if stage not in STAGES:
