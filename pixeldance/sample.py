@@ -61,10 +61,14 @@ class VideoVAE:
 
 
 def load_vae(workdir_or_path: str) -> VideoVAE:
-    """The VAE of a workdir (or of a folder with config.json and vae/ checkpoints)."""
+    """The VAE of a workdir (or of a folder with config.json and vae/ checkpoints), or the open
+    Wan 2.1 VAE converted by `python -m pixeldance.convert.wan_vae` (config.json: vae.family 'wan')."""
     from pixeldance.trainers import vae as vae_trainer
     config = load_workdir_config(workdir_or_path)
     model = vae_trainer.build_vae(config, workdir_or_path)
+    if config.vae.get("family", "causal") == "wan":  # converted weights: parameters, no train state
+        from pixeldance.convert import wan_vae
+        return VideoVAE(model, wan_vae.load_params(workdir_or_path, model))
     dummy = jnp.zeros((1, 1, config.data.resolution, config.data.resolution, 3))
     params, _ = train_lib.load_ema_params(os.path.join(workdir_or_path, "vae"),
                                           lambda rng: model.init(rng, dummy), config.vae)
