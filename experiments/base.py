@@ -113,6 +113,7 @@ def get_config(arg=None):
         sampler="euler",
         steps=25,
         guidance=8.0,              # strong text guidance: measured best for the small models here
+        image_guidance=1.0,        # image-instruction guidance (1: off, 2 branches per model call)
         tau=10,                    # last frame used for the first `tau` steps only
         batch_size=16,
     )

@@ -1,8 +1,9 @@
 r"""Sampling API and command line.
 
   python -m pixeldance.sample --workdir=DIR --prompt="a red circle moves left" \
-      [--first_frame=a.png] [--last_frame=b.png] [--tau=10] [--guidance=3] [--steps=25] \
-      [--seed=0] [--num_frames=17] [--resize] --output=out.mp4
+      [--first_frame=a.png] [--last_frame=b.png] [--tau=10] [--guidance=3] [--image_guidance=1] \
+      [--sampler=euler|heun|dpm++2m|ddim] [--steps=25] [--seed=0] [--num_frames=17] [--resize] \
+      --output=out.mp4
 
 From Python: `pipe = pixeldance.load_pipeline(DIR); video = pipe.generate("a red circle moves left")`
 (uint8 [F, H, W, 3]), and `vae = pixeldance.load_vae(DIR)` with `encode` / `decode`.
@@ -21,8 +22,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from pixeldance import rng as rng_lib
 from pixeldance import train_lib
 from pixeldance.diffusion import conditioning, objectives, samplers
+from pixeldance.diffusion import guidance as guidance_lib
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
@@ -85,34 +88,42 @@ class Pipeline:
         self.latent_std = jnp.asarray(latent_std)
         self.resolution = config.data.resolution
         self.num_frames = config.data.num_frames
-        self._sample = jax.jit(self._sample_latents, static_argnames=("steps", "sampler"))
+        self._sample = jax.jit(self._sample_latents, static_argnames=("steps", "sampler", "branches"))
 
     def _sample_latents(self, params, noise, z_first, z_last, has_first, has_last, tokens, rng,
-                        guidance, tau, *, steps: int, sampler: str):
-        """All arguments batched on B; returns normalised latents [B, T, h, w, C]."""
+                        guidance, image_guidance, tau, *, steps: int, sampler: str, branches: int):
+        """All arguments batched on B; returns normalised latents [B, T, h, w, C].
+
+        guidance, image_guidance: text and image guidance scales (float32 scalars); branches:
+        `guidance.num_branches(image_guidance)`, the conditioning branches batched per model call.
+        """
         from pixeldance.trainers.dit import null_tokens
         B, T = noise.shape[:2]
         cond, diffusion = self.config.cond, self.config.diffusion
         c_full, m_full = conditioning.make_instructions(z_first, z_last, has_first, has_last, T)
         c_full = conditioning.noise_instructions(rng, c_full, m_full, cond.noise)
         c_drop, m_drop = conditioning.drop_last(c_full, m_full)
-        tok = jnp.concatenate([tokens, null_tokens(B, tokens.shape[1])])
+        null = null_tokens(B, tokens.shape[1])
+        # Branches (full, image, none): text only in the first; image instructions in the first two.
+        tok = jnp.concatenate([tokens, null, null][:branches])
         replace = cond.first_frame == "replace"
 
-        def velocity(x, t, i):
+        def denoise(x, t, i):
             use_last = i < tau  # PixelDance's strength: the last frame guides the first tau steps
             c = jnp.where(use_last, c_full, c_drop)
             m = jnp.where(use_last, m_full, m_drop)
-            xx = jnp.concatenate([x, x])
-            tt = jnp.full((2 * B,), t)
-            out = self.model.apply(params, xx, tt, jnp.concatenate([c, c]), jnp.concatenate([m, m]), tok)
-            v = objectives.to_velocity(out, xx, tt, prediction=diffusion.prediction,
-                                       min_t=diffusion.min_t_for_x0)
-            v_cond, v_uncond = jnp.split(v, 2)
-            return v_uncond + guidance * (v_cond - v_uncond)
+            xx = guidance_lib.stack(x, branches)
+            tt = jnp.full((branches * B,), t)
+            cc = jnp.concatenate([c, c, jnp.zeros_like(c)][:branches])
+            mm = jnp.concatenate([m, m, jnp.zeros_like(m)][:branches])
+            out = self.model.apply(params, xx, tt, cc, mm, tok)
+            pred = objectives.denoise(out, xx, tt, objective=diffusion.objective,
+                                      prediction=diffusion.prediction, min_t=diffusion.min_t_for_x0)
+            return guidance_lib.combine(pred, branches, text_scale=guidance, image_scale=image_guidance)
 
         project = (lambda x: conditioning.replace_first(x, z_first, has_first)) if replace else None
-        return samplers.sample(velocity, noise, steps=steps, sampler=sampler, project=project)
+        return samplers.solve(denoise, noise, steps=steps, sampler=sampler,
+                              path=objectives.path(diffusion.objective), project=project)
 
     def _check_image(self, image, name: str) -> np.ndarray:
         image = np.asarray(image)
@@ -123,13 +134,21 @@ class Pipeline:
 
     def generate_batch(self, prompts: Sequence[str], first_frames=None, last_frames=None, *,
                        num_frames: int | None = None, steps: int | None = None, guidance: float | None = None,
-                       tau: int | None = None, seed: int = 0, sampler: str | None = None) -> np.ndarray:
-        """B prompts, optional per-example first/last frames (uint8 [H, W, 3] or None) -> uint8 [B, F, H, W, 3]."""
+                       tau: int | None = None, seed: int = 0, sampler: str | None = None,
+                       image_guidance: float | None = None) -> np.ndarray:
+        """B prompts, optional per-example first/last frames (uint8 [H, W, 3] or None) -> uint8 [B, F, H, W, 3].
+
+        guidance scales the text, image_guidance the image instructions (1: no image guidance,
+        the faster 2-branch batch); both default to the workdir's config.sample.
+        """
         s = self.config.sample
         steps = s.steps if steps is None else int(steps)
         guidance = s.guidance if guidance is None else float(guidance)
+        image_guidance = s.get("image_guidance", 1.0) if image_guidance is None else float(image_guidance)
         tau = s.tau if tau is None else int(tau)
         sampler = s.sampler if sampler is None else sampler
+        if sampler not in samplers.SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose from {samplers.SAMPLERS}")
         F = self.num_frames if num_frames is None else int(num_frames)
         if F < 1 or (F - 1) % 4:
             raise ValueError(f"num_frames must be 1 + 4k (1, 5, 9, 13, 17, ...), got {F}")
@@ -149,21 +168,24 @@ class Pipeline:
         T = 1 + (F - 1) // 4
         h = z_first.shape[1]
         key = jax.random.key(seed)
-        noise = jax.random.normal(jax.random.fold_in(key, 0), (B, T, h, h, z_first.shape[-1]))
+        noise = rng_lib.normal(jax.random.fold_in(key, 0), (B, T, h, h, z_first.shape[-1]))
         tokens = jnp.asarray(self.tokenizer(prompts))
         has_first = jnp.asarray([f is not None for f in first_frames])
         has_last = jnp.asarray([f is not None for f in last_frames])
         z = self._sample(self.params, noise, jnp.asarray(z_first), jnp.asarray(z_last), has_first, has_last,
-                         tokens, jax.random.fold_in(key, 1), jnp.float32(guidance), jnp.int32(tau),
-                         steps=steps, sampler=sampler)
+                         tokens, jax.random.fold_in(key, 1), jnp.float32(guidance), jnp.float32(image_guidance),
+                         jnp.int32(tau), steps=steps, sampler=sampler,
+                         branches=guidance_lib.num_branches(image_guidance))
         return self.vae.decode(z * self.latent_std + self.latent_mean)
 
     def generate(self, prompt: str, first_frame=None, last_frame=None, *, num_frames: int | None = None,
                  steps: int | None = None, guidance: float | None = None, tau: int | None = None,
-                 seed: int = 0, sampler: str | None = None) -> np.ndarray:
-        """One video, uint8 [F, H, W, 3]. steps/guidance/tau default to the workdir's config.sample."""
+                 seed: int = 0, sampler: str | None = None, image_guidance: float | None = None) -> np.ndarray:
+        """One video, uint8 [F, H, W, 3]. steps/guidance/image_guidance/tau/sampler default to the
+        workdir's config.sample."""
         return self.generate_batch([prompt], [first_frame], [last_frame], num_frames=num_frames,
-                                   steps=steps, guidance=guidance, tau=tau, seed=seed, sampler=sampler)[0]
+                                   steps=steps, guidance=guidance, tau=tau, seed=seed, sampler=sampler,
+                                   image_guidance=image_guidance)[0]
 
 
 def load_pipeline(workdir: str) -> Pipeline:
@@ -205,7 +227,8 @@ def main(argv):
                 raise ValueError(f"--{name} {path} is {img.shape[1]}x{img.shape[0]}, the model makes "
                                  f"{pipe.resolution}x{pipe.resolution} videos (pass --resize to resize it)")
         video = pipe.generate(FLAGS.prompt, first, last, num_frames=FLAGS.num_frames, steps=FLAGS.steps,
-                              guidance=FLAGS.guidance, tau=FLAGS.tau, seed=FLAGS.seed, sampler=FLAGS.sampler)
+                              guidance=FLAGS.guidance, tau=FLAGS.tau, seed=FLAGS.seed, sampler=FLAGS.sampler,
+                              image_guidance=FLAGS.image_guidance)
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
         if FLAGS.output.endswith(".mp4"):
             video_io.write_mp4(FLAGS.output, video)
@@ -228,8 +251,10 @@ def run():
     flags.DEFINE_integer("num_frames", None, "Frames (1 + 4k); default: the training clip length.")
     flags.DEFINE_integer("steps", None, "Sampling steps; default: config.sample.steps.")
     flags.DEFINE_float("guidance", None, "Text guidance scale; default: config.sample.guidance.")
+    flags.DEFINE_float("image_guidance", None, "Image-instruction guidance scale (1: none, the faster "
+                       "2-branch batch); default: config.sample.image_guidance.")
     flags.DEFINE_integer("tau", None, "Steps during which the last frame is used; default: config.sample.tau.")
-    flags.DEFINE_string("sampler", None, "euler or heun; default: config.sample.sampler.")
+    flags.DEFINE_string("sampler", None, f"One of {', '.join(samplers.SAMPLERS)}; default: config.sample.sampler.")
     flags.DEFINE_integer("seed", 0, "Random seed.")
     flags.DEFINE_string("output", None, "Output .mp4 or .gif path.")
     app.run(main)

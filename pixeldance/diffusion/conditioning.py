@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pixeldance import rng as rng_lib
+
 
 def make_instructions(z_first, z_last, has_first, has_last, num_frames: int):
     """z_first, z_last: [B, H, W, C]; has_first, has_last: bool [B].
@@ -43,7 +45,7 @@ def noise_instructions(rng, c_image, c_mask, level: float):
     """
     if level <= 0:
         return c_image
-    noise = jax.random.normal(rng, c_image.shape, c_image.dtype)
+    noise = rng_lib.normal(rng, c_image.shape, c_image.dtype)
     return c_image + c_mask * (level * (noise - c_image))
 
 

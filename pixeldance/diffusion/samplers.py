@@ -1,8 +1,24 @@
 """Samplers as `lax.scan` loops over a time grid (pure functions, jit-able, shard-agnostic).
 
-Each sampler takes `velocity_fn(x, t, i) -> v`, where t is the scalar flow time and i the step
-index (so callers can switch conditioning at a step, e.g. PixelDance's tau), and an optional
-`project(x) -> x` applied after every step (e.g. re-inserting a clean first frame).
+Every sampler is driven by one interface, `denoise_fn(x, t, i) -> (x0_hat, v_hat)` (see
+`objectives.denoise`; v_hat = eps_hat - x0_hat): x is the state on the objective's noise path at
+time t (a float32 scalar in [0, 1], 1 = noise), i the int32 step index (so callers can switch
+conditioning at a step, e.g. PixelDance's tau). An optional `project(x) -> x` runs on the
+initial state and after every step (e.g. re-inserting a clean first frame). Nothing inside a
+step leaves the device: x may be sharded any way.
+
+The probability-flow ODE is integrated in rectified-flow coordinates (`schedules.flow_coordinates`):
+y = x / (alpha + sigma) moves with dy/dtau = v_hat, tau = sigma / (alpha + sigma). On the flow
+path y = x and tau = t. Samplers:
+
+  euler    first order; an Euler step in these coordinates is the DDIM update, on any path.
+  heun     second order (trapezoid; the last step, which lands on t = 0, is Euler).
+  dpm++2m  DPM-Solver++(2M): second-order multistep on the x0 predictions in
+           lambda = log(alpha / sigma) (first-order first and last steps).
+  ddim     x_next = alpha(t_next) x0_hat + sigma(t_next) eps_hat, written as such. Equal to
+           euler except below a flow x0-model's min_t, where euler keeps the clipped velocity.
+
+Axis glossary: B batch (the state may be any shape).
 """
 from __future__ import annotations
 
@@ -13,31 +29,80 @@ import jax.numpy as jnp
 
 from pixeldance.diffusion import schedules
 
-SAMPLERS = ("euler", "heun")
+SAMPLERS = ("euler", "heun", "dpm++2m", "ddim")
+
+
+def solve(denoise_fn: Callable, x_init, *, steps: int, sampler: str = "euler", path: str = "flow",
+          shift: float = 1.0, project: Callable | None = None):
+    """Integrates from t = 1 (x_init, noise) to t = 0 on `path` ('flow' or 'ddpm'). Returns x at t = 0.
+
+    steps: number of grid intervals (model calls: steps; heun 2 * steps). shift: the resolution
+    shift of the time grid (`schedules.time_grid`).
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
+    project = project or (lambda x: x)
+    grid = schedules.time_grid(steps, shift, path)            # native time, [steps + 1]
+    tau, scale = schedules.flow_coordinates(grid, path)       # flow time and x / y, [steps + 1]
+
+    def flow_step(x, i, d):
+        """y + (tau_next - tau) d, back in native coordinates, projected."""
+        y = x / scale[i] + (tau[i + 1] - tau[i]) * d
+        return project(scale[i + 1] * y)
+
+    def euler_step(x, i):
+        _, v = denoise_fn(x, grid[i], i)
+        return flow_step(x, i, v), None
+
+    def heun_step(x, i):
+        _, v = denoise_fn(x, grid[i], i)
+        x_euler = flow_step(x, i, v)
+        _, v2 = denoise_fn(x_euler, grid[i + 1], i)
+        x_heun = flow_step(x, i, 0.5 * (v + v2))
+        # The last step lands on t = 0, where x0-parameterised velocities are clipped: Euler there.
+        return jnp.where(i == steps - 1, x_euler, x_heun), None
+
+    def ddim_step(x, i):
+        x0, v = denoise_fn(x, grid[i], i)
+        alpha, sigma = schedules.alpha_sigma(grid[i + 1], path)
+        return project(alpha * x0 + sigma * (x0 + v)), None
+
+    # lambda = log(alpha / sigma): -inf at a flow's t = 1 and +inf at t = 0. exp(-h) is computed
+    # as a ratio that is finite (0) there, the last step is first order, and an infinite h_prev
+    # (the step after a flow's t = 1) turns the correction off: no inf - inf, no NaN.
+    lam = jnp.log1p(-tau) - jnp.log(tau)
+
+    def dpm_step(carry, i):
+        x, x0_prev = carry
+        x0, _ = denoise_fn(x, grid[i], i)
+        h = lam[i + 1] - lam[i]
+        second = (i > 0) & (i < steps - 1)
+        h_prev = jnp.where(second, lam[jnp.maximum(i, 1)] - lam[jnp.maximum(i - 1, 0)], 1.0)
+        # Linear extrapolation of x0 over lambda: D = x0 + (h / 2 h_prev)(x0 - x0_prev).
+        d = x0 + jnp.where(second, h / (2.0 * h_prev), 0.0) * (x0 - x0_prev)
+        t, t_next = tau[i], tau[i + 1]
+        exp_neg_h = (t_next * (1.0 - t)) / (t * (1.0 - t_next))  # = exp(-h), 0 at either end
+        y = (t_next / t) * (x / scale[i]) + (1.0 - t_next) * (1.0 - exp_neg_h) * d
+        return (project(scale[i + 1] * y), x0), None
+
+    x = project(x_init)
+    if sampler == "dpm++2m":
+        (x, _), _ = jax.lax.scan(dpm_step, (x, jnp.zeros_like(x)), jnp.arange(steps))
+        return x
+    body = dict(euler=euler_step, heun=heun_step, ddim=ddim_step)[sampler]
+    x, _ = jax.lax.scan(body, x, jnp.arange(steps))
+    return x
 
 
 def sample(velocity_fn: Callable, x_init, *, steps: int, sampler: str = "euler", shift: float = 1.0,
            project: Callable | None = None):
-    """Integrates dx/dt = v from t = 1 (x_init, noise) to t = 0. Returns x at t = 0."""
-    project = project or (lambda x: x)
-    grid = schedules.time_grid(steps, shift)
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
+    """`solve` on the flow path for a caller that has a velocity: velocity_fn(x, t, i) -> v = eps - x0.
 
-    def euler_step(x, i):
-        t, t_next = grid[i], grid[i + 1]
-        x = x + (t_next - t) * velocity_fn(x, t, i)
-        return project(x), None
-
-    def heun_step(x, i):
-        t, t_next = grid[i], grid[i + 1]
+    Integrates dx/dt = v from t = 1 (x_init, noise) to t = 0. Returns x at t = 0.
+    """
+    def denoise_fn(x, t, i):
         v = velocity_fn(x, t, i)
-        x_euler = project(x + (t_next - t) * v)
-        # The last step lands on t = 0, where x0-parameterised velocities are ill-defined: Euler.
-        v2 = velocity_fn(x_euler, t_next, i)
-        x_heun = project(x + (t_next - t) * 0.5 * (v + v2))
-        return jnp.where(i == steps - 1, x_euler, x_heun), None
+        return x - t * v, v
 
-    body = euler_step if sampler == "euler" else heun_step
-    x, _ = jax.lax.scan(body, project(x_init), jnp.arange(steps))
-    return x
+    return solve(denoise_fn, x_init, steps=steps, sampler=sampler, path="flow", shift=shift,
+                 project=project)

@@ -1,16 +1,35 @@
-"""Diffusion time: sampling of training times and sampler time grids (pure functions).
+"""Diffusion time: noise paths, sampling of training times and sampler time grids (pure functions).
 
-Convention (rectified flow): t in [0, 1], x_t = (1 - t) x0 + t eps; t = 1 is pure noise.
+Every objective uses one time convention: t in [0, 1], t = 0 is data, t = 1 is (almost) pure
+noise, and x_t = alpha(t) x0 + sigma(t) eps. Two paths:
+
+  'flow'  rectified flow: alpha = 1 - t, sigma = t.
+  'ddpm'  DDPM's variance-preserving path with T = 1000 discrete steps: step n = 0 .. T-1 sits
+          at t = (n + 1) / T with alpha = sqrt(alpha_bar_n), sigma = sqrt(1 - alpha_bar_n); in
+          between, log alpha_bar is interpolated linearly (and t = 0 is clean data). The DiT embeds
+          1000 t, so a DDPM model sees the step numbers n + 1 it was trained on.
+
+Any such path is a rectified flow after rescaling x: x / (alpha + sigma) = (1 - tau) x0 + tau eps
+with tau = sigma / (alpha + sigma) (`flow_coordinates`); the samplers integrate there.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+PATHS = ("flow", "ddpm")
+DDPM_STEPS = 1000
+# Latent diffusion's "scaled linear" betas (sqrt(beta) linear in n): the schedule of the image
+# VAE latents PixelDance diffuses in; the paper states only DDPM with T = 1000.
+DDPM_BETA_START, DDPM_BETA_END = 0.00085, 0.012
 
 
 def sample_time(rng, batch: int, *, kind: str = "logit_normal", mean: float = 0.0,
                 std: float = 1.0, shift: float = 1.0):
-    """Training times float32 [batch] in (0, 1).
+    """Training times float32 [batch] in (0, 1) for the flow path.
 
     kind: 'uniform' or 'logit_normal' (t = sigmoid(mean + std * n), SD3's choice, which spends
     more steps at mid noise levels). `shift` > 1 moves mass towards noise, for large latents.
@@ -24,11 +43,63 @@ def sample_time(rng, batch: int, *, kind: str = "logit_normal", mean: float = 0.
     return shift_time(t, shift)
 
 
+def sample_ddpm_time(rng, batch: int, num_steps: int = DDPM_STEPS):
+    """Training times float32 [batch] for the DDPM path: step n uniform in 0 .. T-1, t = (n + 1) / T."""
+    n = jax.random.randint(rng, (batch,), 0, num_steps)
+    return (n + 1).astype(jnp.float32) / num_steps
+
+
 def shift_time(t, shift: float):
     """Resolution shift t' = s t / (1 + (s - 1) t): identity at s = 1."""
     return shift * t / (1.0 + (shift - 1.0) * t)
 
 
-def time_grid(steps: int, shift: float = 1.0):
-    """Sampler grid float32 [steps + 1] from 1 (noise) down to 0 (data)."""
-    return shift_time(jnp.linspace(1.0, 0.0, steps + 1), shift)
+@functools.lru_cache(maxsize=None)
+def ddpm_log_alpha_bar(num_steps: int = DDPM_STEPS, beta_start: float = DDPM_BETA_START,
+                       beta_end: float = DDPM_BETA_END) -> np.ndarray:
+    """log alpha_bar float64 [T + 1] at t = 0, 1/T, ..., 1 (entry 0 is clean data: 0)."""
+    betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_steps, dtype=np.float64) ** 2
+    return np.concatenate([[0.0], np.cumsum(np.log1p(-betas))])
+
+
+def alpha_sigma(t, path: str):
+    """(alpha, sigma) of x_t = alpha x0 + sigma eps at times t (any shape, float32, in [0, 1])."""
+    if path == "flow":
+        return 1.0 - t, t
+    if path == "ddpm":
+        # Linear interpolation on the uniform grid t = k / T: one gather, no search.
+        table = jnp.asarray(ddpm_log_alpha_bar(), jnp.float32)
+        steps = len(table) - 1
+        pos = jnp.clip(jnp.asarray(t, jnp.float32), 0.0, 1.0) * steps
+        k = jnp.clip(jnp.floor(pos), 0, steps - 1).astype(jnp.int32)
+        frac = pos - k
+        log_ab = table[k] * (1.0 - frac) + table[k + 1] * frac
+        return jnp.exp(0.5 * log_ab), jnp.sqrt(-jnp.expm1(log_ab))  # 1 - alpha_bar without cancellation
+    raise ValueError(f"unknown diffusion path {path!r}; choose from {PATHS}")
+
+
+def flow_coordinates(t, path: str):
+    """(tau, scale): the rectified-flow time tau of t, and the factor with x_t = scale * y_tau.
+
+    On the flow path tau = t and scale = 1 (multiplying by 1 is exact: flow sampling is unchanged).
+    """
+    if path == "flow":
+        return t, jnp.ones_like(t)
+    alpha, sigma = alpha_sigma(t, path)
+    return sigma / (alpha + sigma), alpha + sigma
+
+
+def time_grid(steps: int, shift: float = 1.0, path: str = "flow"):
+    """Sampler grid float32 [steps + 1] from 1 (noise) down to 0 (data).
+
+    On the DDPM path the grid is snapped to the trained steps (multiples of 1/T): with 1000 /
+    steps an integer this is DDIM's "trailing" spacing, e.g. 50 steps visit n = 999, 979, ..., 19.
+    """
+    grid = shift_time(jnp.linspace(1.0, 0.0, steps + 1), shift)
+    if path == "ddpm":
+        if steps > DDPM_STEPS:
+            raise ValueError(f"at most {DDPM_STEPS} sampling steps on the DDPM path, got {steps}")
+        grid = jnp.round(grid * DDPM_STEPS) / DDPM_STEPS
+    elif path != "flow":
+        raise ValueError(f"unknown diffusion path {path!r}; choose from {PATHS}")
+    return grid

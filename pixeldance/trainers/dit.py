@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pixeldance import rng as rng_lib
 from pixeldance import train_lib
 from pixeldance.data import pipeline, synthetic
 from pixeldance.diffusion import conditioning, objectives, schedules
@@ -61,8 +62,12 @@ def dit_loss(params, batch, rng, *, model, cond, diffusion, latent_mean, latent_
     batch: z [B, T, h, w, C], z_last [B, K, h, w, C], tokens int32 [B, S].
     Per example: a first-frame instruction with probability p_first; given one, a last-frame
     instruction (picked among the last K frames) with probability p_last; noise on c_image;
-    text dropped with probability p_drop_text.
+    text dropped with probability p_drop_text. The objective (`diffusion.objective`: flow, eps
+    or v) sets the noise path, the training times (flow: `time_sampling`; eps / v: uniform over
+    DDPM's 1000 steps) and the regression target.
     """
+    objective = diffusion.objective
+    path = objectives.path(objective)  # also rejects unknown objectives
     z = (batch["z"] - latent_mean) / latent_std
     z_last_all = (batch["z_last"] - latent_mean) / latent_std
     B, T = z.shape[:2]
@@ -77,18 +82,22 @@ def dit_loss(params, batch, rng, *, model, cond, diffusion, latent_mean, latent_
     drop = jax.random.uniform(keys[4], (B,)) < cond.p_drop_text
     tokens = jnp.where(drop[:, None], null_tokens(B, batch["tokens"].shape[1]), batch["tokens"])
 
-    t = schedules.sample_time(keys[5], B, kind=diffusion.time_sampling, mean=diffusion.logit_mean,
-                              std=diffusion.logit_std)
-    noise = jax.random.normal(keys[6], z.shape)
-    x_t = objectives.interpolate(z, noise, t)
+    if path == "flow":
+        t = schedules.sample_time(keys[5], B, kind=diffusion.time_sampling, mean=diffusion.logit_mean,
+                                  std=diffusion.logit_std)
+    else:
+        t = schedules.sample_ddpm_time(keys[5], B)
+    noise = rng_lib.normal(keys[6], z.shape)
+    x_t = objectives.add_noise(z, noise, t, objective=objective)
     replace = cond.first_frame == "replace"
     if replace:
         x_t = conditioning.replace_first(x_t, z[:, 0], has_first)
     out = model.apply(params, x_t, t, c_image, c_mask, tokens)
     loss_mask = conditioning.first_frame_loss_mask(has_first, T, replace)
-    loss, _ = objectives.flow_loss(out, z, noise, t, loss_mask, prediction=diffusion.prediction,
+    loss, _ = objectives.loss(out, z, noise, t, loss_mask, objective=objective,
+                              prediction=diffusion.prediction, min_t=diffusion.min_t_for_x0)
+    x0_hat, _ = objectives.denoise(out, x_t, t, objective=objective, prediction=diffusion.prediction,
                                    min_t=diffusion.min_t_for_x0)
-    x0_hat = objectives.to_x0(out, x_t, t, prediction=diffusion.prediction)
     x0_err = jnp.mean(jnp.square(x0_hat - z) * loss_mask) / jnp.mean(loss_mask)
     return loss, dict(x0_mse=x0_err)
 

@@ -1,0 +1,395 @@
+"""Diffusion: objectives, the four samplers against an exact solution, guidance, dit_loss's dropouts.
+
+The exact case: data x0 ~ N(mu, s^2). On any path x_t = alpha x0 + sigma eps the marginal is
+N(alpha mu, alpha^2 s^2 + sigma^2), the ideal denoiser is linear in x_t, and the probability-flow
+ODE keeps the standardised value fixed, so noise z placed at t = 1 must arrive at mu + s z.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from pixeldance import configs, sharding
+from pixeldance.diffusion import guidance, objectives, samplers, schedules
+from pixeldance.sample import Pipeline
+from pixeldance.trainers import dit as dit_trainer
+
+MU, S = 0.5, 2.0  # wide data: every sampler is in its asymptotic regime from 8 steps on
+Z = jnp.linspace(-2.0, 2.0, 5)
+FIRST_ORDER, SECOND_ORDER = ("euler", "ddim"), ("heun", "dpm++2m")
+
+
+def _normal(seed, shape):
+    """Test data from numpy (jax.random.normal of rank-5 shapes compiles slowly on XLA:CPU)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def _gaussian_posterior(x, t, path, mu=MU, s=S):
+    """E[x0 | x_t], E[eps | x_t] for x0 ~ N(mu, s^2) on `path` (t a scalar or broadcastable to x)."""
+    alpha, sigma = schedules.alpha_sigma(t, path)
+    var = alpha ** 2 * s ** 2 + sigma ** 2
+    x0 = mu + alpha * s ** 2 / var * (x - alpha * mu)
+    eps = sigma / var * (x - alpha * mu)
+    return x0, eps
+
+
+def _gaussian_denoiser(path):
+    def denoise(x, t, i):
+        x0, eps = _gaussian_posterior(x, t, path)
+        return x0, eps - x0
+    return denoise
+
+
+def _start(z, path, mu=MU, s=S):
+    """The exact state at t = 1 for standardised value z (on the DDPM path alpha(1) > 0)."""
+    alpha, sigma = schedules.alpha_sigma(jnp.float32(1.0), path)
+    return alpha * mu + jnp.sqrt(alpha ** 2 * s ** 2 + sigma ** 2) * z
+
+
+@functools.lru_cache(maxsize=None)
+def _errors(sampler, path, steps=(8, 16, 32)):
+    """Max |x(0) - exact| over Z for each number of steps (one compile each)."""
+    def error(n):
+        x = samplers.solve(_gaussian_denoiser(path), _start(Z, path), steps=n, sampler=sampler, path=path)
+        return jnp.max(jnp.abs(x - (MU + S * Z)))
+    return np.array([float(jax.jit(error, static_argnums=0)(n)) for n in steps])
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
+def test_sampler_order_on_the_flow_path(sampler):
+    errors = _errors(sampler, "flow")
+    orders = np.log2(errors[:-1] / errors[1:])
+    if sampler in FIRST_ORDER:
+        assert np.all((orders > 0.85) & (orders < 1.2)), (errors, orders)
+    else:
+        # DPM++(2M) on a uniform t-grid behaves like log(N) / N^2 (its lambda-steps near t = 0
+        # and 1 do not shrink), so its measured order sits a little below 2.
+        assert np.all(orders > (1.85 if sampler == "heun" else 1.5)), (errors, orders)
+        assert errors[-1] < 0.15 * _errors("euler", "flow")[-1]
+
+
+@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
+def test_sampler_converges_on_the_ddpm_path(sampler):
+    errors = _errors(sampler, "ddpm")
+    orders = np.log2(errors[:-1] / errors[1:])
+    # On the DDPM path sigma grows like sqrt(t) near t = 0, so the last step of a uniform grid
+    # shrinks only like N^(-1/2) and limits every sampler to first order; the second-order
+    # samplers are still several times more accurate.
+    assert np.all(orders > 0.9), (errors, orders)
+    if sampler in SECOND_ORDER:
+        assert np.all(errors < 0.25 * _errors("euler", "ddpm")), errors
+
+
+@pytest.mark.parametrize("path", schedules.PATHS)
+def test_ddim_is_euler_in_flow_coordinates(path):
+    x1 = _start(Z, path)
+    euler = samplers.solve(_gaussian_denoiser(path), x1, steps=6, sampler="euler", path=path)
+    ddim = samplers.solve(_gaussian_denoiser(path), x1, steps=6, sampler="ddim", path=path)
+    np.testing.assert_allclose(euler, ddim, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", samplers.SAMPLERS)
+def test_sampler_calls_and_projection(sampler):
+    """The denoiser sees the grid's times with their step index; project pins what it pins."""
+    steps, path = 4, "ddpm"
+    calls = []
+
+    def denoise(x, t, i):
+        jax.debug.callback(lambda t, i: calls.append((float(t), int(i))), t, i, ordered=True)
+        return _gaussian_denoiser(path)(x, t, i)
+
+    x = samplers.solve(denoise, _start(Z, path), steps=steps, sampler=sampler, path=path,
+                       project=lambda x: x.at[0].set(7.0))
+    jax.effects_barrier()
+    grid = np.asarray(schedules.time_grid(steps, path=path))
+    if sampler == "heun":  # the corrector evaluates at the next time with the same index
+        expected = [(g, i) for i in range(steps) for g in grid[i:i + 2]]
+    else:
+        expected = [(grid[i], i) for i in range(steps)]
+    np.testing.assert_allclose([c[0] for c in calls], [e[0] for e in expected], atol=1e-7)
+    assert [c[1] for c in calls] == [e[1] for e in expected]
+    assert float(x[0]) == 7.0
+    assert np.all(np.isfinite(x))
+
+
+def test_samplers_on_sharded_inputs():
+    """Batch split over the 8 devices: same values as on one device, sharding kept, under jit."""
+    mesh = sharding.make_mesh((2, 4, 1, 1))
+    x1 = _start(_normal(0, (8, 2, 3)), "flow")
+    fn = jax.jit(lambda x: [samplers.solve(_gaussian_denoiser("flow"), x, steps=5, sampler=s)
+                            for s in samplers.SAMPLERS])
+    sharded = jax.device_put(x1, NamedSharding(mesh, P(("data", "fsdp"))))
+    for name, out, ref in zip(samplers.SAMPLERS, fn(sharded), fn(x1)):
+        np.testing.assert_allclose(out, ref, atol=1e-6, err_msg=name)
+        assert out.sharding.is_equivalent_to(sharded.sharding, out.ndim), name
+        assert len({s.device for s in out.addressable_shards}) == 8
+
+
+def test_samplers_reject_unknown_names():
+    with pytest.raises(ValueError, match="rk4"):
+        samplers.solve(_gaussian_denoiser("flow"), Z, steps=2, sampler="rk4")
+    with pytest.raises(ValueError, match="vp"):
+        samplers.solve(_gaussian_denoiser("flow"), Z, steps=2, path="vp")
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules and objectives
+# ---------------------------------------------------------------------------------------------
+
+def test_ddpm_schedule():
+    # Latent diffusion's scaled-linear schedule: alpha_bar of the last of 1000 steps is 0.0047.
+    alpha, sigma = schedules.alpha_sigma(jnp.array([0.0, 0.001, 1.0]), "ddpm")
+    np.testing.assert_allclose(alpha ** 2, [1.0, 1.0 - 0.00085, 0.00466], rtol=2e-3)
+    np.testing.assert_allclose(alpha ** 2 + sigma ** 2, 1.0, rtol=1e-6)
+    t = schedules.sample_ddpm_time(jax.random.key(0), 4096)
+    steps = np.asarray(t) * 1000
+    np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)  # only the trained steps
+    assert steps.min() >= 1 and steps.max() <= 1000 and abs(steps.mean() - 500.5) < 15
+    # 50 steps snap to DDIM's trailing spacing: n + 1 = 1000, 980, ..., 20, then t = 0.
+    np.testing.assert_allclose(schedules.time_grid(50, path="ddpm") * 1000, np.arange(1000, -1, -20), atol=1e-3)
+
+
+def _example(objective):
+    x0, noise = _normal(5, (4, 2, 2, 2, 3)), _normal(6, (4, 2, 2, 2, 3))
+    t = jnp.array([0.001, 0.1, 0.5, 1.0]) if objective != "flow" else jnp.array([0.05, 0.1, 0.5, 0.9])
+    return x0, noise, t
+
+
+@pytest.mark.parametrize("objective, prediction", [("flow", "x0"), ("flow", "velocity"), ("eps", "x0"),
+                                                   ("v", "x0")])
+def test_exact_output_gives_zero_loss_and_the_true_denoising(objective, prediction):
+    x0, noise, t = _example(objective)
+    kw = dict(objective=objective, prediction=prediction)
+    mask = jnp.ones((4, 2, 1, 1, 1))
+
+    @jax.jit
+    def check(x0, noise, t):
+        x_t = objectives.add_noise(x0, noise, t, objective=objective)
+        exact = x0 if (objective, prediction) == ("flow", "x0") else objectives.target(x0, noise, t, objective=objective)
+        return (objectives.loss(exact, x0, noise, t, mask, **kw), objectives.loss(exact + 0.5, x0, noise, t, mask, **kw),
+                objectives.denoise(exact, x_t, t, **kw))
+
+    (loss, per_example), (wrong, _), (x0_hat, v_hat) = check(x0, noise, t)
+    assert per_example.shape == (4,) and float(loss) < 1e-10 and float(wrong) > 0.01
+    np.testing.assert_allclose(x0_hat, x0, atol=2e-4)
+    np.testing.assert_allclose(v_hat, noise - x0, atol=2e-4)
+
+
+def test_objective_paths():
+    x0, noise, t = _example("flow")
+    np.testing.assert_array_equal(objectives.add_noise(x0, noise, t, objective="flow"),
+                                  objectives.interpolate(x0, noise, t))
+    assert [objectives.path(o) for o in objectives.OBJECTIVES] == ["flow", "ddpm", "ddpm"]
+    with pytest.raises(ValueError, match="x0_pred"):
+        objectives.path("x0_pred")
+
+
+# ---------------------------------------------------------------------------------------------
+# Guidance
+# ---------------------------------------------------------------------------------------------
+
+def _branches(B=3):
+    full, image, none = (_normal(seed, (B, 4)) for seed in (7, 8, 9))
+    return full, image, none
+
+
+def test_guidance_scale_one_is_the_conditional_prediction():
+    full, image, none = _branches()
+    np.testing.assert_allclose(guidance.combine(jnp.concatenate([full, image]), 2, text_scale=1.0), full,
+                               atol=1e-6)
+    np.testing.assert_allclose(guidance.combine(jnp.concatenate([full, image, none]), 3, text_scale=1.0,
+                                                image_scale=1.0), full, atol=1e-6)
+
+
+def test_guidance_separate_scales():
+    full, image, none = _branches()
+    three = jnp.concatenate([full, image, none])
+    combine3 = lambda st, si: guidance.combine(three, 3, text_scale=st, image_scale=si)
+    # Image scale 1: the none branch cancels, and the 2-branch batch gives the same.
+    np.testing.assert_allclose(combine3(5.0, 1.0), guidance.combine(three[:6], 2, text_scale=5.0), atol=1e-5)
+    np.testing.assert_allclose(combine3(5.0, 1.0), image + 5.0 * (full - image), atol=1e-5)
+    np.testing.assert_allclose(combine3(0.0, 1.0), image, atol=1e-6)          # no text
+    np.testing.assert_allclose(combine3(0.0, 0.0), none, atol=1e-6)           # nothing
+    np.testing.assert_allclose(combine3(4.0, 4.0), none + 4.0 * (full - none), atol=1e-5)  # joint CFG
+    np.testing.assert_allclose(combine3(1.0, 3.0), none + 3.0 * (image - none) + (full - image), atol=1e-5)
+    # Pytrees (e.g. (x0_hat, v_hat)) are guided leaf by leaf.
+    pair = guidance.combine((three, 2.0 * three), 3, text_scale=2.0, image_scale=1.5)
+    np.testing.assert_allclose(pair[1], 2.0 * pair[0], atol=1e-5)
+    assert guidance.num_branches(1.0) == 2 and guidance.num_branches(1.5) == 3
+    with pytest.raises(ValueError, match="4"):
+        guidance.combine(jnp.concatenate([full] * 4), 4, text_scale=1.0)
+
+
+class _BranchModel:
+    """A stand-in DiT (flow, x0-prediction) whose output shows which conditions reached it."""
+    TEXT, IMAGE = 10.0, 100.0
+
+    def apply(self, params, x, t, c_image, c_mask, tokens):
+        text = jnp.any(tokens[:, 1:] != 0, axis=1).astype(x.dtype)       # not the empty prompt
+        image = jnp.any(c_mask != 0, axis=(1, 2, 3, 4)).astype(x.dtype)   # any image instruction
+        return jnp.broadcast_to((1.0 + self.TEXT * text + self.IMAGE * image)[:, None, None, None, None], x.shape)
+
+
+@pytest.mark.parametrize("image_guidance", [1.0, 2.0])
+def test_pipeline_guidance_branches(image_guidance):
+    """One DDIM step from t = 1 returns the guided x0: the branches carry the right conditions."""
+    config = configs.load_config("experiments/base.py:runlocal")
+    config.cond.first_frame = "concat"
+    B, T, h, C, L, text_scale = 2, 3, 2, 4, config.text.max_length, 3.0
+    pipe = Pipeline(config, None, _BranchModel(), None, None, np.zeros(C), np.ones(C))
+    z = jnp.zeros((B, h, h, C))
+    tokens = jnp.zeros((B, L), jnp.int32).at[:, :3].set(jnp.array([1, 5, 6]))
+    x = pipe._sample(None, jnp.zeros((B, T, h, h, C)), z, z, jnp.array([True, False]), jnp.array([False, False]),
+                     tokens, jax.random.key(0), jnp.float32(text_scale), jnp.float32(image_guidance),
+                     jnp.int32(0), steps=1, sampler="ddim", branches=guidance.num_branches(image_guidance))
+    m = _BranchModel
+    # Example 0 has a first frame (image guidance applies), example 1 is text only.
+    expected = [1.0 + text_scale * m.TEXT + image_guidance * m.IMAGE, 1.0 + text_scale * m.TEXT]
+    np.testing.assert_allclose(x[:, 0, 0, 0, 0], expected, rtol=1e-6)
+
+
+class _LastFrameModel:
+    """A stand-in DiT whose x0 is the mean of its instruction latents' last frame (0 without one)."""
+
+    def apply(self, params, x, t, c_image, c_mask, tokens):
+        return jnp.broadcast_to(jnp.mean(c_image[:, -1] * c_mask[:, -1], axis=(1, 2, 3))[:, None, None, None, None],
+                                x.shape)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpm++2m"])
+def test_tau_zero_equals_sampling_without_the_last_frame(sampler):
+    """tau = 0 never shows the last frame; tau = steps shows it at every step."""
+    config = configs.load_config("experiments/base.py:runlocal")
+    config.cond.first_frame, config.cond.noise = "concat", 0.0
+    B, T, h, C, L = 1, 3, 2, 4, config.text.max_length
+    pipe = Pipeline(config, None, _LastFrameModel(), None, None, np.zeros(C), np.ones(C))
+    noise, tokens = _normal(0, (B, T, h, h, C)), jnp.zeros((B, L), jnp.int32)
+    z_first, z_last = jnp.zeros((B, h, h, C)), jnp.full((B, h, h, C), 2.0)
+    yes, no = jnp.ones((B,), bool), jnp.zeros((B,), bool)
+
+    def run(has_last, tau):
+        return pipe._sample(None, noise, z_first, z_last, yes, has_last, tokens, jax.random.key(0),
+                            jnp.float32(1.0), jnp.float32(1.0), jnp.int32(tau), steps=8, sampler=sampler,
+                            branches=2)
+
+    without = run(no, 0)
+    np.testing.assert_array_equal(run(yes, 0), without)
+    np.testing.assert_allclose(run(yes, 8), 2.0, atol=1e-5)  # x0 = the last frame's value throughout
+    np.testing.assert_allclose(without, 0.0, atol=1e-6)  # the model's x0 without a last frame
+
+
+class _GaussianModel:
+    """The exact network for x0 ~ N(mu, s^2) under each objective."""
+
+    def __init__(self, objective, prediction):
+        self.objective, self.prediction = objective, prediction
+
+    def apply(self, params, x, t, c_image, c_mask, tokens):
+        tb = t[:, None, None, None, None]
+        x0, eps = _gaussian_posterior(x, tb, objectives.path(self.objective))
+        if self.objective == "flow":
+            return x0 if self.prediction == "x0" else eps - x0
+        if self.objective == "eps":
+            return eps
+        alpha, sigma = schedules.alpha_sigma(tb, "ddpm")
+        return alpha * eps - sigma * x0
+
+
+@pytest.mark.parametrize("objective, prediction, sampler", [
+    ("flow", "x0", "heun"), ("eps", "x0", "dpm++2m"), ("v", "x0", "heun")])
+def test_pipeline_samples_each_objective(objective, prediction, sampler):
+    """The sampling pipeline with the exact network transports noise to the data (3 branches)."""
+    config = configs.load_config("experiments/base.py:runlocal")
+    config.diffusion.objective, config.diffusion.prediction = objective, prediction
+    config.diffusion.min_t_for_x0 = 1e-6  # the exact x0 network needs no clipping
+    B, T, h, C, L = 2, 2, 1, 2, config.text.max_length
+    pipe = Pipeline(config, None, _GaussianModel(objective, prediction), None, None, np.zeros(C), np.ones(C))
+    z = _normal(1, (B, T, h, h, C))
+    zeros, no = jnp.zeros((B, h, h, C)), jnp.zeros((B,), bool)
+    x = pipe._sample(None, _start(z, objectives.path(objective)), zeros, zeros, no, no,
+                     jnp.zeros((B, L), jnp.int32), jax.random.key(0), jnp.float32(4.0), jnp.float32(2.0),
+                     jnp.int32(0), steps=32, sampler=sampler, branches=3)
+    np.testing.assert_allclose(x, MU + S * z, atol=0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# dit_loss: condition dropouts, time sampling, and each objective's exact output
+# ---------------------------------------------------------------------------------------------
+
+class _Recorder:
+    """A stand-in DiT that records its inputs (also under jit); `output(x_t, t)` (default zeros) is its output."""
+
+    def __init__(self, output=None):
+        self.output, self.calls = output, []
+
+    def apply(self, params, x_t, t, c_image, c_mask, tokens):
+        record = lambda t, m, tok: self.calls.append(dict(t=np.asarray(t), c_mask=np.asarray(m), tokens=np.asarray(tok)))
+        jax.debug.callback(record, t, c_mask, tokens)
+        return jnp.zeros_like(x_t) if self.output is None else self.output(x_t, t)
+
+
+def _dit_loss(models, config, batch, stats):
+    """dit_loss of each stand-in model on the same batch and rng, in one compiled function."""
+    fn = jax.jit(lambda batch: [dit_trainer.dit_loss(None, batch, jax.random.key(4), model=model, cond=config.cond,
+                                                     diffusion=config.diffusion, **stats) for model in models])
+    out = fn(batch)
+    jax.effects_barrier()
+    return out
+
+
+def _loss_setup(objective="flow", prediction="x0", B=4096, C=2):
+    config = configs.load_config("experiments/base.py:runlocal")
+    config.diffusion.objective, config.diffusion.prediction = objective, prediction
+    batch = dict(z=_normal(3, (B, 3, 1, 1, C)), z_last=_normal(4, (B, 3, 1, 1, C)),
+                 tokens=jnp.zeros((B, config.text.max_length), jnp.int32).at[:, :3].set(jnp.array([1, 5, 6])))
+    return config, batch, dict(latent_mean=jnp.zeros(C), latent_std=jnp.ones(C))
+
+
+def test_dit_loss_dropout_rates():
+    config, batch, stats = _loss_setup()
+    config.cond.p_first, config.cond.p_last, config.cond.p_drop_text = 0.6, 0.5, 0.2
+    model = _Recorder()
+    _dit_loss([model], config, batch, stats)
+    (call,) = model.calls
+    has_first = call["c_mask"][:, 0].reshape(len(call["c_mask"]), -1).max(1) == 1
+    has_last = call["c_mask"][:, -1].reshape(len(call["c_mask"]), -1).max(1) == 1
+    dropped = np.all(call["tokens"] == np.asarray(dit_trainer.null_tokens(1, call["tokens"].shape[1])), axis=1)
+    tol = 0.03  # about 4 standard errors at 4096 examples
+    assert abs(has_first.mean() - 0.6) < tol
+    assert abs(has_last[has_first].mean() - 0.5) < tol and not np.any(has_last & ~has_first)
+    assert abs(dropped.mean() - 0.2) < tol
+    assert abs(dropped[has_first].mean() - 0.2) < tol  # text dropout does not depend on the image
+    # Training times: logit-normal for the flow (68 % within one std of the mean in logit space).
+    logit = np.log(call["t"] / (1.0 - call["t"]))
+    assert abs(np.mean(np.abs(logit) < 1.0) - 0.683) < tol
+
+
+@pytest.mark.parametrize("objective, prediction", [("flow", "x0"), ("eps", "x0"), ("v", "x0")])
+def test_dit_loss_is_zero_for_the_exact_output(objective, prediction):
+    config, batch, stats = _loss_setup(objective, prediction, B=256)
+    path = objectives.path(objective)
+    z = batch["z"]
+
+    def exact(x_t, t):  # the network that knows x0 (the first frame, if replaced, is masked out)
+        tb = t[:, None, None, None, None]
+        alpha, sigma = schedules.alpha_sigma(tb, path)
+        eps = (x_t - alpha * z) / sigma
+        if objective == "flow":
+            return z if prediction == "x0" else eps - z
+        return eps if objective == "eps" else alpha * eps - sigma * z
+
+    model = _Recorder(exact)
+    (loss, aux), (wrong, _) = _dit_loss([model, _Recorder()], config, batch, stats)
+    assert float(loss) < 1e-6 and float(aux["x0_mse"]) < 1e-6
+    if path == "ddpm":  # uniform over the 1000 trained steps
+        steps = model.calls[0]["t"] * 1000
+        np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
+        assert steps.min() >= 1 and steps.max() <= 1000
+    assert float(wrong) > 0.1  # the zero output is not exact
