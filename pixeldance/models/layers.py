@@ -15,6 +15,9 @@ from flax import linen as nn
 class Dense(nn.Module):
     """Contracts the last `in_dims` axes of x with a kernel of shape in_shape + features.
 
+    Parameters are float32 whatever `dtype` is; they are cast to `dtype` (the compute dtype,
+    e.g. bfloat16) at use, so the optimizer updates float32 master weights.
+
     Unlike flax's DenseGeneral (which initialises a flat kernel and reshapes it), the kernel is
     created in its final shape, so logical names apply per axis (e.g. ('embed', 'heads', 'kv')).
     kernel_axes: logical names of the kernel's axes (inputs then outputs).
@@ -53,14 +56,19 @@ class Dense(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm over the last axis with logically named scale/bias (optional, for adaLN)."""
+    """LayerNorm over the last axis, computed in float32, with logically named scale/bias.
+
+    With `shift` and `scale` (adaLN modulation, broadcastable to x) the result is
+    `norm(x) * (1 + scale) + shift`, also in float32, before the cast to `dtype`: one fused pass,
+    and no bfloat16 rounding between normalising and modulating.
+    """
     use_scale: bool = True
     use_bias: bool = True
     eps: float = 1e-6
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, shift=None, scale=None):
         x32 = x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
@@ -70,4 +78,23 @@ class LayerNorm(nn.Module):
             y = y * self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)), (d,))
         if self.use_bias:
             y = y + self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)), (d,))
+        if scale is not None:
+            y = y * (1.0 + scale.astype(jnp.float32))
+        if shift is not None:
+            y = y + shift.astype(jnp.float32)
         return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the last axis in float32 (QK-normalisation); the scale's axis is named."""
+    dtype: Any = jnp.float32
+    scale_axis: str | None = "kv"
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (self.scale_axis,)),
+                           (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * scale).astype(self.dtype)

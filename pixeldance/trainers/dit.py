@@ -38,7 +38,8 @@ def build_model(config, latent_channels: int) -> dit_lib.PixelDanceModel:
                                 num_heads=config.text.num_heads, dtype=dtype)
     kwargs = dit_lib.decode_variant(config.dit.variant)
     kwargs.setdefault("patch_size", tuple(config.dit.patch_size))
-    dit = dit_lib.VideoDiT(latent_channels=latent_channels, remat=config.dit.remat, dtype=dtype, **kwargs)
+    dit = dit_lib.VideoDiT(latent_channels=latent_channels, remat=config.dit.remat, dtype=dtype,
+                           attention=config.dit.attention, **kwargs)
     return dit_lib.PixelDanceModel(text, dit)
 
 
