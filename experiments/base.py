@@ -55,6 +55,15 @@ def get_config(arg=None):
         log_every=25,
         ckpt_every=500,
         keep_checkpoints=2,
+        train_size=0,             # random spatial crops of this many pixels (0: full frames)
+        perceptual_weight=0.0,    # LPIPS-style feature loss (needs perceptual_path)
+        perceptual_path="",       # safetensors of a VGG-layout feature net; "": no perceptual loss
+        disc_weight=0.0,          # 3D patch discriminator, hinge loss (0: none)
+        disc_start=0,             # step from which the GAN losses count
+        disc_channels=(32, 64, 128),
+        disc_adaptive=True,       # VQGAN's adaptive weight (else lambda = 1)
+        eval_videos=8,            # held-out clips reconstructed after training (0: none)
+        stats_videos=64,          # training clips encoded for latent_stats.json (0: the cache stage's)
     )
 
     c.cache = dict(

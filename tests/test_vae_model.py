@@ -299,3 +299,107 @@ def test_gradients_are_finite_and_adam_overfits_one_video(model, params):
         losses.append(float(l1))
     assert np.all(np.isfinite(losses))
     assert losses[-1] < 0.85 * losses[0], losses
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunked and tiled passes.
+# ---------------------------------------------------------------------------------------------
+
+def _numpy_params(model, shape, seed=0):
+    """Parameters without compiling `init` (which costs these tests more than the passes):
+    fan-in scaled normal kernels, small random biases, unit norm scales."""
+    abstract = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros(shape)))
+    rng = np.random.RandomState(seed)
+
+    def fill(path, x):
+        name = path[-1].key
+        if name == "kernel":
+            return jnp.asarray(rng.normal(0, 1 / math.sqrt(math.prod(x.shape[:-1])), x.shape), jnp.float32)
+        if name == "scale":
+            return jnp.ones(x.shape, jnp.float32)
+        return jnp.asarray(rng.normal(0, 0.1, x.shape), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def test_chunked_equals_whole(model, params):
+    """Chunk by chunk with the causal cache gives the one-pass encode and decode within 1e-5
+    (float rounding). 13 frames = 4 latents: with 2 latent frames per chunk, frame 0 alone,
+    one scanned chunk of 2, then a shorter tail of 1 (every path of the chunked passes)."""
+    video = _video(13)
+
+    def run(p, v):
+        whole = model.apply(p, v, method=CausalVAE.encode)
+        z = whole[0]
+        return (whole, vae_lib.encode_chunked(model, p, v, chunk=2),
+                model.apply(p, z, method=CausalVAE.decode), vae_lib.decode_chunked(model, p, z, chunk=2))
+
+    whole, chunked, decoded, decoded_chunked = jax.jit(run)(params, video)
+    for a, b in zip(whole, chunked):
+        assert a.shape == b.shape == (1, 4, 2, 2, 16)
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert decoded.shape == decoded_chunked.shape == (1, 13, 16, 16, 3)
+    assert float(np.std(decoded)) > 0.05
+    np.testing.assert_allclose(decoded_chunked, decoded, atol=1e-5)
+
+
+def test_chunks_split_a_video_causally():
+    """The chunk layout: frame 0 alone, then 4 * chunk frames; a shorter tail at the end."""
+    x = jnp.arange(2 * 13, dtype=jnp.float32).reshape(2, 13, 1, 1, 1)
+    body, tail = vae_lib._split_chunks(x, 1, 8)
+    assert body.shape == (1, 2, 8, 1, 1, 1) and tail.shape == (2, 4, 1, 1, 1)
+    np.testing.assert_array_equal(vae_lib._join_chunks(x[:, :1], body, tail), x)
+    body, tail = vae_lib._split_chunks(x, 1, 4)
+    assert body.shape == (3, 2, 4, 1, 1, 1) and tail is None
+
+
+# Tile geometry of the tiling test, along W (in latent pixels): tiles [0, 12) and [8, 20), which
+# blend over [8, 12). The mu decoder's receptive field reaches ~4.75 latent pixels, so latent
+# columns < 7 and >= 13 see nothing of the other tile's border: there tiling is exact.
+TILE, OVERLAP, WIDTH = 12, 4, 20
+# In the blended columns a random-init network (no training smooths its boundary effects) is
+# off by up to about its output std; bound the mean and the max error there relative to that std.
+SEAM_MEAN_TOL, SEAM_MAX_TOL = 0.25, 1.5
+
+
+def test_tiled_is_exact_away_from_seams_and_close_at_them():
+    model = vae_from_variant("mu", norm_groups=0)  # per-position norm: no statistics over a tile
+    s = model.spatial_factor
+    video = _video(5, size=WIDTH * s)[:, :, :4 * s]  # [1, 5, 32, 160, 3]
+    params = _numpy_params(model, video.shape)
+    z = _normal((1, 2, 4, WIDTH, 16))
+
+    def run(p, v, z):  # tiles decoded chunk by chunk: tiling and chunking together
+        return (model.apply(p, z, method=CausalVAE.decode),
+                vae_lib.decode_tiled(model, p, z, tile=TILE, overlap=OVERLAP, chunk=1),
+                model.apply(p, v, method=CausalVAE.encode)[0],
+                vae_lib.encode_tiled(model, p, v, tile=TILE * s, overlap=OVERLAP * s)[0])
+
+    whole, tiled, mean, mean_tiled = jax.jit(run)(params, video, z)
+    assert tiled.shape == whole.shape == (1, 5, 32, 160, 3) and mean_tiled.shape == mean.shape
+    assert float(np.std(whole)) > 0.1
+    for out, ref, scale in ((tiled, whole, s), (mean_tiled, mean, 1)):
+        diff = np.abs(np.asarray(out) - np.asarray(ref))
+        err = diff.max(axis=(0, 1, 2, 4))  # per column
+        away = np.r_[0:7 * scale, 13 * scale:WIDTH * scale]
+        seam = diff[:, :, :, 8 * scale:12 * scale]
+        std = float(np.std(ref))
+        print(f"tiling error / std: away {err[away].max() / std:.2e}, seam mean "
+              f"{seam.mean() / std:.3f}, seam max {seam.max() / std:.3f}")
+        assert err[away].max() < 1e-5, err[away].max()
+        assert 0 < seam.mean() < SEAM_MEAN_TOL * std and seam.max() < SEAM_MAX_TOL * std
+
+
+def test_discriminator_params_are_partitioned_and_shapes():
+    model = vae_from_variant("mu", disc_channels=(8, 16))
+    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), _video(5))
+    disc = abstract["params"]["discriminator"]
+    leaves = jax.tree.leaves(disc, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves and all(isinstance(l, nn.Partitioned) for l in leaves)
+    assert {l.names for l in leaves} <= {(None, None, None, "conv_in", "conv_out"), ("conv_out",)}
+    logits = jax.eval_shape(lambda p, v: model.apply(p, v, method=CausalVAE.discriminate),
+                            abstract, _video(9))
+    assert logits.shape == (1, 9, 8, 8, 1)
+    with pytest.raises(ValueError, match="no discriminator"):
+        jax.eval_shape(lambda p, v: vae_from_variant("mu").apply(p, v, method=CausalVAE.discriminate),
+                       abstract, _video(9))
