@@ -25,6 +25,10 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
+    # The TPU compiler, for `python -m pixeldance.plan --config.plan.topology=v5p:4x4x4` on any
+    # machine (compiles for a TPU slice without one). The libtpu that jax 0.10.2's own 'tpu'
+    # extra pins; on a CPU-only machine JAX then prints TPU start-up errors unless JAX_PLATFORMS=cpu.
+    "tpu-plan": ["libtpu==0.0.42.1"],
     # Everything the test suite needs, including executing the colabs.
     "test": [
         "pytest==9.0.3",

@@ -25,7 +25,10 @@ def get_config(arg=None):
     c.xla_fast_compile = False
 
     # Mesh ('data','fsdp','context','tensor'); -1 fills with the remaining devices.
-    c.mesh = dict(shape=(1, -1, 1, 1), preset="fsdp")
+    # shape: the mesh (of one slice, with dcn_shape); one -1 is filled from the device count.
+    # dcn_shape: how several slices are laid out over DCN, e.g. (2, 1, 1, 1) for data parallelism
+    # across 2 slices (None: across TPU slices where there are several, else one flat mesh).
+    c.mesh = dict(shape=(1, -1, 1, 1), preset="fsdp", dcn_shape=ml_collections.FieldReference(None, field_type=tuple))
 
     c.data = dict(
         name="shapes",       # the built-in synthetic world (see pixeldance/data/synthetic.py)
@@ -131,6 +134,17 @@ def get_config(arg=None):
         num_per_mode=128,          # held-out and seen videos sampled per mode
         heldout_fraction=0.5,
         num_mp4=4,                 # mp4 files written per mode
+    )
+
+    # Compile-ahead planning (`--config.mode=plan` or `python -m pixeldance.plan`): the train
+    # step and sampler compiled for a target mesh without its hardware (pixeldance/plan.py).
+    c.plan = dict(
+        num_devices=0,             # forced host (CPU) devices to compile for (0: see topology)
+        topology="",               # TPU topology, e.g. 'v5p:2x2x1' (pip install -e '.[tpu-plan]')
+        num_slices=1,              # slices of that topology (data parallel across them)
+        memory_gib=0.0,            # per-device memory to fit (0: the target's own, where known)
+        sample=True,               # also compile the sampler (config.sample)
+        output="",                 # also write the report here as JSON
     )
 
     if arg.runlocal:

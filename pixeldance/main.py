@@ -6,6 +6,8 @@ Dispatches on `config.mode`:
   cache      encode training videos into the latent cache with the frozen VAE
   train_dit  the DiT on the latent cache
   sample     sample the three modes, write videos and the faithfulness report
+  plan       compile the DiT train step and sampler for config.plan's target mesh without its
+             hardware; print memory per device and FLOPs, write plan.json (pixeldance/plan.py)
 
 Each stage resumes from what the workdir holds: a restarted run continues from the newest
 checkpoint of the stage it was in. Single fields: `--config.train.num_steps=100`.
@@ -50,6 +52,11 @@ def main(argv):
     config, workdir = _CONFIG.value, _WORKDIR.value
     if config is None or not workdir:
         raise app.UsageError("--config and --workdir are required")
+    if config.mode == "plan":  # first: it may set the number of host devices (see plan.py)
+        from pixeldance import plan
+        os.makedirs(workdir, exist_ok=True)
+        plan.run(config, workdir)
+        return
     if config.get("xla_fast_compile") and not xla_flags.enable_fast_compile():
         logging.warning("xla_fast_compile ignored: a JAX backend was already running")
     stages = STAGES if config.mode == "train" else (config.mode,)

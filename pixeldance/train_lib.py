@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -17,6 +20,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 from flax import struct
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from pixeldance import sharding
@@ -119,13 +123,16 @@ def to_global(batch: dict, batch_sh) -> dict:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sh, np.asarray(x)), batch)
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
 class MetricWriter:
     """Scalars to TensorBoard and to `metrics.jsonl` ({"stage", "step", name: value}) in workdir."""
 
     def __init__(self, workdir: str, stage: str):
         from tensorboardX import SummaryWriter  # imported here: heavy, and only trainers need it
         self.stage = stage
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = os.path.join(workdir, METRICS_FILE)
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard", stage)) if jax.process_index() == 0 else None
 
     def truncate_after(self, step: int):
@@ -134,7 +141,7 @@ class MetricWriter:
             return
         with open(self.path) as f:
             lines = f.readlines()
-        keep = [l for l in lines if not (json.loads(l).get("stage") == self.stage and json.loads(l)["step"] > step)]
+        keep = [l for l in lines if _log_line_kept(l, self.stage, step)]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(keep)
@@ -154,58 +161,140 @@ class MetricWriter:
             self._tb.close()
 
 
+def _log_line_kept(line: str, stage: str, step: int) -> bool:
+    """False for this stage's lines past `step`, and for a line torn by a kill mid-write."""
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    if not line.endswith("\n"):
+        return False
+    return not (entry.get("stage") == stage and entry["step"] > step)
+
+
 class NonFiniteError(FloatingPointError):
     pass
+
+
+# Exit status after a preemption checkpoint: 128 + SIGTERM, as if the signal had ended the
+# process, so a scheduler that restarts failed jobs restarts this one (status 0 would read as done).
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
+
+
+class Preempted(SystemExit):
+    """Raised once the preemption checkpoint is complete; ends the program with PREEMPTED_EXIT_CODE."""
+
+    def __init__(self, message: str):
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class PreemptionWatcher:
+    """Turns SIGTERM into a step at which to save and stop.
+
+    One process: a handler that only sets a flag (the loop checks it between steps, so a
+    signal never lands inside a step or a save). Several processes: JAX's preemption sync
+    manager (started by `jax.distributed.initialize`) catches the signal and agrees on one
+    step for every host, since a checkpoint save is collective.
+    """
+
+    def __init__(self):
+        self._flag = threading.Event()
+        self._previous = None
+
+    def __enter__(self):
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: self._flag.set())
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            try:
+                return multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:  # JAX's preemption service turned off: SIGTERM ends the run as usual
+                return False
+        return self._flag.is_set()
+
+
+def _check_finite(host_metrics: list[dict], *, stage: str, step: int, last_good, directory: str):
+    """Raises NonFiniteError if any step's loss or gradient norm is NaN or infinite."""
+    for m in host_metrics:
+        bad = [k for k in ("loss", "grad_norm") if k in m and not math.isfinite(float(m[k]))]
+        if bad:
+            raise NonFiniteError(
+                f"{stage}: non-finite {', '.join(bad)} by step {step}; stopped without saving. "
+                + (f"Last good checkpoint: step {last_good} in {directory}" if last_good is not None
+                   else f"No checkpoint in {directory} yet"))
 
 
 def train_loop(*, stage: str, state: TrainState, step_fn: Callable, batches: Iterator,
                to_device: Callable, checkpointer: Checkpointer, writer: MetricWriter,
                num_steps: int, log_every: int, ckpt_every: int, rng,
-               data_state_fn: Callable[[], dict] = dict) -> TrainState:
+               data_state_fn: Callable[[], dict] = dict, pending: list[dict] | None = None) -> TrainState:
     """Runs `step_fn` until `num_steps`, logging, checkpointing, stopping on non-finite values.
 
     `batches` yields host batches; `data_state_fn()` returns the iterator position to store with
-    each checkpoint. The final state is always checkpointed.
+    each checkpoint. The final state is always checkpointed. `pending`: metrics of the steps
+    since the last log line, as restored from a checkpoint (see `Checkpointer.save`), so that a
+    resumed run writes the same log lines as an uninterrupted one. SIGTERM saves a checkpoint
+    after the current step and raises `Preempted`.
     """
     start = int(jax.device_get(state.step))
-    pending, t0, last_good = [], time.time(), checkpointer.latest_step()
+    pending, t0, last_good = list(pending or []), time.time(), checkpointer.latest_step()
+    check = lambda host, step: _check_finite(host, stage=stage, step=step, last_good=last_good,
+                                             directory=checkpointer.directory)
     bar = tqdm(total=num_steps, initial=start, desc=stage, unit="step", dynamic_ncols=True,
                disable=jax.process_index() != 0)
-    for step in range(start + 1, num_steps + 1):
-        state, metrics = step_fn(state, to_device(next(batches)), rng)
-        pending.append(metrics)
-        if step % log_every == 0 or step == num_steps:
-            host = jax.device_get(pending)
-            for m in host:
-                bad = [k for k in ("loss", "grad_norm") if not math.isfinite(float(m[k]))]
-                if bad:
-                    raise NonFiniteError(
-                        f"{stage}: non-finite {', '.join(bad)} by step {step}; stopped without saving. "
-                        f"Last good checkpoint: step {last_good} in {checkpointer.directory}")
-            mean = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
-            mean["steps_per_sec"] = len(host) / max(time.time() - t0, 1e-9)
-            writer.write(step, mean)
-            bar.set_postfix(loss=f"{mean['loss']:.4f}")
-            pending, t0 = [], time.time()
-        if step % ckpt_every == 0 or step == num_steps:
-            # Non-finite values are checked above before any save (ckpt_every is a multiple of log_every
-            # or the check ran this step), so a saved checkpoint is always a good one.
-            if pending:
+    with PreemptionWatcher() as preemption:
+        for step in range(start + 1, num_steps + 1):
+            state, metrics = step_fn(state, to_device(next(batches)), rng)
+            pending.append(metrics)
+            if step % log_every == 0 or step == num_steps:
                 host = jax.device_get(pending)
-                if not all(math.isfinite(float(m["loss"])) for m in host):
-                    raise NonFiniteError(f"{stage}: non-finite loss by step {step}; last good checkpoint: "
-                                         f"step {last_good} in {checkpointer.directory}")
-            checkpointer.save(step, state, data_state_fn())
-            last_good = step
-        bar.update(1)
+                check(host, step)
+                mean = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
+                mean["steps_per_sec"] = len(host) / max(time.time() - t0, 1e-9)
+                writer.write(step, mean)
+                bar.set_postfix(loss=f"{mean['loss']:.4f}")
+                pending, t0 = [], time.time()
+            preempted = preemption.reached(step)
+            if step % ckpt_every == 0 or step == num_steps or preempted:
+                # Nothing non-finite is ever saved: the steps since the last log line are checked first.
+                host = jax.device_get(pending)
+                check(host, step)
+                checkpointer.save(step, state, data_state_fn(), metrics=host, force=preempted)
+                last_good = step
+            bar.update(1)
+            if preempted and step < num_steps:
+                checkpointer.wait()
+                bar.close()
+                message = (f"{stage}: preempted (SIGTERM) after step {step}; checkpoint {step} saved in "
+                           f"{checkpointer.directory}; exiting with status {PREEMPTED_EXIT_CODE}")
+                if jax.process_index() == 0:
+                    print(message, file=sys.stderr, flush=True)
+                raise Preempted(message)
     bar.close()
     checkpointer.wait()
     return state
 
 
 def mesh_from_config(mesh_config):
-    """config.mesh (shape with -1 auto-fill, preset) -> (mesh, preset)."""
-    mesh = sharding.make_mesh(tuple(mesh_config.shape))
+    """config.mesh (shape with -1 auto-fill, optional dcn_shape, preset) -> (mesh, preset).
+
+    Joins a multi-process run first when launched as one (`sharding.initialize_distributed`):
+    every stage builds its mesh before it touches a device.
+    """
+    sharding.initialize_distributed()
+    dcn_shape = mesh_config.get("dcn_shape")
+    mesh = sharding.make_mesh(tuple(mesh_config.shape), dcn_shape=None if dcn_shape is None else tuple(dcn_shape))
     sharding.rules(mesh_config.preset)  # validates the name
     return mesh, mesh_config.preset
 
@@ -243,23 +332,30 @@ def fit(*, stage: str, workdir: str, mesh, preset: str, init_fn: Callable, loss_
     """The part every trainer shares: sharded init or restore, then `train_loop`, then close.
 
     Checkpoints go to `<workdir>/<stage>/`; stage_config supplies ema_decay, num_steps,
-    log_every, ckpt_every and keep_checkpoints.
+    log_every, ckpt_every and keep_checkpoints. Refuses an fsdp run whose parameters would
+    mostly be replicated (`sharding.check_fsdp`).
     """
     c = stage_config
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(preset)):
         abstract, state_sh = state_shardings(init_fn, tx, mesh, preset, rng)
-        ckpt = Checkpointer(os.path.join(workdir, stage), keep=c.keep_checkpoints)
-        state, data_state = restore_or_init(ckpt, init_fn, tx, abstract, state_sh, rng)
-        batches.set_state(data_state)
-        writer = MetricWriter(workdir, stage)
-        writer.truncate_after(int(jax.device_get(state.step)))
-        batch_sh = sharding.batch_sharding(mesh)
-        step_fn = compile_step(make_train_step(loss_fn, tx, c.ema_decay), state_sh, batch_sh, mesh)
-        state = train_loop(
-            stage=stage, state=state, step_fn=step_fn, batches=batches,
-            to_device=lambda b: to_global(b, batch_sh), checkpointer=ckpt, writer=writer,
-            num_steps=c.num_steps, log_every=c.log_every, ckpt_every=c.ckpt_every,
-            rng=jax.random.fold_in(rng, 1), data_state_fn=batches.get_state)
-    writer.close()
-    ckpt.close()
+        sharding.check_fsdp(abstract.params, state_sh.params, mesh, preset)
+        ckpt = Checkpointer(os.path.join(workdir, stage), keep=c.keep_checkpoints, cleanup_tmp=True)
+        writer = None
+        try:
+            state, data_state = restore_or_init(ckpt, init_fn, tx, abstract, state_sh, rng)
+            pending = ckpt.restore_metrics() if ckpt.latest_step() is not None else []
+            batches.set_state(data_state)
+            writer = MetricWriter(workdir, stage)
+            writer.truncate_after(int(jax.device_get(state.step)))
+            batch_sh = sharding.batch_sharding(mesh)
+            step_fn = compile_step(make_train_step(loss_fn, tx, c.ema_decay), state_sh, batch_sh, mesh)
+            state = train_loop(
+                stage=stage, state=state, step_fn=step_fn, batches=batches,
+                to_device=lambda b: to_global(b, batch_sh), checkpointer=ckpt, writer=writer,
+                num_steps=c.num_steps, log_every=c.log_every, ckpt_every=c.ckpt_every,
+                rng=jax.random.fold_in(rng, 1), data_state_fn=batches.get_state, pending=pending)
+        finally:  # also on preemption and errors: waits for a save in flight, flushes the log
+            if writer is not None:
+                writer.close()
+            ckpt.close()
     return state

@@ -1,8 +1,8 @@
-"""grain pipelines: random-access source -> per-host shard -> shuffle -> transform -> batch.
+"""grain pipelines: random-access source -> shuffle -> transform -> batch -> this host's rows.
 
 Every pipeline is a `grain.MapDataset` shuffled by seed and repeated, so element k of the
 stream is a pure function of (seed, k): the iterator position is all the state a checkpoint
-needs, and each host reads only its own slice of the source.
+needs, and each host reads only its own rows of each global batch.
 """
 from __future__ import annotations
 
@@ -38,20 +38,28 @@ class BatchIterator:
 
 
 def make_batches(source, *, batch_size: int, seed: int, transform: Callable[[dict, np.random.Generator], dict] | None = None,
-                 num_workers: int = 0) -> BatchIterator:
+                 num_workers: int = 0, process_index: int | None = None,
+                 process_count: int | None = None) -> BatchIterator:
     """Batches of this host's share of `batch_size` (the global batch), endlessly reshuffled.
 
-    transform(example, rng) -> example runs per element with a generator seeded by
-    (seed, element position), so random crops are reproducible too.
+    One global stream: the source is shuffled as a whole and global batch b is elements
+    [b B, (b + 1) B) of it; host p reads only rows [p B / P, (p + 1) B / P) of each. So the global
+    batches, and the iterator position (batches consumed), do not depend on the number of hosts:
+    a run restarted on another number of hosts, or one host standing in for several, sees the
+    same data in the same order. transform(example, rng) -> example runs per element with a
+    generator seeded by (seed, position in the global stream), so random crops are reproducible
+    too. process_index / process_count: this host and the number of hosts (default: JAX's).
     """
-    if batch_size % jax.process_count():
-        raise ValueError(f"global batch size {batch_size} is not divisible by {jax.process_count()} hosts")
-    ds = grain.MapDataset.source(source)
-    ds = ds[jax.process_index()::jax.process_count()]
-    ds = ds.shuffle(seed=seed).repeat()
+    p = jax.process_index() if process_index is None else process_index
+    n = jax.process_count() if process_count is None else process_count
+    if batch_size % n:
+        raise ValueError(f"global batch size {batch_size} is not divisible by {n} hosts")
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
     if transform is not None:
         ds = ds.random_map(lambda ex, rng: transform(ex, rng), seed=seed)
-    ds = ds.batch(batch_size // jax.process_count(), drop_remainder=True)
+    # Host batches in the order (global batch, host): this host's are every n-th from p. Batching
+    # and slicing a MapDataset are lazy, so each host reads and transforms only its own rows.
+    ds = ds.batch(batch_size // n, drop_remainder=True)[p::n]
     return BatchIterator(ds, num_workers=num_workers)
 
 

@@ -427,9 +427,38 @@ def train_vae(config, workdir: str):
     state = train_lib.fit(stage="vae", workdir=workdir, mesh=mesh, preset=preset, init_fn=init_fn,
                           loss_fn=loss_fn, tx=tx, batches=batches, stage_config=c, rng=rng)
 
-    # Held-out reconstructions and latent statistics, with the EMA parameters.
+    # Held-out reconstructions and latent statistics, with the EMA parameters (once per final
+    # step: a re-run of a finished stage leaves them, and the log, as they are).
     step = int(jax.device_get(state.step))
     fns = _encode_decode_fns(model)
-    evaluate_vae(config, model, state.ema_params, workdir, step, fns=fns)
-    write_latent_stats(config, model, state.ema_params, workdir, step, fns=fns)
+    if not _evaluated(workdir, step):
+        evaluate_vae(config, model, state.ema_params, workdir, step, fns=fns)
+    if not _stats_written(workdir, step):
+        write_latent_stats(config, model, state.ema_params, workdir, step, fns=fns)
     return state
+
+
+def _evaluated(workdir: str, step: int) -> bool:
+    """Whether metrics.jsonl already holds the 'vae_eval' line of this step."""
+    path = os.path.join(workdir, train_lib.METRICS_FILE)
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if entry.get("stage") == "vae_eval" and entry.get("step") == step:
+                return True
+    return False
+
+
+def _stats_written(workdir: str, step: int) -> bool:
+    """Whether latent_stats.json holds this VAE step's statistics."""
+    path = os.path.join(workdir, LATENT_STATS)
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        stats = json.load(f)
+    return stats.get("source") == "train_vae" and stats.get("vae_step") == step

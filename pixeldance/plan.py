@@ -1,0 +1,333 @@
+r"""Compile-ahead planning: compile the DiT train step and sampler for a target mesh, without it.
+
+  python -m pixeldance.plan --config=experiments/shapes.py:dit=1.5B --config.plan.num_devices=64
+  python -m pixeldance.plan --config=experiments/shapes.py:dit=1.5B --config.plan.topology=v5p:4x4x4
+  python -m pixeldance.main --config=... --config.mode=plan --workdir=DIR     (also writes DIR/plan.json)
+
+The target (`config.plan`):
+  num_devices  that many forced host (CPU) devices. XLA fixes the number when its CPU backend
+               starts, so planning must be the first thing in its process to touch a device
+               (both command lines are); the numbers are XLA:CPU's.
+  topology     a TPU topology such as 'v5p:2x2x1' or 'v5e:4x4' (x `num_slices`), compiled by the TPU
+               compiler through `jax.experimental.topologies` on any machine with libtpu
+               (`pip install -e '.[tpu-plan]'`); the numbers are the TPU compiler's.
+  neither      this machine's own devices.
+The mesh and preset come from `config.mesh` (its -1 filled from the target's device count), the
+model from `config.dit` / `config.text`, the latent shape from `config.data` and the VAE's
+compression, the batch from `config.train` / `config.sample`.
+
+Nothing is materialised: parameters, optimizer state and batches are `jax.eval_shape` results and
+ShapeDtypeStructs with shardings, so a 1.5B model is planned in the memory of its shapes.
+Printed per device: parameter / optimizer / EMA bytes (from the shardings), XLA's argument,
+output and temporary bytes (`compiled.memory_analysis()`), the peak (arguments + temporaries +
+outputs that do not reuse a donated argument) against the memory size, and model FLOPs per step
+from `models.dit.dit_flops_per_sample` (3x the forward for a train step): XLA's own count
+(`cost_analysis`) sees the scanned layer loop once, so it is printed only for reference.
+
+Axis glossary: B batch, T latent frames, h/w latent height/width, C latent channels, S text
+tokens, K candidate last frames, L video tokens.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from pixeldance import sharding
+
+# Memory per chip (HBM) by `device_kind`, for `plan.memory_gib=0` on TPU targets.
+TPU_MEMORY_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v5p": 95, "TPU v6 lite": 32,
+                  "TPU7x": 192}
+GIB = 2 ** 30
+
+
+def use_forced_host_devices(num_devices: int):
+    """Makes this process's JAX backend `num_devices` CPU devices. Call before anything touches
+    a device; an error (not a silent wrong plan) if the backend already runs with another count."""
+    from jax._src import xla_bridge  # backends_are_initialized: the one check JAX offers for this
+    if xla_bridge.backends_are_initialized():
+        have = jax.devices()
+        if have[0].platform == "cpu" and len(have) == num_devices:
+            return
+        raise RuntimeError(
+            f"plan.num_devices={num_devices} needs a fresh process: this one already runs JAX on "
+            f"{len(have)} {have[0].platform} device(s), and XLA fixes the count when it starts. "
+            f"Run `python -m pixeldance.plan --config=... --config.plan.num_devices={num_devices}`")
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", num_devices)
+
+
+def target_devices(plan_config) -> tuple[list, str]:
+    """(devices to compile for, a description). See the module docstring for the three targets."""
+    if plan_config.topology:
+        from jax.experimental import topologies
+        from jax._src import xla_bridge
+        try:
+            import libtpu  # noqa: F401  (the TPU compiler; only its presence is checked here)
+        except ImportError:
+            raise RuntimeError(f"plan.topology={plan_config.topology!r} needs libtpu, the TPU compiler: "
+                               "pip install -e '.[tpu-plan]' (or use plan.num_devices)") from None
+        if not xla_bridge.backends_are_initialized():
+            jax.config.update("jax_platforms", "cpu")  # the TPU is a compile target only, not a backend
+        # libtpu takes a machine-wide lock meant for processes that drive TPU chips; compiling
+        # drives none, so do not fail (or block others) on it.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        kwargs = {"num_slices": plan_config.num_slices} if plan_config.num_slices > 1 else {}
+        topo = topologies.get_topology_desc(plan_config.topology, "tpu", **kwargs)
+        slices = f" x {plan_config.num_slices} slices" if plan_config.num_slices > 1 else ""
+        return list(topo.devices), f"{len(topo.devices)} x {topo.devices[0].device_kind} ({plan_config.topology}{slices})"
+    if plan_config.num_devices:
+        use_forced_host_devices(plan_config.num_devices)
+    devices = jax.devices()
+    return devices, f"{len(devices)} x {devices[0].device_kind}" + (" (forced host devices)" if plan_config.num_devices else "")
+
+
+def memory_limit(plan_config, device) -> float | None:
+    """Bytes per device to fit in: plan.memory_gib, else the device's own where known."""
+    if plan_config.memory_gib:
+        return plan_config.memory_gib * GIB
+    if device.platform == "tpu":
+        return TPU_MEMORY_GIB.get(device.device_kind, 0) * GIB or None
+    try:
+        return float(device.memory_stats()["bytes_limit"])  # GPUs
+    except Exception:  # CPUs and compile-only devices report nothing
+        return None
+
+
+def latent_shape(config) -> tuple[int, int, int, int]:
+    """(T, h, w, C) of the latents of config.data's videos under config.vae's compression."""
+    from pixeldance.trainers import vae as vae_trainer
+    vae = vae_trainer.build_vae(config)
+    F, R = config.data.num_frames, config.data.resolution
+    if (F - 1) % vae.temporal_factor or R % vae.spatial_factor:
+        raise ValueError(f"{F} frames of {R}x{R} do not compress by {vae.temporal_factor}x"
+                         f"{vae.spatial_factor}x{vae.spatial_factor}")
+    h = R // vae.spatial_factor
+    return 1 + (F - 1) // vae.temporal_factor, h, h, vae.latent_channels
+
+
+def shard_bytes(tree, shardings) -> int:
+    """Bytes per device of a pytree of abstract arrays under `shardings` (the largest shard)."""
+    total = 0
+    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+        total += math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def model_flops(config, latent, batch: int) -> float:
+    """Analytic forward FLOPs of the DiT for `batch` samples of latents (T, h, w, C)."""
+    from pixeldance.models import dit as dit_lib
+    kw = dit_lib.decode_variant(config.dit.variant)
+    pt, ph, pw = kw.get("patch_size", tuple(config.dit.patch_size))
+    T, h, w, C = latent
+    per_sample = dit_lib.dit_flops_per_sample(
+        num_tokens=(T // pt) * (h // ph) * (w // pw), text_len=config.text.max_length, width=kw["width"],
+        depth=kw["depth"], mlp_ratio=kw["mlp_ratio"], patch_dim_in=pt * ph * pw * (2 * C + 1),
+        patch_dim_out=pt * ph * pw * C, attention=config.dit.attention, num_frames=T // pt)
+    return batch * per_sample
+
+
+def _compile(lowered):
+    """(compiled or None, the compiler's out-of-memory message or None). The TPU compiler refuses
+    a program whose temporaries exceed the chip's memory: that is a plan's answer, not a failure."""
+    try:
+        return lowered.compile(), None
+    except Exception as e:  # jax.errors.JaxRuntimeError; its module moved across jax versions
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return None, str(e).split("\n")[0]
+
+
+def _memory(compiled) -> dict:
+    m = compiled.memory_analysis()
+    out = dict(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes,
+               aliased=m.alias_size_in_bytes, temporaries=m.temp_size_in_bytes,
+               code=m.generated_code_size_in_bytes)
+    out["peak"] = out["arguments"] + out["temporaries"] + out["outputs"] - out["aliased"]
+    return out
+
+
+def _xla_flops(compiled) -> float | None:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def plan(config) -> dict:
+    """Compiles the train step (and, with plan.sample, the sampler) for config's target; returns
+    the report (bytes per device, FLOPs, fits) as a JSON-able dict."""
+    from pixeldance import train_lib
+    from pixeldance.trainers import dit as dit_trainer
+
+    p = config.plan
+    devices, target = target_devices(p)
+    dcn = config.mesh.get("dcn_shape")
+    mesh = sharding.make_mesh(tuple(config.mesh.shape), devices, dcn_shape=None if dcn is None else tuple(dcn))
+    preset = config.mesh.preset
+    T, h, w, C = latent = latent_shape(config)
+    S, K = config.text.max_length, config.cond.last_from
+    model = dit_trainer.build_model(config, C)
+    init_fn = lambda rng: model.init(  # under eval_shape only: these zeros are never allocated
+        rng, jnp.zeros((1, T, h, w, C)), jnp.zeros((1,)), jnp.zeros((1, T, h, w, C)),
+        jnp.zeros((1, T, h, w, 1)), jnp.zeros((1, S), jnp.int32))
+    tx = train_lib.stage_optimizer(config.train)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    report = dict(target=target, num_devices=len(devices), mesh=dict(mesh.shape), preset=preset,
+                  variant=config.dit.variant, latent=list(latent), memory_limit=memory_limit(p, devices[0]))
+
+    # Shapes and shardings outside the mesh context: optax builds its state's layout with a few
+    # concrete scalars, which must not be placed on compile-only devices.
+    with nn.logical_axis_rules(sharding.rules(preset)):
+        abstract, state_sh = train_lib.state_shardings(init_fn, tx, mesh, preset, key)
+    sharding.check_fsdp(abstract.params, state_sh.params, mesh, preset)
+    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract.params))
+    report.update(num_params=num_params, per_device=dict(
+        params=shard_bytes(abstract.params, state_sh.params),
+        opt_state=shard_bytes(abstract.opt_state, state_sh.opt_state),
+        ema=shard_bytes(abstract.ema_params, state_sh.ema_params)))
+    rep = sharding.replicated_bytes(abstract.params, state_sh.params)
+    report["replicated_over_fsdp"] = rep[0] / rep[1]
+    sampler = _sampler_fn(config, model, C) if p.sample else None
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(preset)):
+        # Train step: exactly the trainer's (dit_loss, AdamW, EMA, donated state).
+        B = config.train.batch_size
+        batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+        batch = dict(z=jax.ShapeDtypeStruct((B, T, h, w, C), jnp.float32, sharding=batch_sh),
+                     z_last=jax.ShapeDtypeStruct((B, K, h, w, C), jnp.float32, sharding=batch_sh),
+                     tokens=jax.ShapeDtypeStruct((B, S), jnp.int32, sharding=batch_sh))
+        loss_fn = functools.partial(dit_trainer.dit_loss, model=model, cond=config.cond, diffusion=config.diffusion,
+                                    latent_mean=np.zeros(C, np.float32), latent_std=np.ones(C, np.float32))
+        step = train_lib.compile_step(train_lib.make_train_step(loss_fn, tx, config.train.ema_decay),
+                                      state_sh, batch_sh, mesh)
+        t0 = time.time()
+        compiled, oom = _compile(step.lower(_placed(abstract, state_sh), batch, _placed(key, repl)))
+        flops = 3 * model_flops(config, latent, B)
+        report["train"] = dict(batch=B, compile_seconds=time.time() - t0, out_of_memory=oom,
+                               memory=compiled and _memory(compiled), model_flops=flops,
+                               model_flops_per_device=flops / len(devices),
+                               xla_flops_per_device=compiled and _xla_flops(compiled))
+        if p.sample:
+            report["sample"] = _plan_sampler(config, sampler, abstract.ema_params, state_sh.ema_params, mesh,
+                                             latent, key, len(devices))
+    limit = report["memory_limit"]
+    for part in ("train", "sample"):
+        if part in report:
+            q = report[part]
+            q["fits"] = False if q["out_of_memory"] else None if not limit else q["memory"]["peak"] <= limit
+    return report
+
+
+def _placed(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _sampler_fn(config, model, C: int):
+    """`sample.Pipeline`'s guided sampler (config.sample), without a VAE or weights."""
+    from pixeldance import sample as sample_lib
+    from pixeldance.diffusion import guidance as guidance_lib
+    from pixeldance.trainers import dit as dit_trainer
+    s = config.sample
+    pipe = sample_lib.Pipeline(config, None, model, None, dit_trainer.build_tokenizer(config),
+                               np.zeros(C, np.float32), np.ones(C, np.float32))
+    branches = guidance_lib.num_branches(s.get("image_guidance", 1.0))
+    return functools.partial(pipe._sample_latents, steps=s.steps, sampler=s.sampler, branches=branches)
+
+
+def _plan_sampler(config, fn, params, params_sh, mesh, latent, key, num_devices) -> dict:
+    """Compiles the sampler `fn` (see `_sampler_fn`) on the EMA parameters."""
+    s = config.sample
+    T, h, w, C = latent
+    B, S = s.batch_size, config.text.max_length
+    branches = fn.keywords["branches"]
+    bsh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    if B % (mesh.shape["data"] * mesh.shape["fsdp"]):  # a small sampling batch: every device samples it all
+        bsh = repl
+    sds = lambda shape, dtype, sh=bsh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+    args = (_placed(params, params_sh), sds((B, T, h, w, C), jnp.float32), sds((B, h, w, C), jnp.float32),
+            sds((B, h, w, C), jnp.float32), sds((B,), jnp.bool_), sds((B,), jnp.bool_), sds((B, S), jnp.int32),
+            _placed(key, repl), sds((), jnp.float32, repl), sds((), jnp.float32, repl), sds((), jnp.int32, repl))
+    t0 = time.time()
+    compiled, oom = _compile(jax.jit(fn, out_shardings=bsh).lower(*args))
+    calls = s.steps * (2 if s.sampler == "heun" else 1)
+    flops = calls * model_flops(config, latent, branches * B)
+    return dict(batch=B, steps=s.steps, sampler=s.sampler, branches=branches,
+                compile_seconds=time.time() - t0, out_of_memory=oom, memory=compiled and _memory(compiled),
+                model_flops=flops, model_flops_per_device=flops / num_devices,
+                xla_flops_per_device=compiled and _xla_flops(compiled))
+
+
+def _gib(n) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
+
+
+def format_report(r: dict) -> str:
+    """The report as the lines the CLIs print."""
+    mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
+    T, h, w, C = r["latent"]
+    d = r["per_device"]
+    lines = [f"plan: DiT {r['variant']} ({r['num_params'] / 1e6:,.1f}M params) on {r['target']}, "
+             f"mesh {mesh}, preset {r['preset']}, latents {T}x{h}x{w}x{C}",
+             f"  per device: params {_gib(d['params'])}, optimizer state {_gib(d['opt_state'])}, "
+             f"EMA {_gib(d['ema'])} ({r['replicated_over_fsdp']:.0%} of parameter bytes replicated over fsdp)"]
+    limit = r["memory_limit"]
+    for part, title in (("train", "train step"), ("sample", "sampler")):
+        if part not in r:
+            continue
+        q, m = r[part], r[part]["memory"]
+        extra = f", {q['sampler']} {q['steps']} steps x {q['branches']} branches" if part == "sample" else ""
+        lines.append(f"  {title} (global batch {q['batch']}{extra}), compiled in {q['compile_seconds']:.0f} s:")
+        if q["out_of_memory"]:
+            lines.append(f"    DOES NOT FIT: the compiler says {q['out_of_memory']}")
+        else:
+            fits = ("fits: unknown (no memory size: set plan.memory_gib)" if q["fits"] is None else
+                    f"{'fits' if q['fits'] else 'DOES NOT FIT'} in {_gib(limit)}")
+            lines += [f"    XLA per device: arguments {_gib(m['arguments'])}, outputs {_gib(m['outputs'])} "
+                      f"({_gib(m['aliased'])} reusing donated arguments), temporaries {_gib(m['temporaries'])}",
+                      f"    peak {_gib(m['peak'])} per device: {fits}"]
+        xla = "" if not q["xla_flops_per_device"] else f"; XLA counts {q['xla_flops_per_device']:.3g} (loop body once)"
+        per = "per step" if part == "train" else f"per sampling run ({q['steps']} steps)"
+        lines.append(f"    model FLOPs {q['model_flops']:.3g} {per}, {q['model_flops_per_device']:.3g} per device{xla}")
+    return "\n".join(lines)
+
+
+def run(config, workdir: str | None = None) -> dict:
+    """Plans, prints the report, writes it as JSON to plan.output and/or <workdir>/plan.json."""
+    report = plan(config)
+    print(format_report(report))
+    paths = [config.plan.output] if config.plan.output else []
+    paths += [os.path.join(workdir, "plan.json")] if workdir else []
+    for path in paths:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+def main(argv):
+    from absl import app
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config is required")
+    try:
+        run(config)
+    except (ValueError, RuntimeError) as e:  # bad targets and meshes: one line, no traceback
+        print(f"plan: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    from absl import app
+    from ml_collections import config_flags
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+    app.run(main)
