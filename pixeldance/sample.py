@@ -3,10 +3,11 @@ r"""Sampling API and command line.
   python -m pixeldance.sample --workdir=DIR --prompt="a red circle moves left" \
       [--first_frame=a.png] [--last_frame=b.png] [--tau=10] [--guidance=3] [--image_guidance=1] \
       [--sampler=euler|heun|dpm++2m|ddim] [--steps=25] [--seed=0] [--num_frames=17] [--resize] \
-      --output=out.mp4
+      [--num_clips=3 [--prompts="a red circle moves left|a red circle moves up|..."]] --output=out.mp4
 
 From Python: `pipe = pixeldance.load_pipeline(DIR); video = pipe.generate("a red circle moves left")`
-(uint8 [F, H, W, 3]), and `vae = pixeldance.load_vae(DIR)` with `encode` / `decode`.
+(uint8 [F, H, W, 3]); `pipe.generate(prompt, num_clips=N)` chains N clips into one long video
+(`pipe.generate_clips` yields them clip by clip); and `vae = pixeldance.load_vae(DIR)` with `encode` / `decode`.
 
 Axis glossary: B batch, F frames, H/W pixels, T latent frames, h/w latent height/width, C channels.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -132,6 +133,20 @@ class Pipeline:
             raise ValueError(f"{name} must be uint8 [{R}, {R}, 3] for this model, got {image.dtype} {image.shape}")
         return image
 
+    def _settings(self, num_frames, steps, guidance, tau, sampler, image_guidance) -> dict:
+        """The sampling settings, None filled in from the workdir's config.sample, checked."""
+        s = self.config.sample
+        sampler = s.sampler if sampler is None else sampler
+        if sampler not in samplers.SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose from {samplers.SAMPLERS}")
+        F = self.num_frames if num_frames is None else int(num_frames)
+        if F < 1 or (F - 1) % 4:
+            raise ValueError(f"num_frames must be 1 + 4k (1, 5, 9, 13, 17, ...), got {F}")
+        return dict(num_frames=F, steps=s.steps if steps is None else int(steps),
+                    guidance=s.guidance if guidance is None else float(guidance),
+                    tau=s.tau if tau is None else int(tau), sampler=sampler,
+                    image_guidance=s.get("image_guidance", 1.0) if image_guidance is None else float(image_guidance))
+
     def generate_batch(self, prompts: Sequence[str], first_frames=None, last_frames=None, *,
                        num_frames: int | None = None, steps: int | None = None, guidance: float | None = None,
                        tau: int | None = None, seed: int = 0, sampler: str | None = None,
@@ -141,18 +156,14 @@ class Pipeline:
         guidance scales the text, image_guidance the image instructions (1: no image guidance,
         the faster 2-branch batch); both default to the workdir's config.sample.
         """
-        s = self.config.sample
-        steps = s.steps if steps is None else int(steps)
-        guidance = s.guidance if guidance is None else float(guidance)
-        image_guidance = s.get("image_guidance", 1.0) if image_guidance is None else float(image_guidance)
-        tau = s.tau if tau is None else int(tau)
-        sampler = s.sampler if sampler is None else sampler
-        if sampler not in samplers.SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose from {samplers.SAMPLERS}")
-        F = self.num_frames if num_frames is None else int(num_frames)
-        if F < 1 or (F - 1) % 4:
-            raise ValueError(f"num_frames must be 1 + 4k (1, 5, 9, 13, 17, ...), got {F}")
-        B, R = len(prompts), self.resolution
+        return self._generate_batch(prompts, first_frames, last_frames, jax.random.key(seed),
+                                    **self._settings(num_frames, steps, guidance, tau, sampler, image_guidance))
+
+    def _generate_batch(self, prompts, first_frames, last_frames, key, *, num_frames: int, steps: int,
+                        guidance: float, tau: int, sampler: str, image_guidance: float) -> np.ndarray:
+        """generate_batch with a random key and checked settings (`_settings`); the key's streams
+        0 and 1 draw the initial noise and the instruction noise."""
+        F, B, R = num_frames, len(prompts), self.resolution
         first_frames = [None] * B if first_frames is None else list(first_frames)
         last_frames = [None] * B if last_frames is None else list(last_frames)
         for b in range(B):
@@ -167,7 +178,6 @@ class Pipeline:
         z_first, z_last = z_img[:B], z_img[B:]
         T = 1 + (F - 1) // 4
         h = z_first.shape[1]
-        key = jax.random.key(seed)
         noise = rng_lib.normal(jax.random.fold_in(key, 0), (B, T, h, h, z_first.shape[-1]))
         tokens = jnp.asarray(self.tokenizer(prompts))
         has_first = jnp.asarray([f is not None for f in first_frames])
@@ -178,14 +188,75 @@ class Pipeline:
                          branches=guidance_lib.num_branches(image_guidance))
         return self.vae.decode(z * self.latent_std + self.latent_mean)
 
-    def generate(self, prompt: str, first_frame=None, last_frame=None, *, num_frames: int | None = None,
-                 steps: int | None = None, guidance: float | None = None, tau: int | None = None,
-                 seed: int = 0, sampler: str | None = None, image_guidance: float | None = None) -> np.ndarray:
-        """One video, uint8 [F, H, W, 3]. steps/guidance/image_guidance/tau/sampler default to the
-        workdir's config.sample."""
-        return self.generate_batch([prompt], [first_frame], [last_frame], num_frames=num_frames,
-                                   steps=steps, guidance=guidance, tau=tau, seed=seed, sampler=sampler,
-                                   image_guidance=image_guidance)[0]
+    def generate(self, prompt: str | Sequence[str], first_frame=None, last_frame=None, *, num_clips: int = 1,
+                 num_frames: int | None = None, steps: int | None = None, guidance: float | None = None,
+                 tau: int | None = None, seed: int = 0, sampler: str | None = None,
+                 image_guidance: float | None = None) -> np.ndarray:
+        """One video, uint8 [F + (num_clips - 1)(F - 1), H, W, 3] (F = num_frames): with
+        num_clips > 1 a long video of clips chained on their boundary frames (see `generate_clips`
+        for prompt and last_frame per clip). steps/guidance/image_guidance/tau/sampler default to
+        the workdir's config.sample."""
+        return np.concatenate(list(self.generate_clips(
+            prompt, first_frame, last_frame, num_clips=num_clips, num_frames=num_frames, steps=steps,
+            guidance=guidance, tau=tau, seed=seed, sampler=sampler, image_guidance=image_guidance)))
+
+    def generate_clips(self, prompt: str | Sequence[str], first_frame=None, last_frame=None, *,
+                       num_clips: int = 1, num_frames: int | None = None, steps: int | None = None,
+                       guidance: float | None = None, tau: int | None = None, seed: int = 0,
+                       sampler: str | None = None, image_guidance: float | None = None) -> Iterator[np.ndarray]:
+        """A long video, autoregressively: yields the new frames of each of `num_clips` clips.
+
+        Clip k + 1 takes the last decoded frame of clip k as its first-frame instruction
+        (re-encoded by the VAE). The first clip yields uint8 [F, H, W, 3], each later one
+        [F - 1, H, W, 3] (its frame 0 stands for the previous clip's last frame, already yielded),
+        so together they are F + (num_clips - 1)(F - 1) frames with no repeated boundary frame.
+
+        prompt: one str for every clip, or a list/tuple of num_clips str (one per clip).
+        first_frame: uint8 [H, W, 3] or None, the first clip's first frame.
+        last_frame: None; one uint8 [H, W, 3] image, the final clip's last frame (where the long
+          video ends; later clips always have a first frame, so it needs no first_frame when
+          num_clips > 1); or a list/tuple of num_clips entries, each None or an image, per clip.
+        seed: the first clip draws as `generate(..., seed=seed)` does (so num_clips=1 is the
+          plain single clip); clip k > 0 draws from a key derived from (seed, k).
+
+        The arguments are checked at the call, before any clip is sampled. Clips are sampled one
+        per step of the iteration; only the current clip and the carried frame are held, and
+        every clip has the same shapes, so the jitted sampler compiles once for any num_clips.
+        """
+        if num_clips < 1:
+            raise ValueError(f"num_clips must be >= 1, got {num_clips}")
+        settings = self._settings(num_frames, steps, guidance, tau, sampler, image_guidance)
+        if num_clips > 1 and settings["num_frames"] < 5:
+            raise ValueError(f"num_clips > 1 needs num_frames >= 5 (clips share a frame), got {settings['num_frames']}")
+        if isinstance(prompt, str):
+            prompts = [prompt] * num_clips
+        elif len(prompt) != num_clips or not all(isinstance(p, str) for p in prompt):
+            raise ValueError(f"prompt must be a str or a list of num_clips = {num_clips} str, got {prompt!r}")
+        else:
+            prompts = list(prompt)
+        if isinstance(last_frame, (list, tuple)):
+            if len(last_frame) != num_clips:
+                raise ValueError(f"last_frame has {len(last_frame)} entries, num_clips is {num_clips}")
+            lasts = list(last_frame)
+        else:
+            lasts = [None] * (num_clips - 1) + [last_frame]
+        if first_frame is not None:
+            first_frame = self._check_image(first_frame, "first_frame")
+        lasts = [None if f is None else self._check_image(f, "last_frame") for f in lasts]
+        if lasts[0] is not None and first_frame is None:
+            raise ValueError("a last frame needs a first frame (PixelDance's instructions are [first, ..., last])")
+        return self._chain_clips(prompts, first_frame, lasts, seed, settings)
+
+    def _chain_clips(self, prompts, first_frame, last_frames, seed, settings) -> Iterator[np.ndarray]:
+        """generate_clips' iteration, after its checks (a generator runs nothing until iterated)."""
+        key = jax.random.key(seed)
+        for k, (prompt, last) in enumerate(zip(prompts, last_frames)):
+            # Later clips draw from stream 2 of the seed's key, which a clip leaves unused
+            # (0: noise, 1: instruction noise), so no clip repeats another's draws.
+            clip_key = key if k == 0 else jax.random.fold_in(jax.random.fold_in(key, 2), k)
+            video = self._generate_batch([prompt], [first_frame], [last], clip_key, **settings)[0]
+            first_frame = video[-1].copy()  # a copy: a view would keep the whole clip alive
+            yield video if k == 0 else video[1:]
 
 
 def load_pipeline(workdir: str) -> Pipeline:
@@ -215,7 +286,17 @@ def main(argv):
             raise ValueError("--output is required (a .mp4 or .gif path)")
         if not FLAGS.output.endswith((".mp4", ".gif")):
             raise ValueError(f"--output must end in .mp4 or .gif, got {FLAGS.output}")
-        if FLAGS.last_frame and not FLAGS.first_frame:
+        if FLAGS.num_clips < 1:
+            raise ValueError(f"--num_clips must be >= 1, got {FLAGS.num_clips}")
+        prompt = FLAGS.prompt
+        if FLAGS.prompts is not None:
+            if FLAGS.prompt:
+                raise ValueError("give --prompt or --prompts, not both")
+            prompt = [p.strip() for p in FLAGS.prompts.split("|")]
+            if len(prompt) != FLAGS.num_clips:
+                raise ValueError(f"--prompts has {len(prompt)} '|'-separated prompts, --num_clips is {FLAGS.num_clips}")
+        # With several clips the last frame ends the final clip, which starts from the previous clip's last frame.
+        if FLAGS.last_frame and not FLAGS.first_frame and FLAGS.num_clips == 1:
             raise ValueError("--last_frame needs --first_frame (the instructions are [first, ..., last])")
         pipe = load_pipeline(FLAGS.workdir)
         size = pipe.resolution if FLAGS.resize else None
@@ -226,29 +307,40 @@ def main(argv):
                 path = getattr(FLAGS, name)
                 raise ValueError(f"--{name} {path} is {img.shape[1]}x{img.shape[0]}, the model makes "
                                  f"{pipe.resolution}x{pipe.resolution} videos (pass --resize to resize it)")
-        video = pipe.generate(FLAGS.prompt, first, last, num_frames=FLAGS.num_frames, steps=FLAGS.steps,
-                              guidance=FLAGS.guidance, tau=FLAGS.tau, seed=FLAGS.seed, sampler=FLAGS.sampler,
-                              image_guidance=FLAGS.image_guidance)
+        clips = pipe.generate_clips(prompt, first, last, num_clips=FLAGS.num_clips, num_frames=FLAGS.num_frames,
+                                    steps=FLAGS.steps, guidance=FLAGS.guidance, tau=FLAGS.tau, seed=FLAGS.seed,
+                                    sampler=FLAGS.sampler, image_guidance=FLAGS.image_guidance)
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
         if FLAGS.output.endswith(".mp4"):
-            video_io.write_mp4(FLAGS.output, video)
-        else:
+            with video_io.Mp4Writer(FLAGS.output) as writer:  # streamed: one clip in memory at a time
+                for frames in clips:
+                    writer.write(frames)
+            num_frames = writer.num_frames
+        else:  # Pillow writes a GIF from all its frames at once
+            video = np.concatenate(list(clips))
             video_io.write_gif(FLAGS.output, video, scale=4)
-        print(f"wrote {FLAGS.output} ({video.shape[0]} frames, {video.shape[2]}x{video.shape[1]})")
+            num_frames = video.shape[0]
+        R = pipe.resolution
+        print(f"wrote {FLAGS.output} ({num_frames} frames, {R}x{R})")
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
-def run():
-    from absl import app, flags, logging
-    logging.set_verbosity(logging.WARNING)  # keep Orbax's INFO lines out of the one-line errors
+def define_flags():
+    """The command line's flags, on absl's global FLAGS."""
+    from absl import flags
     flags.DEFINE_string("workdir", None, "Workdir of a trained pipeline.", required=True)
     flags.DEFINE_string("prompt", "", "Text instruction.")
+    flags.DEFINE_string("prompts", None, "Per-clip text instructions, '|'-separated, one per clip "
+                        "(instead of --prompt, which applies to every clip).")
+    flags.DEFINE_integer("num_clips", 1, "Clips chained into one long video: each starts from the "
+                         "previous clip's last frame; F + (num_clips - 1)(F - 1) frames in all.")
     flags.DEFINE_string("first_frame", None, "First-frame instruction image (png/jpg).")
-    flags.DEFINE_string("last_frame", None, "Last-frame instruction image (needs --first_frame).")
+    flags.DEFINE_string("last_frame", None, "Last-frame instruction image (needs --first_frame when "
+                        "--num_clips=1); with several clips, the final clip's last frame.")
     flags.DEFINE_boolean("resize", False, "Resize instruction images to the model's resolution.")
-    flags.DEFINE_integer("num_frames", None, "Frames (1 + 4k); default: the training clip length.")
+    flags.DEFINE_integer("num_frames", None, "Frames per clip (1 + 4k); default: the training clip length.")
     flags.DEFINE_integer("steps", None, "Sampling steps; default: config.sample.steps.")
     flags.DEFINE_float("guidance", None, "Text guidance scale; default: config.sample.guidance.")
     flags.DEFINE_float("image_guidance", None, "Image-instruction guidance scale (1: none, the faster "
@@ -257,6 +349,12 @@ def run():
     flags.DEFINE_string("sampler", None, f"One of {', '.join(samplers.SAMPLERS)}; default: config.sample.sampler.")
     flags.DEFINE_integer("seed", 0, "Random seed.")
     flags.DEFINE_string("output", None, "Output .mp4 or .gif path.")
+
+
+def run():
+    from absl import app, logging
+    logging.set_verbosity(logging.WARNING)  # keep Orbax's INFO lines out of the one-line errors
+    define_flags()
     app.run(main)
 
 

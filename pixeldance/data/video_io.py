@@ -32,22 +32,61 @@ def write_image(path: str, image: np.ndarray):
     Image.fromarray(np.asarray(image, np.uint8)).save(path)
 
 
+class Mp4Writer:
+    """Streams frames into an H.264 mp4 (yuv420p, so height and width must be even).
+
+        with Mp4Writer(path) as writer:
+            for frames in chunks:      # uint8 [F, H, W, 3], the same H, W throughout
+                writer.write(frames)
+
+    Frames are encoded as they come (only the current chunk is held) into `path + '.tmp.mp4'`,
+    renamed to `path` on a clean exit so a reader never sees a half-written file; on an error
+    the partial file is removed. `num_frames` counts the frames written.
+    """
+
+    def __init__(self, path: str, fps: int = 8):
+        self.path, self.fps, self.num_frames = path, fps, 0
+        self._tmp = path + ".tmp.mp4"
+        self._container = self._stream = None
+
+    def __enter__(self) -> "Mp4Writer":
+        import av
+        self._container = av.open(self._tmp, mode="w")
+        return self
+
+    def write(self, frames: np.ndarray):
+        import av
+        frames = np.asarray(frames, np.uint8)
+        if self._stream is None:  # the size is known from the first chunk
+            _, H, W, _ = frames.shape
+            self._stream = self._container.add_stream("libx264", rate=self.fps)
+            self._stream.width, self._stream.height, self._stream.pix_fmt = W, H, "yuv420p"
+            self._stream.options = {"crf": "12"}
+        for frame in frames:
+            for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                self._container.mux(packet)
+        self.num_frames += len(frames)
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None and self._stream is not None:
+                for packet in self._stream.encode():  # flush the encoder's delayed frames
+                    self._container.mux(packet)
+        finally:
+            self._container.close()
+        if exc_type is None and self.num_frames:
+            os.replace(self._tmp, self.path)
+            return
+        if os.path.exists(self._tmp):  # PyAV creates it only once it writes
+            os.remove(self._tmp)
+        if exc_type is None:
+            raise ValueError(f"no frames written to {self.path}")
+
+
 def write_mp4(path: str, video: np.ndarray, fps: int = 8):
-    """H.264 mp4 (yuv420p, so height and width must be even)."""
-    import av
-    video = np.asarray(video, np.uint8)
-    F, H, W, _ = video.shape
-    tmp = path + ".tmp.mp4"
-    with av.open(tmp, mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
-        stream.options = {"crf": "12"}
-        for frame in video:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    os.replace(tmp, path)  # a reader never sees a half-written file
+    """H.264 mp4 of video uint8 [F, H, W, 3] (yuv420p, so height and width must be even)."""
+    with Mp4Writer(path, fps) as writer:
+        writer.write(video)
 
 
 def read_video(path: str) -> np.ndarray:
