@@ -3,7 +3,8 @@
 Modes: T2V (text only), I2V (first frame + text), FLF2V (first + last frame + text). For I2V and
 FLF2V the instructions are the first/last frames of real synthetic-world videos of the caption.
 Writes `<workdir>/samples/{mode}_{k}.mp4`, `samples/grid.gif` (one row per mode, ground truth
-first) and `faithfulness.json`; returns the report.
+first) and `faithfulness.json`; returns the report. On other data (a video folder) it writes
+samples for a few of the data's captions instead (`data.video_folder.write_samples`).
 """
 from __future__ import annotations
 
@@ -21,6 +22,12 @@ MODES = ("T2V", "I2V", "FLF2V")
 def evaluate(config, workdir: str, pipeline=None) -> dict:
     from pixeldance.sample import load_pipeline
     from pixeldance.trainers.vae import world_config
+    if config.data.get("name", "shapes") != "shapes":
+        # The faithfulness evaluator scores the synthetic world only; other data get samples
+        # for a few of their own captions (text only, and first frame + text).
+        from pixeldance.data import video_folder
+        video_folder.write_samples(config, workdir, pipeline=pipeline)
+        return {}
     pipe = pipeline or load_pipeline(workdir)
     e = config.eval
     n_held = int(round(e.num_per_mode * e.heldout_fraction))

@@ -393,3 +393,55 @@ def test_dit_loss_is_zero_for_the_exact_output(objective, prediction):
         np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
         assert steps.min() >= 1 and steps.max() <= 1000
     assert float(wrong) > 0.1  # the zero output is not exact
+
+
+# ---------------------------------------------------------------------------------------------
+# Joint image-video training
+# ---------------------------------------------------------------------------------------------
+
+class _CountingBatches:
+    """A resumable stand-in for the cache pipeline: batch i has z filled with i."""
+
+    def __init__(self):
+        self.i = 0
+
+    def __next__(self):
+        self.i += 1
+        return dict(z=np.full((2, 3, 1, 1, 4), self.i, np.float32), z_last=np.zeros((2, 3, 1, 1, 4), np.float32),
+                    tokens=np.ones((2, 5), np.int32))
+
+    def get_state(self):
+        return dict(i=self.i)
+
+    def set_state(self, state):
+        self.i = state["i"]
+
+
+def test_image_batches_every_k_and_resumable():
+    it = dit_trainer.ImageVideoBatches(_CountingBatches(), 3)
+    got = [next(it) for _ in range(7)]
+    assert [b["z"].shape[1] for b in got] == [3, 3, 1, 3, 3, 1, 3]
+    np.testing.assert_array_equal(got[2]["z"][:, 0], 3.0)  # the first latent frame of batch 3
+    assert got[2]["z_last"].shape == (2, 1, 1, 1, 4) and got[2]["tokens"].shape == (2, 5)
+    # Restored from its state, the stream continues exactly.
+    state = it.get_state()
+    after = [next(it)["z"] for _ in range(3)]
+    resumed = dit_trainer.ImageVideoBatches(_CountingBatches(), 3)
+    resumed.set_state(state)
+    for a, b in zip(after, [next(resumed)["z"] for _ in range(3)]):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="image_every"):
+        dit_trainer.ImageVideoBatches(_CountingBatches(), -1)
+
+
+def test_image_batches_get_no_instructions():
+    config, batch, stats = _loss_setup(B=64)
+    config.cond.p_first, config.cond.p_last = 1.0, 1.0
+    image_batch = dict(batch, z=batch["z"][:, :1], z_last=batch["z"][:, :1])
+    video_model, image_model = _Recorder(), _Recorder()
+    fn = lambda model, b: dit_trainer.dit_loss(None, b, jax.random.key(4), model=model, cond=config.cond,
+                                               diffusion=config.diffusion, **stats)
+    jax.jit(lambda: [fn(video_model, batch), fn(image_model, image_batch)])()
+    jax.effects_barrier()
+    assert image_model.calls[0]["c_mask"].shape[1] == 1 and image_model.calls[0]["c_mask"].max() == 0
+    assert video_model.calls[0]["c_mask"].max() == 1  # the same config gives videos instructions

@@ -286,3 +286,15 @@ def test_train_step_updates_ema_with_warmup():
     assert int(state.step) == 3
     assert set(metrics) == {"loss", "grad_norm", "param_norm", "update_norm", "extra"}
     np.testing.assert_allclose(metrics["grad_norm"], np.linalg.norm(w0 * 0.9 ** 2), rtol=1e-6)
+
+
+def test_joint_image_video_training(tmp_path):
+    """With train.image_every = 2, batches 2 and 4 are one-frame image batches: both shapes train."""
+    config = _config({**DIT_OVERRIDES, "train.image_every": 2})
+    workdir = str(tmp_path)
+    _write_latent_cache(config, workdir)
+    state = dit_trainer.train_dit(config, workdir)
+    lines = _metrics(workdir, "dit")
+    assert [line["step"] for line in lines] == list(range(1, NUM_STEPS + 1))
+    assert all(math.isfinite(line["loss"]) for line in lines)
+    assert int(state.step) == NUM_STEPS

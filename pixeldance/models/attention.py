@@ -16,6 +16,11 @@ Kernels ('implementation'):
 split by the logical rules in force, keys and values gathered along their length (so queries
 sharded on 'context' stay local).
 
+Context parallelism (`context_parallel='ulysses' | 'ring'`, for self-attention, whose keys are
+split along their length like the queries): where the mesh in context has a 'context' axis of
+more than one device and the rules map 'length' to it (preset 'fsdp_context'), the attention runs
+as in `context_parallel.py` instead of gathering the keys; elsewhere the argument changes nothing.
+
 Axis glossary: B batch, L query length, M key length, N heads, K head width, C query chunk,
 T latent frames, P spatial positions per frame (T * P = L for video tokens).
 """
@@ -47,7 +52,8 @@ CPU_CHUNKED_MIN_LOGITS = 1 << 22
 _CHUNK_LOGITS = 1 << 20
 
 
-def dot_product_attention(q, k, v, *, key_mask=None, implementation: str | None = None):
+def dot_product_attention(q, k, v, *, key_mask=None, implementation: str | None = None,
+                          context_parallel: str | None = None):
     """Softmax attention, softmax in float32.
 
     Args:
@@ -55,9 +61,19 @@ def dot_product_attention(q, k, v, *, key_mask=None, implementation: str | None 
       key_mask: optional bool [B, M], True where a key may be attended to.
       implementation: None picks per backend (see `pick_implementation`), or one of
         IMPLEMENTATIONS to force it.
+      context_parallel: None, or 'ulysses' | 'ring' for self-attention (L == M, keys split like
+        the queries): used where the sequence is split over a 'context' axis (see the module
+        docstring and `context_parallel.py`).
     Returns:
       [B, L, N, K] in q's dtype.
     """
+    if context_parallel is not None:
+        from pixeldance.models import context_parallel as cp  # it imports this module
+        if context_parallel not in cp.FLAVOURS:
+            raise ValueError(f"unknown context parallelism {context_parallel!r}; choose from {cp.FLAVOURS}")
+        if q.shape[1] == k.shape[1] and cp.use_context_parallel(q.shape[1]):
+            return cp.attention(q, k, v, key_mask=key_mask, flavour=context_parallel,
+                                implementation=implementation)
     if implementation is None:
         implementation = pick_implementation(q.shape, k.shape, q.dtype)
     if implementation == "xla" or implementation == "cudnn":

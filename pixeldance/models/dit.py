@@ -14,6 +14,9 @@ Options (constructor arguments of `VideoDiT`, set from `config.dit` by the train
              then a second attention across frames at each spatial position (PixelDance's UNet
              pairs spatial with temporal attention the same way).
   attention_impl  the attention kernel, None = per backend (`attention.pick_implementation`).
+  context_parallel  'ulysses' (default) or 'ring': how the full self-attention runs where the
+             video tokens are split over a 'context' mesh axis (preset 'fsdp_context'); see
+             `context_parallel.py`. Without such a split it changes nothing.
 
 Axis glossary:
   B batch   T latent frames   H, W latent height/width   C latent channels
@@ -48,6 +51,7 @@ DIT_VARIANTS = {
 }
 
 ATTENTION_KINDS = ("full", "factorised")
+CONTEXT_PARALLEL = ("ulysses", "ring")  # = context_parallel.FLAVOURS
 TIME_FEATURES = 256  # sinusoidal features of the diffusion time
 
 
@@ -171,6 +175,7 @@ class DiTBlock(nn.Module):
     attention: str = "full"
     num_frames: int = 1
     attention_impl: str | None = None
+    context_parallel: str = "ulysses"
 
     def _self_attention(self, y, rope, prefix: str, kind: str):
         """y: [B, L, D] -> [B, L, D]; kind 'full' | 'spatial' | 'temporal'."""
@@ -185,7 +190,8 @@ class DiTBlock(nn.Module):
         # 8-device CPU training tests deadlock in an XLA collective rendezvous (jax 0.10.2).
         q = constrain(q, _QKV_AXES)
         if kind == "full":
-            y = attn_lib.dot_product_attention(q, k, v, implementation=self.attention_impl)
+            y = attn_lib.dot_product_attention(q, k, v, implementation=self.attention_impl,
+                                               context_parallel=self.context_parallel)
         elif kind == "spatial":
             y = attn_lib.spatial_attention(q, k, v, self.num_frames, implementation=self.attention_impl)
         else:
@@ -285,6 +291,7 @@ class VideoDiT(nn.Module):
     dtype: Any = jnp.float32
     attention: str = "full"
     attention_impl: str | None = None
+    context_parallel: str = "ulysses"
 
     @nn.compact
     def __call__(self, x, t, c_image, c_mask, text, text_mask):
@@ -296,6 +303,8 @@ class VideoDiT(nn.Module):
             raise ValueError(f"unknown remat policy {self.remat!r}; choose from {sorted(REMAT_POLICIES)}")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"unknown attention {self.attention!r}; choose from {ATTENTION_KINDS}")
+        if self.context_parallel not in CONTEXT_PARALLEL:
+            raise ValueError(f"unknown context_parallel {self.context_parallel!r}; choose from {CONTEXT_PARALLEL}")
         grid = (T // pt, H // ph, W // pw)
         D = self.width
 
@@ -320,7 +329,8 @@ class VideoDiT(nn.Module):
         if self.remat != "none":
             block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         block_kwargs = dict(width=D, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, dtype=self.dtype,
-                            attention=self.attention, num_frames=grid[0], attention_impl=self.attention_impl)
+                            attention=self.attention, num_frames=grid[0], attention_impl=self.attention_impl,
+                            context_parallel=self.context_parallel)
         if self.scan_layers:
             # One compiled layer body, iterated: compile time independent of depth.
             blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},

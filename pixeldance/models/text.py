@@ -11,6 +11,7 @@ Axis glossary: B batch, S text tokens, D width, N heads, K head width.
 from __future__ import annotations
 
 import re
+import zlib
 from typing import Sequence
 
 import jax.numpy as jnp
@@ -41,6 +42,49 @@ class WordTokenizer:
         out = np.full((len(texts), self.max_length), PAD, np.int32)
         for b, text in enumerate(texts):
             ids = [BOS] + [self.vocab.get(w, UNK) for w in re.findall(r"[a-z0-9']+", text.lower())]
+            ids = ids[: self.max_length]
+            out[b, : len(ids)] = ids
+        return out
+
+
+class HashedTokenizer:
+    """Free text: lower-cased words, each hashed (CRC-32) to one of ids 3..vocab_size-1; BOS leads,
+    padding is 0. Deterministic across processes and runs (unlike Python's `hash`)."""
+
+    def __init__(self, vocab_size: int, max_length: int):
+        if vocab_size <= len(_SPECIAL):
+            raise ValueError(f"vocab_size must exceed {len(_SPECIAL)}, got {vocab_size}")
+        self._size, self.max_length = int(vocab_size), max_length
+
+    @property
+    def vocab_size(self) -> int:
+        return self._size
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.full((len(texts), self.max_length), PAD, np.int32)
+        n = self._size - len(_SPECIAL)
+        for b, text in enumerate(texts):
+            words = re.findall(r"[a-z0-9']+", text.lower())
+            ids = [BOS] + [len(_SPECIAL) + zlib.crc32(w.encode("utf-8")) % n for w in words]
+            ids = ids[: self.max_length]
+            out[b, : len(ids)] = ids
+        return out
+
+
+class ByteTokenizer:
+    """Free text as UTF-8 bytes: byte v -> id 3 + v (vocab 259); BOS leads, padding is 0."""
+
+    def __init__(self, max_length: int):
+        self.max_length = max_length
+
+    @property
+    def vocab_size(self) -> int:
+        return len(_SPECIAL) + 256
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.full((len(texts), self.max_length), PAD, np.int32)
+        for b, text in enumerate(texts):
+            ids = [BOS] + [len(_SPECIAL) + v for v in text.encode("utf-8")]
             ids = ids[: self.max_length]
             out[b, : len(ids)] = ids
         return out

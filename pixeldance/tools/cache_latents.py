@@ -18,7 +18,7 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from pixeldance.data import synthetic
+from pixeldance.data import video_folder
 
 
 def cache_path(workdir: str) -> str:
@@ -40,7 +40,6 @@ def vae_stats_current(workdir: str) -> bool:
 def cache_latents(config, workdir: str, *, last_from: int | None = None) -> str:
     from pixeldance.sample import load_vae
     from pixeldance.trainers import dit as dit_trainer
-    from pixeldance.trainers import vae as vae_trainer
 
     path = cache_path(workdir)
     n = config.cache.num_videos
@@ -52,7 +51,7 @@ def cache_latents(config, workdir: str, *, last_from: int | None = None) -> str:
     K = config.cond.last_from if last_from is None else last_from
     vae = load_vae(workdir)
     tokenizer = dit_trainer.build_tokenizer(config)
-    source = synthetic.ShapesSource("train", size=n, config=vae_trainer.world_config(config))
+    source = video_folder.make_source(config, "train", size=n)
     bs = config.cache.batch_size
     zs, z_lasts, captions = [], [], []
     for start in tqdm(range(0, n, bs), desc="cache", unit="batch"):
@@ -80,4 +79,5 @@ def cache_latents(config, workdir: str, *, last_from: int | None = None) -> str:
         with open(os.path.join(workdir, dit_trainer.LATENT_STATS), "w") as f:
             json.dump(stats, f, indent=1)
     print(f"latent cache: wrote {path}: z {z.shape}, z_last {z_last.shape}")
+    video_folder.log_summary(source, "cache")
     return path

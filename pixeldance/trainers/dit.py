@@ -23,9 +23,19 @@ from pixeldance.models import text as text_lib
 LATENT_STATS = "latent_stats.json"
 
 
-def build_tokenizer(config) -> text_lib.WordTokenizer:
+def build_tokenizer(config):
+    """config.text.tokenizer: 'words' (default; the shapes world's closed vocabulary), or for
+    free-text captions 'hashed' (words hashed into config.text.vocab_size ids) or 'bytes'."""
+    kind = config.text.get("tokenizer", "words")
+    if kind == "hashed":
+        return text_lib.HashedTokenizer(config.text.get("vocab_size", 4096), config.text.max_length)
+    if kind == "bytes":
+        return text_lib.ByteTokenizer(config.text.max_length)
+    if kind != "words":
+        raise ValueError(f"unknown config.text.tokenizer {kind!r}; expected 'words', 'hashed' or 'bytes'")
     if config.data.name != "shapes":
-        raise ValueError(f"no word tokenizer for dataset {config.data.name!r}")
+        raise ValueError(f"no word tokenizer for dataset {config.data.name!r}: set "
+                         f"config.text.tokenizer='hashed' or 'bytes' for free-text captions")
     words = ("a", "moves", "and") + synthetic.COLOURS + synthetic.SHAPES + synthetic.DIRECTIONS
     return text_lib.WordTokenizer(words, config.text.max_length)
 
@@ -39,7 +49,8 @@ def build_model(config, latent_channels: int) -> dit_lib.PixelDanceModel:
     kwargs = dit_lib.decode_variant(config.dit.variant)
     kwargs.setdefault("patch_size", tuple(config.dit.patch_size))
     dit = dit_lib.VideoDiT(latent_channels=latent_channels, remat=config.dit.remat, dtype=dtype,
-                           attention=config.dit.attention, **kwargs)
+                           attention=config.dit.attention,
+                           context_parallel=config.dit.get("context_parallel", "ulysses"), **kwargs)
     return dit_lib.PixelDanceModel(text, dit)
 
 
@@ -63,7 +74,8 @@ def dit_loss(params, batch, rng, *, model, cond, diffusion, latent_mean, latent_
     batch: z [B, T, h, w, C], z_last [B, K, h, w, C], tokens int32 [B, S].
     Per example: a first-frame instruction with probability p_first; given one, a last-frame
     instruction (picked among the last K frames) with probability p_last; noise on c_image;
-    text dropped with probability p_drop_text. The objective (`diffusion.objective`: flow, eps
+    text dropped with probability p_drop_text. One-frame batches (images, see
+    `ImageVideoBatches`) get no image instructions. The objective (`diffusion.objective`: flow, eps
     or v) sets the noise path, the training times (flow: `time_sampling`; eps / v: uniform over
     DDPM's 1000 steps) and the regression target.
     """
@@ -74,6 +86,8 @@ def dit_loss(params, batch, rng, *, model, cond, diffusion, latent_mean, latent_
     B, T = z.shape[:2]
     keys = jax.random.split(rng, 7)
     has_first = jax.random.uniform(keys[0], (B,)) < cond.p_first
+    if T == 1:  # an image batch (joint image-video training): text-to-image, no instructions
+        has_first = jnp.zeros_like(has_first)
     has_last = has_first & (jax.random.uniform(keys[1], (B,)) < cond.p_last)
     pick = jax.random.randint(keys[2], (B,), 0, min(cond.last_from, z_last_all.shape[1]))
     z_last = jnp.take_along_axis(z_last_all, pick[:, None, None, None, None], axis=1)[:, 0]
@@ -103,6 +117,40 @@ def dit_loss(params, batch, rng, *, model, cond, diffusion, latent_mean, latent_
     return loss, dict(x0_mse=x0_err)
 
 
+class ImageVideoBatches:
+    """Joint image-video training: every `image_every`-th batch is a batch of images.
+
+    Images are one-frame videos in the same latent space (the causal VAE encodes a frame alone
+    exactly as the first frame of a video), so an image batch is z = the first latent frame
+    [B, 1, h, w, C] of the same examples, with their captions. `dit_loss` trains one-frame batches
+    text-to-image (no image instructions). Batch i (1-based) is an image batch when i % image_every
+    == 0; the position (the inner iterator's and the count) is the resumable state.
+    """
+
+    def __init__(self, batches, image_every: int):
+        if image_every < 1:
+            raise ValueError(f"config.train.image_every must be >= 1 (0: off), got {image_every}")
+        self._batches, self._every, self._drawn = batches, image_every, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self._batches)
+        self._drawn += 1
+        if self._drawn % self._every:
+            return batch
+        return dict(batch, z=batch["z"][:, :1], z_last=batch["z"][:, :1])
+
+    def get_state(self) -> dict:
+        return dict(inner=self._batches.get_state(), drawn=self._drawn)
+
+    def set_state(self, state: dict):
+        if state:
+            self._batches.set_state(state["inner"])
+            self._drawn = int(state["drawn"])
+
+
 def train_dit(config, workdir: str):
     c = config.train
     if config.cond.first_frame not in ("replace", "concat"):
@@ -111,6 +159,8 @@ def train_dit(config, workdir: str):
     mesh, preset = train_lib.mesh_from_config(config.mesh)
     source = pipeline.LatentCacheSource(os.path.join(workdir, "cache", "latents.npz"))
     batches = pipeline.make_batches(source, batch_size=c.batch_size, seed=config.seed)
+    if c.get("image_every", 0):
+        batches = ImageVideoBatches(batches, c.image_every)
     latent_mean, latent_std = load_latent_stats(workdir)
     example = source[0]
     T, h, w, C = example["z"].shape

@@ -30,7 +30,7 @@ import numpy as np
 from jax import lax
 
 from pixeldance import train_lib
-from pixeldance.data import pipeline, synthetic, video_io
+from pixeldance.data import pipeline, synthetic, video_folder, video_io
 from pixeldance.models import vae as vae_lib
 from pixeldance.models import wan_vae
 
@@ -324,7 +324,8 @@ def evaluate_vae(config, model, params, workdir: str, step: int, fns=None) -> di
     n = option(config.vae, "eval_videos")
     if n <= 0:
         return {}
-    source = synthetic.ShapesSource("heldout", size=n, config=world_config(config))
+    # (a video folder has no held-out part: its 'heldout' clips are other windows of its videos)
+    source = video_folder.make_source(config, "heldout", size=n)
     videos = np.stack([source[i]["video"] for i in range(n)])
     out = reconstruct(model, params, videos, fns=fns)
     scalars = dict(psnr=float(out["psnr"].mean()), ssim=float(out["ssim"].mean()),
@@ -369,7 +370,7 @@ def write_latent_stats(config, model, params, workdir: str, step: int, fns=None)
     n = option(config.vae, "stats_videos")
     if n <= 0:
         return None
-    source = synthetic.ShapesSource("train", size=n, config=world_config(config))
+    source = video_folder.make_source(config, "train", size=n)
     batches = (np.stack([source[i]["video"] for i in range(s, min(s + 8, n))]) for s in range(0, n, 8))
     stats = dict(latent_statistics(model, params, batches, fns=fns), source="train_vae", vae_step=step)
     tmp = os.path.join(workdir, LATENT_STATS + ".tmp")
@@ -403,7 +404,8 @@ def train_vae(config, workdir: str):
             video = video[:, y:y + size, x:x + size]
         return dict(video=video)
 
-    source = synthetic.ShapesSource("train", size=1_000_000, config=world_config(config))
+    # config.data.name: the synthetic world, or a video folder (item i: a clip of video i % N).
+    source = video_folder.make_source(config, "train", size=1_000_000)
     batches = pipeline.make_batches(source, batch_size=c.batch_size, seed=config.seed, transform=crop,
                                     num_workers=config.data.num_workers)
     weights = LossWeights(l1=c.l1_weight, l2=c.l2_weight, kl=c.kl_weight,
@@ -429,6 +431,7 @@ def train_vae(config, workdir: str):
 
     # Held-out reconstructions and latent statistics, with the EMA parameters (once per final
     # step: a re-run of a finished stage leaves them, and the log, as they are).
+    video_folder.log_summary(source, "train_vae")
     step = int(jax.device_get(state.step))
     fns = _encode_decode_fns(model)
     if not _evaluated(workdir, step):
