@@ -35,20 +35,14 @@ def sample_video_dir() -> str:
 
 def real_clips(frames: int, size: int, per_video: int) -> tuple[np.ndarray, list[str]]:
     """uint8 [N, frames, size, size, 3] from every sample video, and their names."""
-    from PIL import Image
     from pixeldance.data import video_io
     folder = sample_video_dir()
     clips, names = [], []
     for name in sorted(os.listdir(folder)):
-        video = video_io.read_video(os.path.join(folder, name))
-        _, h, w, _ = video.shape
-        s = min(h, w)
-        video = video[:, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
-        for k in range(per_video):
-            start = k * (len(video) - frames) // max(per_video - 1, 1)
-            clips.append(np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.BOX))
-                                   for f in video[start:start + frames]]))
-            names.append(f"{name}@{start}")
+        windows, starts = video_io.square_windows(video_io.read_video(os.path.join(folder, name)),
+                                                  frames, size, per_video)
+        clips += windows
+        names += [f"{name}@{start}" for start in starts]
     return np.stack(clips), names
 
 

@@ -14,7 +14,6 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
-from PIL import Image
 from safetensors.numpy import save_file
 
 from pixeldance.data import video_io
@@ -174,13 +173,7 @@ def real_clips(frames=9, size=32, per_video=2) -> np.ndarray:
     clips = []
     for name in ("carphone_pristine.mp4", "bikes.mp4"):
         video = video_io.read_video(os.path.join(sample_video_dir(), name))
-        _, h, w, _ = video.shape
-        s = min(h, w)
-        video = video[:, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
-        for k in range(per_video):
-            start = k * (len(video) - frames) // max(per_video - 1, 1)
-            clips.append(np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.BOX))
-                                   for f in video[start:start + frames]]))
+        clips += video_io.square_windows(video, frames, size, per_video)[0]
     return np.stack(clips)
 
 

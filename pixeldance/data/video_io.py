@@ -121,3 +121,19 @@ def video_grid(videos: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
         r, c = divmod(n, columns)
         out[:, r * (H + pad):r * (H + pad) + H, c * (W + pad):c * (W + pad) + W] = videos[n]
     return out
+
+
+def square_windows(video: np.ndarray, frames: int, size: int, count: int) -> tuple[list[np.ndarray], list[int]]:
+    """`count` evenly spaced windows of `frames` frames of video uint8 [F, H, W, 3], each
+    centre-cropped square and area-resized to size x size: ([uint8 [frames, size, size, 3]], starts)."""
+    from PIL import Image
+    _, h, w, _ = video.shape
+    s = min(h, w)
+    video = video[:, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    clips, starts = [], []
+    for k in range(count):
+        start = k * (len(video) - frames) // max(count - 1, 1)
+        clips.append(np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.BOX))
+                               for f in video[start:start + frames]]))
+        starts.append(start)
+    return clips, starts
