@@ -22,6 +22,11 @@ INSTALL_REQUIRES = [
     "tqdm==4.70.1",
     "safetensors==0.8.0",
     "einops==0.8.2",
+    # UCF-101 / MSR-VTT builders and readers (pixeldance/data/tfds_*.py), array_record only:
+    # no TensorFlow. tfds imports importlib_resources on every Python though it only declares it
+    # for < 3.9.
+    "tensorflow-datasets==4.9.10",
+    "importlib_resources==7.1.0",
 ]
 
 EXTRAS = {

@@ -48,6 +48,15 @@ def get_config(arg=None):
         stride=1,
         crop="center",
         on_error="skip",
+        # name='ucf101' | 'msrvtt' (pixeldance/data/tfds_source.py): the TFDS datasets that
+        # `python -m pixeldance.data.tfds_build` builds into the data_dir `root`, clipped as above
+        # (captions: the UCF-101 class as words, or one of a MSR-VTT video's captions).
+        # train_split / heldout_split: the TFDS splits read for training and for held-out clips
+        # and samples (MSR-VTT also has 'validation'); ucf101_split: which official UCF-101
+        # train/test list (1, 2 or 3) the dataset was built with (--ucf101_split).
+        train_split="train",
+        heldout_split="test",
+        ucf101_split=1,
     )
 
     c.vae = dict(

@@ -112,6 +112,23 @@ class VideoFolderSource:
     def __init__(self, root: str, captions: str = "captions.csv", *, num_frames: int = 17,
                  resolution: int = 64, fps: float = 0.0, stride: int = 1, crop: str = "center",
                  seed: int = 0, split: str = "train", size: int | None = None, on_error: str = "skip"):
+        self._init_clips(num_frames=num_frames, resolution=resolution, fps=fps, stride=stride, crop=crop,
+                         seed=seed, split=split, on_error=on_error)
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"video folder not found: {root}")
+        self.root, self.captions = root, captions
+        self._entries, bad = read_captions(os.path.join(root, captions), on_error)
+        for msg in bad:
+            self._record("malformed_row", msg)
+        if not self._entries:
+            raise ValueError(f"no usable rows in {os.path.join(root, captions)}")
+        self.size = len(self._entries) if size is None else int(size)
+        # Pins down the entries for grain's checkpoint check (which compares reprs).
+        self._digest = zlib.crc32(json.dumps(self._entries).encode("utf-8"))
+
+    def _init_clips(self, *, num_frames, resolution, fps, stride, crop, seed, split, on_error):
+        """Checks and sets the clip settings and empties the bad-input counts (shared with the
+        sources that subclass this one, e.g. pixeldance.data.tfds_source)."""
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
         if crop not in ("center", "random"):
@@ -121,22 +138,11 @@ class VideoFolderSource:
         if num_frames < 1 or resolution < 1 or stride < 1 or fps < 0:
             raise ValueError(f"bad clip settings: num_frames={num_frames}, resolution={resolution}, "
                              f"stride={stride}, fps={fps}")
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"video folder not found: {root}")
-        self.root, self.captions = root, captions
         self.num_frames, self.resolution, self.fps, self.stride = num_frames, resolution, float(fps), stride
         self.crop, self.seed, self.split, self.on_error = crop, seed, split, on_error
-        self._entries, bad = read_captions(os.path.join(root, captions), on_error)
         self._counts = {r: 0 for r in REASONS}
         self._examples = {r: [] for r in REASONS}
         self._bad: dict[int, str] = {}  # entry -> reason, once found (per process)
-        for msg in bad:
-            self._record("malformed_row", msg)
-        if not self._entries:
-            raise ValueError(f"no usable rows in {os.path.join(root, captions)}")
-        self.size = len(self._entries) if size is None else int(size)
-        # Pins down the entries for grain's checkpoint check (which compares reprs).
-        self._digest = zlib.crc32(json.dumps(self._entries).encode("utf-8"))
 
     # -- grain's interface ------------------------------------------------------------------
 
@@ -158,20 +164,23 @@ class VideoFolderSource:
             entry = (index + k) % n
             if entry in self._bad:
                 continue
-            rel, caption = self._entries[entry]
-            path = os.path.join(self.root, rel)
             try:
                 rng = np.random.default_rng([self.seed, SPLITS.index(self.split), index])
-                video = self.read_clip(path, rng)
+                video, caption = self._read_entry(entry, rng, index)
             except BadVideoError as e:
                 if self.on_error == "raise":
                     raise
                 self._bad[entry] = e.reason
-                self._record(e.reason, path, str(e))
+                self._record(e.reason, e.path, str(e))
                 continue
             return dict(video=video, caption=caption, index=index)
         raise ValueError(f"no readable video in {os.path.join(self.root, self.captions)} "
                          f"({self.summary()['skipped']})")
+
+    def _read_entry(self, entry: int, rng: np.random.Generator, index: int) -> tuple[np.ndarray, str]:
+        """(clip, caption) of entry `entry` for item `index`; BadVideoError if no clip."""
+        rel, caption = self._entries[entry]
+        return self.read_clip(os.path.join(self.root, rel), rng), caption
 
     # -- bad input ----------------------------------------------------------------------------
 
@@ -198,20 +207,25 @@ class VideoFolderSource:
 
     def read_clip(self, path: str, rng: np.random.Generator) -> np.ndarray:
         """The clip of `path` for generator `rng`: uint8 [F, R, R, 3]; BadVideoError if none."""
-        import av
         if not os.path.exists(path):
             raise BadVideoError("missing", path)
         if os.path.getsize(path) == 0:
             raise BadVideoError("empty", path)
+        return self.decode_clip(path, path, rng)
+
+    def decode_clip(self, file, name: str, rng: np.random.Generator) -> np.ndarray:
+        """The clip of `file` (a path, or a binary file object such as io.BytesIO of a video's
+        bytes) for generator `rng`: uint8 [F, R, R, 3]; BadVideoError naming `name` if none."""
+        import av
         try:
-            with av.open(path) as container:
+            with av.open(file) as container:
                 if not container.streams.video:
-                    raise BadVideoError("corrupt", path, "no video stream")
-                frames = self._decode(container, container.streams.video[0], path, rng)
+                    raise BadVideoError("corrupt", name, "no video stream")
+                frames = self._decode(container, container.streams.video[0], name, rng)
         except BadVideoError:
             raise
         except (av.FFmpegError, OSError, ValueError, IndexError, ZeroDivisionError) as e:
-            raise BadVideoError("corrupt", path, f"{type(e).__name__}: {e}".splitlines()[0]) from None
+            raise BadVideoError("corrupt", name, f"{type(e).__name__}: {e}".splitlines()[0]) from None
         return self._resize_crop(frames, rng)
 
     def _decode(self, container, stream, path, rng) -> list[np.ndarray]:
@@ -298,7 +312,8 @@ def folder_source(config, split: str = "train", size: int | None = None) -> Vide
 
 def make_source(config, split: str = "train", size: int | None = None):
     """The training source named by config.data.name: 'shapes' (the synthetic world; `size`
-    items) or 'video_folder' (config.data.root; `size` items, default one per entry)."""
+    items), 'video_folder' (config.data.root; `size` items, default one per entry) or 'ucf101' /
+    'msrvtt' (the TFDS datasets built into the data_dir config.data.root; likewise)."""
     name = config.data.name
     if name == "shapes":
         from pixeldance.data import synthetic
@@ -309,7 +324,13 @@ def make_source(config, split: str = "train", size: int | None = None):
         if not config.data.get("root"):
             raise ValueError("config.data.root must name the video folder (config.data.name='video_folder')")
         return folder_source(config, split, size)
-    raise ValueError(f"unknown dataset config.data.name={name!r}; expected 'shapes' or 'video_folder'")
+    if name in ("ucf101", "msrvtt"):
+        if not config.data.get("root"):
+            raise ValueError(f"config.data.root must name the TFDS data_dir (config.data.name={name!r})")
+        from pixeldance.data import tfds_source
+        return tfds_source.tfds_source(config, split, size)
+    raise ValueError(f"unknown dataset config.data.name={name!r}; expected 'shapes', 'video_folder', "
+                     f"'ucf101' or 'msrvtt'")
 
 
 def log_summary(source, stage: str):

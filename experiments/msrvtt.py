@@ -1,0 +1,55 @@
+r"""Train on MSR-VTT (free-text captions): VAE, latent cache, DiT (then the sample stage).
+
+The data, in a manual folder MANUAL, either as commonly distributed:
+
+    MANUAL/MSRVTT.zip       MSRVTT/videos/all/video0.mp4 .. video9999.mp4 and
+                            MSRVTT/annotation/MSR_VTT.json (or the extracted MANUAL/MSRVTT/)
+
+or the official annotation files `train_val_videodatainfo.json` and `test_videodatainfo.json`
+(loose in MANUAL or in any .zip in it; preferred when present) with the videos videoN.mp4
+anywhere under MANUAL or in any .zip in it (e.g. TrainValVideo/ and TestVideo/). Build the TFDS
+dataset once (array_record files holding the original .mp4 bytes, all 20 captions of each video
+and the official splits train 6513 / validation 497 / test 2990; no TensorFlow needed), then
+train on it:
+
+  python -m pixeldance.data.tfds_build --dataset=msrvtt --manual_dir=MANUAL --data_dir=DATA
+  python -m pixeldance.main --config=experiments/msrvtt.py --config.data.root=DATA \
+      --workdir=workdirs/msrvtt
+
+Smoke test (a few steps of every stage on a CPU): `--config=experiments/msrvtt.py:runlocal`.
+
+Clips: `data.num_frames` frames at `data.fps` (8; 0: every `data.stride`-th frame) from the
+'train' split (`data.train_split`), resized and cropped (`data.crop`) to `data.resolution`
+square; held-out clips and samples come from 'test' (`data.heldout_split`; or 'validation').
+Each item's caption is one of its video's captions, drawn per item; captions are tokenized by
+hashed words. Corrupt, truncated or too-short videos are logged, counted and skipped
+(`--config.data.on_error=raise` stops at the first). The sample stage writes samples for the
+captions of a few test clips.
+"""
+from pixeldance import configs
+
+base = configs.import_sibling(__file__, "base")
+
+
+def get_config(arg=None):
+    c = base.get_config(arg)
+    runlocal = configs.parse_arg(arg, runlocal=False, vae="shapes", dit="shapes").runlocal
+    c.data.name = "msrvtt"
+    c.data.root = ""  # required: --config.data.root=DATA (the TFDS data_dir of the build)
+    c.data.train_split = "train"
+    c.data.heldout_split = "test"
+    c.data.fps = 8.0  # MSR-VTT videos are 10-30 s, mostly 30 fps: 17 frames span 2 s
+    c.data.crop = "center"
+    c.text.tokenizer = "hashed"
+    c.text.max_length = 32
+    c.text.vocab_size = 16384
+    if not runlocal:
+        c.cache.num_videos = 6513  # one clip per training video
+    else:
+        c.data.fps = 0.0
+        c.data.stride = 1
+        c.text.max_length = 12
+        c.text.vocab_size = 256
+        c.vae.eval_videos = 2
+        c.vae.stats_videos = 8
+    return c

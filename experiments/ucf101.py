@@ -1,0 +1,53 @@
+r"""Train on UCF-101 (class names as captions): VAE, latent cache, DiT (then the sample stage).
+
+The data: the official archives, under their official names, in a manual folder MANUAL:
+
+    MANUAL/UCF101.rar                                  (or the extracted MANUAL/UCF-101/, or a
+                                                        UCF101.zip of it; the .rar needs
+                                                        `pip install rarfile` and unrar)
+    MANUAL/UCF101TrainTestSplits-RecognitionTask.zip   (or the extracted MANUAL/ucfTrainTestlist/)
+
+Build the TFDS dataset once (array_record files holding the original .avi bytes, the class
+labels and official train/test list 1; no TensorFlow needed), then train on it:
+
+  python -m pixeldance.data.tfds_build --dataset=ucf101 --manual_dir=MANUAL --data_dir=DATA
+  python -m pixeldance.main --config=experiments/ucf101.py --config.data.root=DATA \
+      --workdir=workdirs/ucf101
+
+Lists 2 and 3: add `--ucf101_split=2` to the build and `--config.data.ucf101_split=2` to the run.
+Smoke test (a few steps of every stage on a CPU): `--config=experiments/ucf101.py:runlocal`.
+
+Clips: `data.num_frames` frames at `data.fps` (8; 0: every `data.stride`-th frame) from the
+'train' split (`data.train_split`), resized and cropped (`data.crop`) to `data.resolution`
+square; held-out clips and samples come from 'test' (`data.heldout_split`). The caption is the
+class name as words ('ApplyEyeMakeup' -> 'apply eye makeup'), tokenized by hashed words. Corrupt,
+truncated or too-short videos are logged, counted and skipped (`--config.data.on_error=raise`
+stops at the first). The sample stage writes samples for the captions of a few test clips.
+"""
+from pixeldance import configs
+
+base = configs.import_sibling(__file__, "base")
+
+
+def get_config(arg=None):
+    c = base.get_config(arg)
+    runlocal = configs.parse_arg(arg, runlocal=False, vae="shapes", dit="shapes").runlocal
+    c.data.name = "ucf101"
+    c.data.root = ""  # required: --config.data.root=DATA (the TFDS data_dir of the build)
+    c.data.ucf101_split = 1
+    c.data.train_split = "train"
+    c.data.heldout_split = "test"
+    c.data.fps = 8.0  # UCF-101 is 25 fps: 17 frames span 2 s
+    c.data.crop = "center"
+    c.text.tokenizer = "hashed"
+    c.text.max_length = 8  # class names are 1-4 words
+    c.text.vocab_size = 8192
+    if not runlocal:
+        c.cache.num_videos = 9537  # one clip per training video of list 1
+    else:
+        c.data.fps = 0.0
+        c.data.stride = 1
+        c.text.vocab_size = 256
+        c.vae.eval_videos = 2
+        c.vae.stats_videos = 8
+    return c
