@@ -92,6 +92,11 @@ def get_config(arg=None):
     c.cache = dict(
         num_videos=2048,     # training videos encoded once into the latent cache
         batch_size=16,
+        # ArrayRecord shards (pixeldance/data/latent_cache.py): num_shards, or 0 for
+        # ceil(num_videos / records_per_shard). Each host writes its share of the shards.
+        num_shards=0,
+        records_per_shard=1024,
+        path="",             # the cache folder (default <workdir>/cache); the DiT reads it from here
     )
 
     c.text = dict(

@@ -3,7 +3,7 @@ r"""The main job: train the VAE, then the DiT, on the synthetic shapes world; sa
   python -m pixeldance.main --config=experiments/shapes.py --workdir=workdirs/shapes
 
 Smoke test (under a minute): `--config=experiments/shapes.py:runlocal`.
-Writes to the workdir: vae/ and dit/ checkpoints, cache/latents.npz, metrics.jsonl and
+Writes to the workdir: vae/ and dit/ checkpoints, cache/ (latent shards), metrics.jsonl and
 TensorBoard events, samples/*.mp4 and grid.gif, faithfulness.json.
 """
 from pixeldance import configs

@@ -6,10 +6,9 @@ import os
 import shutil
 import time
 
-import numpy as np
 from PIL import Image
 
-from pixeldance.data import video_io
+from pixeldance.data import latent_cache, video_io
 
 MODES = ("T2V", "I2V", "FLF2V")
 
@@ -23,15 +22,24 @@ def _checkpoint_steps(directory):
     return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
 
 
+def _folder_bytes(folder):
+    """{file name: contents} of a folder (the latent cache's shards and meta.json)."""
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb") as f:
+            out[name] = f.read()
+    return out
+
+
 def test_workdir_has_checkpoints_and_config(runlocal_workdir):
     with open(os.path.join(runlocal_workdir, "config.json")) as f:
         config = json.load(f)
     assert config["vae"]["variant"] == "mu" and config["data"]["resolution"] == 32
     assert _checkpoint_steps(os.path.join(runlocal_workdir, "vae")) == [2, config["vae"]["num_steps"]]
     assert _checkpoint_steps(os.path.join(runlocal_workdir, "dit")) == [2, config["train"]["num_steps"]]
-    with np.load(os.path.join(runlocal_workdir, "cache", "latents.npz")) as cache:
-        assert cache["z"].shape == (config["cache"]["num_videos"], 3, 4, 4, 16)
-        assert len(cache["captions"]) == config["cache"]["num_videos"]
+    cache = latent_cache.LatentCacheSource(os.path.join(runlocal_workdir, "cache")).read_all()
+    assert cache["z"].shape == (config["cache"]["num_videos"], 3, 4, 4, 16)
+    assert len(cache["captions"]) == config["cache"]["num_videos"]
     with open(os.path.join(runlocal_workdir, "latent_stats.json")) as f:
         stats = json.load(f)
     assert len(stats["mean"]) == len(stats["std"]) == 16 and min(stats["std"]) > 0
@@ -90,8 +98,7 @@ def test_rerun_resumes(runlocal_workdir, main_job_runner, tmp_path):
     before = _lines(workdir)
     vae_ckpts = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(workdir, "vae", "[0-9]*"))}
     assert len(vae_ckpts) == 2
-    with open(os.path.join(workdir, "cache", "latents.npz"), "rb") as f:
-        cache = f.read()
+    cache = _folder_bytes(os.path.join(workdir, "cache"))
 
     started = time.time()
     proc = main_job_runner(workdir, "--config.train.num_steps=6")
@@ -104,8 +111,7 @@ def test_rerun_resumes(runlocal_workdir, main_job_runner, tmp_path):
     assert {p: os.path.getmtime(p) for p in glob.glob(os.path.join(workdir, "vae", "[0-9]*"))} == vae_ckpts
     assert _checkpoint_steps(os.path.join(workdir, "dit")) == [4, 6]
     assert "latent cache: keeping" in proc.stdout
-    with open(os.path.join(workdir, "cache", "latents.npz"), "rb") as f:
-        assert f.read() == cache
+    assert _folder_bytes(os.path.join(workdir, "cache")) == cache
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["train"]["num_steps"] == 6
     assert os.path.getmtime(os.path.join(workdir, "faithfulness.json")) >= started - 1  # sampled again

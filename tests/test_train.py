@@ -12,7 +12,7 @@ import pytest
 
 from pixeldance import configs, train_lib
 from pixeldance.checkpoint import Checkpointer
-from pixeldance.data import synthetic
+from pixeldance.data import latent_cache, synthetic
 from pixeldance.trainers import dit as dit_trainer
 from pixeldance.trainers import vae as vae_trainer
 
@@ -67,9 +67,8 @@ def _write_latent_cache(config, workdir):
     captions = [synthetic.caption([synthetic.TRAIN_COMBOS[7 * i]]) for i in range(n)]
     z = rng.normal(1.0, 2.0, (n, 3, 4, 4, 16)).astype(np.float32)
     z_last = rng.normal(1.0, 2.0, (n, K, 4, 4, 16)).astype(np.float32)
-    os.makedirs(os.path.join(workdir, "cache"), exist_ok=True)
-    np.savez(os.path.join(workdir, "cache", "latents.npz"), z=z, z_last=z_last,
-             tokens=dit_trainer.build_tokenizer(config)(captions), captions=np.asarray(captions))
+    latent_cache.write_arrays(os.path.join(workdir, "cache"), z, z_last,
+                              dit_trainer.build_tokenizer(config)(captions), captions, num_shards=2)
     with open(os.path.join(workdir, dit_trainer.LATENT_STATS), "w") as f:
         json.dump(dict(mean=[1.0] * 16, std=[2.0] * 16, num_videos=n), f)
 

@@ -6,8 +6,7 @@ needs, and each host reads only its own rows of each global batch.
 """
 from __future__ import annotations
 
-import os
-from typing import Any, Callable
+from typing import Callable
 
 import grain
 import jax
@@ -63,26 +62,7 @@ def make_batches(source, *, batch_size: int, seed: int, transform: Callable[[dic
     return BatchIterator(ds, num_workers=num_workers)
 
 
-class LatentCacheSource:
-    """Random access over a latent cache written by `pixeldance.tools.cache_latents`.
-
-    Each element: z float32 [T, h, w, C] (the video's latents, unnormalised), z_last float32
-    [K, h, w, C] (the last K frames each encoded as an image, latest first), tokens int32 [S].
-    """
-
-    def __init__(self, path: str):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"latent cache not found: {path} (run the 'cache' stage first)")
-        with np.load(path) as f:
-            self._z = f["z"]
-            self._z_last = f["z_last"]
-            self._tokens = f["tokens"]
-
-    def __len__(self) -> int:
-        return len(self._z)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return dict(z=self._z[i], z_last=self._z_last[i], tokens=self._tokens[i])
-
-    def __repr__(self) -> str:
-        return f"LatentCacheSource(n={len(self)}, z={self._z.shape[1:]})"
+# The latent cache (ArrayRecord shards written by `pixeldance.tools.cache_latents`) as a grain
+# random-access source: elements z float32 [T, h, w, C], z_last float32 [K, h, w, C], tokens
+# int32 [S]. Defined with its format in latent_cache.py.
+from pixeldance.data.latent_cache import LatentCacheSource  # noqa: E402,F401

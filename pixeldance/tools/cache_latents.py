@@ -1,14 +1,33 @@
-"""Encodes training videos once with the frozen VAE into a latent cache the DiT trains from.
+r"""Encodes training videos once with the frozen VAE into a latent cache the DiT trains from.
 
-Writes `<workdir>/cache/latents.npz` (z [N, T, h, w, C]; z_last [N, K, h, w, C], the last K
-frames each encoded as an image, latest first; tokens int32 [N, S]; captions).
-An existing cache of the requested size is kept (the stage is resumable by skipping).
+    python -m pixeldance.tools.cache_latents --config=experiments/shapes.py --workdir=DIR \
+        [--output=DIR/cache]
+
+(the main job's `cache` stage, `--config.mode=cache`, runs the same). Writes ArrayRecord shards
+`<output>/latents-XXXXX-of-YYYYY.array_record` (`config.cache.num_shards`, or 0 for
+ceil(num_videos / config.cache.records_per_shard)) and `<output>/meta.json`; `output` is
+`config.cache.path` or `<workdir>/cache` unless --output names it. Record i is training item i of
+`config.data` (`video_folder.make_source(config, 'train')`): z float32 [T, h, w, C] (the video's
+latents), z_last float32 [K, h, w, C] (the last K = config.cond.last_from frames, each encoded
+as an image, latest first), tokens int32 [S] (config.text's tokenizer) and the caption; format
+and layout in `pixeldance/data/latent_cache.py`. meta.json records the shapes and dtypes, the
+count, the VAE step the latents came from, the tokenizer and the source.
+
+Videos are encoded `config.cache.batch_size` at a time (the last batch of a shard is padded, so
+the VAE compiles once), read by `config.data.num_workers` grain worker processes when > 0.
+Multi-host: each process encodes and writes its own shards (s % processes == process index).
+
+Resuming. A complete cache of the requested size from the same VAE step (and the same
+tokenizer, source, last-frame count and clip shape) is kept. An interrupted run keeps the
+shards it finished (in `<output>.partial/`) and writes only the rest; the cache appears in
+`<output>` by a rename once every shard is written.
 
 Latent statistics. The DiT normalises latents with the per-channel mean and std in
 `<workdir>/latent_stats.json`. The VAE stage writes them with its checkpoint (source
 'train_vae', computed on `config.vae.stats_videos` training clips, tagged with the VAE step);
 this stage keeps them while that step is the newest VAE checkpoint, and otherwise (no file, an
-older VAE, or statistics of another origin) computes them over the cache it writes.
+older VAE, or statistics of another origin) computes them over the cache it writes (source
+'cache': mean and std over every latent of z per channel, std at least 1e-3).
 """
 from __future__ import annotations
 
@@ -18,66 +37,196 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from pixeldance.data import video_folder
+from pixeldance.data import latent_cache, video_folder
+
+
+cache_dir = latent_cache.cache_dir  # config.cache.path, or <workdir>/cache
 
 
 def cache_path(workdir: str) -> str:
-    return os.path.join(workdir, "cache", "latents.npz")
+    """The default cache folder of a workdir (`<workdir>/cache`)."""
+    return os.path.join(workdir, "cache")
 
 
 def vae_stats_current(workdir: str) -> bool:
     """True if latent_stats.json was written by the VAE stage for the newest VAE checkpoint."""
     from pixeldance.trainers import dit as dit_trainer
-    path, vae_dir = os.path.join(workdir, dit_trainer.LATENT_STATS), os.path.join(workdir, "vae")
-    if not os.path.exists(path) or not os.path.isdir(vae_dir):
+    path = os.path.join(workdir, dit_trainer.LATENT_STATS)
+    if not os.path.exists(path):
         return False
     with open(path) as f:
         stats = json.load(f)
+    step = vae_step(workdir)
+    return stats.get("source") == "train_vae" and step is not None and stats.get("vae_step") == step
+
+
+def vae_step(workdir: str) -> int | None:
+    """The newest VAE checkpoint step in `<workdir>/vae` (None: none, e.g. converted weights)."""
+    vae_dir = os.path.join(workdir, "vae")
+    if not os.path.isdir(vae_dir):
+        return None
     steps = [int(d) for d in os.listdir(vae_dir) if d.isdigit()]
-    return stats.get("source") == "train_vae" and bool(steps) and stats.get("vae_step") == max(steps)
+    return max(steps) if steps else None
 
 
-def cache_latents(config, workdir: str, *, last_from: int | None = None) -> str:
+def cache_info(config, workdir: str, source) -> dict:
+    """What a cache's records depend on besides the count; stored in meta.json and compared
+    before a cache is kept."""
+    t = config.text
+    tokenizer = dict(kind=t.get("tokenizer", "words"), max_length=t.max_length)
+    if tokenizer["kind"] == "hashed":
+        tokenizer["vocab_size"] = t.get("vocab_size", 4096)
+    return dict(vae_step=vae_step(workdir), vae_family=config.vae.get("family", "causal"),
+                tokenizer=tokenizer, data=config.data.name, source=repr(source),
+                num_frames=config.data.num_frames, resolution=config.data.resolution,
+                last_from=config.cond.last_from)
+
+
+def _same(a, b) -> bool:
+    return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
+
+
+def _video_and_caption(item: dict) -> dict:
+    return dict(video=item["video"], caption=item["caption"])
+
+
+def _video_batches(source, start: int, end: int, batch_size: int, num_workers: int):
+    """(videos uint8 [B, F, H, W, 3], captions: B str) for items start..end-1, in order;
+    B = batch_size except maybe the last batch."""
+    import grain
+    # A few batches read ahead by threads (grain's default would hold up to 500 batches of videos).
+    ds = (grain.MapDataset.source(source)[start:end].map(_video_and_caption).batch(batch_size)
+          .to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=4)))
+    if num_workers > 0:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    for batch in ds:
+        yield batch["video"], [str(c) for c in batch["caption"]]
+
+
+def batch_encoder(vae, tokenizer, source, batch_size: int, last_from: int, num_workers: int = 0):
+    """encode_range(start, end) for `latent_cache.build`: for source items start..end-1, in
+    batches of `batch_size`, lists of records dict(z float32 [T, h, w, C], z_last float32
+    [K, h, w, C], tokens int32 [S], caption str). vae.encode: uint8 [B, F, H, W, 3] -> float32
+    [B, T, h, w, C]; tokenizer: B strings -> int32 [B, S]."""
+    K = last_from
+
+    def encode_range(start: int, end: int):
+        for videos, captions in _video_batches(source, start, end, batch_size, num_workers):
+            B = len(videos)
+            if B < batch_size:  # pad with the last video: one compiled shape for every batch
+                videos = np.concatenate([videos, np.repeat(videos[-1:], batch_size - B, axis=0)])
+            z = vae.encode(videos)[:B]  # [B, T, h, w, C]
+            # The last K frames as one-frame videos (images), as PixelDance's last-frame instruction.
+            lasts = videos[:, ::-1][:, :K]  # [batch_size, K, H, W, 3], latest first
+            z_last = vae.encode(np.ascontiguousarray(lasts).reshape(-1, 1, *lasts.shape[2:]))[:, 0]
+            z_last = z_last.reshape(batch_size, K, *z_last.shape[1:])[:B]
+            tokens = tokenizer(captions)
+            yield [dict(z=z[i], z_last=z_last[i], tokens=tokens[i], caption=captions[i]) for i in range(B)]
+    return encode_range
+
+
+def _write_stats(workdir: str, meta: dict, n: int):
+    from pixeldance.trainers import dit as dit_trainer
+    moments = latent_cache.Moments.from_json(meta["latent_moments"])
+    stats = dict(mean=moments.mean.tolist(), std=np.maximum(moments.std, 1e-3).tolist(),
+                 num_videos=n, source="cache")
+    tmp = os.path.join(workdir, dit_trainer.LATENT_STATS + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(stats, f, indent=1)
+    os.replace(tmp, os.path.join(workdir, dit_trainer.LATENT_STATS))
+
+
+def cache_latents(config, workdir: str, *, output: str | None = None, last_from: int | None = None) -> str:
+    """Writes (or keeps) the latent cache of `config` for the VAE in `workdir`; returns its folder.
+
+    output: the cache folder (default `cache_dir(config, workdir)`). last_from: K, the last
+    frames encoded as images (default config.cond.last_from)."""
+    import jax
+    from pixeldance import sharding
     from pixeldance.sample import load_vae
     from pixeldance.trainers import dit as dit_trainer
 
-    path = cache_path(workdir)
+    sharding.initialize_distributed()  # a no-op unless launched as one of several processes
+    pid, nproc = jax.process_index(), jax.process_count()
+    path = output or cache_dir(config, workdir)
     n = config.cache.num_videos
-    if os.path.exists(path) and os.path.exists(os.path.join(workdir, dit_trainer.LATENT_STATS)):
-        with np.load(path) as f:
-            if len(f["z"]) == n:
-                print(f"latent cache: keeping {path} ({n} videos)")
-                return path
     K = config.cond.last_from if last_from is None else last_from
+    source = video_folder.make_source(config, "train", size=n)
+    info = cache_info(config, workdir, source)
+    info["last_from"] = K
+    stats_path = os.path.join(workdir, dit_trainer.LATENT_STATS)
+
+    meta = latent_cache.read_meta(path)
+    if meta is not None and meta["count"] == n and latent_cache.is_complete(path, meta) and \
+            _same({k: meta.get(k) for k in info}, info):
+        print(f"latent cache: keeping {path} ({n} videos, VAE step {info['vae_step']})")
+        if pid == 0 and not os.path.exists(stats_path):
+            _write_stats(workdir, meta, n)
+            print(f"latent cache: wrote {stats_path} from the kept cache")
+        return path
+    if meta is not None:
+        print(f"latent cache: rebuilding {path} (made for {meta.get('count')} videos, "
+              f"VAE step {meta.get('vae_step')}; now {n}, VAE step {info['vae_step']})")
+    elif os.path.exists(os.path.join(path, "latents.npz")):
+        print(f"latent cache: replacing the old single-file cache in {path}")
+
     vae = load_vae(workdir)
     tokenizer = dit_trainer.build_tokenizer(config)
-    source = video_folder.make_source(config, "train", size=n)
+    num_shards = latent_cache.num_shards_for(n, config.cache.get("num_shards", 0),
+                                             config.cache.get("records_per_shard", 1024))
     bs = config.cache.batch_size
-    zs, z_lasts, captions = [], [], []
-    for start in tqdm(range(0, n, bs), desc="cache", unit="batch"):
-        items = [source[i] for i in range(start, min(start + bs, n))]
-        videos = np.stack([it["video"] for it in items])  # [B, F, H, W, 3]
-        zs.append(vae.encode(videos))
-        # The last K frames as one-frame videos (images), as PixelDance's last-frame instruction.
-        lasts = videos[:, ::-1][:, :K]  # [B, K, H, W, 3], latest first
-        B = len(items)
-        z_last = vae.encode(lasts.reshape(B * K, 1, *lasts.shape[2:]))[:, 0]
-        z_lasts.append(z_last.reshape(B, K, *z_last.shape[1:]))
-        captions += [it["caption"] for it in items]
-    z = np.concatenate(zs)
-    z_last = np.concatenate(z_lasts)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, z=z, z_last=z_last, tokens=tokenizer(captions), captions=np.asarray(captions))
-    os.replace(tmp, path)
-    if vae_stats_current(workdir):
-        print(f"latent cache: keeping the VAE stage's {dit_trainer.LATENT_STATS}")
-    else:
-        axes = tuple(range(z.ndim - 1))
-        stats = dict(mean=z.mean(axes).tolist(), std=np.maximum(z.std(axes), 1e-3).tolist(),
-                     num_videos=n, source="cache")
-        with open(os.path.join(workdir, dit_trainer.LATENT_STATS), "w") as f:
-            json.dump(stats, f, indent=1)
-    print(f"latent cache: wrote {path}: z {z.shape}, z_last {z_last.shape}")
+    mine = [r for s, r in enumerate(latent_cache.shard_ranges(n, num_shards)) if s % nproc == pid]
+    bar = tqdm(total=sum(-(-(end - start) // bs) for start, end in mine), desc="cache", unit="batch",
+               disable=pid != 0)
+    encode = batch_encoder(vae, tokenizer, source, bs, K, config.data.get("num_workers", 0))
+
+    def encode_range(start, end):
+        for records in encode(start, end):
+            bar.update(1)
+            yield records
+
+    sync = (lambda name: None)
+    if nproc > 1:
+        from jax.experimental import multihost_utils
+        sync = multihost_utils.sync_global_devices
+    meta = latent_cache.build(path, count=n, num_shards=num_shards, encode_range=encode_range, info=info,
+                              process_index=pid, process_count=nproc, sync=sync)
+    bar.close()
+    if pid == 0:
+        if vae_stats_current(workdir):
+            print(f"latent cache: keeping the VAE stage's {dit_trainer.LATENT_STATS}")
+        else:
+            _write_stats(workdir, meta, n)
+    f = meta["fields"]
+    print(f"latent cache: wrote {path}: {n} records in {num_shards} shards, "
+          f"z {tuple(f['z']['shape'])}, z_last {tuple(f['z_last']['shape'])}")
     video_folder.log_summary(source, "cache")
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------------------------
+
+def main(argv):
+    from absl import app
+    from pixeldance import xla_flags
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    if config is None or not workdir:
+        raise app.UsageError("--config and --workdir are required")
+    if not os.path.isdir(workdir):
+        raise app.UsageError(f"workdir not found: {workdir} (it must hold a trained VAE)")
+    if config.get("xla_fast_compile"):
+        xla_flags.enable_fast_compile()
+    cache_latents(config, workdir, output=_OUTPUT.value or None)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+    _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir with the trained VAE (vae/, config.json).")
+    _OUTPUT = flags.DEFINE_string("output", "", "Cache folder (default: config.cache.path or WORKDIR/cache).")
+    app.run(main)

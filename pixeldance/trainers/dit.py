@@ -1,5 +1,8 @@
 """DiT trainer: rectified flow on cached VAE latents with PixelDance image instructions.
 
+Data: the latent cache (ArrayRecord shards) of the `cache` stage, in config.cache.path or
+`<workdir>/cache` (`pixeldance.data.latent_cache`).
+
 Axis glossary: B batch, T latent frames, h/w latent height/width, C channels, S text tokens,
 K candidate last frames.
 """
@@ -15,7 +18,7 @@ import numpy as np
 
 from pixeldance import rng as rng_lib
 from pixeldance import train_lib
-from pixeldance.data import pipeline, synthetic
+from pixeldance.data import latent_cache, pipeline, synthetic
 from pixeldance.diffusion import conditioning, objectives, schedules
 from pixeldance.models import dit as dit_lib
 from pixeldance.models import text as text_lib
@@ -157,7 +160,7 @@ def train_dit(config, workdir: str):
         raise ValueError(f"config.cond.first_frame must be 'replace' or 'concat', got {config.cond.first_frame!r}")
     # Mesh and data: the latent cache written by the 'cache' stage.
     mesh, preset = train_lib.mesh_from_config(config.mesh)
-    source = pipeline.LatentCacheSource(os.path.join(workdir, "cache", "latents.npz"))
+    source = pipeline.LatentCacheSource(latent_cache.cache_dir(config, workdir))
     batches = pipeline.make_batches(source, batch_size=c.batch_size, seed=config.seed)
     if c.get("image_every", 0):
         batches = ImageVideoBatches(batches, c.image_every)
