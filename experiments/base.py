@@ -57,6 +57,28 @@ def get_config(arg=None):
         train_split="train",
         heldout_split="test",
         ucf101_split=1,
+        # name='image_folder' (pixeldance/data/image_folder.py): the images in `root` with its
+        # `captions` file (as above), each a one-frame video [1, R, R, 3], resized and cropped the
+        # same way; broken images and rows are skipped and counted as for videos.
+        # name='mixture' (pixeldance/data/mixture.py): `mixture` = "NAME:WEIGHT,..." (relative
+        # weights), e.g. "videos:0.8,images:0.2"; component NAME is config.data with
+        # sources.NAME's fields laid over it (sources.NAME.name: its kind, default NAME), e.g.
+        # sources = dict(videos=dict(name='video_folder', root=...),
+        #                images=dict(name='image_folder', root=...))
+        # (add the entries in an experiment file; then --config.data.sources.videos.root=DIR).
+        # Item k of the mixture is a pure function of (world_seed, k); proportions are exact in
+        # every block of 1000 items. Stages that need one item shape (the latent cache, VAE
+        # held-out clips and statistics, samples) read the components shaped like the first.
+        mixture="",
+        sources={},
+        # Buckets (pixeldance/data/buckets.py; the VAE trainer): "FxHxW,..." e.g.
+        # "17x64x64,17x48x80,1x64x64". Each item goes to the bucket with the most frames it can
+        # fill, then the nearest aspect, and is resized/cropped to it; every batch is one bucket's
+        # shape (one compile per shape). Frames 1 + 4k, H and W multiples of 8. "": off.
+        buckets="",
+        # Where the headers read for buckets (frame counts, sizes) are kept: "" next to the
+        # captions file (<captions>.meta-<kind>.json), a folder, or "memory" (not written).
+        meta_cache="",
     )
 
     c.vae = dict(

@@ -30,7 +30,7 @@ import numpy as np
 from jax import lax
 
 from pixeldance import train_lib
-from pixeldance.data import pipeline, synthetic, video_folder, video_io
+from pixeldance.data import buckets, pipeline, synthetic, video_folder, video_io
 from pixeldance.models import vae as vae_lib
 from pixeldance.models import wan_vae
 
@@ -396,19 +396,34 @@ def train_vae(config, workdir: str):
     def crop(example, rng):
         # A random window of `frames` frames (and of size x size pixels): the VAE is causal and
         # convolutional, so short clips and small crops teach it what it needs at a fraction of
-        # the cost of full ones.
+        # the cost of full ones. Shorter items (images: one frame) stay whole in time; items of
+        # a bucket's H x W are cropped to at most train_size on each side.
         video = example["video"]
-        start = rng.integers(0, video.shape[0] - frames + 1)
-        video = video[start:start + frames]
-        if size < res:
-            y, x = rng.integers(0, res - size + 1, 2)
-            video = video[:, y:y + size, x:x + size]
+        n = min(frames, video.shape[0])
+        start = rng.integers(0, video.shape[0] - n + 1)
+        video = video[start:start + n]
+        h, w = video.shape[1:3]
+        if option(c, "train_size") and size < max(h, w):
+            ch, cw = min(size, h), min(size, w)
+            y, x = rng.integers(0, [h - ch + 1, w - cw + 1])
+            video = video[:, y:y + ch, x:x + cw]
         return dict(video=video)
 
-    # config.data.name: the synthetic world, or a video folder (item i: a clip of video i % N).
-    source = video_folder.make_source(config, "train", size=1_000_000)
-    batches = pipeline.make_batches(source, batch_size=c.batch_size, seed=config.seed, transform=crop,
-                                    num_workers=config.data.num_workers)
+    # config.data.name: the synthetic world, a video or image folder (item i: a clip of entry
+    # i % N), a mixture. With config.data.buckets, batches of one bucket's shape each (jit
+    # compiles the step once per shape).
+    bucket_spec = config.data.get("buckets", "")
+    source = video_folder.make_source(config, "train", size=1_000_000, mixed_shapes=True)
+    if bucket_spec:
+        batches = buckets.make_bucketed_batches(source, bucket_spec, batch_size=c.batch_size, seed=config.seed,
+                                                transform=crop, num_workers=config.data.num_workers)
+    else:
+        if getattr(source, "item_shape", ()) is None:
+            raise ValueError(f"config.data.mixture={config.data.mixture!r} mixes item shapes "
+                             f"{source.item_shapes()}: set config.data.buckets (e.g. '9x64x64,1x64x64') "
+                             f"so that every batch has one shape")
+        batches = pipeline.make_batches(source, batch_size=c.batch_size, seed=config.seed, transform=crop,
+                                        num_workers=config.data.num_workers)
     weights = LossWeights(l1=c.l1_weight, l2=c.l2_weight, kl=c.kl_weight,
                           perceptual=option(c, "perceptual_weight"), disc=option(c, "disc_weight"),
                           disc_start=option(c, "disc_start"), adaptive=option(c, "disc_adaptive"))

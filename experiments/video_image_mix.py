@@ -1,0 +1,58 @@
+r"""Joint image-video training: a folder of videos and a folder of images, mixed by weight.
+
+The data: two folders, each with a captions file (`path,caption` CSV, or JSONL), as for
+experiments/video_folder.py; the images are one-frame videos (the causal VAE encodes a frame
+alone), any format PIL reads:
+
+  python -m pixeldance.main --config=experiments/video_image_mix.py \
+      --config.data.sources.videos.root=VIDEOS --config.data.sources.images.root=IMAGES \
+      --workdir=workdirs/video_image_mix
+
+Smoke test (a few steps of every stage on a CPU): `--config=experiments/video_image_mix.py:runlocal`.
+
+What each stage reads:
+  train_vae  the mixture (`data.mixture`, videos 0.8 and images 0.2 of the items), in batches
+             grouped by `data.buckets`: clips of 17 frames in three aspects and images in the
+             same three, each item in the bucket nearest its own duration and aspect, each batch
+             one shape (so the VAE learns images and videos, and wide and tall frames).
+  cache      the video component only (the latent cache holds one clip shape).
+  train_dit  joint image-video training by `train.image_every`: every 4th batch is images (the
+             first latent frames of the cached clips, trained text-to-image).
+Swap the weights (`--config.data.mixture=videos:0.5,images:0.5`), the buckets
+(`--config.data.buckets=17x64x64,1x64x64`) or the image folder's captions file
+(`--config.data.sources.images.captions=captions.jsonl`) from the command line.
+"""
+from pixeldance import configs
+
+base = configs.import_sibling(__file__, "base")
+
+
+def get_config(arg=None):
+    c = base.get_config(arg)
+    runlocal = configs.parse_arg(arg, runlocal=False, vae="shapes", dit="shapes").runlocal
+    c.data.name = "mixture"
+    c.data.mixture = "videos:0.8,images:0.2"  # videos first: the one-shape stages read them
+    c.data.sources = dict(
+        videos=dict(name="video_folder", root="", captions="captions.csv"),   # required: root
+        images=dict(name="image_folder", root="", captions="captions.csv"),   # required: root
+    )
+    c.data.stride = 2
+    c.data.crop = "center"
+    R, F = c.data.resolution, c.data.num_frames
+    c.data.buckets = f"{F}x{R}x{R},{F}x48x80,{F}x80x48,1x{R}x{R},1x48x80,1x80x48"
+    c.text.tokenizer = "hashed"
+    c.text.max_length = 24
+    c.text.vocab_size = 8192
+    c.train.image_every = 4
+    if not runlocal:
+        c.cache.num_videos = 4096
+    else:
+        R, F = c.data.resolution, c.data.num_frames
+        c.data.stride = 1
+        c.data.buckets = f"{F}x{R}x{R},1x{R}x{R}"  # two shapes: two VAE compiles
+        c.text.max_length = 12
+        c.text.vocab_size = 256
+        c.vae.eval_videos = 2
+        c.vae.stats_videos = 8
+        c.train.image_every = 2
+    return c
