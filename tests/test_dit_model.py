@@ -134,8 +134,11 @@ def test_sharded_forward_equals_single_device(reference, preset, mesh_shape, imp
         batch_sh = sharding.batch_sharding(mesh)
         placed_inputs = [jax.device_put(a, batch_sh) for a in inputs]
         out = jax.jit(model.apply, in_shardings=(param_sh, *[batch_sh] * 6))(placed, *placed_inputs)
-    expected = reference["out"]
-    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=2e-5, atol=2e-5)
+    expected = np.asarray(reference["out"])
+    # float32 sums split over devices (and over Eigen's threads, which vary with load) add up in
+    # another order: the error scales with the output's magnitude (here up to ~15), not with
+    # each element's, so atol is relative to the largest output (a sharding bug is off by O(1)).
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=2e-5, atol=5e-6 * np.abs(expected).max())
     assert float(jnp.std(expected)) > 0.1
     # The parameters really are split as the preset says.
     qkv = placed["params"]["blocks"]["qkv"]["kernel"]

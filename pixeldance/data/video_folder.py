@@ -198,6 +198,21 @@ class FolderSource:
     _shape = None             # (F, H, W) in a view made by `read` for a bucket
     _native_table = None
 
+    def _index_folder(self, root: str, captions: str, size: int | None):
+        """Reads the captions file of `root` into _entries (malformed rows counted, or raised
+        with on_error='raise'), sets root, captions, size (default: one item per entry) and the
+        digest that pins the entries down for grain's checkpoint check (which compares reprs)."""
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"{self.KIND.replace('_', ' ')} not found: {root}")
+        self.root, self.captions = root, captions
+        self._entries, bad = read_captions(os.path.join(root, captions), self.on_error)
+        for msg in bad:
+            self._record("malformed_row", msg)
+        if not self._entries:
+            raise ValueError(f"no usable rows in {os.path.join(root, captions)}")
+        self.size = len(self._entries) if size is None else int(size)
+        self._digest = zlib.crc32(json.dumps(self._entries).encode("utf-8"))
+
     # -- bad input ----------------------------------------------------------------------------
 
     def _record(self, reason: str, path: str, message: str | None = None):
@@ -341,17 +356,7 @@ class VideoFolderSource(FolderSource):
         self.meta_cache = meta_cache
         self._init_clips(num_frames=num_frames, resolution=resolution, fps=fps, stride=stride, crop=crop,
                          seed=seed, split=split, on_error=on_error)
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"video folder not found: {root}")
-        self.root, self.captions = root, captions
-        self._entries, bad = read_captions(os.path.join(root, captions), on_error)
-        for msg in bad:
-            self._record("malformed_row", msg)
-        if not self._entries:
-            raise ValueError(f"no usable rows in {os.path.join(root, captions)}")
-        self.size = len(self._entries) if size is None else int(size)
-        # Pins down the entries for grain's checkpoint check (which compares reprs).
-        self._digest = zlib.crc32(json.dumps(self._entries).encode("utf-8"))
+        self._index_folder(root, captions, size)
 
     def _init_clips(self, *, num_frames, resolution, fps, stride, crop, seed, split, on_error):
         """Checks and sets the clip settings and empties the bad-input counts (shared with the
