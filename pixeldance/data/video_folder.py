@@ -215,6 +215,14 @@ class FolderSource:
 
     # -- bad input ----------------------------------------------------------------------------
 
+    def _skip_bad(self, entry: int, error: BadVideoError):
+        """A bad entry: with on_error='raise' the error propagates; else it is remembered (never
+        read again in this process), logged and counted."""
+        if self.on_error == "raise":
+            raise error
+        self._bad[entry] = error.reason
+        self._record(error.reason, error.path, str(error))
+
     def _record(self, reason: str, path: str, message: str | None = None):
         self._counts[reason] += 1
         if len(self._examples[reason]) < _EXAMPLES:
@@ -245,10 +253,7 @@ class FolderSource:
                 rng = np.random.default_rng([self.seed, SPLITS.index(self.split), index])
                 video, caption = self._read_entry(entry, rng, index)
             except BadVideoError as e:
-                if self.on_error == "raise":
-                    raise
-                self._bad[entry] = e.reason
-                self._record(e.reason, e.path, str(e))
+                self._skip_bad(entry, e)
                 continue
             return dict(video=video, caption=caption, index=index)
         need = f" of {self._shape[0]}+ frames" if self._shape else ""
@@ -321,10 +326,7 @@ class FolderSource:
                 try:
                     values = self._probe(path)
                 except BadVideoError as e:
-                    if self.on_error == "raise":
-                        raise
-                    self._bad[entry] = e.reason
-                    self._record(e.reason, e.path, str(e))
+                    self._skip_bad(entry, e)
                     continue
                 cache.put(rel, path, values)
             table[entry] = self._native_of(values)
