@@ -71,19 +71,10 @@ class ImageFolderSource(FolderSource):
         self._bad: dict[int, str] = {}  # entry -> reason, once found (per process)
         self._index_folder(root, captions, size)
 
-    def __len__(self) -> int:
-        return self.size
-
     def __repr__(self) -> str:
         return (f"ImageFolderSource(root={self.root!r}, captions={self.captions!r}, "
                 f"entries={len(self._entries)}, digest={self._digest:08x}, size={self.size}, "
                 f"resolution={self.resolution}, crop={self.crop!r}, seed={self.seed}, split={self.split!r})")
-
-    def __getitem__(self, index: int) -> dict:
-        index = int(index)
-        if not 0 <= index < self.size:
-            raise IndexError(f"index {index} out of range for {self!r}")
-        return self._first_good(index)
 
     def _read_entry(self, entry: int, rng: np.random.Generator, index: int) -> tuple[np.ndarray, str]:
         """(image as uint8 [1, H, W, 3], caption) of entry `entry`; BadImageError if unreadable."""

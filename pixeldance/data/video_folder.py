@@ -215,6 +215,17 @@ class FolderSource:
 
     # -- bad input ----------------------------------------------------------------------------
 
+    # -- grain's interface (with the subclass's __repr__) ---------------------------------------
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} out of range for {self!r}")
+        return self._first_good(index)  # bad entries replaced by the next good one
+
     def _skip_bad(self, entry: int, error: BadVideoError):
         """A bad entry: with on_error='raise' the error propagates; else it is remembered (never
         read again in this process), logged and counted."""
@@ -380,20 +391,11 @@ class VideoFolderSource(FolderSource):
 
     # -- grain's interface ------------------------------------------------------------------
 
-    def __len__(self) -> int:
-        return self.size
-
     def __repr__(self) -> str:
         return (f"VideoFolderSource(root={self.root!r}, captions={self.captions!r}, "
                 f"entries={len(self._entries)}, digest={self._digest:08x}, size={self.size}, "
                 f"num_frames={self.num_frames}, resolution={self.resolution}, fps={self.fps}, "
                 f"stride={self.stride}, crop={self.crop!r}, seed={self.seed}, split={self.split!r})")
-
-    def __getitem__(self, index: int) -> dict:
-        index = int(index)
-        if not 0 <= index < self.size:
-            raise IndexError(f"index {index} out of range for {self!r}")
-        return self._first_good(index)  # (FolderSource: bad entries replaced by the next good one)
 
     def _read_entry(self, entry: int, rng: np.random.Generator, index: int) -> tuple[np.ndarray, str]:
         """(clip, caption) of entry `entry` for item `index`; BadVideoError if no clip."""
