@@ -1,8 +1,11 @@
-r"""DiT train-step throughput: achieved FLOP/s against a float32 matmul peak measured in-process.
+r"""DiT train-step throughput: achieved FLOP/s against a matmul peak measured in-process.
 
   nice -n 5 python benchmarks/train_step.py --variant=S --batch=2 --frames=4 --latent=32 --remat=dots
   nice -n 5 python benchmarks/train_step.py --variant=B --batch=1 --frames=4 --latent=32 --remat=dots
   python benchmarks/train_step.py --variant=shapes [--batch=32 --frames=5 --latent=8 --repeats=5]
+  # GPU: bfloat16 compute (cuDNN attention), float32 parameters, against a bfloat16 peak
+  python benchmarks/train_step.py --variant=B --batch=16 --frames=5 --latent=32 --dtype=bfloat16 \
+      --peak_dtype=bfloat16 --peak_n=8192 --repeats=10
 
 Prints one JSON object (and appends it to --output if given). Model FLOPs are counted
 analytically (`pixeldance.models.dit.dit_flops_per_sample` plus the text encoder): XLA's
@@ -34,10 +37,14 @@ from pixeldance.models import dit as dit_lib
 from pixeldance.models import text as text_lib
 
 
-def make_peak(n: int = 2048):
-    """A jitted float32 n x n matmul (warmed up) -> a function timing one call in FLOP/s."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+def make_peak(n: int = 2048, dtype=jnp.float32):
+    """A jitted n x n matmul in `dtype` (warmed up) -> a function timing one call in FLOP/s.
+
+    float32 at 2048 on the CPU; on a GPU the compute dtype (bfloat16) at 8192, large enough to
+    reach the tensor cores' rate.
+    """
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
     f = jax.jit(lambda a, b: a @ b)
     f(a, b).block_until_ready()
     return lambda: 2 * n ** 3 / _timed(lambda: f(a, b).block_until_ready())
@@ -71,6 +78,8 @@ def main():
     p.add_argument("--attention_impl", default=None, help="attention kernel (default: per backend)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--peak_dtype", default="float32", help="dtype of the peak matmul (bfloat16 on GPUs)")
+    p.add_argument("--peak_n", type=int, default=2048, help="size of the peak matmul (8192 on GPUs)")
     p.add_argument("--output", default=None, help="append the JSON line to this file")
     args = p.parse_args()
 
@@ -90,6 +99,7 @@ def main():
                  m=np.ones((B, T, H, H, 1), np.float32),
                  tokens=rng.integers(3, 32, size=(B, S)).astype(np.int32),
                  target=rng.normal(size=(B, T, H, H, C)).astype(np.float32))
+    batch = jax.device_put(batch)  # on the device once: the step is timed, not the transfer
     params = nn.unbox(model.init(jax.random.key(0), batch["x"][:1], batch["t"][:1], batch["c"][:1],
                                  batch["m"][:1], batch["tokens"][:1]))
     tx = optax.adamw(1e-4)
@@ -107,7 +117,7 @@ def main():
     state, m = step(state, batch, key)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
-    peak_fn = make_peak()
+    peak_fn = make_peak(args.peak_n, jnp.dtype(args.peak_dtype))
     times, peaks = [], []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
@@ -128,13 +138,13 @@ def main():
     result = dict(
         benchmark="train_step", variant=args.variant, batch=B, latent=[T, H, H, C], patch=args.patch,
         tokens=tokens, remat=args.remat, attention=args.attention, attention_impl=args.attention_impl,
-        dtype=args.dtype, params=int(sum(x.size for x in jax.tree.leaves(params))),
+        dtype=args.dtype, peak_dtype=args.peak_dtype, peak_n=args.peak_n, params=int(sum(x.size for x in jax.tree.leaves(params))),
         flops_per_step=flops, step_time_median_s=median, step_time_min_s=float(min(times)),
         compile_s=compile_s, achieved_flops=flops / min(times), peak_flops=float(max(peaks)),
         peak_flops_median=float(np.median(peaks)), ratio=flops / min(times) / max(peaks),
         ratio_paired_median=float(np.median([flops / t / pk for t, pk in zip(times, peaks)])),
         load_avg_before=load_before, load_avg_after=os.getloadavg(), nice=os.nice(0),
-        backend=jax.default_backend(), devices=jax.device_count(), jax=jax.__version__,
+        backend=jax.default_backend(), devices=jax.device_count(), device=jax.devices()[0].device_kind, jax=jax.__version__,
         machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),
         xla_flags=os.environ.get("XLA_FLAGS", ""), date=time.strftime("%Y-%m-%d %H:%M"))
     line = json.dumps(result)

@@ -247,6 +247,17 @@ def test_kernel_choice_on_cpu():
         attn_lib.dot_product_attention(*([jnp.zeros((1, 4, 1, 8))] * 3), implementation="flash")
 
 
+def test_kernel_choice_on_gpu(monkeypatch):
+    """cuDNN for half-precision self-attention; XLA for float32, wide heads and masked (text) keys."""
+    monkeypatch.setattr(attn_lib.jax, "default_backend", lambda: "gpu")
+    pick = attn_lib.pick_implementation
+    assert pick((2, 1280, 12, 64), (2, 1280, 12, 64), jnp.bfloat16) == "cudnn"
+    assert pick((2, 1280, 12, 128), (2, 1280, 12, 128), jnp.float16) == "cudnn"
+    assert pick((2, 1280, 12, 64), (2, 1280, 12, 64), jnp.float32) == "xla"
+    assert pick((2, 1280, 2, 256), (2, 1280, 2, 256), jnp.bfloat16) == "xla"
+    assert pick((2, 1280, 12, 64), (2, 64, 12, 64), jnp.bfloat16, masked=True) == "xla"
+
+
 # ----------------------------------------------------------------------------------------------
 # Factorised attention: which tokens a perturbation reaches after one block
 

@@ -75,7 +75,7 @@ def dot_product_attention(q, k, v, *, key_mask=None, implementation: str | None 
             return cp.attention(q, k, v, key_mask=key_mask, flavour=context_parallel,
                                 implementation=implementation)
     if implementation is None:
-        implementation = pick_implementation(q.shape, k.shape, q.dtype)
+        implementation = pick_implementation(q.shape, k.shape, q.dtype, masked=key_mask is not None)
     if implementation == "xla" or implementation == "cudnn":
         mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1(N), 1(L), M]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
@@ -89,12 +89,14 @@ def dot_product_attention(q, k, v, *, key_mask=None, implementation: str | None 
     raise ValueError(f"unknown attention implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
 
 
-def pick_implementation(q_shape, k_shape, dtype) -> str:
+def pick_implementation(q_shape, k_shape, dtype, masked: bool = False) -> str:
     """The kernel for this backend and shape: splash on TPU, cuDNN on GPU, chunked on CPU.
 
     Each falls back to 'xla' where its kernel does not apply: splash needs lengths that are
-    multiples of 128; cuDNN half precision and head width <= 128 (multiple of 8); chunked
-    pays off only for large logits tensors.
+    multiples of 128; cuDNN half precision, head width <= 128 (multiple of 8) and no key mask
+    (masked attention here is cross-attention to a few dozen text tokens, whose logits are
+    small: cuDNN's flash kernel gains nothing there, and its mask support varies by version);
+    chunked pays off only for large logits tensors.
     """
     (B, L, N, K), M = q_shape, k_shape[1]
     backend = jax.default_backend()
@@ -102,7 +104,7 @@ def pick_implementation(q_shape, k_shape, dtype) -> str:
         return "splash" if _splash is not None and L % 128 == 0 and M % 128 == 0 else "xla"
     if backend == "gpu":
         half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-        return "cudnn" if half and K <= 128 and K % 8 == 0 else "xla"
+        return "cudnn" if half and K <= 128 and K % 8 == 0 and not masked else "xla"
     return "chunked" if B * N * L * M >= CPU_CHUNKED_MIN_LOGITS else "xla"
 
 

@@ -97,7 +97,7 @@ def _ulysses_local(q, k, v, key_mask, implementation=None):
 
 def _local_kernel(q, k, v, key_mask, implementation):
     """The kernels of `attention.dot_product_attention`, on what is already one device's part."""
-    impl = implementation or attn_lib.pick_implementation(q.shape, k.shape, q.dtype)
+    impl = implementation or attn_lib.pick_implementation(q.shape, k.shape, q.dtype, masked=key_mask is not None)
     if impl in ("xla", "cudnn"):
         mask = None if key_mask is None else key_mask[:, None, None, :]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
