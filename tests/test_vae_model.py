@@ -135,7 +135,7 @@ def test_unknown_variant_names_valid_ones():
 
 
 def test_variants_compress_4x8x8_to_16_channels():
-    assert set(VAE_VARIANTS) == {"mu", "shapes", "S", "B"}
+    assert set(VAE_VARIANTS) == {"mu", "shapes", "shapes_wide", "S", "B"}
     video = jax.ShapeDtypeStruct((1, 5, 16, 16, 3), jnp.float32)
     sizes = {}
     for name in VAE_VARIANTS:
