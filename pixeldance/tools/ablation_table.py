@@ -1,0 +1,117 @@
+r"""Our version of the paper's Table 3: ablation workdirs side by side, with the paper's numbers.
+
+  python -m pixeldance.tools.ablation_table \
+      --rows=full=workdirs/shapes,t2v=workdirs/shapes_t2v,no_text=workdirs/shapes_no_text,no_last=workdirs/shapes_no_last \
+      --output=benchmarks/results/table3.json
+
+Each row is `NAME=WORKDIR`, a workdir whose `sample` stage wrote `faithfulness.json` (the
+synthetic-world evaluator's report: per mode T2V / I2V / FLF2V and split seen / heldout / all,
+colour, direction and consistency accuracies in [0, 1], first- and last-frame PSNR in dB). Rows
+named after the paper's ablations (`full`, `t2v`, `no_text`, `no_last`) also show the paper's
+UCF-101 FID / FVD for that row (`PAPER_TABLE3`, from refs/PIXELDANCE.md; lower is better there,
+higher is better in ours). Other names (e.g. `eps`, `factorised`) are printed without.
+
+Prints a Markdown table (held-out combinations, except consistency and the PSNRs, which use all
+128 videos per mode) and, with --output, writes the rows and the full reports as JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags
+
+# The paper's ablation on UCF-101 (FID, FVD; lower is better), by our experiment names.
+PAPER_TABLE3 = {
+    "t2v": ("text-to-video baseline (no image instructions)", 59.35, 450.58),
+    "full": ("PixelDance", 49.36, 242.82),
+    "no_text": ("without text", 51.26, 375.79),
+    "no_last": ("trained without the last frame", 49.45, 339.08),
+}
+EXPERIMENT_FILES = {"full": "experiments/shapes.py", "t2v": "experiments/shapes_t2v.py",
+                    "no_text": "experiments/shapes_no_text.py", "no_last": "experiments/shapes_no_last.py",
+                    "eps": "experiments/shapes_eps.py", "v": "experiments/shapes_v.py",
+                    "velocity": "experiments/shapes_velocity.py", "concat": "experiments/shapes_concat.py",
+                    "factorised": "experiments/shapes_factorised.py"}
+# (column header, mode, split, metric, format)
+COLUMNS = (
+    ("T2V colour", "T2V", "heldout", "colour_acc", "{:.3f}"),
+    ("T2V direction", "T2V", "heldout", "direction_acc", "{:.3f}"),
+    ("I2V colour", "I2V", "heldout", "colour_acc", "{:.3f}"),
+    ("I2V direction", "I2V", "heldout", "direction_acc", "{:.3f}"),
+    ("FLF2V direction", "FLF2V", "heldout", "direction_acc", "{:.3f}"),
+    ("I2V consistent", "I2V", "all", "consistency_acc", "{:.2f}"),
+    ("first-frame PSNR", "I2V", "all", "first_psnr", "{:.1f} dB"),
+    ("last-frame PSNR", "FLF2V", "all", "last_psnr", "{:.1f} dB"),
+)
+
+_ROWS = flags.DEFINE_string("rows", None, "NAME=WORKDIR,NAME=WORKDIR,... (each with faithfulness.json)")
+_OUTPUT = flags.DEFINE_string("output", None, "also write the table as JSON here")
+
+
+def parse_rows(spec: str) -> list[tuple[str, str]]:
+    """'a=DIR1,b=DIR2' -> [('a', 'DIR1'), ('b', 'DIR2')]; a malformed entry is a one-line error."""
+    rows = []
+    for part in (spec or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, sep, workdir = part.partition("=")
+        if not sep or not name.strip() or not workdir.strip():
+            raise ValueError(f"bad --rows entry {part!r}: want NAME=WORKDIR")
+        rows.append((name.strip(), workdir.strip()))
+    if not rows:
+        raise ValueError("--rows is empty: give NAME=WORKDIR,...")
+    return rows
+
+
+def load_report(workdir: str) -> dict:
+    path = os.path.join(workdir, "faithfulness.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: run the sample stage of that workdir first "
+                                f"(--config.mode=sample)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def table_rows(rows: list[tuple[str, str]]) -> list[dict]:
+    """One dict per row: name, workdir, our metrics by column header, the paper's numbers."""
+    out = []
+    for name, workdir in rows:
+        report = load_report(workdir)
+        metrics = {}
+        for header, mode, split, key, _ in COLUMNS:
+            value = report.get(mode, {}).get(split, {}).get(key)
+            metrics[header] = value
+        paper = PAPER_TABLE3.get(name)
+        out.append(dict(name=name, workdir=workdir, experiment=EXPERIMENT_FILES.get(name), metrics=metrics,
+                        paper=None if paper is None else dict(row=paper[0], ucf101_fid=paper[1], ucf101_fvd=paper[2]),
+                        report=report))
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    headers = ["row"] + [c[0] for c in COLUMNS] + ["paper: UCF-101 FID / FVD"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for r in rows:
+        cells = [r["name"] if r["paper"] is None else f"{r['name']} ({r['paper']['row']})"]
+        for header, *_, fmt in COLUMNS:
+            v = r["metrics"][header]
+            cells.append("–" if v is None else fmt.format(v))
+        cells.append("" if r["paper"] is None else f"{r['paper']['ucf101_fid']} / {r['paper']['ucf101_fvd']}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    rows = table_rows(parse_rows(_ROWS.value))
+    print(markdown(rows))
+    if _OUTPUT.value:
+        os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
+        with open(_OUTPUT.value, "w") as f:
+            json.dump(dict(columns=[c[:4] for c in COLUMNS], rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)
