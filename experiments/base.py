@@ -115,10 +115,15 @@ def get_config(arg=None):
         num_videos=2048,     # training videos encoded once into the latent cache
         batch_size=16,
         # ArrayRecord shards (pixeldance/data/latent_cache.py): num_shards, or 0 for
-        # ceil(num_videos / records_per_shard). Each host writes its share of the shards.
+        # ceil(num_videos / records_per_shard) (likewise for the image cache, at most one shard
+        # per image). Each host writes its share of the shards.
         num_shards=0,
         records_per_shard=1024,
         path="",             # the cache folder (default <workdir>/cache); the DiT reads it from here
+        # The image cache (written when train.image_source names a source): its folder (default
+        # <workdir>/cache_images) and how many images it holds (0: every image of the source once).
+        image_path="",
+        num_images=0,
     )
 
     c.text = dict(
@@ -174,6 +179,10 @@ def get_config(arg=None):
         ckpt_every=500,
         keep_checkpoints=2,
         image_every=0,             # joint image-video training: every k-th batch is images (0: off)
+        image_source="",           # where those images come from: "" the first latent frames of the
+                                   # cached clips; or a source of data.sources (e.g. "images", an
+                                   # image_folder of the videos' resolution), encoded by the cache
+                                   # stage into the image cache (cache.image_path)
     )
 
     c.sample = dict(

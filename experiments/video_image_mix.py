@@ -15,12 +15,18 @@ What each stage reads:
              grouped by `data.buckets`: clips of 17 frames in three aspects and images in the
              same three, each item in the bucket nearest its own duration and aspect, each batch
              one shape (so the VAE learns images and videos, and wide and tall frames).
-  cache      the video component only (the latent cache holds one clip shape).
-  train_dit  joint image-video training by `train.image_every`: every 4th batch is images (the
-             first latent frames of the cached clips, trained text-to-image).
+  cache      the video component into the latent cache (`<workdir>/cache`, one clip shape), and
+             the image folder (`train.image_source = "images"`: every image once, square at
+             `data.resolution` like the clips) into the image cache (`<workdir>/cache_images`).
+  train_dit  joint image-video training by `train.image_every`: every 4th batch is images from
+             the image cache (the folder's images with their captions, trained text-to-image);
+             the other batches are clips from the latent cache.
+To train the DiT on the clips' first latent frames instead of the folder's images (the
+behaviour before the image cache): `--config.train.image_source=`.
 Swap the weights (`--config.data.mixture=videos:0.5,images:0.5`), the buckets
 (`--config.data.buckets=17x64x64,1x64x64`) or the image folder's captions file
-(`--config.data.sources.images.captions=captions.jsonl`) from the command line.
+(`--config.data.sources.images.captions=captions.jsonl`) from the command line, and cap the
+images the DiT sees with `--config.cache.num_images=N` (the first N rows of the captions file).
 """
 from pixeldance import configs
 
@@ -44,6 +50,7 @@ def get_config(arg=None):
     c.text.max_length = 24
     c.text.vocab_size = 8192
     c.train.image_every = 4
+    c.train.image_source = "images"  # the DiT's image batches: the image folder, via the image cache
     if not runlocal:
         c.cache.num_videos = 4096
     else:

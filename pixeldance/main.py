@@ -3,7 +3,8 @@ r"""Entry point: `python -m pixeldance.main --config=experiments/x.py[:args] --w
 Dispatches on `config.mode`:
   train      every stage in order: train_vae -> cache -> train_dit -> sample (evaluate)
   train_vae  the video VAE
-  cache      encode training videos into the latent cache with the frozen VAE
+  cache      encode training videos into the latent cache with the frozen VAE (and the images of
+             config.train.image_source, if named, into the image cache)
   train_dit  the DiT on the latent cache
   sample     sample the three modes, write videos and the faithfulness report
   plan       compile the DiT train step and sampler for config.plan's target mesh without its

@@ -26,6 +26,10 @@ by renames. Multi-host: process p writes shards p, p + P, p + 2P, ... (P process
 shard is encoded twice; process 0 prepares the partial folder and publishes the cache, with a
 barrier (`sync`) between the steps. The output folder must be on storage all processes share.
 
+An image cache (`image_cache_dir`, `<workdir>/cache_images`: images of config.train.image_source
+for the DiT's image batches) has the same format, with T = K = 1: z float32 [1, h, w, C] and
+z_last the same single latent frame.
+
 Reading: `LatentCacheSource(path)` (also `pixeldance.data.pipeline.LatentCacheSource`), a grain
 random-access source over the shards via array_record's `ArrayRecordDataSource`.
 """
@@ -103,6 +107,12 @@ def decode_record(data: bytes) -> dict[str, Any]:
 def cache_dir(config, workdir: str) -> str:
     """The latent cache folder of an experiment: config.cache.path, or `<workdir>/cache`."""
     return config.cache.get("path", "") or os.path.join(workdir, "cache")
+
+
+def image_cache_dir(config, workdir: str) -> str:
+    """The image latent cache folder (written when config.train.image_source names a source):
+    config.cache.image_path, or `<workdir>/cache_images`."""
+    return config.cache.get("image_path", "") or os.path.join(workdir, "cache_images")
 
 
 def shard_name(index: int, num_shards: int) -> str:

@@ -13,6 +13,15 @@ as an image, latest first), tokens int32 [S] (config.text's tokenizer) and the c
 and layout in `pixeldance/data/latent_cache.py`. meta.json records the shapes and dtypes, the
 count, the VAE step the latents came from, the tokenizer and the source.
 
+Images. When `config.train.image_source` names an image source (e.g. "images", an entry of
+`config.data.sources` with name='image_folder'), the stage also writes the image cache the DiT's
+image batches come from, in `config.cache.image_path` or `<workdir>/cache_images`, in the same
+format and by the same resumable build: record i is image i (`config.cache.num_images` of them,
+0: every image of the folder once), z float32 [1, h, w, C], z_last the same latent [1, h, w, C],
+tokens and the caption from the folder's captions file. The images must have the videos' size
+(the same latent h, w); a missing folder or captions file stops the stage before any encoding,
+with one line naming the path.
+
 Videos are encoded `config.cache.batch_size` at a time (the last batch of a shard is padded, so
 the VAE compiles once), read by `config.data.num_workers` grain worker processes when > 0.
 Multi-host: each process encodes and writes its own shards (s % processes == process index).
@@ -106,7 +115,8 @@ def _video_batches(source, start: int, end: int, batch_size: int, num_workers: i
 def batch_encoder(vae, tokenizer, source, batch_size: int, last_from: int, num_workers: int = 0):
     """encode_range(start, end) for `latent_cache.build`: for source items start..end-1, in
     batches of `batch_size`, lists of records dict(z float32 [T, h, w, C], z_last float32
-    [K, h, w, C], tokens int32 [S], caption str). vae.encode: uint8 [B, F, H, W, 3] -> float32
+    [K, h, w, C], tokens int32 [S], caption str); for one-frame items (images) z_last = z
+    [1, h, w, C]. vae.encode: uint8 [B, F, H, W, 3] -> float32
     [B, T, h, w, C]; tokenizer: B strings -> int32 [B, S]."""
     K = last_from
 
@@ -116,10 +126,12 @@ def batch_encoder(vae, tokenizer, source, batch_size: int, last_from: int, num_w
             if B < batch_size:  # pad with the last video: one compiled shape for every batch
                 videos = np.concatenate([videos, np.repeat(videos[-1:], batch_size - B, axis=0)])
             z = vae.encode(videos)[:B]  # [B, T, h, w, C]
-            # The last K frames as one-frame videos (images), as PixelDance's last-frame instruction.
-            lasts = videos[:, ::-1][:, :K]  # [batch_size, K, H, W, 3], latest first
-            z_last = vae.encode(np.ascontiguousarray(lasts).reshape(-1, 1, *lasts.shape[2:]))[:, 0]
-            z_last = z_last.reshape(batch_size, K, *z_last.shape[1:])[:B]
+            if videos.shape[1] == 1:  # images: the frame is its own last frame, already encoded
+                z_last = z
+            else:  # the last K frames as images, as PixelDance's last-frame instruction
+                lasts = videos[:, ::-1][:, :K]  # [batch_size, K, H, W, 3], latest first
+                z_last = vae.encode(np.ascontiguousarray(lasts).reshape(-1, 1, *lasts.shape[2:]))[:, 0]
+                z_last = z_last.reshape(batch_size, K, *z_last.shape[1:])[:B]
             tokens = tokenizer(captions)
             yield [dict(z=z[i], z_last=z_last[i], tokens=tokens[i], caption=captions[i]) for i in range(B)]
     return encode_range
@@ -136,49 +148,111 @@ def _write_stats(workdir: str, meta: dict, n: int):
     os.replace(tmp, os.path.join(workdir, dit_trainer.LATENT_STATS))
 
 
+def image_source(config, video_source):
+    """(config for the images, their source) of config.train.image_source, or None when it is "".
+
+    The source is config.data with config.data.sources[name] laid over it (as a mixture
+    component), config.cache.num_images items (0: every image once). Its items must be images
+    (one frame) of the videos' height and width: the DiT's image and video batches share one
+    latent grid. Errors (a missing folder or captions file, another size) are one line naming
+    the path or the config field."""
+    from pixeldance.data import buckets, mixture
+    from pixeldance.trainers import dit as dit_trainer
+    name = dit_trainer.image_source_name(config)
+    if not name:
+        return None
+    cfg = mixture.component_config(config, name)
+    try:
+        source = video_folder.make_source(cfg, "train", size=config.cache.get("num_images", 0) or None)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"config.train.image_source={name!r}: {e}") from None
+    F, H, W = buckets.item_shape(source)
+    _, Hv, Wv = buckets.item_shape(video_source)
+    if F != 1:
+        raise ValueError(f"config.train.image_source={name!r} gives items of {F} frames, not images "
+                         f"(config.data.sources.{name}.name should be 'image_folder')")
+    if (H, W) != (Hv, Wv):
+        raise ValueError(f"config.train.image_source={name!r}: images of {H}x{W} pixels but videos of "
+                         f"{Hv}x{Wv}; the DiT batches need one size: set config.data.sources.{name}.resolution "
+                         f"to the videos' (config.data.resolution={config.data.resolution})")
+    return cfg, source
+
+
 def cache_latents(config, workdir: str, *, output: str | None = None, last_from: int | None = None) -> str:
     """Writes (or keeps) the latent cache of `config` for the VAE in `workdir`; returns its folder.
 
     output: the cache folder (default `cache_dir(config, workdir)`). last_from: K, the last
-    frames encoded as images (default config.cond.last_from)."""
+    frames encoded as images (default config.cond.last_from). When config.train.image_source
+    names an image source, also writes (or keeps) the image cache (`image_cache_dir`: records
+    z float32 [1, h, w, C], z_last = z, tokens, caption) in the same way."""
     import jax
     from pixeldance import sharding
     from pixeldance.sample import load_vae
     from pixeldance.trainers import dit as dit_trainer
 
     sharding.initialize_distributed()  # a no-op unless launched as one of several processes
-    pid, nproc = jax.process_index(), jax.process_count()
+    pid = jax.process_index()
     path = output or cache_dir(config, workdir)
     n = config.cache.num_videos
     K = config.cond.last_from if last_from is None else last_from
     source = video_folder.make_source(config, "train", size=n)
+    # Before any encoding, so a missing image folder stops the stage at once, not after the videos.
+    images = image_source(config, source)
+    stats_path = os.path.join(workdir, dit_trainer.LATENT_STATS)
+    tokenizer = dit_trainer.build_tokenizer(config)  # the DiT's, for videos and images alike
+    vaes = []
+
+    def vae():  # loaded once, and only if a cache is (re)built
+        if not vaes:
+            vaes.append(load_vae(workdir))
+        return vaes[0]
+
     info = cache_info(config, workdir, source)
     info["last_from"] = K
-    stats_path = os.path.join(workdir, dit_trainer.LATENT_STATS)
+    meta, kept = _write_cache(config, path, source, n, info, vae, tokenizer, noun="videos", stage="cache")
+    if pid == 0:
+        if kept:
+            if not os.path.exists(stats_path):
+                _write_stats(workdir, meta, n)
+                print(f"latent cache: wrote {stats_path} from the kept cache")
+        elif vae_stats_current(workdir):
+            print(f"latent cache: keeping the VAE stage's {dit_trainer.LATENT_STATS}")
+        else:
+            _write_stats(workdir, meta, n)
+    if images is not None:
+        # Images normalise with the videos' statistics (one VAE latent space): none written here.
+        image_config, image_src = images
+        info = dict(cache_info(image_config, workdir, image_src), num_frames=1, last_from=1)
+        _write_cache(config, latent_cache.image_cache_dir(config, workdir), image_src, len(image_src), info,
+                     vae, tokenizer, noun="images", stage="cache images")
+    return path
 
+
+def _write_cache(config, path: str, source, n: int, info: dict, vae, tokenizer, *, noun: str, stage: str):
+    """Writes (or keeps) the cache of items 0..n-1 of `source` in `path` with `latent_cache.build`;
+    returns (meta, kept). Kept: a complete cache of n items with the same `info` (VAE step,
+    tokenizer, source, shapes). vae() -> the VAE; K = info['last_from'] last frames per record;
+    config.cache gives the batch size and shards."""
+    import jax
+    pid, nproc = jax.process_index(), jax.process_count()
     meta = latent_cache.read_meta(path)
     if meta is not None and meta["count"] == n and latent_cache.is_complete(path, meta) and \
             _same({k: meta.get(k) for k in info}, info):
-        print(f"latent cache: keeping {path} ({n} videos, VAE step {info['vae_step']})")
-        if pid == 0 and not os.path.exists(stats_path):
-            _write_stats(workdir, meta, n)
-            print(f"latent cache: wrote {stats_path} from the kept cache")
-        return path
+        print(f"latent cache: keeping {path} ({n} {noun}, VAE step {info['vae_step']})")
+        return meta, True
     if meta is not None:
-        print(f"latent cache: rebuilding {path} (made for {meta.get('count')} videos, "
+        print(f"latent cache: rebuilding {path} (made for {meta.get('count')} {noun}, "
               f"VAE step {meta.get('vae_step')}; now {n}, VAE step {info['vae_step']})")
     elif os.path.exists(os.path.join(path, "latents.npz")):
         print(f"latent cache: replacing the old single-file cache in {path}")
 
-    vae = load_vae(workdir)
-    tokenizer = dit_trainer.build_tokenizer(config)
     num_shards = latent_cache.num_shards_for(n, config.cache.get("num_shards", 0),
                                              config.cache.get("records_per_shard", 1024))
     bs = config.cache.batch_size
     mine = [r for s, r in enumerate(latent_cache.shard_ranges(n, num_shards)) if s % nproc == pid]
-    bar = tqdm(total=sum(-(-(end - start) // bs) for start, end in mine), desc="cache", unit="batch",
+    bar = tqdm(total=sum(-(-(end - start) // bs) for start, end in mine), desc=stage, unit="batch",
                disable=pid != 0)
-    encode = batch_encoder(vae, tokenizer, source, bs, K, config.data.get("num_workers", 0))
+    encode = batch_encoder(vae(), tokenizer, source, bs, info["last_from"], config.data.get("num_workers", 0))
 
     def encode_range(start, end):
         for records in encode(start, end):
@@ -192,16 +266,11 @@ def cache_latents(config, workdir: str, *, output: str | None = None, last_from:
     meta = latent_cache.build(path, count=n, num_shards=num_shards, encode_range=encode_range, info=info,
                               process_index=pid, process_count=nproc, sync=sync)
     bar.close()
-    if pid == 0:
-        if vae_stats_current(workdir):
-            print(f"latent cache: keeping the VAE stage's {dit_trainer.LATENT_STATS}")
-        else:
-            _write_stats(workdir, meta, n)
     f = meta["fields"]
     print(f"latent cache: wrote {path}: {n} records in {num_shards} shards, "
           f"z {tuple(f['z']['shape'])}, z_last {tuple(f['z_last']['shape'])}")
-    video_folder.log_summary(source, "cache")
-    return path
+    video_folder.log_summary(source, stage)
+    return meta, False
 
 
 # ---------------------------------------------------------------------------------------------

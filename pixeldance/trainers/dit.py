@@ -1,7 +1,9 @@
 """DiT trainer: rectified flow on cached VAE latents with PixelDance image instructions.
 
 Data: the latent cache (ArrayRecord shards) of the `cache` stage, in config.cache.path or
-`<workdir>/cache` (`pixeldance.data.latent_cache`).
+`<workdir>/cache` (`pixeldance.data.latent_cache`); with config.train.image_every = k, every k-th
+batch is images: from the image cache (config.cache.image_path or `<workdir>/cache_images`)
+when config.train.image_source names an image source, else the clips' first latent frames.
 
 Axis glossary: B batch, T latent frames, h/w latent height/width, C channels, S text tokens,
 K candidate last frames.
@@ -15,6 +17,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from pixeldance import rng as rng_lib
 from pixeldance import train_lib
@@ -120,38 +123,92 @@ def dit_loss(params, batch, rng, *, model, cond, diffusion, latent_mean, latent_
     return loss, dict(x0_mse=x0_err)
 
 
+def image_source_name(config) -> str:
+    """config.train.image_source: the source (a name in config.data.sources, or a dataset kind)
+    whose images the cache stage encodes into the image cache for the DiT's image batches; ""
+    (default): image batches are the first latent frames of the cached clips. Naming one needs
+    image batches (config.train.image_every >= 1)."""
+    name = config.train.get("image_source", "")
+    if name and not config.train.get("image_every", 0):
+        raise ValueError(f"config.train.image_source={name!r} needs config.train.image_every >= 1 "
+                         f"(every k-th DiT batch is images); set one, or image_source=''")
+    return name
+
+
 class ImageVideoBatches:
     """Joint image-video training: every `image_every`-th batch is a batch of images.
 
-    Images are one-frame videos in the same latent space (the causal VAE encodes a frame alone
-    exactly as the first frame of a video), so an image batch is z = the first latent frame
-    [B, 1, h, w, C] of the same examples, with their captions. `dit_loss` trains one-frame batches
-    text-to-image (no image instructions). Batch i (1-based) is an image batch when i % image_every
-    == 0; the position (the inner iterator's and the count) is the resumable state.
+    Batch i (1-based) is an image batch when i % image_every == 0; `dit_loss` trains one-frame
+    batches text-to-image (no image instructions). Images are one-frame videos in the same latent
+    space (the causal VAE encodes a frame alone exactly as the first frame of a video). An image
+    batch is
+      with `images` (batches of the image cache of config.train.image_source: z float32
+        [B, 1, h, w, C], z_last = z, tokens int32 [B, S]): its next batch; image steps then
+        consume no video batches;
+      without: the next video batch cut to its first latent frame, z [B, 1, h, w, C], with its
+        captions.
+    The resumable state is the position of each iterator and the count of batches drawn.
     """
 
-    def __init__(self, batches, image_every: int):
+    def __init__(self, batches, image_every: int, images=None):
         if image_every < 1:
             raise ValueError(f"config.train.image_every must be >= 1 (0: off), got {image_every}")
-        self._batches, self._every, self._drawn = batches, image_every, 0
+        self._batches, self._images, self._every, self._drawn = batches, images, image_every, 0
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        batch = next(self._batches)
-        self._drawn += 1
-        if self._drawn % self._every:
-            return batch
-        return dict(batch, z=batch["z"][:, :1], z_last=batch["z"][:, :1])
+        i = self._drawn + 1
+        if i % self._every:
+            batch = next(self._batches)
+        elif self._images is not None:
+            batch = next(self._images)
+        else:
+            video = next(self._batches)
+            batch = dict(video, z=video["z"][:, :1], z_last=video["z"][:, :1])
+        self._drawn = i  # counted once a batch came: a failed read is retried as the same batch
+        return batch
 
     def get_state(self) -> dict:
-        return dict(inner=self._batches.get_state(), drawn=self._drawn)
+        state = dict(inner=self._batches.get_state(), drawn=self._drawn)
+        if self._images is not None:
+            state["images"] = self._images.get_state()
+        return state
 
     def set_state(self, state: dict):
-        if state:
-            self._batches.set_state(state["inner"])
-            self._drawn = int(state["drawn"])
+        if not state:
+            return
+        self._batches.set_state(state["inner"])
+        self._drawn = int(state["drawn"])
+        if (self._images is not None) != ("images" in state):
+            # config.train.image_source switched on or off between runs: the video stream goes on
+            # where it was, the image stream cannot (a new one starts at its beginning).
+            logging.warning("data state saved %s an image cache, resumed %s one: video batches resume "
+                            "exactly, image batches do not", "with" if "images" in state else "without",
+                            "with" if self._images is not None else "without")
+        elif self._images is not None:
+            self._images.set_state(state["images"])
+
+
+def image_batches(config, workdir: str, video_source):
+    """The DiT's image batches from the image cache (`latent_cache.image_cache_dir`), or None
+    when config.train.image_source is "" (first frames of the cached clips instead). Same seed
+    and batch size as the video batches. The image latents must have the videos' h, w, C."""
+    name = image_source_name(config)
+    if not name:
+        return None
+    source = pipeline.LatentCacheSource(latent_cache.image_cache_dir(config, workdir))
+    T, *hwc = source.meta["fields"]["z"]["shape"]
+    video_hwc = video_source.meta["fields"]["z"]["shape"][1:]
+    if T != 1 or hwc != video_hwc:
+        raise ValueError(f"image cache {source.path}: latents [{T}, {', '.join(map(str, hwc))}], expected "
+                         f"[1, {', '.join(map(str, video_hwc))}] (the video cache's h, w, C): set "
+                         f"config.data.sources.{name}.resolution to the videos' and rerun the 'cache' stage")
+    k = config.train.image_every
+    print(f"dit: batches {k}, {2 * k}, ... are images from the image cache {source.path} "
+          f"({len(source)} images of config.train.image_source={name!r})")
+    return pipeline.make_batches(source, batch_size=config.train.batch_size, seed=config.seed)
 
 
 def train_dit(config, workdir: str):
@@ -163,7 +220,9 @@ def train_dit(config, workdir: str):
     source = pipeline.LatentCacheSource(latent_cache.cache_dir(config, workdir))
     batches = pipeline.make_batches(source, batch_size=c.batch_size, seed=config.seed)
     if c.get("image_every", 0):
-        batches = ImageVideoBatches(batches, c.image_every)
+        batches = ImageVideoBatches(batches, c.image_every, image_batches(config, workdir, source))
+    else:
+        image_source_name(config)  # an image source without image batches is a config error
     latent_mean, latent_std = load_latent_stats(workdir)
     example = source[0]
     T, h, w, C = example["z"].shape
