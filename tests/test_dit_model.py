@@ -258,6 +258,17 @@ def test_kernel_choice_on_gpu(monkeypatch):
     assert pick((2, 1280, 12, 64), (2, 64, 12, 64), jnp.bfloat16, masked=True) == "xla"
 
 
+def test_kernel_choice_follows_the_mesh_platform(monkeypatch):
+    """Compiling ahead for a TPU from a CPU host (pixeldance.plan): the mesh's platform decides."""
+    import types
+    tpu_mesh = types.SimpleNamespace(abstract_device=types.SimpleNamespace(platform="tpu"))
+    monkeypatch.setattr(attn_lib.jax.sharding, "get_abstract_mesh", lambda: tpu_mesh)
+    assert attn_lib.target_platform() == "tpu"
+    want = "splash" if attn_lib._splash is not None else "xla"
+    assert attn_lib.pick_implementation((1, 31744, 3, 128), (1, 31744, 3, 128), jnp.bfloat16) == want
+    assert attn_lib.pick_implementation((1, 1000, 3, 128), (1, 1000, 3, 128), jnp.bfloat16) == "xla"
+
+
 # ----------------------------------------------------------------------------------------------
 # Factorised attention: which tokens a perturbation reaches after one block
 

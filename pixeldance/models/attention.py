@@ -89,6 +89,17 @@ def dot_product_attention(q, k, v, *, key_mask=None, implementation: str | None 
     raise ValueError(f"unknown attention implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
 
 
+def target_platform() -> str:
+    """The platform the computation is for: that of the mesh in context, else JAX's backend.
+
+    They differ when compiling ahead for another target (`pixeldance.plan` compiles for TPU
+    topologies from a CPU host): the kernel must suit the target, not the host.
+    """
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    platform = getattr(device, "platform", None)
+    return platform or jax.default_backend()
+
+
 def pick_implementation(q_shape, k_shape, dtype, masked: bool = False) -> str:
     """The kernel for this backend and shape: splash on TPU, cuDNN on GPU, chunked on CPU.
 
@@ -99,7 +110,7 @@ def pick_implementation(q_shape, k_shape, dtype, masked: bool = False) -> str:
     chunked pays off only for large logits tensors.
     """
     (B, L, N, K), M = q_shape, k_shape[1]
-    backend = jax.default_backend()
+    backend = target_platform()
     if backend == "tpu":
         return "splash" if _splash is not None and L % 128 == 0 and M % 128 == 0 else "xla"
     if backend == "gpu":
