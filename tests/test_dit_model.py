@@ -238,6 +238,19 @@ def test_splash_attention_in_interpreter():
     np.testing.assert_allclose(np.asarray(out), _reference_attention(q, k, v, mask), atol=1e-5)
 
 
+def test_splash_kernel_per_device_under_a_mesh():
+    """The TPU kernel as the model runs it on a mesh: per device under shard_map (interpreted)."""
+    import functools
+    r = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(r.normal(size=(8, 128, 2, 64)), jnp.float32) for _ in range(3))
+    mask = jnp.asarray(r.uniform(size=(8, 128)) < 0.7).at[:, 0].set(True)
+    kernel = functools.partial(attn_lib._splash_attention, interpret=True)
+    assert attn_lib.is_pallas(kernel) and not attn_lib.is_pallas(attn_lib._chunked_attention)
+    with jax.set_mesh(sharding.make_mesh((1, 8, 1, 1))), nn.logical_axis_rules(sharding.rules("fsdp")):
+        out = jax.jit(lambda q, k, v, m: attn_lib._per_device(kernel, q, k, v, m))(q, k, v, mask)
+    np.testing.assert_allclose(np.asarray(out), _reference_attention(q, k, v, mask), atol=1e-5)
+
+
 def test_kernel_choice_on_cpu():
     pick = attn_lib.pick_implementation
     assert pick((2, 1024, 6, 64), (2, 1024, 6, 64), jnp.float32) == "chunked"
