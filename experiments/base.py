@@ -71,7 +71,8 @@ def get_config(arg=None):
         # held-out clips and statistics, samples) read the components shaped like the first.
         mixture="",
         sources={},
-        # Buckets (pixeldance/data/buckets.py; the VAE trainer): "FxHxW,..." e.g.
+        # Buckets (pixeldance/data/buckets.py; the VAE trainer, and with cache.bucketed the
+        # latent cache and the DiT): "FxHxW,..." e.g.
         # "17x64x64,17x48x80,1x64x64". Each item goes to the bucket with the most frames it can
         # fill, then the nearest aspect, and is resized/cropped to it; every batch is one bucket's
         # shape (one compile per shape). Frames 1 + 4k, H and W multiples of 8. "": off.
@@ -120,6 +121,10 @@ def get_config(arg=None):
         num_shards=0,
         records_per_shard=1024,
         path="",             # the cache folder (default <workdir>/cache); the DiT reads it from here
+        # With data.buckets: one cache per bucket (<path>/bucket-FxHxW/, items encoded at their
+        # bucket's shape, one-frame buckets too) and DiT batches of one bucket's shape each.
+        # False: one cache of data.num_frames x data.resolution clips, as without buckets.
+        bucketed=True,
         # The image cache (written when train.image_source names a source): its folder (default
         # <workdir>/cache_images) and how many images it holds (0: every image of the source once).
         image_path="",

@@ -15,18 +15,20 @@ What each stage reads:
              grouped by `data.buckets`: clips of 17 frames in three aspects and images in the
              same three, each item in the bucket nearest its own duration and aspect, each batch
              one shape (so the VAE learns images and videos, and wide and tall frames).
-  cache      the video component into the latent cache (`<workdir>/cache`, one clip shape), and
-             the image folder (`train.image_source = "images"`: every image once, square at
-             `data.resolution` like the clips) into the image cache (`<workdir>/cache_images`).
-  train_dit  joint image-video training by `train.image_every`: every 4th batch is images from
-             the image cache (the folder's images with their captions, trained text-to-image);
-             the other batches are clips from the latent cache.
-To train the DiT on the clips' first latent frames instead of the folder's images (the
-behaviour before the image cache): `--config.train.image_source=`.
+  cache      `cache.num_videos` items of the same mixture, each encoded at its bucket's shape
+             into one latent cache per bucket (`<workdir>/cache/bucket-17x48x80/`, ...; clips too
+             short for 17 frames and the images land in the one-frame buckets), listed in
+             `<workdir>/cache/buckets.json` (`cache.bucketed`, on by default with `data.buckets`).
+  train_dit  the DiT on those caches: every batch one bucket's latent shape (wide, tall or square
+             clips, or images trained text-to-image), batches drawn in the order of the VAE's
+             buckets (a pure function of the seed and the step, resumed exactly); one compile
+             of the train step per shape.
+To train the DiT at one shape instead (square clips, and every 4th batch images from the image
+folder via the image cache, `<workdir>/cache_images`, images at the clips' size):
+`--config.cache.bucketed=False --config.train.image_every=4 --config.train.image_source=images`.
 Swap the weights (`--config.data.mixture=videos:0.5,images:0.5`), the buckets
 (`--config.data.buckets=17x64x64,1x64x64`) or the image folder's captions file
-(`--config.data.sources.images.captions=captions.jsonl`) from the command line, and cap the
-images the DiT sees with `--config.cache.num_images=N` (the first N rows of the captions file).
+(`--config.data.sources.images.captions=captions.jsonl`) from the command line.
 """
 from pixeldance import configs
 
@@ -49,8 +51,10 @@ def get_config(arg=None):
     c.text.tokenizer = "hashed"
     c.text.max_length = 24
     c.text.vocab_size = 8192
-    c.train.image_every = 4
-    c.train.image_source = "images"  # the DiT's image batches: the image folder, via the image cache
+    # The DiT's images come from the one-frame buckets (cache.bucketed); image_every and
+    # image_source are for the one-shape DiT (cache.bucketed=False), see the docstring.
+    c.train.image_every = 0
+    c.train.image_source = ""
     if not runlocal:
         c.cache.num_videos = 4096
     else:
@@ -61,5 +65,5 @@ def get_config(arg=None):
         c.text.vocab_size = 256
         c.vae.eval_videos = 2
         c.vae.stats_videos = 8
-        c.train.image_every = 2
+        c.cache.num_videos = 32  # enough items that both buckets fill a DiT batch of 8
     return c

@@ -4,8 +4,9 @@ Dispatches on `config.mode`:
   train      every stage in order: train_vae -> cache -> train_dit -> sample (evaluate)
   train_vae  the video VAE
   cache      encode training videos into the latent cache with the frozen VAE (and the images of
-             config.train.image_source, if named, into the image cache)
-  train_dit  the DiT on the latent cache
+             config.train.image_source, if named, into the image cache); with config.data.buckets
+             one cache per bucket
+  train_dit  the DiT on the latent cache (with buckets: batches of one bucket's shape each)
   sample     sample the three modes, write videos and the faithfulness report
   plan       compile the DiT train step and sampler for config.plan's target mesh without its
              hardware; print memory per device and FLOPs, write plan.json (pixeldance/plan.py)

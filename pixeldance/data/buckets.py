@@ -21,6 +21,11 @@ rows [p B / P, (p + 1) B / P) of each global batch (the slicing contract of
 `pipeline.make_batches`): the global stream does not depend on the number of hosts. `transform`
 gets a generator seeded by (seed, g, row), also independent of the hosts. Batch frequencies
 follow the items' (a mixture's weights carry over).
+
+One schedule, two readers. `BucketSchedule` is that order over any per-bucket id lists;
+`BucketedBatches` reads raw items with it (the VAE), `CachedBucketBatches` reads the per-bucket
+latent caches of the cache stage (the DiT, `dit_buckets(config)`; record i of bucket b's cache
+is b's i-th item), so the DiT's batch g holds the items the raw stream's batch g would.
 """
 from __future__ import annotations
 
@@ -63,6 +68,27 @@ def parse_buckets(spec, frame_step: int = 4, pixel_step: int = 8) -> tuple[tuple
     if len(set(shapes)) != len(shapes):
         raise ValueError(f"a bucket is listed twice in {spec!r}")
     return tuple(shapes)
+
+
+def dit_buckets(config) -> tuple[tuple[int, int, int], ...] | None:
+    """The buckets of the latent cache and the DiT's batches: config.data.buckets parsed, when it is
+    set and config.cache.bucketed (default True); None: the one-shape cache and batches. A bad spec
+    is a one-line ValueError naming config.data.buckets. Bucketed batches hold the images already
+    (one-frame buckets), so joint training by config.train.image_every / image_source is refused."""
+    spec = config.data.get("buckets", "")
+    if not spec or not config.cache.get("bucketed", True):
+        return None
+    try:
+        shapes = parse_buckets(spec)
+    except ValueError as e:
+        raise ValueError(f"config.data.buckets={spec!r}: {e}" if "config.data.buckets" not in str(e) else str(e)) \
+            from None
+    every, name = config.train.get("image_every", 0), config.train.get("image_source", "")
+    if every or name:
+        raise ValueError(f"config.train.image_every={every} / image_source={name!r} with bucketed DiT batches "
+                         f"(config.data.buckets={spec!r}): images come from the one-frame buckets; set "
+                         f"image_every=0 and image_source='', or config.cache.bucketed=False")
+    return shapes
 
 
 def assign(frames, height, width, buckets) -> np.ndarray:
@@ -122,6 +148,63 @@ def read_item(source, index: int, shape=None) -> dict:
     return item
 
 
+def host_rows(batch_size: int, process_index: int, process_count: int) -> range:
+    """The rows [p B / P, (p + 1) B / P) of a global batch of B that host p of P reads (the
+    slicing contract of `pipeline.make_batches`)."""
+    if batch_size < 1 or batch_size % process_count:
+        raise ValueError(f"global batch size {batch_size} is not divisible by {process_count} hosts")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    rows = batch_size // process_count
+    return range(process_index * rows, (process_index + 1) * rows)
+
+
+class BucketSchedule:
+    """The order of a bucketed stream, shared by raw-item sources (`BucketedBatches`) and per-bucket
+    latent caches (`CachedBucketBatches`).
+
+    members: per bucket, the ids of its items (int arrays; a bucket may be empty). Epoch e: each
+    bucket's ids in an order drawn from (seed, e, bucket), cut into batches of `batch_size` (the
+    last partial batch dropped), and the epoch's batches in an order drawn from (seed, e). So
+    `global_batch(g)` is a pure function of (seed, g, members). `fields`: the config fields to
+    name when no bucket fills a batch (one-line ValueError).
+    """
+
+    def __init__(self, members, *, batch_size: int, seed: int, names=None,
+                 fields: str = "config.data.buckets"):
+        self.members = [np.asarray(m, np.int64).reshape(-1) for m in members]
+        self.batch_size, self.seed = int(batch_size), int(seed)
+        self.per_epoch = np.array([len(m) // batch_size for m in self.members], np.int64)
+        self.batches_per_epoch = int(self.per_epoch.sum())
+        names = names or [str(b) for b in range(len(self.members))]
+        self.counts = ", ".join(f"{n}: {len(m)}" for n, m in zip(names, self.members))
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"no bucket holds a full batch of {batch_size} items (items per bucket: "
+                             f"{self.counts}): check {fields}")
+        self._plan = (None, None, None)
+
+    def _epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """(bucket of each of the epoch's batches [nb], their ids [nb, B]) of epoch e."""
+        if self._plan[0] != e:
+            labels, rows = [], []
+            for b, members in enumerate(self.members):
+                n = int(self.per_epoch[b])
+                if n == 0:
+                    continue
+                order = np.random.default_rng([self.seed, _TAG, e, b]).permutation(members)
+                rows.append(order[: n * self.batch_size].reshape(n, self.batch_size))
+                labels.append(np.full(n, b))
+            perm = np.random.default_rng([self.seed, _TAG, e]).permutation(self.batches_per_epoch)
+            self._plan = (e, np.concatenate(labels)[perm], np.concatenate(rows)[perm])
+        return self._plan[1], self._plan[2]
+
+    def global_batch(self, g: int) -> tuple[int, np.ndarray]:
+        """(bucket, ids [B]) of global batch g."""
+        e, t = divmod(int(g), self.batches_per_epoch)
+        labels, rows = self._epoch(e)
+        return int(labels[t]), rows[t]
+
+
 class BucketedBatches:
     """Random access over this host's batches of a bucketed stream (a grain source of batches).
 
@@ -134,27 +217,19 @@ class BucketedBatches:
     def __init__(self, source, buckets, *, batch_size: int, seed: int,
                  transform: Callable[[dict, np.random.Generator], dict] | None = None,
                  process_index: int = 0, process_count: int = 1):
-        if batch_size < 1 or batch_size % process_count:
-            raise ValueError(f"global batch size {batch_size} is not divisible by {process_count} hosts")
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        self._rows = host_rows(batch_size, process_index, process_count)
         self.source, self.buckets = source, parse_buckets(buckets)
         self.batch_size, self.seed, self.transform = batch_size, int(seed), transform
-        self.rows = batch_size // process_count
-        self.first_row = process_index * self.rows
         info = native_info(source, np.arange(len(source)))
         self.assignment = assign(info["frames"], info["height"], info["width"], self.buckets)
-        self._members = [np.flatnonzero(self.assignment == b) for b in range(len(self.buckets))]
-        self.per_epoch = np.array([len(m) // batch_size for m in self._members], np.int64)
-        self.batches_per_epoch = int(self.per_epoch.sum())
-        counts = ", ".join(f"{f}x{h}x{w}: {len(m)}" for (f, h, w), m in zip(self.buckets, self._members))
         left_out = int((self.assignment < 0).sum())
-        if self.batches_per_epoch == 0:
-            raise ValueError(f"no bucket holds a full batch of {batch_size} items (items per bucket: "
-                             f"{counts}; {left_out} fit no bucket)")
+        members = [np.flatnonzero(self.assignment == b) for b in range(len(self.buckets))]
+        self.schedule = BucketSchedule(members, batch_size=batch_size, seed=seed,
+                                       names=[shape_name(s) for s in self.buckets],
+                                       fields=f"config.data.buckets ({left_out} items fit no bucket)")
+        self.per_epoch, self.batches_per_epoch = self.schedule.per_epoch, self.schedule.batches_per_epoch
         logging.info("buckets: items per bucket %s; %d fit no bucket; %d batches per epoch",
-                     counts, left_out, self.batches_per_epoch)
-        self._plan = (None, None, None)
+                     self.schedule.counts, left_out, self.batches_per_epoch)
 
     def __len__(self) -> int:
         return self.batches_per_epoch * EPOCHS
@@ -163,38 +238,62 @@ class BucketedBatches:
         return (f"BucketedBatches(source={self.source!r}, buckets={self.buckets}, "
                 f"batch_size={self.batch_size}, seed={self.seed})")
 
-    def _epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
-        """(bucket of each of the epoch's batches [nb], their items [nb, B]) of epoch e."""
-        if self._plan[0] != e:
-            labels, rows = [], []
-            for b, members in enumerate(self._members):
-                n = int(self.per_epoch[b])
-                if n == 0:
-                    continue
-                order = np.random.default_rng([self.seed, _TAG, e, b]).permutation(members)
-                rows.append(order[: n * self.batch_size].reshape(n, self.batch_size))
-                labels.append(np.full(n, b))
-            perm = np.random.default_rng([self.seed, _TAG, e]).permutation(self.batches_per_epoch)
-            self._plan = (e, np.concatenate(labels)[perm], np.concatenate(rows)[perm])
-        return self._plan[1], self._plan[2]
-
     def global_batch(self, g: int) -> tuple[int, np.ndarray]:
         """(bucket, source indices [B]) of global batch g."""
-        e, t = divmod(int(g), self.batches_per_epoch)
-        labels, rows = self._epoch(e)
-        return int(labels[t]), rows[t]
+        return self.schedule.global_batch(g)
 
     def __getitem__(self, g: int) -> dict:
         g = int(g)
         bucket, items = self.global_batch(g)
         shape = self.buckets[bucket]
         out = []
-        for row in range(self.first_row, self.first_row + self.rows):
+        for row in self._rows:
             item = read_item(self.source, int(items[row]), shape)
             if self.transform is not None:
                 item = self.transform(item, np.random.default_rng([self.seed, _TAG, g, row]))
             out.append(item)
         return {key: np.stack([it[key] for it in out]) for key in out[0]}
+
+
+class CachedBucketBatches:
+    """Random access over this host's DiT batches from per-bucket latent caches (a grain source of
+    batches), in the order of `BucketSchedule` (the same as `BucketedBatches` over the items the
+    caches hold, in the caches' order).
+
+    caches: one random-access source per bucket (`latent_cache.LatentCacheSource`; record i of
+    cache b is the bucket's i-th item), shapes: their buckets (F, H, W), for logs and errors.
+    Element g: this host's rows of global batch g, all from one cache: z float32
+    [B/P, T, h, w, C], z_last float32 [B/P, K, h, w, C], tokens int32 [B/P, S], with the
+    bucket's T, h, w (and K = 1 for one-frame buckets).
+    """
+
+    def __init__(self, caches, shapes, *, batch_size: int, seed: int, process_index: int = 0,
+                 process_count: int = 1, fields: str = "config.data.buckets"):
+        if len(caches) != len(shapes):
+            raise ValueError(f"{len(caches)} caches for {len(shapes)} buckets")
+        self._rows = host_rows(batch_size, process_index, process_count)
+        self.caches, self.shapes = list(caches), [tuple(s) for s in shapes]
+        self.batch_size, self.seed = batch_size, int(seed)
+        self.schedule = BucketSchedule([np.arange(len(c)) for c in self.caches], batch_size=batch_size,
+                                       seed=seed, names=[shape_name(s) for s in self.shapes], fields=fields)
+        self.batches_per_epoch = self.schedule.batches_per_epoch
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch * EPOCHS
+
+    def __repr__(self) -> str:  # grain compares reprs on restore: the caches' reprs hold no path
+        return f"CachedBucketBatches(caches={self.caches!r}, batch_size={self.batch_size}, seed={self.seed})"
+
+    def __getitem__(self, g: int) -> dict:
+        bucket, ids = self.schedule.global_batch(int(g))
+        cache = self.caches[bucket]
+        out = [cache[int(ids[row])] for row in self._rows]
+        return {key: np.stack([it[key] for it in out]) for key in out[0]}
+
+
+def shape_name(shape) -> str:
+    """(17, 48, 80) -> '17x48x80' (as in config.data.buckets)."""
+    return "x".join(str(int(s)) for s in shape)
 
 
 def make_bucketed_batches(source, buckets, *, batch_size: int, seed: int,
@@ -212,4 +311,20 @@ def make_bucketed_batches(source, buckets, *, batch_size: int, seed: int,
     n = jax.process_count() if process_count is None else process_count
     batches = BucketedBatches(source, buckets, batch_size=batch_size, seed=seed, transform=transform,
                               process_index=p, process_count=n)
+    return pipeline.BatchIterator(grain.MapDataset.source(batches), num_workers=num_workers)
+
+
+def make_cached_bucket_batches(caches, shapes, *, batch_size: int, seed: int, num_workers: int = 0,
+                               process_index: int | None = None, process_count: int | None = None,
+                               fields: str = "config.data.buckets"):
+    """`CachedBucketBatches` endlessly, as a resumable `pipeline.BatchIterator` (get_state /
+    set_state: the position, saved with the DiT's checkpoint). Arguments as there and in
+    `make_bucketed_batches`."""
+    import grain
+    import jax
+    from pixeldance.data import pipeline
+    p = jax.process_index() if process_index is None else process_index
+    n = jax.process_count() if process_count is None else process_count
+    batches = CachedBucketBatches(caches, shapes, batch_size=batch_size, seed=seed, process_index=p,
+                                  process_count=n, fields=fields)
     return pipeline.BatchIterator(grain.MapDataset.source(batches), num_workers=num_workers)

@@ -30,6 +30,14 @@ An image cache (`image_cache_dir`, `<workdir>/cache_images`: images of config.tr
 for the DiT's image batches) has the same format, with T = K = 1: z float32 [1, h, w, C] and
 z_last the same single latent frame.
 
+A bucketed cache (config.data.buckets, see `pixeldance.tools.cache_latents`) is a folder of such
+caches, one per bucket that holds items, `<path>/bucket-FxHxW/` (each built and kept on its own,
+so each is atomic and resumable), and an index `<path>/buckets.json` written last: the buckets
+in config order with their record counts (`write_bucket_index`, `open_bucket_caches`). Record i
+of bucket b's cache is the i-th source item assigned to b, read at b's shape: z float32
+[1 + (F - 1) / 4, H / 8, W / 8, C] for the causal VAE, z_last [min(K, F), ...] (one-frame buckets:
+z_last = z).
+
 Reading: `LatentCacheSource(path)` (also `pixeldance.data.pipeline.LatentCacheSource`), a grain
 random-access source over the shards via array_record's `ArrayRecordDataSource`.
 """
@@ -194,6 +202,66 @@ class Moments:
     @classmethod
     def from_json(cls, d: dict) -> "Moments":
         return cls(d["count"], d["mean"], d["m2"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Bucketed caches: one cache per bucket (config.data.buckets), and an index.
+# ---------------------------------------------------------------------------------------------
+
+BUCKET_INDEX = "buckets.json"
+BUCKET_FORMAT = "pixeldance.bucket_caches"
+
+
+def bucket_dir(path: str, shape) -> str:
+    """The cache folder of bucket (F, H, W) inside a bucketed cache: `<path>/bucket-FxHxW`."""
+    return os.path.join(path, "bucket-" + "x".join(str(int(s)) for s in shape))
+
+
+def write_bucket_index(path: str, buckets: Sequence[dict], **facts):
+    """Writes `<path>/buckets.json` (atomically): format, buckets [{shape [F, H, W], dir, count}]
+    in config.data.buckets' order (count 0: no item landed there, no folder), and `facts`."""
+    os.makedirs(path, exist_ok=True)
+    _write_json(os.path.join(path, BUCKET_INDEX), dict(format=BUCKET_FORMAT, version=VERSION,
+                                                        buckets=list(buckets), **facts))
+
+
+def read_bucket_index(path: str) -> dict | None:
+    """The index of a bucketed cache folder, or None if it has none (or an unreadable one)."""
+    try:
+        with open(os.path.join(path, BUCKET_INDEX)) as f:
+            index = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return index if isinstance(index, dict) and index.get("format") == BUCKET_FORMAT else None
+
+
+def drop_single_cache(path: str):
+    """Removes a one-shape cache's meta.json and shards from `path` (a bucketed cache is being
+    written there instead); the bucket folders and the index are left alone."""
+    if read_meta(path) is None:
+        return
+    os.remove(os.path.join(path, META))
+    for name in os.listdir(path):
+        if name.startswith("latents-") and name.endswith(".array_record"):
+            os.remove(os.path.join(path, name))
+
+
+def open_bucket_caches(path: str, shapes, field: str = "config.data.buckets") -> list:
+    """One `LatentCacheSource` per bucket of `shapes` ((F, H, W) triples, in order) from the bucketed
+    cache in `path`; `[]` for a bucket no item landed in. A missing index, or one written for
+    other buckets, is a one-line error naming `field` (rerun the cache stage)."""
+    index = read_bucket_index(path)
+    if index is None:
+        hint = " (it holds a one-shape cache)" if read_meta(path) is not None else ""
+        raise CacheError(f"bucketed latent cache not found: {os.path.join(path, BUCKET_INDEX)}{hint}; "
+                         f"{field} is set: run the 'cache' stage with it")
+    listed = [tuple(b["shape"]) for b in index["buckets"]]
+    want = [tuple(int(x) for x in s) for s in shapes]
+    if listed != want:
+        name = lambda ss: ",".join("x".join(map(str, s)) for s in ss)
+        raise CacheError(f"bucketed latent cache {path} was written for buckets {name(listed)}, but "
+                         f"{field}={name(want)!r}: run the 'cache' stage again")
+    return [LatentCacheSource(os.path.join(path, b["dir"])) if b["count"] else [] for b in index["buckets"]]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,14 @@ tokens and the caption from the folder's captions file. The images must have the
 (the same latent h, w); a missing folder or captions file stops the stage before any encoding,
 with one line naming the path.
 
+Buckets. With `config.data.buckets` (and `config.cache.bucketed`, the default), items
+0..num_videos-1 of the training source (a mixture with all its components) are assigned to
+buckets as the VAE's batches are (`buckets.assign`) and each bucket's items are encoded at its
+shape into a cache of its own, `<output>/bucket-FxHxW/` (one-frame buckets too: images, z_last =
+z), plus `<output>/buckets.json` listing the buckets and their counts (`_cache_buckets`). Each
+bucket's cache is kept, rebuilt or resumed on its own, as above; the image cache is not written
+(config.train.image_every / image_source are refused: the images are in the one-frame buckets).
+
 Videos are encoded `config.cache.batch_size` at a time (the last batch of a shard is padded, so
 the VAE compiles once), read by `config.data.num_workers` grain worker processes when > 0.
 Multi-host: each process encodes and writes its own shards (s % processes == process index).
@@ -42,11 +50,12 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 
 import numpy as np
 from tqdm import tqdm
 
-from pixeldance.data import latent_cache, video_folder
+from pixeldance.data import buckets, latent_cache, video_folder
 
 
 cache_dir = latent_cache.cache_dir  # config.cache.path, or <workdir>/cache
@@ -138,8 +147,12 @@ def batch_encoder(vae, tokenizer, source, batch_size: int, last_from: int, num_w
 
 
 def _write_stats(workdir: str, meta: dict, n: int):
+    _write_moments(workdir, latent_cache.Moments.from_json(meta["latent_moments"]), n)
+
+
+def _write_moments(workdir: str, moments, n: int):
+    """latent_stats.json from per-channel `latent_cache.Moments` of n items' latents."""
     from pixeldance.trainers import dit as dit_trainer
-    moments = latent_cache.Moments.from_json(meta["latent_moments"])
     stats = dict(mean=moments.mean.tolist(), std=np.maximum(moments.std, 1e-3).tolist(),
                  num_videos=n, source="cache")
     tmp = os.path.join(workdir, dit_trainer.LATENT_STATS + ".tmp")
@@ -156,7 +169,7 @@ def image_source(config, video_source):
     (one frame) of the videos' height and width: the DiT's image and video batches share one
     latent grid. Errors (a missing folder or captions file, another size) are one line naming
     the path or the config field."""
-    from pixeldance.data import buckets, mixture
+    from pixeldance.data import mixture
     from pixeldance.trainers import dit as dit_trainer
     name = dit_trainer.image_source_name(config)
     if not name:
@@ -195,6 +208,9 @@ def cache_latents(config, workdir: str, *, output: str | None = None, last_from:
     path = output or cache_dir(config, workdir)
     n = config.cache.num_videos
     K = config.cond.last_from if last_from is None else last_from
+    shapes = buckets.dit_buckets(config)  # also refuses image batches with buckets
+    if shapes:
+        return _cache_buckets(config, workdir, path, shapes, K)
     source = video_folder.make_source(config, "train", size=n)
     # Before any encoding, so a missing image folder stops the stage at once, not after the videos.
     images = image_source(config, source)
@@ -228,7 +244,96 @@ def cache_latents(config, workdir: str, *, output: str | None = None, last_from:
     return path
 
 
-def _write_cache(config, path: str, source, n: int, info: dict, vae, tokenizer, *, noun: str, stage: str):
+class BucketItems:
+    """Items `indices` (int [N]) of `source`, each read at one bucket's `shape` (F, H, W): a grain
+    random-access source for `batch_encoder`; element j = `buckets.read_item(source, indices[j],
+    shape)`, video uint8 [F, H, W, 3] and caption. The repr (stored in the cache's meta.json and
+    compared before a cache is kept) names the source, the shape and a digest of the indices, so a
+    changed assignment rebuilds the bucket's cache."""
+
+    def __init__(self, source, indices, shape):
+        self.source, self.indices = source, np.asarray(indices, np.int64)
+        self.shape = tuple(int(s) for s in shape)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int) -> dict:
+        return buckets.read_item(self.source, int(self.indices[int(j)]), self.shape)
+
+    def __repr__(self) -> str:
+        digest = zlib.crc32(self.indices.tobytes())
+        return (f"BucketItems({self.source!r}, shape={buckets.shape_name(self.shape)}, "
+                f"n={len(self)}, indices={digest:08x})")
+
+
+def _cache_buckets(config, workdir: str, path: str, shapes, K: int) -> str:
+    """The bucketed cache stage (config.data.buckets): items 0..num_videos-1 of the training
+    source (a mixture keeps all its components: videos and images), each assigned to a bucket
+    (`buckets.assign`; items that fit none are left out) and encoded at its bucket's shape into
+    `<path>/bucket-FxHxW/` (`latent_cache.bucket_dir`, each a cache of its own, kept or resumed as
+    the one-shape cache is), then `<path>/buckets.json` (the buckets and their counts) and the
+    latent statistics over every bucket's latents (one latent space). One-frame buckets (images,
+    and clips too short for every video bucket) are cached too: z [1, h, w, C], z_last = z. Returns
+    `path`."""
+    import jax
+    from pixeldance.sample import load_vae
+    from pixeldance.trainers import dit as dit_trainer
+    pid = jax.process_index()
+    n = config.cache.num_videos
+    source = video_folder.make_source(config, "train", size=n, mixed_shapes=True)
+    info = buckets.native_info(source, np.arange(n))
+    assignment = buckets.assign(info["frames"], info["height"], info["width"], shapes)
+    counts = [int((assignment == b).sum()) for b in range(len(shapes))]
+    left_out = int((assignment < 0).sum())
+    print(f"latent cache: buckets {', '.join(f'{buckets.shape_name(s)}: {c}' for s, c in zip(shapes, counts))} "
+          f"items; {left_out} of {n} fit no bucket (config.data.buckets={config.data.buckets!r})")
+    batch = config.train.batch_size
+    for shape, count in zip(shapes, counts):
+        if 0 < count < batch:  # the DiT drops a bucket's partial batch: these items are never seen
+            print(f"latent cache: bucket {buckets.shape_name(shape)} holds {count} items, fewer than "
+                  f"config.train.batch_size={batch}: the DiT never draws them")
+    if pid == 0:
+        latent_cache.drop_single_cache(path)  # a one-shape cache here is replaced by the buckets
+    tokenizer = dit_trainer.build_tokenizer(config)
+    vaes = []
+
+    def vae():  # loaded once, and only if a bucket's cache is (re)built
+        if not vaes:
+            vaes.append(load_vae(workdir))
+        return vaes[0]
+
+    entries, moments, all_kept = [], latent_cache.Moments(), True
+    for b, shape in enumerate(shapes):
+        out = latent_cache.bucket_dir(path, shape)
+        entries.append(dict(shape=list(shape), dir=os.path.basename(out), count=counts[b]))
+        if not counts[b]:
+            continue
+        items = BucketItems(source, np.flatnonzero(assignment == b), shape)
+        F, H, W = shape
+        K_b = 1 if F == 1 else min(K, F)  # an image is its own last frame
+        b_info = dict(cache_info(config, workdir, items), num_frames=F, resolution=[H, W], last_from=K_b)
+        meta, kept = _write_cache(config, out, items, len(items), b_info, vae, tokenizer, noun="items",
+                                  stage=f"cache {buckets.shape_name(shape)}", summary=False)
+        moments.merge(latent_cache.Moments.from_json(meta["latent_moments"]))
+        all_kept &= kept
+    video_folder.log_summary(source, "cache")
+    if pid == 0:
+        latent_cache.write_bucket_index(path, entries, num_items=n, left_out=left_out)
+        stats_path = os.path.join(workdir, dit_trainer.LATENT_STATS)
+        if all_kept:
+            if not os.path.exists(stats_path):
+                _write_moments(workdir, moments, sum(counts))
+                print(f"latent cache: wrote {stats_path} from the kept caches")
+        elif vae_stats_current(workdir):
+            print(f"latent cache: keeping the VAE stage's {dit_trainer.LATENT_STATS}")
+        else:
+            _write_moments(workdir, moments, sum(counts))
+    return path
+
+
+def _write_cache(config, path: str, source, n: int, info: dict, vae, tokenizer, *, noun: str, stage: str,
+                 summary: bool = True):
     """Writes (or keeps) the cache of items 0..n-1 of `source` in `path` with `latent_cache.build`;
     returns (meta, kept). Kept: a complete cache of n items with the same `info` (VAE step,
     tokenizer, source, shapes). vae() -> the VAE; K = info['last_from'] last frames per record;
@@ -269,7 +374,8 @@ def _write_cache(config, path: str, source, n: int, info: dict, vae, tokenizer, 
     f = meta["fields"]
     print(f"latent cache: wrote {path}: {n} records in {num_shards} shards, "
           f"z {tuple(f['z']['shape'])}, z_last {tuple(f['z_last']['shape'])}")
-    video_folder.log_summary(source, stage)
+    if summary:
+        video_folder.log_summary(source, stage)
     return meta, False
 
 

@@ -4,6 +4,8 @@ Data: the latent cache (ArrayRecord shards) of the `cache` stage, in config.cach
 `<workdir>/cache` (`pixeldance.data.latent_cache`); with config.train.image_every = k, every k-th
 batch is images: from the image cache (config.cache.image_path or `<workdir>/cache_images`)
 when config.train.image_source names an image source, else the clips' first latent frames.
+With config.data.buckets (and config.cache.bucketed): one cache per bucket and batches of one
+bucket's shape each (`bucketed_batches`); images are then the one-frame buckets.
 
 Axis glossary: B batch, T latent frames, h/w latent height/width, C channels, S text tokens,
 K candidate last frames.
@@ -21,7 +23,7 @@ from absl import logging
 
 from pixeldance import rng as rng_lib
 from pixeldance import train_lib
-from pixeldance.data import latent_cache, pipeline, synthetic
+from pixeldance.data import buckets, latent_cache, pipeline, synthetic
 from pixeldance.diffusion import conditioning, objectives, schedules
 from pixeldance.models import dit as dit_lib
 from pixeldance.models import text as text_lib
@@ -211,20 +213,82 @@ def image_batches(config, workdir: str, video_source):
     return pipeline.make_batches(source, batch_size=config.train.batch_size, seed=config.seed)
 
 
+class ShapeLog:
+    """Passes batches through and prints the first batch of each new latent shape (one compile of
+    the train step each): `dit: batch 3 of this run is the first of shape z [8, 1, 4, 4, 16]`. The
+    resumable state is the inner iterator's."""
+
+    def __init__(self, batches):
+        self._batches, self._seen, self._drawn = batches, set(), 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self._batches)
+        self._drawn += 1
+        shape = tuple(batch["z"].shape)
+        if shape not in self._seen:
+            self._seen.add(shape)
+            print(f"dit: batch {self._drawn} of this run is the first of shape z {list(shape)}", flush=True)
+        return batch
+
+    def get_state(self) -> dict:
+        return self._batches.get_state()
+
+    def set_state(self, state: dict):
+        self._batches.set_state(state)
+
+
+def bucketed_batches(config, workdir: str, shapes):
+    """(batches, a non-empty cache) for bucketed training: `buckets.CachedBucketBatches` over the
+    per-bucket caches of the cache stage (`latent_cache.open_bucket_caches`), this host's rows of
+    config.train.batch_size, in the seed's order; resumable (the position). Batch g: z float32
+    [B/P, T, h, w, C], z_last [B/P, K, h, w, C], tokens int32 [B/P, S] of one bucket."""
+    path = latent_cache.cache_dir(config, workdir)
+    caches = latent_cache.open_bucket_caches(path, shapes)
+    channels = {c.meta["fields"]["z"]["shape"][-1] for c in caches if len(c)}
+    if len(channels) > 1:
+        raise ValueError(f"bucketed latent cache {path}: buckets of {sorted(channels)} latent channels; "
+                         f"run the 'cache' stage again")
+    # The DiT cuts latents into patches: a bucket whose latent grid they do not tile would fail
+    # at its first batch, mid-run; say so before training starts.
+    patch = dit_lib.decode_variant(config.dit.variant).get("patch_size", tuple(config.dit.patch_size))
+    for shape, cache in zip(shapes, caches):
+        grid = cache.meta["fields"]["z"]["shape"][:3] if len(cache) else [1, 0, 0]
+        if any(g % p for g, p in zip(grid, patch)):
+            raise ValueError(f"bucket {buckets.shape_name(shape)} of config.data.buckets gives latents "
+                             f"{grid[0]}x{grid[1]}x{grid[2]}, not divisible by the DiT's patch {tuple(patch)} "
+                             f"(config.dit.patch_size): use heights and widths that are multiples of "
+                             f"{8 * max(patch[1:])}")
+    fields = f"config.data.buckets, config.cache.num_videos and config.train.batch_size={config.train.batch_size}"
+    batches = buckets.make_cached_bucket_batches(caches, shapes, batch_size=config.train.batch_size,
+                                                 seed=config.seed, fields=fields)
+    counts = ", ".join(f"{buckets.shape_name(s)}: {len(c)}" for s, c in zip(shapes, caches))
+    print(f"dit: bucketed batches from {path} (items per bucket {counts})")
+    return ShapeLog(batches), next(c for c in caches if len(c))
+
+
 def train_dit(config, workdir: str):
     c = config.train
     if config.cond.first_frame not in ("replace", "concat"):
         raise ValueError(f"config.cond.first_frame must be 'replace' or 'concat', got {config.cond.first_frame!r}")
     # Mesh and data: the latent cache written by the 'cache' stage.
     mesh, preset = train_lib.mesh_from_config(config.mesh)
-    source = pipeline.LatentCacheSource(latent_cache.cache_dir(config, workdir))
-    batches = pipeline.make_batches(source, batch_size=c.batch_size, seed=config.seed)
-    if c.get("image_every", 0):
-        batches = ImageVideoBatches(batches, c.image_every, image_batches(config, workdir, source))
+    shapes = buckets.dit_buckets(config)
+    if shapes:  # config.data.buckets: one cache per bucket, each batch one bucket's latent shape
+        batches, source = bucketed_batches(config, workdir, shapes)
     else:
-        image_source_name(config)  # an image source without image batches is a config error
+        source = pipeline.LatentCacheSource(latent_cache.cache_dir(config, workdir))
+        batches = pipeline.make_batches(source, batch_size=c.batch_size, seed=config.seed)
+        if c.get("image_every", 0):
+            batches = ImageVideoBatches(batches, c.image_every, image_batches(config, workdir, source))
+        else:
+            image_source_name(config)  # an image source without image batches is a config error
     latent_mean, latent_std = load_latent_stats(workdir)
     example = source[0]
+    # The model is initialised once at this shape: its parameters do not depend on T, h, w (patches
+    # and 3D RoPE are computed from the input), so jit compiles the step once per bucket shape.
     T, h, w, C = example["z"].shape
 
     # Model, optimizer, sharded init or restore.
