@@ -47,3 +47,11 @@ def test_bad_rows_and_missing_reports(tmp_path):
         at.parse_rows(" , ")
     with pytest.raises(FileNotFoundError, match="faithfulness.json"):
         at.table_rows([("full", str(tmp_path))])
+
+
+def test_command_line_writes_json(tmp_path, capsys):
+    full = _workdir(tmp_path, "full", _report(0.9, 0.8, 18.5))
+    out = tmp_path / "t.json"
+    at.main([f"--rows=full={full}", f"--output={out}"])
+    assert "| full (PixelDance) |" in capsys.readouterr().out
+    assert json.loads(out.read_text())["rows"][0]["metrics"]["T2V colour"] == 0.9

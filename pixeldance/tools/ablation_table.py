@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
+import argparse
 
 # The paper's ablation on UCF-101 (FID, FVD; lower is better), by our experiment names.
 PAPER_TABLE3 = {
@@ -44,10 +44,6 @@ COLUMNS = (
     ("first-frame PSNR", "I2V", "all", "first_psnr", "{:.1f} dB"),
     ("last-frame PSNR", "FLF2V", "all", "last_psnr", "{:.1f} dB"),
 )
-
-_ROWS = flags.DEFINE_string("rows", None, "NAME=WORKDIR,NAME=WORKDIR,... (each with faithfulness.json)")
-_OUTPUT = flags.DEFINE_string("output", None, "also write the table as JSON here")
-
 
 def parse_rows(spec: str) -> list[tuple[str, str]]:
     """'a=DIR1,b=DIR2' -> [('a', 'DIR1'), ('b', 'DIR2')]; a malformed entry is a one-line error."""
@@ -103,15 +99,19 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv):
-    del argv
-    rows = table_rows(parse_rows(_ROWS.value))
+def main(argv=None):
+    # argparse, not absl flags: absl's flags are global, and other modules define --output too.
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", required=True, help="NAME=WORKDIR,NAME=WORKDIR,... (each with faithfulness.json)")
+    p.add_argument("--output", default=None, help="also write the table as JSON here")
+    args = p.parse_args(argv)
+    rows = table_rows(parse_rows(args.rows))
     print(markdown(rows))
-    if _OUTPUT.value:
-        os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
-        with open(_OUTPUT.value, "w") as f:
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
             json.dump(dict(columns=[c[:4] for c in COLUMNS], rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()
