@@ -142,16 +142,22 @@ def num_shards_for(count: int, num_shards: int = 0, records_per_shard: int = 102
     return max(1, min(num_shards, count))
 
 
-def read_meta(path: str) -> dict | None:
-    """The cache's meta.json, or None if there is none or it is unreadable or of another format."""
+def _read_tagged_json(path: str, fmt: str, version: int | None = None) -> dict | None:
+    """A JSON object written with `format` (and `version`) tags, or None if the file is missing,
+    unreadable or tagged otherwise."""
     try:
-        with open(os.path.join(path, META)) as f:
-            meta = json.load(f)
+        with open(path) as f:
+            data = json.load(f)
     except (OSError, ValueError):
         return None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+    if not isinstance(data, dict) or data.get("format") != fmt:
         return None
-    return meta
+    return data if version is None or data.get("version") == version else None
+
+
+def read_meta(path: str) -> dict | None:
+    """The cache's meta.json, or None if there is none or it is unreadable or of another format."""
+    return _read_tagged_json(os.path.join(path, META), FORMAT, VERSION)
 
 
 def is_complete(path: str, meta: dict | None = None) -> bool:
@@ -227,12 +233,7 @@ def write_bucket_index(path: str, buckets: Sequence[dict], **facts):
 
 def read_bucket_index(path: str) -> dict | None:
     """The index of a bucketed cache folder, or None if it has none (or an unreadable one)."""
-    try:
-        with open(os.path.join(path, BUCKET_INDEX)) as f:
-            index = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return index if isinstance(index, dict) and index.get("format") == BUCKET_FORMAT else None
+    return _read_tagged_json(os.path.join(path, BUCKET_INDEX), BUCKET_FORMAT)
 
 
 def drop_single_cache(path: str):
