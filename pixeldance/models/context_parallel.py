@@ -66,20 +66,22 @@ def attention(q, k, v, *, key_mask=None, flavour: str = "ulysses", implementatio
     if (batch and AXIS in batch) or (heads and AXIS in heads):
         raise ValueError(f"the {AXIS!r} axis splits the sequence; it cannot also split batch or heads")
     local_heads = N // (math.prod(mesh.shape[a] for a in heads) if heads else 1)
+    local = None
     if flavour == "ulysses":
         if local_heads % c:
             per = "" if local_heads == N else f" ({local_heads} per 'tensor' shard)"
             raise ValueError(f"Ulysses context parallelism splits the attention heads over the {c}-way "
                              f"{AXIS!r} axis, but {N} heads{per} are not divisible by {c}; use a head "
                              f"count divisible by {c}, a smaller 'context' axis, or context_parallel='ring'")
-        fn = functools.partial(_ulysses_local, implementation=implementation)
+        # The kernel for the N/c heads each device attends over, chosen once here. The TPU's is a
+        # Pallas call (splash), whose outputs carry no varying-axes type: the check is off for it.
+        b, n = B // (math.prod(mesh.shape[a] for a in batch) if batch else 1), local_heads // c
+        local = implementation or attn_lib.pick_implementation((b, L, n, K), (b, M, n, K), q.dtype,
+                                                               masked=key_mask is not None)
+        fn = functools.partial(_ulysses_local, implementation=local)
     else:
         fn = functools.partial(_ring_local, num_devices=c)
     spec = P(batch, AXIS, heads, None)
-    # Ulysses runs the ordinary kernel on N/c heads; the TPU's is a Pallas call (splash), whose
-    # outputs carry no varying-axes type, so the varying-axes check is off for it.
-    local = implementation or attn_lib.pick_implementation((B, L, local_heads // c or 1, K), (B, M, 1, K),
-                                                           q.dtype, masked=key_mask is not None)
     check = not (flavour == "ulysses" and local == "splash")
     if key_mask is None:
         return jax.shard_map(lambda q, k, v: fn(q, k, v, None), in_specs=(spec,) * 3,
