@@ -58,7 +58,7 @@ def _jax_side(frames: int, size: int, nearest: bool):
                 kernel, bias = wan_vae._conv_params(self, (3, 3, x.shape[-1], self.features),
                                                     wan_vae._CONV2D_AXES, self.dtype)
                 x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
-                return wan_vae._frame_taps(x.astype(self.dtype), kernel[None])[..., 0, :] + bias
+                return wan_vae._conv_frames(x.astype(self.dtype), kernel) + bias
         wan_vae.UpsampleConv = NearestUpsampleConv
     model = wan_vae.WanVAE(**wan_vae.WAN21)
     rng = np.random.RandomState(0)
@@ -123,7 +123,7 @@ def main():
     p.add_argument("--frames", type=int, default=17)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5, help="timed calls per side and direction")
-    p.add_argument("--sides", default="jax,torch,jax_nearest")
+    p.add_argument("--sides", default="jax,torch", help="comma-separated, of jax, torch, jax_nearest")
     p.add_argument("--cpu", default="1", help="core all sides are pinned to (taskset -c)")
     p.add_argument("--output", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)

@@ -34,8 +34,9 @@ Chunks and the causal cache. diffusers encodes frame 0 alone and then 4 frames a
 decodes one latent frame at a time, keeping the last inputs of every causal conv in a cache. As
 every layer is causal, that is the same function as one pass over the whole video with the rules
 above (an empty cache is zero padding; the special cases of frame 0 are those of the first chunk).
-`WanVAE.encode` / `.decode` take the one pass: every conv is one 2D conv over all B*T frames,
-which is what XLA:CPU runs fastest. `encode_chunked` / `decode_chunked` run the same layers
+`WanVAE.encode` / `.decode` take the one pass: every conv is a sum of 2D convs over all B*T
+frames, one per time tap (what XLA:CPU runs fastest), skipping the taps that fall on the zero
+padding. `encode_chunked` / `decode_chunked` run the same layers
 chunk by chunk, carrying the cache in the 'cache' variable collection through `lax.scan`, so that
 memory does not grow with the length of the video; both equal the one-pass result.
 """
@@ -76,24 +77,23 @@ def _conv_params(module: nn.Module, shape: tuple[int, ...], axes, dtype):
     return kernel.astype(dtype), bias.astype(dtype)
 
 
-def _frame_taps(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding="SAME") -> jax.Array:
-    """Every time tap of a conv, frame by frame: x [B, T, H, W, C_in], kernel [K, kh, kw, C_in, C_out]
-    -> [B, T, H', W', K, C_out].
+def _conv_frames(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding="SAME") -> jax.Array:
+    """A 2D conv applied to every frame: x [B, T, H, W, C_in], kernel [kh, kw, C_in, C_out]
+    -> [B, T, H', W', C_out].
 
-    One 2D conv (a matmul for 1x1 kernels) over all B*T frames with K*C_out output channels; the
-    caller sums the taps with time shifts. XLA:CPU runs 2D convs several times faster than 3D ones.
+    One 2D conv over all B*T frames (a matmul for 1x1 kernels): XLA:CPU runs 2D convs several
+    times faster than 3D ones, so the causal 3D convs below are sums of these, one per time tap.
     """
-    kt, kh, kw, c_in, c_out = kernel.shape
+    kh, kw, c_in, c_out = kernel.shape
     b, t, h, w, _ = x.shape
-    taps = kernel.transpose(1, 2, 3, 0, 4).reshape(kh, kw, c_in, kt * c_out)
     if (kh, kw, strides) == (1, 1, (1, 1)):
-        y = jnp.dot(x.reshape(-1, c_in), taps.reshape(c_in, kt * c_out))
-        return y.reshape(b, t, h, w, kt, c_out)
+        y = jnp.dot(x.reshape(-1, c_in), kernel.reshape(c_in, c_out))
+        return y.reshape(b, t, h, w, c_out)
     if padding == "SAME":
         padding = ((kh // 2, kh // 2), (kw // 2, kw // 2))
-    y = lax.conv_general_dilated(x.reshape(b * t, h, w, c_in), taps, strides, padding,
+    y = lax.conv_general_dilated(x.reshape(b * t, h, w, c_in), kernel, strides, padding,
                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y.reshape(b, t, y.shape[1], y.shape[2], kt, c_out)
+    return y.reshape(b, t, y.shape[1], y.shape[2], c_out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,9 +103,12 @@ def _frame_taps(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding="SAME")
 class CausalConv(nn.Module):
     """3D convolution, causal in time (zero padding on the left, or the cache), 'SAME' in space.
 
-    Output frame t sees input frames ``t-K+1 .. t``. Kernel [K, kh, kw, C_in, C_out].
-    In a chunked pass the cache holds the per-frame tap outputs of the last K-1 input frames
-    ([B, K-1, H, W, K, C_out], zeros before the first chunk), so nothing is computed twice.
+    Output frame t sees input frames ``t-K+1 .. t``: tap a (kernel[a]) reads input frame
+    ``t-(K-1)+a``. Computed as one 2D conv per tap over the frames it reads. In the one pass the
+    products with the zero padding are skipped (tap a starts at output ``K-1-a``), which saves
+    ``K-1`` of every ``K*T`` frame convolutions; diffusers computes them. In a chunked pass the
+    cache holds the last K-1 input frames ([B, K-1, H, W, C_in], zeros before the first chunk),
+    as diffusers' does. Kernel [K, kh, kw, C_in, C_out].
     Input ``[B, T, H, W, C_in]`` -> ``[B, T, H, W, features]``.
     """
     features: int
@@ -117,18 +120,23 @@ class CausalConv(nn.Module):
         kt, kh, kw = self.kernel_size
         kernel, bias = _conv_params(self, (kt, kh, kw, x.shape[-1], self.features), _CONV3D_AXES,
                                     self.dtype)
-        t = x.shape[1]
-        y = _frame_taps(x.astype(self.dtype), kernel)  # [B, T, H, W, K, C_out]
-        if kt > 1:
-            past_shape = (y.shape[0], kt - 1) + y.shape[2:]
-            if _caching(self):
-                cache = self.variable("cache", "taps", jnp.zeros, past_shape, y.dtype)
-                y = jnp.concatenate([cache.value, y], axis=1)
-                cache.value = y[:, t:]
-            else:
-                y = jnp.concatenate([jnp.zeros(past_shape, y.dtype), y], axis=1)
-        # Tap a of output frame t reads input frame t - (K-1) + a, i.e. padded frame t + a.
-        return sum(y[:, a:a + t, :, :, a] for a in range(kt)) + bias
+        x = x.astype(self.dtype)
+        b, t = x.shape[:2]
+        if _caching(self) and kt > 1:
+            cache = self.variable("cache", "frames", jnp.zeros, (b, kt - 1) + x.shape[2:], x.dtype)
+            seq = jnp.concatenate([cache.value, x], axis=1)  # padded frames: output t reads t .. t+K-1
+            cache.value = seq[:, t:]
+            if t == 0:
+                return jnp.zeros(x.shape[:-1] + (self.features,), x.dtype)
+            y = sum(_conv_frames(seq[:, a:a + t], kernel[a]) for a in range(kt))
+            return y + bias
+        y = _conv_frames(x, kernel[kt - 1])  # the tap on the current frame
+        for a in range(kt - 1):
+            lag = kt - 1 - a  # tap a reads `lag` frames back: zero padding for outputs < lag
+            if lag < t:
+                y_a = _conv_frames(x[:, :t - lag], kernel[a])
+                y = y + jnp.pad(y_a, ((0, 0), (lag, 0), (0, 0), (0, 0), (0, 0)))
+        return y + bias
 
 
 class TimeDownConv(nn.Module):
@@ -154,9 +162,9 @@ class TimeDownConv(nn.Module):
         if seq.shape[1] % 2 != 1:
             raise ValueError(f"TimeDownConv: {x.shape[1]} frames do not pair up causally "
                              f"(need 1 + 2m frames from the start of a video, 2m in a later chunk)")
-        y = _frame_taps(seq, kernel)  # [B, 1+2m, H, W, 3, C]
         m = (seq.shape[1] - 1) // 2
-        out = y[:, 0:2 * m:2, ..., 0, :] + y[:, 1:2 * m:2, ..., 1, :] + y[:, 2::2, ..., 2, :] + bias
+        # Output j reads frames 2j, 2j+1, 2j+2 of seq: each tap is one matmul over m frames.
+        out = sum(_conv_frames(seq[:, a:a + 2 * m:2], kernel[a]) for a in range(3)) + bias
         return jnp.concatenate([x[:, :1], out], axis=1) if first else out
 
 
@@ -173,8 +181,7 @@ class SpatialConv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel, bias = _conv_params(self, (3, 3, x.shape[-1], self.features), _CONV2D_AXES, self.dtype)
-        y = _frame_taps(x.astype(self.dtype), kernel[None], self.strides, self.padding)
-        return y[..., 0, :] + bias
+        return _conv_frames(x.astype(self.dtype), kernel, self.strides, self.padding) + bias
 
 
 # Which of the 3 taps of a 3-tap conv on a nearest-2x-upsampled signal fall on each of the 2
@@ -203,7 +210,7 @@ class UpsampleConv(nn.Module):
         up = jnp.asarray(_UP_TAPS, kernel.dtype)
         phases = jnp.einsum("auy,bvx,yxio->uvioab", up, up, kernel)  # [2, 2, C_in, C_out, 2, 2]
         phases = phases.reshape(2, 2, kernel.shape[2], self.features * 4)
-        y = _frame_taps(x.astype(self.dtype), phases[None], padding=((1, 1), (1, 1)))[..., 0, :]
+        y = _conv_frames(x.astype(self.dtype), phases, padding=((1, 1), (1, 1)))
         b, t, h1, w1, _ = y.shape  # [B, T, H+1, W+1, C_out * 4], channels (o, a, b)
         y = y.reshape(b, t, h1, w1, self.features, 2, 2)
         h, w = h1 - 1, w1 - 1
