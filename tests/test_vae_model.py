@@ -165,12 +165,22 @@ def test_rearrangements_invert():
 
 
 def test_conv_matches_a_reference_3d_conv():
-    """The sum-of-2D-convs causal conv equals lax's 3D conv on the replicate-padded input."""
+    """The sum-of-2D-convs causal conv equals lax's 3D conv on the replicate- or zero-padded input."""
     x, k = _normal((2, 5, 6, 6, 4)), _normal((3, 3, 3, 4, 5), seed=1)
     padded = jnp.concatenate([x[:, :1], x[:, :1], x], axis=1)
     ref = jax.lax.conv_general_dilated(padded, k, (1, 1, 1), ((0, 0), (1, 1), (1, 1)),
                                        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
-    np.testing.assert_allclose(vae_lib._causal_conv(x, k), ref, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(vae_lib.causal_conv(x, k), ref, atol=1e-4, rtol=1e-4)
+    zero_padded = jnp.concatenate([jnp.zeros_like(x[:, :2]), x], axis=1)
+    ref = jax.lax.conv_general_dilated(zero_padded, k, (1, 1, 1), ((0, 0), (1, 1), (1, 1)),
+                                       dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    np.testing.assert_allclose(vae_lib.causal_conv(x, k, pad="zeros"), ref, atol=1e-4, rtol=1e-4)
+    # Clips shorter than the kernel: every output reads padding on some tap.
+    for pad, front in (("first", x[:, :1]), ("zeros", jnp.zeros_like(x[:, :1]))):
+        short = x[:, :1]
+        ref = jax.lax.conv_general_dilated(jnp.concatenate([front, front, short], axis=1), k, (1, 1, 1),
+                                           ((0, 0), (1, 1), (1, 1)), dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+        np.testing.assert_allclose(vae_lib.causal_conv(short, k, pad=pad), ref, atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------

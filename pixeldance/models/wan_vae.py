@@ -52,7 +52,7 @@ from flax import linen as nn
 from jax import lax
 
 from pixeldance.models import attention, layers
-from pixeldance.models.vae import LOGVAR_MAX, LOGVAR_MIN, _matrix_init
+from pixeldance.models.vae import LOGVAR_MAX, LOGVAR_MIN, _matrix_init, causal_conv, conv_frames
 
 Dtype = Any
 
@@ -75,25 +75,6 @@ def _conv_params(module: nn.Module, shape: tuple[int, ...], axes, dtype):
     bias = module.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
                         (shape[-1],), jnp.float32)
     return kernel.astype(dtype), bias.astype(dtype)
-
-
-def _conv_frames(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding="SAME") -> jax.Array:
-    """A 2D conv applied to every frame: x [B, T, H, W, C_in], kernel [kh, kw, C_in, C_out]
-    -> [B, T, H', W', C_out].
-
-    One 2D conv over all B*T frames (a matmul for 1x1 kernels): XLA:CPU runs 2D convs several
-    times faster than 3D ones, so the causal 3D convs below are sums of these, one per time tap.
-    """
-    kh, kw, c_in, c_out = kernel.shape
-    b, t, h, w, _ = x.shape
-    if (kh, kw, strides) == (1, 1, (1, 1)):
-        y = jnp.dot(x.reshape(-1, c_in), kernel.reshape(c_in, c_out))
-        return y.reshape(b, t, h, w, c_out)
-    if padding == "SAME":
-        padding = ((kh // 2, kh // 2), (kw // 2, kw // 2))
-    y = lax.conv_general_dilated(x.reshape(b * t, h, w, c_in), kernel, strides, padding,
-                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y.reshape(b, t, y.shape[1], y.shape[2], c_out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,22 +102,14 @@ class CausalConv(nn.Module):
         kernel, bias = _conv_params(self, (kt, kh, kw, x.shape[-1], self.features), _CONV3D_AXES,
                                     self.dtype)
         x = x.astype(self.dtype)
-        b, t = x.shape[:2]
         if _caching(self) and kt > 1:
-            cache = self.variable("cache", "frames", jnp.zeros, (b, kt - 1) + x.shape[2:], x.dtype)
-            seq = jnp.concatenate([cache.value, x], axis=1)  # padded frames: output t reads t .. t+K-1
-            cache.value = seq[:, t:]
-            if t == 0:
+            cache = self.variable("cache", "frames", jnp.zeros, (x.shape[0], kt - 1) + x.shape[2:], x.dtype)
+            seq = jnp.concatenate([cache.value, x], axis=1)
+            cache.value = seq[:, -(kt - 1):]
+            if x.shape[1] == 0:  # a chunk of no frames (see `Resample`) only creates the cache
                 return jnp.zeros(x.shape[:-1] + (self.features,), x.dtype)
-            y = sum(_conv_frames(seq[:, a:a + t], kernel[a]) for a in range(kt))
-            return y + bias
-        y = _conv_frames(x, kernel[kt - 1])  # the tap on the current frame
-        for a in range(kt - 1):
-            lag = kt - 1 - a  # tap a reads `lag` frames back: zero padding for outputs < lag
-            if lag < t:
-                y_a = _conv_frames(x[:, :t - lag], kernel[a])
-                y = y + jnp.pad(y_a, ((0, 0), (lag, 0), (0, 0), (0, 0), (0, 0)))
-        return y + bias
+            return causal_conv(x, kernel, past=seq[:, :kt - 1]) + bias
+        return causal_conv(x, kernel, pad="zeros") + bias
 
 
 class TimeDownConv(nn.Module):
@@ -164,7 +137,7 @@ class TimeDownConv(nn.Module):
                              f"(need 1 + 2m frames from the start of a video, 2m in a later chunk)")
         m = (seq.shape[1] - 1) // 2
         # Output j reads frames 2j, 2j+1, 2j+2 of seq: each tap is one matmul over m frames.
-        out = sum(_conv_frames(seq[:, a:a + 2 * m:2], kernel[a]) for a in range(3)) + bias
+        out = sum(conv_frames(seq[:, a:a + 2 * m:2], kernel[a]) for a in range(3)) + bias
         return jnp.concatenate([x[:, :1], out], axis=1) if first else out
 
 
@@ -181,7 +154,7 @@ class SpatialConv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel, bias = _conv_params(self, (3, 3, x.shape[-1], self.features), _CONV2D_AXES, self.dtype)
-        return _conv_frames(x.astype(self.dtype), kernel, self.strides, self.padding) + bias
+        return conv_frames(x.astype(self.dtype), kernel, self.strides, self.padding) + bias
 
 
 # Which of the 3 taps of a 3-tap conv on a nearest-2x-upsampled signal fall on each of the 2
@@ -210,7 +183,7 @@ class UpsampleConv(nn.Module):
         up = jnp.asarray(_UP_TAPS, kernel.dtype)
         phases = jnp.einsum("auy,bvx,yxio->uvioab", up, up, kernel)  # [2, 2, C_in, C_out, 2, 2]
         phases = phases.reshape(2, 2, kernel.shape[2], self.features * 4)
-        y = _conv_frames(x.astype(self.dtype), phases, padding=((1, 1), (1, 1)))
+        y = conv_frames(x.astype(self.dtype), phases, padding=((1, 1), (1, 1)))
         b, t, h1, w1, _ = y.shape  # [B, T, H+1, W+1, C_out * 4], channels (o, a, b)
         y = y.reshape(b, t, h1, w1, self.features, 2, 2)
         h, w = h1 - 1, w1 - 1
