@@ -413,3 +413,16 @@ def test_discriminator_params_are_partitioned_and_shapes():
     with pytest.raises(ValueError, match="no discriminator"):
         jax.eval_shape(lambda p, v: vae_from_variant("mu").apply(p, v, method=CausalVAE.discriminate),
                        abstract, _video(9))
+
+
+def test_conv_frames_per_frame_equals_batched():
+    """The CPU's frame-by-frame conv (lax.map over T) equals one conv over all frames, with gradients."""
+    x, k = _normal((2, 3, 6, 6, 4)), _normal((3, 3, 4, 5), seed=1)
+    for strides, padding in (((1, 1), "SAME"), ((2, 2), ((0, 1), (0, 1)))):
+        f = lambda x, k, per_frame: jnp.sum(jnp.sin(vae_lib.conv_frames(x, k, strides, padding, per_frame)))
+        np.testing.assert_allclose(vae_lib.conv_frames(x, k, strides, padding, True),
+                                   vae_lib.conv_frames(x, k, strides, padding, False), atol=1e-5, rtol=1e-5)
+        g_map = jax.grad(f, (0, 1))(x, k, True)
+        g_one = jax.grad(f, (0, 1))(x, k, False)
+        for a, b in zip(g_map, g_one):
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)

@@ -45,6 +45,8 @@ import numpy as np
 from flax import linen as nn
 from jax import lax
 
+from pixeldance.models import attention
+
 Dtype = Any
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
@@ -178,12 +180,23 @@ def _caching(module: nn.Module) -> bool:
     return module.is_mutable_collection("cache") and not module.is_initializing()
 
 
-def conv_frames(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding="SAME") -> jax.Array:
+# Frames of at least this many values (H * W * channels, input or output) are convolved one at a
+# time on the CPU: XLA:CPU's conv batched over frames ran 66 GFLOP/s on 17 frames of 128² x 96
+# channels and 81 on 64² x 192, one frame at a time 79 and 92; from 32² x 384 down both ran at
+# the core's matmul rate (one thread, this repository's CPU).
+CPU_PER_FRAME_MIN_VALUES = 1 << 19
+
+
+def conv_frames(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding="SAME",
+                per_frame: bool | None = None) -> jax.Array:
     """A 2D conv applied to every frame: x [B, T, H, W, C_in], kernel [kh, kw, C_in, C_out]
     -> [B, T, H', W', C_out]; 'SAME' is zero padding in space, else `padding` as for `lax.conv`.
 
     One 2D conv over all B*T frames (a matmul for 1x1 kernels). Why not `lax.conv` in 3D:
-    XLA:CPU runs 2D convolutions and their gradients 3-5x faster.
+    XLA:CPU runs 2D convolutions and their gradients 3-5x faster. per_frame: loop over T with
+    `lax.map` (one conv over B frames at a time); None: for large frames on the CPU (see
+    CPU_PER_FRAME_MIN_VALUES). The batch axis stays inside each conv, so a sharded batch is
+    never sliced.
     """
     kh, kw, c_in, c_out = kernel.shape
     b, t, h, w, _ = x.shape
@@ -192,8 +205,14 @@ def conv_frames(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding="SAME")
         return y.reshape(b, t, h, w, c_out)
     if padding == "SAME":
         padding = ((kh // 2, kh // 2), (kw // 2, kw // 2))
-    y = lax.conv_general_dilated(x.reshape(b * t, h, w, c_in), kernel, strides, padding,
-                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    conv = lambda frames: lax.conv_general_dilated(frames, kernel, strides, padding,
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if per_frame is None:
+        per_frame = (t > 1 and h * w * max(c_in, c_out) >= CPU_PER_FRAME_MIN_VALUES
+                     and attention.target_platform() == "cpu")
+    if per_frame:
+        return jnp.moveaxis(lax.map(conv, jnp.moveaxis(x, 1, 0)), 0, 1)
+    y = conv(x.reshape(b * t, h, w, c_in))
     return y.reshape(b, t, y.shape[1], y.shape[2], c_out)
 
 
