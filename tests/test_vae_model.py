@@ -426,3 +426,18 @@ def test_conv_frames_per_frame_equals_batched():
         g_one = jax.grad(f, (0, 1))(x, k, False)
         for a, b in zip(g_map, g_one):
             np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pad", ["first", "zeros"])
+def test_causal_conv_per_frame_equals_per_tap(pad):
+    """The CPU's frame-by-frame causal conv (one lax.map step per output frame) equals the
+    per-tap one, with and without a chunk's past frames, and in its gradients."""
+    x, k = _normal((2, 5, 6, 6, 4)), _normal((3, 3, 3, 4, 5), seed=1)
+    past = _normal((2, 2, 6, 6, 4), seed=2)
+    for kwargs in (dict(pad=pad), dict(past=past)):
+        for xs in (x, x[:, :1], x[:, :2]):
+            np.testing.assert_allclose(vae_lib.causal_conv(xs, k, per_frame=True, **kwargs),
+                                       vae_lib.causal_conv(xs, k, per_frame=False, **kwargs), atol=1e-5, rtol=1e-5)
+    f = lambda x, k, per_frame: jnp.sum(jnp.sin(vae_lib.causal_conv(x, k, pad=pad, per_frame=per_frame)))
+    for a, b in zip(jax.grad(f, (0, 1))(x, k, True), jax.grad(f, (0, 1))(x, k, False)):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)

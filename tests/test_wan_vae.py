@@ -19,7 +19,8 @@ from safetensors.numpy import load_file, save_file
 
 import pixeldance
 from pixeldance.convert import wan_vae as convert
-from pixeldance.models import wan_vae
+from pixeldance.models import vae as vae_lib
+from pixeldance.models import wan_vae, winograd
 from pixeldance.trainers import dit as dit_trainer
 
 # Small, but every kind of layer of the real one: 3 spatial and 2 temporal downsamplings (4x8x8),
@@ -106,6 +107,44 @@ def test_encode_and_decode_match_diffusers(converted, reference):
     assert reference["decoded"].std() > 0.05 and np.abs(reference["decoded"]).max() < 1.0
 
 
+def _all_winograd(monkeypatch):
+    """Every 3x3 causal conv on even frames takes the Winograd path, whatever its size."""
+    monkeypatch.setattr(wan_vae, "CPU_WINOGRAD_MIN_CHANNELS", 0)
+    monkeypatch.setattr(wan_vae, "CPU_WINOGRAD_MIN_SIZE", 0)
+
+
+def test_winograd_path_matches_diffusers(converted, reference, monkeypatch):
+    """The F(2x2, 3x3) convs (used for wide layers on the CPU) keep the parity with diffusers."""
+    _all_winograd(monkeypatch)
+    vae = pixeldance.load_vae(converted)
+    model, params = vae.model, vae.params
+    video = jnp.asarray(reference["video"], jnp.float32) / 127.5 - 1.0
+    z = jnp.asarray(reference["mean"])
+
+    def encode_decode(p, v, z):
+        return model.apply(p, v, method=model.encode)[0], model.apply(p, z, method=model.decode)
+
+    lowered = jax.jit(encode_decode).lower(params, video, z)
+    assert lowered.as_text().count("dot_general") > 100  # 16 matmuls per tap: the path is taken
+    mean, decoded = lowered.compile({"xla_backend_optimization_level": 0})(params, video, z)
+    assert np.abs(np.asarray(mean) - reference["mean"]).max() < TOL
+    assert np.abs(np.asarray(decoded) - reference["decoded"]).max() < TOL
+
+
+def test_winograd_conv_equals_direct():
+    rng = np.random.RandomState(3)
+    x = jnp.asarray(rng.normal(size=(2, 4, 6, 8, 5)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(3, 3, 3, 5, 7)), jnp.float32)
+    past = jnp.asarray(rng.normal(size=(2, 2, 6, 8, 5)), jnp.float32)
+    direct = vae_lib.causal_conv(x, k, pad="zeros")
+    np.testing.assert_allclose(winograd.causal_conv(x, k), direct, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(winograd.causal_conv(x[:, :1], k), direct[:, :1], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(winograd.causal_conv(x, k, past=past), vae_lib.causal_conv(x, k, past=past),
+                               atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="even H, W"):
+        winograd.causal_conv(x[:, :, :5], k)
+
+
 def test_converted_folder(converted, diffusers_vae):
     _, model = diffusers_vae
     with open(os.path.join(converted, "config.json")) as f:
@@ -166,9 +205,13 @@ def test_bad_inputs_raise(diffusers_vae, converted, tmp_path):
         convert.model_from_diffusers_config(dict(is_residual=True))
 
 
-def test_chunked_equals_whole():
+@pytest.mark.parametrize("wino", [False, True])
+def test_chunked_equals_whole(wino, monkeypatch):
     """diffusers' chunks (frame 0 alone, then one latent frame's worth at a time, the causal cache
-    carried through a lax.scan) give the one-pass result. A 2-level model keeps the compiles short."""
+    carried through a lax.scan) give the one-pass result, with direct or Winograd convs. A 2-level
+    model keeps the compiles short."""
+    if wino:
+        _all_winograd(monkeypatch)
     model = wan_vae.WanVAE(base_dim=4, z_dim=4, dim_mult=(1, 2), num_res_blocks=1, temporal_downsample=(True,))
     rng = np.random.RandomState(1)
     # Parameters from numpy: jitting `model.init` costs far more compile time than these tests.
