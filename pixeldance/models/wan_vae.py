@@ -36,7 +36,8 @@ every layer is causal, that is the same function as one pass over the whole vide
 above (an empty cache is zero padding; the special cases of frame 0 are those of the first chunk).
 `WanVAE.encode` / `.decode` take the one pass: every conv is a sum of 2D convs over all B*T
 frames, one per time tap (what XLA:CPU runs fastest), skipping the taps that fall on the zero
-padding. `encode_chunked` / `decode_chunked` run the same layers
+padding (`vae.causal_conv`); on the CPU, wide 3x3 convs use Winograd's F(2x2, 3x3)
+(`winograd.py`) and large frames go one at a time. `encode_chunked` / `decode_chunked` run the same layers
 chunk by chunk, carrying the cache in the 'cache' variable collection through `lax.scan`, so that
 memory does not grow with the length of the video; both equal the one-pass result.
 """
