@@ -195,7 +195,7 @@ def _per_frame(x_shape, kernel_shape) -> bool:
 
 
 def conv_frames(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding="SAME",
-                per_frame: bool | None = None) -> jax.Array:
+                per_frame: bool | None = False) -> jax.Array:
     """A 2D conv applied to every frame: x [B, T, H, W, C_in], kernel [kh, kw, C_in, C_out]
     -> [B, T, H', W', C_out]; 'SAME' is zero padding in space, else `padding` as for `lax.conv`.
 
@@ -203,7 +203,8 @@ def conv_frames(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding="SAME",
     XLA:CPU runs 2D convolutions and their gradients 3-5x faster. per_frame: loop over T with
     `lax.map` (one conv over B frames at a time); None: for large frames on the CPU (see
     CPU_PER_FRAME_MIN_VALUES). The batch axis stays inside each conv, so a sharded batch is
-    never sliced.
+    never sliced. For inference only: the loop's gradient ran 5.6x slower than the batched
+    conv's (a VAE train step on 5 x 96² frames), so models that train keep the default False.
     """
     kh, kw, c_in, c_out = kernel.shape
     b, t, h, w, _ = x.shape
@@ -223,7 +224,7 @@ def conv_frames(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding="SAME",
 
 
 def causal_conv(x: jax.Array, kernel: jax.Array, *, past: jax.Array | None = None,
-                pad: str = "first", per_frame: bool | None = None) -> jax.Array:
+                pad: str = "first", per_frame: bool | None = False) -> jax.Array:
     """Causal 3D conv ('SAME' zero padding in space) as one 2D conv per time tap.
 
     x [B, T, H, W, C_in], kernel [kt, kh, kw, C_in, C_out] -> [B, T, H, W, C_out]. Tap a
@@ -234,8 +235,8 @@ def causal_conv(x: jax.Array, kernel: jax.Array, *, past: jax.Array | None = Non
     ``kt*T - (kt-1)`` frame convs, not ``kt*T``; each is a plain 2D conv with C_out outputs,
     which XLA:CPU ran 20-30 % faster than one conv with kt*C_out outputs plus a shifted sum.
     per_frame: one `lax.map` over the output frames, each summing its taps (None: as
-    `conv_frames` decides, for large frames on the CPU); the outputs that read padding are
-    computed as above, on the first kt-1 frames.
+    `conv_frames` decides, for large frames on the CPU; inference only, as there); the outputs
+    that read padding are computed as above, on the first kt-1 frames.
     """
     kt = kernel.shape[0]
     b, t = x.shape[:2]

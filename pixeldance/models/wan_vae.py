@@ -37,7 +37,8 @@ above (an empty cache is zero padding; the special cases of frame 0 are those of
 `WanVAE.encode` / `.decode` take the one pass: every conv is a sum of 2D convs over all B*T
 frames, one per time tap (what XLA:CPU runs fastest), skipping the taps that fall on the zero
 padding (`vae.causal_conv`); on the CPU, wide 3x3 convs use Winograd's F(2x2, 3x3)
-(`winograd.py`) and large frames go one at a time. `encode_chunked` / `decode_chunked` run the same layers
+(`winograd.py`) and large frames go one at a time (`per_frame=None`: an inference model; the
+frame loop's gradient is slow, see `vae.conv_frames`). `encode_chunked` / `decode_chunked` run the same layers
 chunk by chunk, carrying the cache in the 'cache' variable collection through `lax.scan`, so that
 memory does not grow with the length of the video; both equal the one-pass result.
 """
@@ -110,10 +111,12 @@ class CausalConv(nn.Module):
             cache.value = seq[:, -(kt - 1):]
             if x.shape[1] == 0:  # a chunk of no frames (see `Resample`) only creates the cache
                 return jnp.zeros(x.shape[:-1] + (self.features,), x.dtype)
-            return conv(x, kernel, past=seq[:, :kt - 1]) + bias
+            if conv is winograd.causal_conv:
+                return conv(x, kernel, past=seq[:, :kt - 1]) + bias
+            return conv(x, kernel, past=seq[:, :kt - 1], per_frame=None) + bias
         if conv is winograd.causal_conv:
             return conv(x, kernel) + bias
-        return conv(x, kernel, pad="zeros") + bias
+        return conv(x, kernel, pad="zeros", per_frame=None) + bias
 
 
 # On the CPU, wide 3x3 causal convs run by Winograd's F(2x2, 3x3) (`winograd.py`): against the
@@ -157,7 +160,7 @@ class TimeDownConv(nn.Module):
                              f"(need 1 + 2m frames from the start of a video, 2m in a later chunk)")
         m = (seq.shape[1] - 1) // 2
         # Output j reads frames 2j, 2j+1, 2j+2 of seq: each tap is one matmul over m frames.
-        out = sum(conv_frames(seq[:, a:a + 2 * m:2], kernel[a]) for a in range(3)) + bias
+        out = sum(conv_frames(seq[:, a:a + 2 * m:2], kernel[a], per_frame=None) for a in range(3)) + bias
         return jnp.concatenate([x[:, :1], out], axis=1) if first else out
 
 
@@ -174,7 +177,7 @@ class SpatialConv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel, bias = _conv_params(self, (3, 3, x.shape[-1], self.features), _CONV2D_AXES, self.dtype)
-        return conv_frames(x.astype(self.dtype), kernel, self.strides, self.padding) + bias
+        return conv_frames(x.astype(self.dtype), kernel, self.strides, self.padding, per_frame=None) + bias
 
 
 # Which of the 3 taps of a 3-tap conv on a nearest-2x-upsampled signal fall on each of the 2
@@ -203,7 +206,7 @@ class UpsampleConv(nn.Module):
         up = jnp.asarray(_UP_TAPS, kernel.dtype)
         phases = jnp.einsum("auy,bvx,yxio->uvioab", up, up, kernel)  # [2, 2, C_in, C_out, 2, 2]
         phases = phases.reshape(2, 2, kernel.shape[2], self.features * 4)
-        y = conv_frames(x.astype(self.dtype), phases, padding=((1, 1), (1, 1)))
+        y = conv_frames(x.astype(self.dtype), phases, padding=((1, 1), (1, 1)), per_frame=None)
         b, t, h1, w1, _ = y.shape  # [B, T, H+1, W+1, C_out * 4], channels (o, a, b)
         y = y.reshape(b, t, h1, w1, self.features, 2, 2)
         h, w = h1 - 1, w1 - 1
