@@ -58,7 +58,7 @@ def _jax_side(frames: int, size: int, nearest: bool):
                 kernel, bias = wan_vae._conv_params(self, (3, 3, x.shape[-1], self.features),
                                                     wan_vae._CONV2D_AXES, self.dtype)
                 x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
-                return wan_vae.conv_frames(x.astype(self.dtype), kernel) + bias
+                return wan_vae.conv_frames(x.astype(self.dtype), kernel, per_frame=None) + bias
         wan_vae.UpsampleConv = NearestUpsampleConv
     model = wan_vae.WanVAE(**wan_vae.WAN21)
     rng = np.random.RandomState(0)

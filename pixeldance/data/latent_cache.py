@@ -52,6 +52,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from pixeldance.data.buckets import shape_name
+
 FORMAT = "pixeldance.latent_cache"
 VERSION = 1
 META = "meta.json"
@@ -220,7 +222,7 @@ BUCKET_FORMAT = "pixeldance.bucket_caches"
 
 def bucket_dir(path: str, shape) -> str:
     """The cache folder of bucket (F, H, W) inside a bucketed cache: `<path>/bucket-FxHxW`."""
-    return os.path.join(path, "bucket-" + "x".join(str(int(s)) for s in shape))
+    return os.path.join(path, "bucket-" + shape_name(shape))
 
 
 def write_bucket_index(path: str, buckets: Sequence[dict], **facts):
@@ -259,7 +261,7 @@ def open_bucket_caches(path: str, shapes, field: str = "config.data.buckets") ->
     listed = [tuple(b["shape"]) for b in index["buckets"]]
     want = [tuple(int(x) for x in s) for s in shapes]
     if listed != want:
-        name = lambda ss: ",".join("x".join(map(str, s)) for s in ss)
+        name = lambda ss: ",".join(shape_name(s) for s in ss)
         raise CacheError(f"bucketed latent cache {path} was written for buckets {name(listed)}, but "
                          f"{field}={name(want)!r}: run the 'cache' stage again")
     return [LatentCacheSource(os.path.join(path, b["dir"])) if b["count"] else [] for b in index["buckets"]]

@@ -250,16 +250,16 @@ def causal_conv(x: jax.Array, kernel: jax.Array, *, past: jax.Array | None = Non
         return _causal_conv_per_frame(x, kernel, past, pad)
     if past is not None:
         seq = jnp.concatenate([past.astype(x.dtype), x], axis=1)  # output t reads t .. t+kt-1
-        return sum(conv_frames(seq[:, a:a + t], kernel[a], per_frame=False) for a in range(kt))
-    y = conv_frames(x, kernel[kt - 1], per_frame=False)  # the tap on the current frame
+        return sum(conv_frames(seq[:, a:a + t], kernel[a]) for a in range(kt))
+    y = conv_frames(x, kernel[kt - 1])  # the tap on the current frame
     for a in range(kt - 1):
         lag = kt - 1 - a  # tap a reads `lag` frames back: padding for outputs < lag
         n = t - lag  # outputs of tap a that read a real frame
         if pad == "zeros":
             if n > 0:
-                y = y + jnp.pad(conv_frames(x[:, :n], kernel[a], per_frame=False), ((0, 0), (lag, 0)) + ((0, 0),) * 3)
+                y = y + jnp.pad(conv_frames(x[:, :n], kernel[a]), ((0, 0), (lag, 0)) + ((0, 0),) * 3)
             continue
-        y_a = conv_frames(x[:, :max(n, 1)], kernel[a], per_frame=False)
+        y_a = conv_frames(x[:, :max(n, 1)], kernel[a])
         head = jnp.broadcast_to(y_a[:, :1], (b, min(lag, t)) + y_a.shape[2:])
         y = y + jnp.concatenate([head, y_a[:, :max(n, 0)]], axis=1)
     return y
@@ -276,7 +276,7 @@ def _causal_conv_per_frame(x: jax.Array, kernel: jax.Array, past: jax.Array | No
         first = 0  # output i reads frames i .. i+kt-1 of past + x
     else:  # outputs 0 .. kt-2 read padding: the per-tap path on those frames (cheap)
         first = min(kt - 1, t)
-        head = causal_conv(x[:, :first], kernel, pad=pad, per_frame=False)
+        head = causal_conv(x[:, :first], kernel, pad=pad)
         frames, offset = x, -(kt - 1)  # output i reads frames i-kt+1 .. i of x
     if first == t:
         return head
@@ -284,7 +284,7 @@ def _causal_conv_per_frame(x: jax.Array, kernel: jax.Array, past: jax.Array | No
 
     def one(i):
         taps = [lax.dynamic_index_in_dim(frames, i + offset + a, keepdims=True) for a in range(kt)]
-        return sum(conv_frames(jnp.moveaxis(f, 0, 1), kernel[a], per_frame=False)[:, 0]
+        return sum(conv_frames(jnp.moveaxis(f, 0, 1), kernel[a])[:, 0]
                    for a, f in enumerate(taps))
 
     y = jnp.moveaxis(lax.map(one, jnp.arange(first, t)), 0, 1)  # [B, T - first, H, W, C_out]

@@ -44,6 +44,7 @@ memory does not grow with the length of the video; both equal the one-pass resul
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -104,19 +105,17 @@ class CausalConv(nn.Module):
         kernel, bias = _conv_params(self, (kt, kh, kw, x.shape[-1], self.features), _CONV3D_AXES,
                                     self.dtype)
         x = x.astype(self.dtype)
-        conv = winograd.causal_conv if _use_winograd(x.shape, kernel.shape) else causal_conv
+        # Both take (x, kernel, past=None) with zero padding before frame 0.
+        conv = (winograd.causal_conv if _use_winograd(x.shape, kernel.shape)
+                else functools.partial(causal_conv, pad="zeros", per_frame=None))
         if _caching(self) and kt > 1:
             cache = self.variable("cache", "frames", jnp.zeros, (x.shape[0], kt - 1) + x.shape[2:], x.dtype)
             seq = jnp.concatenate([cache.value, x], axis=1)
             cache.value = seq[:, -(kt - 1):]
             if x.shape[1] == 0:  # a chunk of no frames (see `Resample`) only creates the cache
                 return jnp.zeros(x.shape[:-1] + (self.features,), x.dtype)
-            if conv is winograd.causal_conv:
-                return conv(x, kernel, past=seq[:, :kt - 1]) + bias
-            return conv(x, kernel, past=seq[:, :kt - 1], per_frame=None) + bias
-        if conv is winograd.causal_conv:
-            return conv(x, kernel) + bias
-        return conv(x, kernel, pad="zeros", per_frame=None) + bias
+            return conv(x, kernel, past=seq[:, :kt - 1]) + bias
+        return conv(x, kernel) + bias
 
 
 # On the CPU, wide 3x3 causal convs run by Winograd's F(2x2, 3x3) (`winograd.py`): against the
