@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pixeldance import configs
-from pixeldance.data import buckets, latent_cache, video_folder
+from pixeldance.data import buckets, latent_cache, sources
 from pixeldance.tools import cache_latents as tool
 from pixeldance.trainers import dit as dit_trainer
 from test_buckets import folders  # noqa: F401  (a fixture: a video folder and an image folder)
@@ -55,7 +55,7 @@ def test_cache_stage_writes_one_cache_per_bucket(fake_workdir, folders, capsys):
     assert latent_cache.read_meta(path) is None and not any(f.startswith("latents-") for f in os.listdir(path))
 
     # The assignment the VAE's buckets make over the same items.
-    source = video_folder.make_source(config, "train", size=40, mixed_shapes=True)
+    source = sources.make_source(config, "train", size=40, mixed_shapes=True)
     shapes = buckets.parse_buckets(BUCKETS)
     info = buckets.native_info(source, np.arange(40))
     assignment = buckets.assign(info["frames"], info["height"], info["width"], shapes)
@@ -184,7 +184,7 @@ def test_cached_schedule_is_the_raw_bucketed_schedule(folders, tmp_path):
     """Cache b holds bucket b's items in source order, so the DiT's batch g holds the items the
     VAE's bucketed stream (`BucketedBatches`) puts in its batch g: one schedule for both."""
     config = _config(folders)
-    source = video_folder.make_source(config, "train", size=40, mixed_shapes=True)
+    source = sources.make_source(config, "train", size=40, mixed_shapes=True)
     raw = buckets.BucketedBatches(source, BUCKETS, batch_size=4, seed=3)
     members = [np.flatnonzero(raw.assignment == b) for b in range(4)]
     cached = buckets.CachedBucketBatches([np.zeros(len(m)) for m in members], raw.buckets, batch_size=4, seed=3)

@@ -112,8 +112,8 @@ def _caches(tmp_path, n=10, m=5):
     tok = lambda k: np.zeros((k, 12), np.int32)
     latent_cache.write_arrays(str(tmp_path / "cache"), z, z[:, -1:], tok(n), [f"v{i}" for i in range(n)])
     latent_cache.write_arrays(str(tmp_path / "cache_images"), zi, zi, tok(m), [f"i{j}" for j in range(m)])
-    return (pipeline.LatentCacheSource(str(tmp_path / "cache")),
-            pipeline.LatentCacheSource(str(tmp_path / "cache_images")))
+    return (latent_cache.LatentCacheSource(str(tmp_path / "cache")),
+            latent_cache.LatentCacheSource(str(tmp_path / "cache_images")))
 
 
 def _batches(source, seed=0):

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from pixeldance import configs
-from pixeldance.data import image_folder, mixture, pipeline, video_folder, video_io
+from pixeldance.data import image_folder, mixture, pipeline, sources, transforms, video_folder, video_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,7 +88,7 @@ def test_images_are_one_frame_videos(image_dir):
     # EXIF orientation applied: the upright image is 40 x 20 (tall), read as the PIL reference.
     upright = np.asarray(ImageOps.exif_transpose(Image.open(os.path.join(image_dir, "rotated.jpg"))).convert("RGB"))
     assert upright.shape == (40, 20, 3)
-    ref = video_folder.resize_crop([upright], 16, 16)
+    ref = transforms.resize_crop([upright], 16, 16)
     np.testing.assert_array_equal(src[8]["video"], ref)
     # Read at a bucket's shape (1, H, W); more than one frame is refused.
     assert src.read(0, (1, 16, 24))["video"].shape == (1, 16, 24, 3)
@@ -262,36 +262,36 @@ def test_mixture_from_config(image_dir, clean_images, tmp_path):
     config = configs.load_config(os.path.join(REPO, "experiments", "video_image_mix.py") + ":runlocal")
     config.data.sources.videos.root = str(videos)
     config.data.sources.images.root = clean_images
-    whole = video_folder.make_source(config, "train", size=50, mixed_shapes=True)
+    whole = sources.make_source(config, "train", size=50, mixed_shapes=True)
     assert isinstance(whole, mixture.MixtureSource) and whole.names == ["videos", "images"]
     assert whole.item_shapes() == [(9, 32, 32), (1, 32, 32)] and whole.item_shape is None
     assert np.allclose(whole.weights, [0.8, 0.2]) and len(whole) == 50
     shapes = {whole[k]["source"]: whole[k]["video"].shape for k in range(10)}
     assert shapes == {0: (9, 32, 32, 3), 1: (1, 32, 32, 3)}
     assert "videos: video_folder" in whole.summary_line() and "images: image_folder" in whole.summary_line()
-    one = video_folder.make_source(config, "train", size=8)  # the latent cache's view: the videos
+    one = sources.make_source(config, "train", size=8)  # the latent cache's view: the videos
     assert isinstance(one, video_folder.VideoFolderSource) and len(one) == 8
     # Two components of one shape stay a mixture in the one-shape view.
     config.data.mixture = "images:1,more:3"
     config.data.sources.videos.root = image_dir  # unused now
     with pytest.raises(ValueError, match="^mixture component 'more': unknown dataset config.data.name='more'"):
-        video_folder.make_source(config, "train", size=10)  # no sources entry: its kind is its name
+        sources.make_source(config, "train", size=10)  # no sources entry: its kind is its name
     config.data.sources.images.root = ""
     with pytest.raises(ValueError, match="^mixture component 'images': config.data.root must name the image folder"):
-        video_folder.make_source(config, "train", size=10)
+        sources.make_source(config, "train", size=10)
     config.data.sources.images.root = clean_images
     cfg = ml_collections.ConfigDict(config.to_dict())
     cfg.data.sources.more = dict(name="image_folder", root=image_dir)
-    two = video_folder.make_source(cfg, "train", size=10)
+    two = sources.make_source(cfg, "train", size=10)
     assert isinstance(two, mixture.MixtureSource) and two.item_shape == (1, 32, 32)
     cfg.data.sources.more.rot = "x"
     with pytest.raises(ValueError, match="config.data.sources.more.rot"):
-        video_folder.make_source(cfg, "train")
+        sources.make_source(cfg, "train")
     cfg.data.sources.more = dict(name="mixture")
     with pytest.raises(ValueError, match="itself a mixture"):
-        video_folder.make_source(cfg, "train")
+        sources.make_source(cfg, "train")
     # A plain image folder by name.
     cfg = configs.load_config(os.path.join(REPO, "experiments", "base.py") + ":runlocal")
     cfg.data.name, cfg.data.root = "image_folder", clean_images
-    src = video_folder.make_source(cfg, "heldout", size=4)
+    src = sources.make_source(cfg, "heldout", size=4)
     assert isinstance(src, image_folder.ImageFolderSource) and src[3]["video"].shape == (1, 32, 32, 3)

@@ -62,7 +62,7 @@ def test_shards_source_and_statistics(tmp_path):
     assert meta["fields"]["tokens"] == dict(dtype="<i4", shape=[12])
     assert latent_cache.read_meta(out) == meta and latent_cache.is_complete(out)
 
-    source = pipeline.LatentCacheSource(out)
+    source = latent_cache.LatentCacheSource(out)
     assert len(source) == 10 and repr(source) == "LatentCacheSource(n=10, z=(3, 4, 4, 16))"
     for i in (0, 3, 9):  # across shard boundaries
         ex = source[i]
@@ -112,7 +112,7 @@ def test_build_resumes_after_an_interruption(tmp_path):
 
     latent_cache.build(out, count=12, num_shards=4, encode_range=counting, info=dict(vae_step=1))
     assert encoded == [(6, 9), (9, 12)]  # only the unfinished shards
-    np.testing.assert_array_equal(pipeline.LatentCacheSource(out).read_all()["z"], z)
+    np.testing.assert_array_equal(latent_cache.LatentCacheSource(out).read_all()["z"], z)
 
     # A partial build of another plan (here another VAE step) is discarded, not mixed in.
     with pytest.raises(KeyboardInterrupt):
@@ -151,7 +151,7 @@ def test_build_with_two_processes_splits_the_shards(tmp_path):
     assert not errors, errors
     assert encoded == {0: [(0, 2), (4, 6), (8, 10)], 1: [(2, 4), (6, 8)]}
     assert metas[0] == metas[1] and metas[0]["count"] == 10
-    np.testing.assert_array_equal(pipeline.LatentCacheSource(out).read_all()["z"], z)
+    np.testing.assert_array_equal(latent_cache.LatentCacheSource(out).read_all()["z"], z)
 
 
 def test_missing_and_corrupt_caches_name_the_path(tmp_path):
@@ -163,17 +163,17 @@ def test_missing_and_corrupt_caches_name_the_path(tmp_path):
         good = f.read()
 
     with pytest.raises(FileNotFoundError, match="latent cache not found: .*nowhere"):
-        pipeline.LatentCacheSource(str(tmp_path / "nowhere"))
+        latent_cache.LatentCacheSource(str(tmp_path / "nowhere"))
     os.makedirs(tmp_path / "old")
     np.savez(tmp_path / "old" / "latents.npz", z=z)
     with pytest.raises(latent_cache.CacheError, match="old.*meta.json"):
-        pipeline.LatentCacheSource(str(tmp_path / "old"))
+        latent_cache.LatentCacheSource(str(tmp_path / "old"))
 
     def corrupt(data, match, when="open"):
         with open(shard, "wb") as f:
             f.write(data)
         with pytest.raises(latent_cache.CacheError, match=match) as e:
-            source = pipeline.LatentCacheSource(out)
+            source = latent_cache.LatentCacheSource(out)
             assert when == "read"
             for i in range(len(source)):
                 source[i]
@@ -186,7 +186,7 @@ def test_missing_and_corrupt_caches_name_the_path(tmp_path):
     corrupt(good[:at] + b"\xff" * 64 + good[at + 64:], "record 4 unreadable", when="read")
     os.remove(shard)
     with pytest.raises(latent_cache.CacheError, match="shard missing: " + shard):
-        pipeline.LatentCacheSource(out)
+        latent_cache.LatentCacheSource(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,8 +248,8 @@ def test_cache_stage_keeps_rebuilds_and_resumes(fake_workdir, capsys):
     assert vaes[0].calls == 6
 
     # The records: item i of the training source, its last 3 frames latest first, its tokens.
-    from pixeldance.data import video_folder
-    item = video_folder.make_source(config, "train", size=10)[7]
+    from pixeldance.data import sources
+    item = sources.make_source(config, "train", size=10)[7]
     rec = latent_cache.LatentCacheSource(path, captions=True)[7]
     video = item["video"][None]
     np.testing.assert_array_equal(rec["z"], FakeVAE().encode(video)[0])
@@ -294,7 +294,7 @@ def test_cache_stage_keeps_rebuilds_and_resumes(fake_workdir, capsys):
     tool.cache_latents(config, workdir)
     assert "resuming, 1 of this process's 3 shards are done" in capsys.readouterr().out
     assert vaes[-1].calls == 4  # shards 1 and 2 only
-    assert latent_cache.read_meta(path)["count"] == 12 and len(pipeline.LatentCacheSource(path)) == 12
+    assert latent_cache.read_meta(path)["count"] == 12 and len(latent_cache.LatentCacheSource(path)) == 12
 
     # A complete cache with latent_stats.json missing: kept, the statistics written from meta.json.
     os.remove(os.path.join(workdir, "latent_stats.json"))
@@ -318,8 +318,8 @@ def test_cli_writes_the_main_jobs_cache(runlocal_workdir, tmp_path, python_runne
     assert "in 2 shards" in proc.stdout
     with open(os.path.join(workdir, "latent_stats.json")) as f:
         assert f.read() == stats  # the VAE stage's statistics, for the newest VAE step: kept
-    ours = pipeline.LatentCacheSource(out).read_all()
-    main = pipeline.LatentCacheSource(os.path.join(runlocal_workdir, "cache")).read_all()
+    ours = latent_cache.LatentCacheSource(out).read_all()
+    main = latent_cache.LatentCacheSource(os.path.join(runlocal_workdir, "cache")).read_all()
     for k in ("z", "z_last", "tokens", "captions"):
         np.testing.assert_allclose(ours[k], main[k], atol=1e-5) if k.startswith("z") else \
             np.testing.assert_array_equal(ours[k], main[k])

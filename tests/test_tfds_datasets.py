@@ -12,7 +12,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from pixeldance.data import pipeline, tfds_datasets, tfds_source, video_folder, video_io
+from pixeldance.data import folder, pipeline, sources, tfds_datasets, tfds_source, video_folder, video_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F_SRC, H_SRC, W_SRC, FPS_SRC = 20, 48, 64, 10
@@ -296,7 +296,7 @@ def test_ucf101_bad_videos_skipped_or_raised(ucf_files, tmp_path, caplog):
     assert src.summary_line().startswith("tfds ") and "corrupt 1" in src.summary_line()
     strict = tfds_source.TfdsVideoSource(str(tmp_path / "data"), "ucf101", "train", num_frames=3,
                                          resolution=8, on_error="raise")
-    with pytest.raises(video_folder.BadVideoError) as e:
+    with pytest.raises(folder.BadVideoError) as e:
         [strict[i] for i in range(2)]
     assert str(e.value).startswith("corrupt: train:HandstandPushups/v_HandStandPushups_g08_c01.avi (")
     assert "\n" not in str(e.value)
@@ -388,14 +388,14 @@ def test_experiment_configs_and_make_source(name, ucf_built, msrvtt_built):
     config = _experiment(name).get_config("runlocal")
     assert config.data.name == name and config.text.tokenizer == "hashed"
     with pytest.raises(ValueError, match="config.data.root"):
-        video_folder.make_source(config)
+        sources.make_source(config)
     config.data.root = data_dir
-    src = video_folder.make_source(config, "train", size=5)
+    src = sources.make_source(config, "train", size=5)
     assert isinstance(src, tfds_source.TfdsVideoSource) and len(src) == 5
     item = src[0]
     assert item["video"].shape == (config.data.num_frames, config.data.resolution, config.data.resolution, 3)
     assert isinstance(item["caption"], str) and item["caption"]
-    heldout = video_folder.make_source(config, "heldout", size=2)
+    heldout = sources.make_source(config, "heldout", size=2)
     assert heldout.tfds_split == config.data.heldout_split == "test"
     _experiment(name).get_config()  # the full config builds too
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pixeldance.data import pipeline, synthetic, video_folder, video_io
+from pixeldance.data import folder, latent_cache, pipeline, sources, synthetic, video_folder, video_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F_SRC, H_SRC, W_SRC, FPS_SRC = 30, 48, 64, 10
@@ -191,7 +191,7 @@ def test_raise_names_the_file(messy_dir, tmp_path, name, kind):
         os.symlink(os.path.join(messy_dir, name), tmp_path / name)
     _write_csv(tmp_path, [f"{name},x"])
     src = video_folder.VideoFolderSource(str(tmp_path), num_frames=9, resolution=16, on_error="raise")
-    with pytest.raises(video_folder.BadVideoError) as e:
+    with pytest.raises(folder.BadVideoError) as e:
         src[0]
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(kind) and os.path.join(str(tmp_path), name) in msg
@@ -228,18 +228,18 @@ def test_make_source_and_tokenizers(clean_dir):
     spec.loader.exec_module(exp)
     config = exp.get_config("runlocal")
     config.data.root = clean_dir
-    src = video_folder.make_source(config, "train", size=5)
+    src = sources.make_source(config, "train", size=5)
     assert isinstance(src, video_folder.VideoFolderSource) and len(src) == 5
     assert src[0]["video"].shape == (9, 32, 32, 3)
     config.data.name = "nope"
     with pytest.raises(ValueError, match="nope"):
-        video_folder.make_source(config)
+        sources.make_source(config)
     # The default (shapes) config: the same source and word tokenizer as before.
     spec = iu.spec_from_file_location("base_exp", os.path.join(REPO, "experiments", "base.py"))
     base = iu.module_from_spec(spec)
     spec.loader.exec_module(base)
     shapes_cfg = base.get_config("runlocal")
-    shapes = video_folder.make_source(shapes_cfg, "heldout", size=3)
+    shapes = sources.make_source(shapes_cfg, "heldout", size=3)
     want = synthetic.ShapesSource("heldout", size=3, config=synthetic.WorldConfig(num_frames=9, resolution=32))
     assert repr(shapes) == repr(want)
     np.testing.assert_array_equal(shapes[2]["video"], want[2]["video"])
@@ -280,7 +280,7 @@ def test_main_job_on_a_video_folder(clean_dir, messy_dir, tmp_path, python_runne
     assert not os.path.exists(workdir / "faithfulness.json")
     steps = lambda d: sorted(int(s) for s in os.listdir(workdir / d) if s.isdigit())
     assert steps("vae") == [2, 4] and steps("dit") == [2, 4]
-    cache = pipeline.LatentCacheSource(str(workdir / "cache")).read_all()
+    cache = latent_cache.LatentCacheSource(str(workdir / "cache")).read_all()
     assert cache["z"].shape[0] == 8 and set(cache["captions"]) <= {
         "a dark clip", "a bright clip", "a man on the phone"}
     assert cache["tokens"].shape == (8, 12)

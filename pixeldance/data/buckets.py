@@ -4,7 +4,7 @@
 
 Assignment. Each item of the source gets the bucket nearest its native shape, read from the
 files' headers once when the index is built (video folders: frame count, rate and size from
-the container, kept in a metadata file, see `video_folder.FolderSource`; image folders: the
+the container, kept in a metadata file, see `folder.FolderSource`; image folders: the
 image size; a mixture: from each component; any other source: the shape of its items):
 among the buckets whose frame count the item can fill (at the source's fps / stride), those
 with the most frames; among those, the nearest aspect ratio (|log(W/H) - log(w/h)|); ties go to
@@ -31,8 +31,13 @@ from __future__ import annotations
 
 from typing import Callable
 
+import grain
+import jax
 import numpy as np
 from absl import logging
+
+from pixeldance.data import pipeline
+from pixeldance.data.transforms import resize_crop
 
 _TAG = 0x62756B74  # separates the bucket draws from other draws of the same seed
 EPOCHS = 1_000_000  # the stream's length, in epochs (endless in practice)
@@ -135,7 +140,6 @@ def read_item(source, index: int, shape=None) -> dict:
         return source[index]
     if hasattr(source, "read"):
         return source.read(index, shape)
-    from pixeldance.data.video_folder import resize_crop
     item = dict(source[index])
     video = item["video"]
     F, H, W = shape
@@ -304,9 +308,6 @@ def make_bucketed_batches(source, buckets, *, batch_size: int, seed: int,
     shape, endlessly: a resumable `pipeline.BatchIterator` (get_state / set_state: the position).
     buckets: a spec string or triples (`parse_buckets`). process_index / process_count: this
     host and the number of hosts (default: JAX's). num_workers: grain worker processes."""
-    import grain
-    import jax
-    from pixeldance.data import pipeline
     p = jax.process_index() if process_index is None else process_index
     n = jax.process_count() if process_count is None else process_count
     batches = BucketedBatches(source, buckets, batch_size=batch_size, seed=seed, transform=transform,
@@ -320,9 +321,6 @@ def make_cached_bucket_batches(caches, shapes, *, batch_size: int, seed: int, nu
     """`CachedBucketBatches` endlessly, as a resumable `pipeline.BatchIterator` (get_state /
     set_state: the position, saved with the DiT's checkpoint). Arguments as there and in
     `make_bucketed_batches`."""
-    import grain
-    import jax
-    from pixeldance.data import pipeline
     p = jax.process_index() if process_index is None else process_index
     n = jax.process_count() if process_count is None else process_count
     batches = CachedBucketBatches(caches, shapes, batch_size=batch_size, seed=seed, process_index=p,

@@ -11,12 +11,12 @@ Item i is the image of entry `i % num_entries`, turned upright by its EXIF orien
 a bucket's height x width: area average when shrinking, bilinear when enlarging) and cropped
 (centre, or at an offset drawn from (seed, split, i)).
 
-Bad input, as in VideoFolderSource (and with its code): malformed caption rows are found when
-the index is built; missing, empty or corrupt (unreadable, truncated) images when an item is
-read. With on_error='skip' a bad entry is logged once and counted, and the item is replaced by
-the next good entry (i + 1, i + 2, ... modulo the entries), so batches keep their shape and stay
-deterministic; with on_error='raise' the first bad row or image stops with one line naming the
-file. `summary()` gives the counts per reason and the first few paths (per process).
+Bad input, as in VideoFolderSource (and with its code, pixeldance/data/folder.py): malformed
+caption rows are found when the index is built; missing, empty or corrupt (unreadable,
+truncated) images when an item is read. With on_error='skip' a bad entry is logged once and
+counted, and the item is replaced by the next good entry (i + 1, i + 2, ... modulo the
+entries), so batches keep their shape and stay deterministic; with on_error='raise' the first
+bad row or image stops with one line naming the file. `summary()` gives the counts per reason and the first few paths (per process).
 
 Each item is dict(video uint8 [1, R, R, 3] in [0, 255], caption str, index int).
 """
@@ -26,7 +26,8 @@ import os
 
 import numpy as np
 
-from pixeldance.data.video_folder import SPLITS, BadVideoError, FolderSource, resize_crop
+from pixeldance.data.folder import BadVideoError, FolderSource
+from pixeldance.data.transforms import resize_crop
 
 REASONS = ("malformed_row", "missing", "empty", "corrupt")
 _ORIENTATION = 0x0112  # EXIF tag; values 5-8 are rotated by 90 or 270 degrees
@@ -55,20 +56,11 @@ class ImageFolderSource(FolderSource):
     def __init__(self, root: str, captions: str = "captions.csv", *, resolution: int = 64,
                  crop: str = "center", seed: int = 0, split: str = "train", size: int | None = None,
                  on_error: str = "skip", meta_cache: str = ""):
-        if on_error not in ("skip", "raise"):
-            raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
-        if crop not in ("center", "random"):
-            raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        self._init_settings(crop=crop, seed=seed, split=split, on_error=on_error, reasons=REASONS)
         if resolution < 1:
             raise ValueError(f"bad image settings: resolution={resolution}")
         self.meta_cache = meta_cache
         self.num_frames, self.resolution = 1, resolution
-        self.crop, self.seed, self.split, self.on_error = crop, seed, split, on_error
-        self._counts = {r: 0 for r in REASONS}
-        self._examples = {r: [] for r in REASONS}
-        self._bad: dict[int, str] = {}  # entry -> reason, once found (per process)
         self._index_folder(root, captions, size)
 
     def __repr__(self) -> str:
@@ -83,7 +75,7 @@ class ImageFolderSource(FolderSource):
 
     def read_image(self, path: str, rng: np.random.Generator) -> np.ndarray:
         """The image at `path` resized and cropped to the target: uint8 [1, H, W, 3]."""
-        from PIL import Image, ImageOps
+        from PIL import Image, ImageOps  # Pillow only when images are read: importing stays cheap
         self._check_file(path)
         try:
             with Image.open(path) as img:
@@ -110,7 +102,7 @@ class ImageFolderSource(FolderSource):
 
     def _probe(self, path: str) -> list:
         """[height, width] of the upright image from its header (no pixels decoded)."""
-        from PIL import Image
+        from PIL import Image  # Pillow only when headers are read, as in read_image
         self._check_file(path)
         try:
             with Image.open(path) as img:
@@ -130,19 +122,3 @@ class ImageFolderSource(FolderSource):
     def _check_shape(self, shape: tuple[int, int, int]):
         if shape[0] != 1:
             raise ValueError(f"an image folder gives one-frame items, not {shape[0]} frames ({self.root})")
-
-
-# ---------------------------------------------------------------------------------------------
-# From a config.
-# ---------------------------------------------------------------------------------------------
-
-def image_source(config, split: str = "train", size: int | None = None) -> ImageFolderSource:
-    """The ImageFolderSource of config.data (root, captions, resolution, crop, on_error,
-    meta_cache; world_seed seeds the random crops)."""
-    d = config.data
-    if not d.get("root"):
-        raise ValueError("config.data.root must name the image folder (config.data.name='image_folder')")
-    return ImageFolderSource(
-        d.root, d.get("captions", "captions.csv"), resolution=d.resolution, crop=d.get("crop", "center"),
-        seed=d.get("world_seed", 0), split=split, size=size, on_error=d.get("on_error", "skip"),
-        meta_cache=d.get("meta_cache", ""))

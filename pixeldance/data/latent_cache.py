@@ -38,8 +38,8 @@ of bucket b's cache is the i-th source item assigned to b, read at b's shape: z 
 [1 + (F - 1) / 4, H / 8, W / 8, C] for the causal VAE, z_last [min(K, F), ...] (one-frame buckets:
 z_last = z).
 
-Reading: `LatentCacheSource(path)` (also `pixeldance.data.pipeline.LatentCacheSource`), a grain
-random-access source over the shards via array_record's `ArrayRecordDataSource`.
+Reading: `LatentCacheSource(path)`, a grain random-access source over the shards via
+array_record's `ArrayRecordDataSource` (batched by `pipeline.make_batches`).
 """
 from __future__ import annotations
 
@@ -296,7 +296,7 @@ def write_shard(path: str, records: Iterable[dict[str, Any]]) -> dict:
     """Writes one shard atomically (to `path + '.tmp'`, renamed when closed) and a sidecar
     `path + '.json'` (num_records, bytes, moments of 'z'). records: dicts with the FIELDS
     arrays and 'caption'. Returns the sidecar dict."""
-    from array_record.python import array_record_module
+    from array_record.python import array_record_module  # only where shards are read or written
     tmp = path + ".tmp"
     writer = array_record_module.ArrayRecordWriter(tmp, _WRITER_OPTIONS)
     moments, count = Moments(), 0
@@ -403,7 +403,7 @@ def _publish(partial: str, output: str):
 
 
 def _read_one(path: str) -> dict:
-    from array_record.python import array_record_module
+    from array_record.python import array_record_module  # only where shards are read or written
     reader = array_record_module.ArrayRecordReader(path)
     try:
         return decode_record(reader.read([0])[0])
@@ -425,7 +425,7 @@ class LatentCacheSource:
     """
 
     def __init__(self, path: str, captions: bool = False):
-        from array_record.python import array_record_data_source
+        from array_record.python import array_record_data_source  # only where shards are read
         self.path, self._captions = path, captions
         if not os.path.isdir(path):
             hint = " (a cache of the old format)" if path.endswith(".npz") else ""
@@ -490,7 +490,7 @@ class LatentCacheSource:
 
 def _find_unreadable(files: Sequence[str]) -> str | None:
     """The first of `files` that array_record cannot open, if any."""
-    from array_record.python import array_record_module
+    from array_record.python import array_record_module  # only where shards are read or written
     for f in files:
         try:
             array_record_module.ArrayRecordReader(f).close()

@@ -20,13 +20,13 @@ From a config (`config.data.name = 'mixture'`):
         videos=dict(name="video_folder", root="/data/clips"),
         images=dict(name="image_folder", root="/data/stills", captions="captions.jsonl"))
 
-A component is built by `video_folder.make_source` from config.data with its entry of
+A component is built by `sources.make_source` from config.data with its entry of
 config.data.sources laid over it; `name` there is the dataset kind (default: the component's
 own name, so "video_folder:0.5,shapes:0.5" works with no entries at all). Components that give
 items of different shapes (videos [F, R, R, 3], images [1, R, R, 3]) can only be batched by
 buckets (config.data.buckets, pixeldance/data/buckets.py); stages that need one shape (the
 latent cache, the VAE's held-out clips and statistics, samples) get the components shaped like
-the first one (`mixture_source(..., mixed_shapes=False)`), so list the videos first.
+the first one (`sources.make_source(..., mixed_shapes=False)`), so list the videos first.
 
 Items: dict(video uint8 [F, H, W, 3], caption str, index int (the mixture index k),
 source int (the component)).
@@ -38,7 +38,8 @@ import copy
 import math
 
 import numpy as np
-from absl import logging
+
+from pixeldance.data import buckets
 
 BLOCK = 1000
 _TAG = 0x6D6978  # separates the block permutations from other draws of the same seed
@@ -162,14 +163,12 @@ class MixtureSource:
 
     def read(self, index: int, shape=None) -> dict:
         """Item `index` at `shape` = (F, H, W) (for buckets; see buckets.read_item)."""
-        from pixeldance.data import buckets
         k = int(index)
         (c,), (j,) = self.locate([k])
         return self._item(k, c, buckets.read_item(self.components[c], int(j), shape))
 
     def bucket_info(self, indices) -> dict:
         """dict(frames, height, width) int64 [N]: each item's native shape, from its component."""
-        from pixeldance.data import buckets
         comp, idx = self.locate(indices)
         out = {key: np.zeros(len(comp), np.int64) for key in ("frames", "height", "width")}
         for c in np.unique(comp):
@@ -181,7 +180,6 @@ class MixtureSource:
 
     def item_shapes(self) -> list[tuple[int, int, int]]:
         """(frames, height, width) of each component's items."""
-        from pixeldance.data import buckets
         return [buckets.item_shape(c) for c in self.components]
 
     @property
@@ -223,30 +221,3 @@ def component_config(config, name: str):
         cfg.data.name = kind
         cfg.data.mixture = ""
     return cfg
-
-
-def mixture_source(config, split: str = "train", size: int | None = None, *, mixed_shapes: bool = False):
-    """The mixture of config.data.mixture (see the module docstring). mixed_shapes=False keeps
-    only the components whose items have the first component's shape (a lone one is returned
-    as itself); True keeps them all (for bucketed batches)."""
-    from pixeldance.data import buckets, video_folder
-    spec = parse_mixture(config.data.get("mixture", ""))
-    names = [n for n, _ in spec]
-    parts = []
-    for n in names:
-        try:
-            parts.append(video_folder.make_source(component_config(config, n), split, size))
-        except (ValueError, FileNotFoundError) as e:
-            raise type(e)(f"mixture component {n!r}: {e}") from None
-    weights = [w for _, w in spec]
-    if not mixed_shapes:
-        shapes = [buckets.item_shape(p) for p in parts]
-        keep = [i for i, s in enumerate(shapes) if s == shapes[0]]
-        if len(keep) < len(parts):
-            logging.info("mixture: one-shape use reads %s (items %s); %s differ in shape and are read "
-                         "only by bucketed training", [names[i] for i in keep], shapes[0],
-                         [n for i, n in enumerate(names) if i not in keep])
-        names, parts, weights = ([x[i] for i in keep] for x in (names, parts, weights))
-        if len(parts) == 1:
-            return parts[0]
-    return MixtureSource(parts, weights, seed=config.data.get("world_seed", 0), size=size, names=names)

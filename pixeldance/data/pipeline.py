@@ -74,8 +74,3 @@ def make_batches(source, *, batch_size: int, seed: int, transform: Callable[[dic
     ds = ds.batch(batch_size // n, drop_remainder=True)[p::n]
     return BatchIterator(ds, num_workers=num_workers)
 
-
-# The latent cache (ArrayRecord shards written by `pixeldance.tools.cache_latents`) as a grain
-# random-access source: elements z float32 [T, h, w, C], z_last float32 [K, h, w, C], tokens
-# int32 [S]. Defined with its format in latent_cache.py.
-from pixeldance.data.latent_cache import LatentCacheSource  # noqa: E402,F401

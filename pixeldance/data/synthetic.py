@@ -111,6 +111,12 @@ class WorldConfig:
             raise ValueError(f"num_objects must be 1 or 2, got {self.num_objects}")
 
 
+def world_config(config) -> WorldConfig:
+    """The world of config.data (num_frames, resolution, num_objects, world_seed)."""
+    return WorldConfig(num_frames=config.data.num_frames, resolution=config.data.resolution,
+                       num_objects=config.data.num_objects, seed=config.data.world_seed)
+
+
 def render(objects: list[dict], background: tuple[int, int, int], num_frames: int,
            resolution: int) -> np.ndarray:
     """Draws the clip: uint8 [F, R, R, 3], F = num_frames, R = resolution.

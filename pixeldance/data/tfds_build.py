@@ -26,7 +26,7 @@ _ON_ERROR = flags.DEFINE_enum("on_error", "skip", ["skip", "raise"],
 
 def main(argv):
     del argv
-    from pixeldance.data import tfds_datasets
+    from pixeldance.data import tfds_datasets  # tensorflow_datasets after flag parsing: --help stays fast
     try:
         b = tfds_datasets.build(_DATASET.value, _MANUAL_DIR.value, _DATA_DIR.value,
                                 ucf101_split=_UCF101_SPLIT.value, on_error=_ON_ERROR.value)

@@ -5,16 +5,17 @@ random-access source that works without TensorFlow.
     DATA_DIR/pixeldance_msrvtt/1.0.0/*.array_record          python -m pixeldance.data.tfds_build
 
 Item i is one clip of record `i % num_records` of a TFDS split, exactly as VideoFolderSource
-makes it (and with its code): the stored video bytes are decoded by PyAV from memory, only the
-frames needed; `num_frames` frames at `fps` (or every `stride`-th), a start drawn from
-(seed, split, i), resized so the short side is `resolution` and cropped square. The caption is
-the UCF-101 class name as words ('ApplyEyeMakeup' -> 'apply eye makeup') or one of the MSR-VTT
-video's captions, drawn from (seed, split, i) too.
+makes it (and with its decoder, `video_io.decode_clip`): the stored video bytes are decoded by
+PyAV from memory, only the frames needed; `num_frames` frames at `fps` (or every `stride`-th),
+a start drawn from (seed, split, i), resized so the short side is `resolution` and cropped
+square. The caption is the UCF-101 class name as words ('ApplyEyeMakeup' -> 'apply eye
+makeup') or one of the MSR-VTT video's captions, drawn from (seed, split, i) too.
 
-Bad input as in VideoFolderSource: empty, corrupt, truncated or too-short videos are logged,
-counted and replaced by the next good record (on_error='skip'), or stop with one line naming the
-split and video (on_error='raise', e.g. "corrupt: test:ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi
-(...)"). A data_dir without the built dataset, or an unknown split, is a one-line error.
+Bad input as in VideoFolderSource (the bookkeeping of `folder.FolderSource`): empty, corrupt,
+truncated or too-short videos are logged, counted and replaced by the next good record
+(on_error='skip'), or stop with one line naming the split and video (on_error='raise', e.g.
+"corrupt: test:ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi (...)"). A data_dir without the
+built dataset, or an unknown split, is a one-line error.
 
 Each item is dict(video uint8 [F, R, R, 3], caption str, index int).
 """
@@ -26,12 +27,14 @@ import zlib
 
 import numpy as np
 
-from pixeldance.data import video_folder
+from pixeldance.data import video_io
+from pixeldance.data.folder import SPLITS, BadVideoError, FolderSource
+from pixeldance.data.transforms import resize_crop
 
 SPLIT_DEFAULTS = {"train": "train", "heldout": "test"}
 
 
-class TfdsVideoSource(video_folder.VideoFolderSource):
+class TfdsVideoSource(FolderSource):
     """Random-access clips of a built TFDS video dataset (duck-types grain's RandomAccessDataSource).
 
     data_dir: the TFDS data_dir given to the build; dataset: 'ucf101' or 'msrvtt';
@@ -44,14 +47,16 @@ class TfdsVideoSource(video_folder.VideoFolderSource):
     """
 
     KIND = "tfds"  # the name in log lines and summaries
+    NOUN = "video"
 
     def __init__(self, data_dir: str, dataset: str, tfds_split: str | None = None, *, ucf101_split: int = 1,
                  num_frames: int = 17, resolution: int = 64, fps: float = 0.0, stride: int = 1,
                  crop: str = "center", seed: int = 0, split: str = "train", size: int | None = None,
                  on_error: str = "skip"):
-        from pixeldance.data import tfds_datasets
-        self._init_clips(num_frames=num_frames, resolution=resolution, fps=fps, stride=stride, crop=crop,
-                         seed=seed, split=split, on_error=on_error)
+        from pixeldance.data import tfds_datasets  # tensorflow_datasets only when a TFDS source is made
+        self._init_settings(crop=crop, seed=seed, split=split, on_error=on_error)
+        video_io.check_clip_settings(num_frames, resolution, fps, stride)
+        self.num_frames, self.resolution, self.fps, self.stride = num_frames, resolution, float(fps), stride
         tfds_datasets.config_name(dataset, ucf101_split)  # checks both
         self.data_dir, self.dataset, self.ucf101_split = os.fspath(data_dir), dataset, ucf101_split
         self.tfds_split = tfds_split or SPLIT_DEFAULTS[split]
@@ -70,7 +75,7 @@ class TfdsVideoSource(video_folder.VideoFolderSource):
         num = splits[self.tfds_split].num_examples
         if num == 0:
             raise ValueError(f"split {self.tfds_split!r} of {dataset} in {builder.data_path} is empty")
-        # VideoFolderSource's names: root (the dataset folder) and captions (the split) only
+        # FolderSource's names: root (the dataset folder) and captions (the split) only
         # appear in messages; _entries only gives the number of records.
         self.root, self.captions = str(builder.data_path), self.tfds_split
         self._entries = range(num)
@@ -97,7 +102,7 @@ class TfdsVideoSource(video_folder.VideoFolderSource):
         """The stored record `entry` of the split (video bytes, text as bytes, as TFDS decodes it)."""
         if self._records is None:
             if self._builder is None:
-                from pixeldance.data import tfds_datasets
+                from pixeldance.data import tfds_datasets  # not imported yet in a grain worker process
                 self._builder = tfds_datasets.builder(self.dataset, self.data_dir, self.ucf101_split)
             self._records = self._builder.as_data_source(self.tfds_split)
         return self._records[int(entry)]
@@ -105,13 +110,13 @@ class TfdsVideoSource(video_folder.VideoFolderSource):
     def caption_of(self, record: dict, index: int) -> str:
         """The caption of a record for item `index`: the UCF-101 class as words, or one of the
         MSR-VTT captions drawn from (seed, split, index) ('' if it has none)."""
-        from pixeldance.data.tfds_datasets import class_caption
+        from pixeldance.data.tfds_datasets import class_caption  # tensorflow_datasets, as in __init__
         if self._class_names is not None:
             return class_caption(self._class_names[int(record["label"])])
         captions = record["captions"]
         if len(captions) == 0:
             return ""
-        k = np.random.default_rng([self.seed, video_folder.SPLITS.index(self.split), index, 1]).integers(len(captions))
+        k = np.random.default_rng([self.seed, SPLITS.index(self.split), index, 1]).integers(len(captions))
         return _text(captions[k])
 
     def _read_entry(self, entry: int, rng: np.random.Generator, index: int) -> tuple[np.ndarray, str]:
@@ -120,12 +125,11 @@ class TfdsVideoSource(video_folder.VideoFolderSource):
         name = f"{self.tfds_split}:{key}"
         data = ex["video"]
         if not data:
-            raise video_folder.BadVideoError("empty", name)
-        return self.decode_clip(io.BytesIO(data), name, rng), self.caption_of(ex, index)
-
-    def summary_line(self) -> str:
-        line = video_folder.VideoFolderSource.summary_line(self)
-        return line if line.startswith("tfds ") else "tfds " + line.removeprefix("video_folder ")
+            raise BadVideoError("empty", name)
+        frames = video_io.decode_clip(io.BytesIO(data), name, rng, num_frames=self.num_frames, fps=self.fps,
+                                      stride=self.stride)
+        H, W = self._target_hw()  # R x R, or a bucket's H x W
+        return resize_crop(frames, H, W, self.crop, rng), self.caption_of(ex, index)
 
     def _native(self):
         """Per-record shapes for buckets (config.data.buckets) would mean reading every stored
@@ -135,13 +139,3 @@ class TfdsVideoSource(video_folder.VideoFolderSource):
 
 def _text(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def tfds_source(config, split: str = "train", size: int | None = None) -> TfdsVideoSource:
-    """The source of config.data.name ('ucf101' | 'msrvtt') in the data_dir config.data.root."""
-    d = config.data
-    tfds_split = d.get("train_split", "train") if split == "train" else d.get("heldout_split", "test")
-    return TfdsVideoSource(
-        d.root, d.name, tfds_split, ucf101_split=d.get("ucf101_split", 1), num_frames=d.num_frames,
-        resolution=d.resolution, fps=d.get("fps", 0.0), stride=d.get("stride", 1), crop=d.get("crop", "center"),
-        seed=d.get("world_seed", 0), split=split, size=size, on_error=d.get("on_error", "skip"))

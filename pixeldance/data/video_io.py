@@ -1,12 +1,16 @@
-"""Reading and writing images and videos (PyAV for mp4, Pillow for images and GIFs).
+"""Reading and writing images and videos (PyAV for mp4, Pillow for images and GIFs), and
+decoding one clip of a video (PyAV) for the video sources.
 
-Videos are uint8 [F, H, W, 3]; images uint8 [H, W, 3].
+Videos are uint8 [F, H, W, 3]; images uint8 [H, W, 3]. PyAV and Pillow are imported inside the
+functions that use them, so importing this module (and the sources) stays cheap.
 """
 from __future__ import annotations
 
 import os
 
 import numpy as np
+
+from pixeldance.data.folder import BadVideoError
 
 
 def read_image(path: str, size: int | None = None) -> np.ndarray:
@@ -137,3 +141,131 @@ def square_windows(video: np.ndarray, frames: int, size: int, count: int) -> tup
                                for f in video[start:start + frames]]))
         starts.append(start)
     return clips, starts
+
+
+# ---------------------------------------------------------------------------------------------
+# Clips (PyAV): one clip of a video, decoding only the frames it needs. Used by both
+# VideoFolderSource (files, pixeldance/data/video_folder.py) and TfdsVideoSource (stored bytes,
+# pixeldance/data/tfds_source.py), so the two give the same clip of the same video.
+# ---------------------------------------------------------------------------------------------
+
+def check_clip_settings(num_frames: int, resolution: int, fps: float, stride: int):
+    """One-line ValueError for settings no clip can have."""
+    if num_frames < 1 or resolution < 1 or stride < 1 or fps < 0:
+        raise ValueError(f"bad clip settings: num_frames={num_frames}, resolution={resolution}, "
+                         f"stride={stride}, fps={fps}")
+
+
+def check_video_file(path: str):
+    """BadVideoError if the file at `path` is missing or empty."""
+    if not os.path.exists(path):
+        raise BadVideoError("missing", path)
+    if os.path.getsize(path) == 0:
+        raise BadVideoError("empty", path)
+
+
+def stream_info(container, stream, name: str) -> tuple[float, int]:
+    """(frame rate, frame count) from the container's metadata; BadVideoError naming `name` if
+    unknown."""
+    rate = float(stream.average_rate or stream.guessed_rate or 0)
+    if rate <= 0:
+        raise BadVideoError("corrupt", name, "unknown frame rate")
+    if stream.duration:
+        duration = stream.duration * float(stream.time_base)
+    elif container.duration:
+        duration = container.duration / 1e6
+    else:
+        duration = 0.0
+    count = int(stream.frames) or int(round(duration * rate))
+    if count <= 0:
+        raise BadVideoError("corrupt", name, "no frames")
+    return rate, count
+
+
+def decode_clip(file, name: str, rng: np.random.Generator, *, num_frames: int, fps: float = 0.0,
+                stride: int = 1) -> list[np.ndarray]:
+    """The frames of one clip of `file` (a path, or a binary file object such as io.BytesIO of a
+    video's bytes), uint8 [H, W, 3] each, at their native size: `num_frames` frames either at a
+    target `fps` (for each target time the nearest source frame) or (fps=0) every `stride`-th
+    source frame, from a start drawn from `rng`. Only the frames needed are decoded: the reader
+    seeks to the keyframe before the clip and stops once the clip is complete. BadVideoError
+    naming `name` if there is no such clip (corrupt, truncated or too short)."""
+    import av  # PyAV only when clips are decoded: importing the sources stays cheap
+    try:
+        with av.open(file) as container:
+            if not container.streams.video:
+                raise BadVideoError("corrupt", name, "no video stream")
+            return _pick_frames(container, container.streams.video[0], name, rng, num_frames, fps, stride)
+    except BadVideoError:
+        raise
+    except (av.FFmpegError, OSError, ValueError, IndexError, ZeroDivisionError) as e:
+        raise BadVideoError("corrupt", name, f"{type(e).__name__}: {e}".splitlines()[0]) from None
+
+
+def _pick_frames(container, stream, name, rng, num_frames, fps, stride) -> list[np.ndarray]:
+    F = num_frames
+    rate, count = stream_info(container, stream, name)
+    tb = float(stream.time_base)
+    if fps > 0:  # target times (seconds from the first frame) at fps
+        span = (F - 1) / fps  # seconds from the first to the last frame of the clip
+        last = (count - 1) / rate  # time of the last source frame
+        if span > last + 1e-6:
+            raise BadVideoError("too_short", name, f"{count} frames at {rate:.3g} fps < {F} at {fps:g} fps")
+        t0 = rng.uniform() * (last - span)
+        times = t0 + np.arange(F) / fps
+    else:
+        need = (F - 1) * stride + 1
+        if count < need:
+            raise BadVideoError("too_short", name, f"{count} frames < {need} (stride {stride})")
+        start = int(rng.integers(0, count - need + 1))
+        times = (start + stride * np.arange(F)) / rate
+    half = 0.5 / rate  # a frame counts as showing time t if it starts by t + half a frame
+    start_pts = stream.start_time or 0
+    if times[0] > 1.0 / rate:
+        container.seek(int(start_pts + max(times[0] - half, 0) / tb), stream=stream, backward=True)
+    out, k = [], 0
+    for frame in container.decode(stream):
+        if frame.pts is None:
+            continue
+        t = (frame.pts - start_pts) * tb
+        array = None
+        while k < F and t + half >= times[k] - 1e-9:  # the nearest frame to times[k]
+            if array is None:
+                array = frame.to_ndarray(format="rgb24")
+            out.append(array)
+            k += 1
+        if k == F:
+            break
+    if len(out) < F:
+        raise BadVideoError("too_short" if out else "corrupt", name,
+                            f"decoded {len(out)} of {F} frames")
+    return out
+
+
+def probe_video(path: str) -> list:
+    """[frame count, frame rate, height, width] of the video at `path` from the container (no
+    frames decoded); BadVideoError if missing, empty or unreadable."""
+    import av  # PyAV only when headers are read: importing the sources stays cheap
+    check_video_file(path)
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise BadVideoError("corrupt", path, "no video stream")
+            stream = container.streams.video[0]
+            rate, count = stream_info(container, stream, path)
+            h, w = int(stream.codec_context.height), int(stream.codec_context.width)
+    except BadVideoError:
+        raise
+    except (av.FFmpegError, OSError, ValueError, IndexError, ZeroDivisionError) as e:
+        raise BadVideoError("corrupt", path, f"{type(e).__name__}: {e}".splitlines()[0]) from None
+    if h < 1 or w < 1:
+        raise BadVideoError("corrupt", path, f"frame size {w}x{h}")
+    return [count, rate, h, w]
+
+
+def most_clip_frames(count: int, rate: float, *, fps: float = 0.0, stride: int = 1) -> int:
+    """The most frames one clip of a video of `count` frames at `rate` fps can have at a target
+    `fps` (0: every `stride`-th frame)."""
+    if fps > 0:  # as in decode_clip: (F - 1) / fps must fit in the last frame's time
+        return int(np.floor((count - 1) / rate * fps + 1e-6)) + 1
+    return (int(count) - 1) // stride + 1
