@@ -20,7 +20,6 @@ Prints one JSON object and adds it (keyed by variant) to --output if given.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -29,11 +28,11 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
 from pixeldance import configs, sharding, train_lib
+from pixeldance import workdir as workdir_lib
 from pixeldance.checkpoint import Checkpointer
 from pixeldance.trainers import dit as dit_trainer
 
@@ -45,11 +44,8 @@ def build(args):
     config = configs.load_config(os.path.join(REPO, "experiments", "shapes.py"))
     config = configs.override(config, **{"dit.variant": args.variant, "train.batch_size": args.batch})
     T, h, C, S = args.frames, args.latent, 16, config.text.max_length
-    model = dit_trainer.build_model(config, C)
-    init_fn = lambda rng: model.init(rng, jnp.zeros((1, T, h, h, C)), jnp.zeros((1,)), jnp.zeros((1, T, h, h, C)),
-                                     jnp.zeros((1, T, h, h, 1)), jnp.zeros((1, S), jnp.int32))
-    loss_fn = functools.partial(dit_trainer.dit_loss, model=model, cond=config.cond, diffusion=config.diffusion,
-                                latent_mean=np.zeros(C, np.float32), latent_std=np.ones(C, np.float32))
+    stats = workdir_lib.LatentStats(np.zeros(C, np.float32), np.ones(C, np.float32))
+    _, init_fn, _, loss_fn = dit_trainer.train_setup(config, (T, h, h, C), stats)
     rng = np.random.default_rng(0)
     batch = dict(z=rng.normal(size=(args.batch, T, h, h, C)).astype(np.float32),
                  z_last=rng.normal(size=(args.batch, config.cond.last_from, h, h, C)).astype(np.float32),

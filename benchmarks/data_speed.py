@@ -15,7 +15,8 @@ captions.csv), then measures:
           after the other (`speedup_vs_sequential`, the single-core baseline). Target on 2
           cores: speedup >= 1.8 with 2 workers.
   dit     DiT training steps per second (the config's DiT, randomly initialised, the real
-          `dit_loss` and `train_lib.make_train_step`, async dispatch as in `train_lib.train_loop`)
+          `trainers.dit.train_setup`'s loss and `train_lib.make_train_step`, async dispatch as in
+          `train_lib.train_loop`)
           fed from the latent cache (`LatentCacheSource` over ArrayRecord shards that this script
           first writes with a randomly initialised VAE of the config) against decoding the folder
           and VAE-encoding every batch on the fly (video and last frames, as the cache stage
@@ -35,7 +36,6 @@ given. Uses absl flags (grain worker processes need them parsed).
 from __future__ import annotations
 
 import csv
-import functools
 import importlib.metadata
 import json
 import os
@@ -196,41 +196,35 @@ def measure_dit(config, root: str, batch: int, tmp: str) -> dict:
     import numpy as np
     from flax import linen as nn
 
-    from pixeldance import train_lib
+    from pixeldance import build, train_lib
+    from pixeldance import workdir as workdir_lib
     from pixeldance.data import latent_cache, pipeline
     from pixeldance.sample import VideoVAE
-    from pixeldance.tools import cache_latents
+    from pixeldance.trainers import cache as cache_stage
     from pixeldance.trainers import dit as dit_trainer
-    from pixeldance.trainers import vae as vae_trainer
 
     d, K = config.data, config.cond.last_from
-    vae_model = vae_trainer.build_vae(config)
-    vae_params = nn.unbox(vae_model.init(jax.random.key(0), jnp.zeros((1, 1, d.resolution, d.resolution, 3))))
+    vae_model = build.vae(config)
+    vae_params = nn.unbox(build.vae_init_fn(vae_model, 1, d.resolution, d.resolution)(jax.random.key(0)))
     vae = VideoVAE(vae_model, vae_params)
-    tokenizer = dit_trainer.build_tokenizer(config)
+    tokenizer = build.tokenizer(config)
     source = folder_source(config, root)
 
     # The cache: n clips of the folder, written as the cache stage writes them (the DiT cycles over them).
     n = max(batch * 4, _NUM_VIDEOS.value)
-    encode_range = cache_latents.batch_encoder(vae, tokenizer, source, config.cache.batch_size, K)
+    encode_range = cache_stage.batch_encoder(vae, tokenizer, source, config.cache.batch_size, K)
     cache_dir = os.path.join(tmp, "cache")
     t0 = time.perf_counter()
     latent_cache.build(cache_dir, count=n, num_shards=latent_cache.num_shards_for(n, 0, max(n // 2, 1)),
                        encode_range=encode_range, info=dict(vae_step=None), log=lambda _: None)
     cache_write_s = time.perf_counter() - t0
-    cached = pipeline.LatentCacheSource(cache_dir)
+    cached = latent_cache.LatentCacheSource(cache_dir)
     T, h, w, C = cached[0]["z"].shape
     rng = np.random.default_rng(0)
     mean, std = rng.normal(size=C).astype(np.float32), rng.uniform(0.5, 2, size=C).astype(np.float32)
 
-    model = dit_trainer.build_model(config, C)
-    S = config.text.max_length
-    dummy = (jnp.zeros((1, T, h, w, C)), jnp.zeros((1,)), jnp.zeros((1, T, h, w, C)),
-             jnp.zeros((1, T, h, w, 1)), jnp.zeros((1, S), jnp.int32))
-    params = nn.unbox(model.init(jax.random.key(1), *dummy))
-    tx = train_lib.stage_optimizer(config.train)
-    loss_fn = functools.partial(dit_trainer.dit_loss, model=model, cond=config.cond, diffusion=config.diffusion,
-                                latent_mean=jnp.asarray(mean), latent_std=jnp.asarray(std))
+    _, init_fn, tx, loss_fn = dit_trainer.train_setup(config, (T, h, w, C), workdir_lib.LatentStats(mean, std))
+    params = nn.unbox(init_fn(jax.random.key(1)))
     step = jax.jit(train_lib.make_train_step(loss_fn, tx, config.train.ema_decay), donate_argnums=0)
     state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                                  ema_params=jax.tree.map(jnp.copy, params))

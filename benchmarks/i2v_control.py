@@ -43,10 +43,10 @@ def main():
 
     from pixeldance.data import synthetic
     from pixeldance.evaluators.synthetic import analyse_video
-    from pixeldance.sample import load_pipeline, load_workdir_config
-    from pixeldance.trainers.vae import world_config
+    from pixeldance.sample import load_pipeline
+    from pixeldance.workdir import read_config
 
-    world = world_config(load_workdir_config(args.workdir))
+    world = synthetic.world_config(read_config(args.workdir))
     eval_world = synthetic.WorldConfig(**{**world.__dict__, "seed": world.seed + args.world_seed_offset})
     source = synthetic.ShapesSource("heldout", size=args.num, config=eval_world)
     items = [source[i] for i in range(args.num)]

@@ -60,16 +60,17 @@ def main():
 
     import jax
     import jax.numpy as jnp
-    from pixeldance import train_lib
+    from pixeldance import build, sharding
+    from pixeldance import workdir as workdir_lib
     from pixeldance.checkpoint import Checkpointer
     from pixeldance.data import synthetic
-    from pixeldance.sample import load_workdir_config
-    from pixeldance.trainers import vae as trainer
+    from pixeldance.evaluators import reconstruction
+    from pixeldance.sample import VideoVAE
 
-    config = load_workdir_config(args.workdir)
-    model = trainer.build_vae(config, args.workdir)
+    config = workdir_lib.read_config(args.workdir)
+    model = build.vae(config, workdir_lib.read_model_spec(args.workdir))
     res = config.data.resolution
-    world = trainer.world_config(config)
+    world = synthetic.world_config(config)
     source = synthetic.ShapesSource("heldout", size=args.heldout, config=world)
     heldout = np.stack([source[i]["video"][:args.frames] for i in range(args.heldout)])
     real, names = real_clips(args.frames, res, args.per_video)
@@ -77,14 +78,16 @@ def main():
     ckpt = Checkpointer(directory, use_async=False)
     steps = [int(s) for s in args.steps.split(",") if s] or ckpt.all_steps()
     ckpt.close()
-    init_fn = lambda rng: model.init(rng, jnp.zeros((1, 1, res, res, 3)))
-    fns = trainer._encode_decode_fns(model)
+    init_fn = build.vae_init_fn(model, 1, res, res)
+    mesh = sharding.make_mesh((1, 1, 1, 1), jax.devices()[:1])
+    vae = VideoVAE(model, None)
     rows = []
     for step in sorted(steps):
-        params, _ = train_lib.load_ema_params(directory, init_fn, config.vae, step=step)
+        params, _ = workdir_lib.load_ema_params(directory, init_fn, mesh, step=step)
+        vae.params = params
         row = dict(step=step)
         for what, clips in (("synthetic_heldout", heldout), ("real", real)):
-            out = trainer.reconstruct(model, params, clips, fns=fns)
+            out = reconstruction.reconstruct(vae, clips)
             row[what] = dict(psnr=float(out["psnr"].mean()), ssim=float(out["ssim"].mean()),
                              psnr_min=float(out["psnr"].min()), num_clips=len(clips))
             if what == "real":
@@ -95,18 +98,17 @@ def main():
               f"(SSIM {row['real']['ssim']:.4f})", flush=True)
     # Chunked and tiled decoding on the newest checkpoint, against one-pass decoding.
     from pixeldance.models import vae as vae_lib
-    encode, decode = fns
-    z = jnp.concatenate([encode(params, heldout[i:i + 8]) for i in range(0, len(heldout), 8)])
+    z = jnp.concatenate([vae.encode(heldout[i:i + 8]) for i in range(0, len(heldout), 8)])
     chunked = jax.jit(lambda p, z: vae_lib.decode_chunked(model, p, z))
     tiled = jax.jit(lambda p, z: vae_lib.decode_tiled(model, p, z, tile=args.tile, overlap=args.overlap))
-    psnr = lambda a, b: float(np.mean([trainer.psnr(a[i:i + 1], b[i:i + 1]) for i in range(len(a))]))
+    psnr = lambda a, b: float(np.mean([reconstruction.psnr(a[i:i + 1], b[i:i + 1]) for i in range(len(a))]))
     whole_out, chunk_out, tile_out = [], [], []
     for i in range(0, len(z), 8):
-        whole_out.append(decode(params, z[i:i + 8]))
+        whole_out.append(vae.decode_float(z[i:i + 8]))
         chunk_out.append(chunked(params, z[i:i + 8]))
         tile_out.append(tiled(params, z[i:i + 8]))
     whole_out, chunk_out, tile_out = (jnp.concatenate(x) for x in (whole_out, chunk_out, tile_out))
-    target = trainer.to_unit(jnp.asarray(heldout))
+    target = reconstruction.to_unit(jnp.asarray(heldout))
     passes = dict(step=rows[-1]["step"], chunk="1 latent frame",
                   chunked_max_abs_diff=float(jnp.abs(chunk_out - whole_out).max()),
                   tile=args.tile, overlap=args.overlap,
@@ -123,7 +125,7 @@ def main():
             if entry.get("stage") == "vae":
                 curve.append({k: entry[k] for k in ("step", "psnr", "l1", "l2", "kl", "steps_per_sec") if k in entry})
     result = dict(benchmark="vae_psnr", date=time.strftime("%Y-%m-%d %H:%M"), workdir=args.workdir,
-                  vae=json.load(open(os.path.join(args.workdir, trainer.MODEL_SPEC))),
+                  vae=workdir_lib.model_spec(model),
                   vae_config=config.vae.to_dict(), frames=args.frames, resolution=res,
                   eval="EMA parameters, posterior mean, per-clip PSNR/SSIM averaged", jax=jax.__version__,
                   checkpoints=rows, chunked_and_tiled=passes, train_curve=curve)

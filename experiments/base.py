@@ -200,8 +200,17 @@ def get_config(arg=None):
         batch_size=16,
     )
 
-    c.eval = dict(
-        num_per_mode=128,          # held-out and seen videos sampled per mode
+    # Evaluators (pixeldance/evaluators/) of each trained model, by name: the VAE stage runs
+    # `vae` on its final EMA weights ('reconstruction': held-out PSNR / SSIM, with
+    # vae.eval_videos clips), the 'sample' stage runs `dit` on the trained pipeline
+    # ('faithfulness': the synthetic world's exact scores; 'samples': samples of another
+    # dataset's captions). every > 0: the trainers also run them every `every` steps (scores
+    # only, logged as stages 'vae_eval' / 'dit_eval' in metrics.jsonl and TensorBoard).
+    c.evals = dict(
+        every=0,
+        vae=("reconstruction",),
+        dit=("faithfulness",),
+        num_per_mode=128,          # faithfulness: held-out and seen videos sampled per mode
         heldout_fraction=0.5,
         num_mp4=4,                 # mp4 files written per mode
     )
@@ -213,8 +222,8 @@ def get_config(arg=None):
         num_per_mode=64,
     )
 
-    # Compile-ahead planning (`--config.mode=plan` or `python -m pixeldance.plan`): the train
-    # step and sampler compiled for a target mesh without its hardware (pixeldance/plan.py).
+    # Compile-ahead planning (`--config.mode=plan` or `python -m pixeldance.tools.plan`): the train
+    # step and sampler compiled for a target mesh without its hardware (pixeldance/tools/plan.py).
     c.plan = dict(
         num_devices=0,             # forced host (CPU) devices to compile for (0: see topology)
         topology="",               # TPU topology, e.g. 'v5p:2x2x1' (pip install -e '.[tpu-plan]')
@@ -249,6 +258,6 @@ def get_config(arg=None):
         c.sample.steps = 3
         c.sample.tau = 1
         c.sample.batch_size = 4
-        c.eval.num_per_mode = 4
-        c.eval.num_mp4 = 1
+        c.evals.num_per_mode = 4
+        c.evals.num_mp4 = 1
     return c

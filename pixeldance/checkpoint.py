@@ -60,6 +60,19 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         return out["state"], dict(out["data"] or {})
 
+    def restore_part(self, abstract_part: dict, step: int | None = None) -> dict:
+        """Some top-level fields of the saved state only, e.g. {'ema_params': abstract params}
+        of a TrainState: nothing else is read, so loading a model's weights for sampling costs
+        their own memory, not the optimizer's. abstract_part: pytrees of jax.ShapeDtypeStruct
+        with `.sharding` (each leaf is read straight into its shards)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_part)
+        out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=abstract_part, restore_args=restore_args, partial_restore=True)))
+        return dict(out["state"])
+
     def restore_metrics(self, step: int | None = None) -> list[dict]:
         """The pending per-step metrics saved with a checkpoint ([] for checkpoints without them)."""
         step = self.latest_step() if step is None else step

@@ -9,7 +9,7 @@ Dispatches on `config.mode`:
   train_dit  the DiT on the latent cache (with buckets: batches of one bucket's shape each)
   sample     sample the three modes, write videos and the faithfulness report
   plan       compile the DiT train step and sampler for config.plan's target mesh without its
-             hardware; print memory per device and FLOPs, write plan.json (pixeldance/plan.py)
+             hardware; print memory per device and FLOPs, write plan.json (pixeldance/tools/plan.py)
 
 Each stage resumes from what the workdir holds: a restarted run continues from the newest
 checkpoint of the stage it was in. Single fields: `--config.train.num_steps=100`.
@@ -23,7 +23,15 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from pixeldance import workdir as workdir_lib
 from pixeldance import xla_flags
+from pixeldance.evaluators import common as eval_common
+from pixeldance.evaluators import registry as eval_registry
+from pixeldance.sample import load_pipeline
+from pixeldance.tools import plan
+from pixeldance.trainers.cache import cache_latents
+from pixeldance.trainers.dit import train_dit
+from pixeldance.trainers.vae import train_vae
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and samples.")
@@ -33,19 +41,23 @@ STAGES = ("train_vae", "cache", "train_dit", "sample")
 
 def run_stage(stage: str, config, workdir: str):
     if stage == "train_vae":
-        from pixeldance.trainers.vae import train_vae
         train_vae(config, workdir)
     elif stage == "cache":
-        from pixeldance.tools.cache_latents import cache_latents
         cache_latents(config, workdir)
     elif stage == "train_dit":
-        from pixeldance.trainers.dit import train_dit
         train_dit(config, workdir)
     elif stage == "sample":
-        from pixeldance.evaluate import evaluate
-        evaluate(config, workdir)
+        sample_stage(config, workdir)
     else:
         raise ValueError(f"unknown mode {stage!r}; choose train or one of {STAGES}")
+
+
+def sample_stage(config, workdir: str) -> dict:
+    """The last stage: the evaluators of config.evals.dit on the workdir's trained pipeline, with
+    their files in the workdir (samples/, faithfulness.json) and scalars as stage 'dit_eval'."""
+    pipe = load_pipeline(workdir)
+    evaluators = eval_registry.make(config.evals.dit, config, "pipeline")
+    return eval_common.run(evaluators, pipe, workdir=workdir, step=pipe.step, out_dir=workdir)
 
 
 def main(argv):
@@ -54,8 +66,7 @@ def main(argv):
     config, workdir = _CONFIG.value, _WORKDIR.value
     if config is None or not workdir:
         raise app.UsageError("--config and --workdir are required")
-    if config.mode == "plan":  # first: it may set the number of host devices (see plan.py)
-        from pixeldance import plan
+    if config.mode == "plan":  # first: it may set the number of host devices (see tools/plan.py)
         os.makedirs(workdir, exist_ok=True)
         plan.run(config, workdir)
         return
@@ -65,10 +76,8 @@ def main(argv):
     for stage in stages:
         if stage not in STAGES:
             raise app.UsageError(f"unknown mode {config.mode!r}; choose train or one of {STAGES}")
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json(indent=1))
-    timing_path = os.path.join(workdir, "timing.json")
+    workdir_lib.write_config(workdir, config)
+    timing_path = os.path.join(workdir, workdir_lib.TIMING)
     timing = json.load(open(timing_path)) if os.path.exists(timing_path) else {}
     for stage in stages:
         t0 = time.time()

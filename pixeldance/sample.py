@@ -2,54 +2,71 @@ r"""Sampling API and command line.
 
   python -m pixeldance.sample --workdir=DIR --prompt="a red circle moves left" \
       [--first_frame=a.png] [--last_frame=b.png] [--tau=10] [--guidance=3] [--image_guidance=1] \
-      [--sampler=euler|heun|dpm++2m|ddim] [--steps=25] [--seed=0] [--num_frames=17] [--resize] \
+      [--sampler=euler|heun|dpm++2m|ddim] [--steps=25] [--seed=0] [--num_frames=17] \
+      [--height=48 --width=80] [--resize] \
       [--num_clips=3 [--prompts="a red circle moves left|a red circle moves up|..."]] --output=out.mp4
 
 From Python: `pipe = pixeldance.load_pipeline(DIR); video = pipe.generate("a red circle moves left")`
 (uint8 [F, H, W, 3]); `pipe.generate(prompt, num_clips=N)` chains N clips into one long video
-(`pipe.generate_clips` yields them clip by clip); and `vae = pixeldance.load_vae(DIR)` with `encode` / `decode`.
+(`pipe.generate_clips` yields them clip by clip); `height=` / `width=` make other sizes than the
+training resolution (any multiple of the VAE's and the DiT patch's factors, e.g. the buckets the
+DiT trained on); and `vae = pixeldance.load_vae(DIR)` with `encode` / `decode`.
 
-Axis glossary: B batch, F frames, H/W pixels, T latent frames, h/w latent height/width, C channels.
+The Pipeline is thin: models come from `build`, weights and latent statistics from `workdir`
+(EMA weights only, sharded over a mesh of this process's devices), and the sampler is the
+PixelDance task's `guided_sample` (`diffusion/task.py`), the same function the planner compiles.
+
+Axis letters (glossary: pixeldance/models/__init__.py): B batch, F frames, H/W pixel height/width,
+T latent frames, h/w latent height/width, C latent channels.
 """
 from __future__ import annotations
 
-import json
+import functools
 import os
 import sys
 from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
+from flax import linen as nn
 
+from pixeldance import build, sharding, workdir as workdir_lib
 from pixeldance import rng as rng_lib
-from pixeldance import train_lib
-from pixeldance.diffusion import conditioning, objectives, samplers
+from pixeldance.data import video_io
 from pixeldance.diffusion import guidance as guidance_lib
+from pixeldance.diffusion import samplers
+from pixeldance.diffusion.task import PixelDanceTask
+
+INFERENCE_PRESET = "fsdp"
 
 
-def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no pixeldance workdir at {workdir} (missing {path})")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+def inference_mesh(devices=None):
+    """The mesh weights are loaded onto for sampling: every device of this process on 'fsdp'
+    (weights split by the 'fsdp' preset's rules; a batch whose size the devices divide is split
+    over them too). One device: everything on it."""
+    return sharding.make_mesh((1, -1, 1, 1), devices)
 
 
 class VideoVAE:
     """A trained causal video VAE.
 
     encode: uint8 [B, F, H, W, 3] with F = 1 + 4k -> float32 latents [B, 1 + k, H/8, W/8, C]
-      (posterior means). decode: latents -> uint8 [B, 1 + 4(T-1), 8h, 8w, 3].
+      (posterior means). decode: latents -> uint8 [B, 1 + 4(T-1), 8h, 8w, 3]. (4 and 8: the
+      model's temporal_factor and spatial_factor.)
     """
 
     def __init__(self, model, params):
         self.model, self.params = model, params
         self._encode = jax.jit(lambda p, v: model.apply(
             p, v.astype(jnp.float32) / 127.5 - 1.0, method=model.encode)[0])
+        self._decode_float = jax.jit(lambda p, z: model.apply(p, z, method=model.decode))
         self._decode = jax.jit(lambda p, z: jnp.clip(
             jnp.round((model.apply(p, z, method=model.decode) + 1.0) * 127.5), 0, 255).astype(jnp.uint8))
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(T, h, w, C) of F frames of H x W pixels (`build.latent_shape`)."""
+        return build.latent_shape(self.model, num_frames, height, width)
 
     def encode(self, video) -> np.ndarray:
         video = np.asarray(video)
@@ -58,152 +75,164 @@ class VideoVAE:
         return np.asarray(self._encode(self.params, video))
 
     def decode(self, latents) -> np.ndarray:
+        return np.asarray(self._decode(self.params, self._check_latents(latents)))
+
+    def decode_float(self, latents) -> jax.Array:
+        """Latents -> float32 video [B, F, H, W, 3], nominally in [-1, 1] (not clipped)."""
+        return self._decode_float(self.params, self._check_latents(latents))
+
+    @staticmethod
+    def _check_latents(latents) -> np.ndarray:
         latents = np.asarray(latents, np.float32)
         if latents.ndim != 5:
             raise ValueError(f"decode wants latents [B, T, h, w, C], got {latents.shape}")
-        return np.asarray(self._decode(self.params, latents))
+        return latents
 
 
-def load_vae(workdir_or_path: str) -> VideoVAE:
-    """The VAE of a workdir (or of a folder with config.json and vae/ checkpoints), or the open
-    Wan 2.1 VAE converted by `python -m pixeldance.convert.wan_vae` (config.json: vae.family 'wan')."""
-    from pixeldance.trainers import vae as vae_trainer
-    config = load_workdir_config(workdir_or_path)
-    model = vae_trainer.build_vae(config, workdir_or_path)
+def load_vae(workdir_or_path: str, *, mesh=None) -> VideoVAE:
+    """The VAE of a workdir (or of a folder with config.json and vae/ checkpoints): the EMA weights
+    of its newest checkpoint, or the open Wan 2.1 VAE converted by `python -m
+    pixeldance.convert.wan_vae` (config.json: vae.family 'wan'). Weights are placed on `mesh`
+    (default `inference_mesh()`)."""
+    config = workdir_lib.read_config(workdir_or_path)
+    model = build.vae(config, workdir_lib.read_model_spec(workdir_or_path))
+    mesh = inference_mesh() if mesh is None else mesh
+    s = model.spatial_factor
+    init_fn = build.vae_init_fn(model, 1, s, s)  # the parameters do not depend on the video's shape
+    directory = os.path.join(workdir_or_path, workdir_lib.VAE_DIR)
     if config.vae.get("family", "causal") == "wan":  # converted weights: parameters, no train state
-        from pixeldance.convert import wan_vae
-        return VideoVAE(model, wan_vae.load_params(workdir_or_path, model))
-    dummy = jnp.zeros((1, 1, config.data.resolution, config.data.resolution, 3))
-    params, _ = train_lib.load_ema_params(os.path.join(workdir_or_path, "vae"),
-                                          lambda rng: model.init(rng, dummy), config.vae)
+        return VideoVAE(model, workdir_lib.load_params(directory, init_fn, mesh, INFERENCE_PRESET))
+    params, _ = workdir_lib.load_ema_params(directory, init_fn, mesh, INFERENCE_PRESET)
     return VideoVAE(model, params)
 
 
+def sampler_fn(task: PixelDanceTask, model, *, steps: int, sampler: str, branches: int):
+    """The Pipeline's sampler, (params, noise, z_first, z_last, has_first, has_last, tokens, rng,
+    guidance, image_guidance, tau) -> normalised latents (`PixelDanceTask.guided_sample` with the
+    model and the static settings bound): what the Pipeline jits, and the planner compiles."""
+    return functools.partial(task.guided_sample, model, steps=steps, sampler=sampler, branches=branches)
+
+
 class Pipeline:
-    """Text (+ first frame, + last frame) -> video, with classifier-free guidance and tau."""
+    """Text (+ first frame, + last frame) -> video, with classifier-free guidance and tau.
 
-    def __init__(self, config, vae: VideoVAE, model, params, tokenizer, latent_mean, latent_std):
-        self.config, self.vae, self.model, self.params = config, vae, model, params
-        self.tokenizer = tokenizer
-        self.latent_mean = jnp.asarray(latent_mean)
-        self.latent_std = jnp.asarray(latent_std)
-        self.resolution = config.data.resolution
+    config: the workdir's; vae: a `VideoVAE`; model, params: the DiT (`build.dit`) and its
+    weights; tokenizer: `build.tokenizer(config)`; stats: the `workdir.LatentStats` the DiT was
+    trained with; mesh: where the weights live (the sampler runs under its logical rules); step:
+    the DiT training step of the weights (for logs).
+    """
+
+    def __init__(self, config, vae: VideoVAE, model, params, tokenizer, stats: workdir_lib.LatentStats,
+                 mesh=None, step: int | None = None):
+        self.config, self.vae, self.model, self.params, self.step = config, vae, model, params, step
+        self.tokenizer, self.stats = tokenizer, stats
+        self.task = build.task(config)
+        self.mesh = inference_mesh() if mesh is None else mesh
+        self.resolution = config.data.resolution  # the default height and width
         self.num_frames = config.data.num_frames
-        self._sample = jax.jit(self._sample_latents, static_argnames=("steps", "sampler", "branches"))
+        self._jitted = {}
 
-    def _sample_latents(self, params, noise, z_first, z_last, has_first, has_last, tokens, rng,
-                        guidance, image_guidance, tau, *, steps: int, sampler: str, branches: int):
-        """All arguments batched on B; returns normalised latents [B, T, h, w, C].
+    def sample_latents(self, noise, z_first, z_last, has_first, has_last, tokens, rng, guidance,
+                       image_guidance, tau, *, steps: int, sampler: str, branches: int):
+        """Normalised latents [B, T, h, w, C] (`sampler_fn`), compiled once per static setting and
+        shape, run on this pipeline's mesh. Instruction latents are normalised."""
+        key = (steps, sampler, branches)
+        if key not in self._jitted:
+            self._jitted[key] = jax.jit(sampler_fn(self.task, self.model, steps=steps, sampler=sampler,
+                                                   branches=branches))
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.rules(INFERENCE_PRESET)):
+            return self._jitted[key](self.params, noise, z_first, z_last, has_first, has_last, tokens, rng,
+                                     guidance, image_guidance, tau)
 
-        guidance, image_guidance: text and image guidance scales (float32 scalars); branches:
-        `guidance.num_branches(image_guidance)`, the conditioning branches batched per model call.
-        """
-        from pixeldance.trainers.dit import null_tokens
-        B, T = noise.shape[:2]
-        cond, diffusion = self.config.cond, self.config.diffusion
-        c_full, m_full = conditioning.make_instructions(z_first, z_last, has_first, has_last, T)
-        c_full = conditioning.noise_instructions(rng, c_full, m_full, cond.noise)
-        c_drop, m_drop = conditioning.drop_last(c_full, m_full)
-        null = null_tokens(B, tokens.shape[1])
-        # Branches (full, image, none): text only in the first; image instructions in the first two.
-        tok = jnp.concatenate([tokens, null, null][:branches])
-        replace = cond.first_frame == "replace"
-
-        def denoise(x, t, i):
-            use_last = i < tau  # PixelDance's strength: the last frame guides the first tau steps
-            c = jnp.where(use_last, c_full, c_drop)
-            m = jnp.where(use_last, m_full, m_drop)
-            xx = guidance_lib.stack(x, branches)
-            tt = jnp.full((branches * B,), t)
-            cc = jnp.concatenate([c, c, jnp.zeros_like(c)][:branches])
-            mm = jnp.concatenate([m, m, jnp.zeros_like(m)][:branches])
-            out = self.model.apply(params, xx, tt, cc, mm, tok)
-            pred = objectives.denoise(out, xx, tt, objective=diffusion.objective,
-                                      prediction=diffusion.prediction, min_t=diffusion.min_t_for_x0)
-            return guidance_lib.combine(pred, branches, text_scale=guidance, image_scale=image_guidance)
-
-        project = (lambda x: conditioning.replace_first(x, z_first, has_first)) if replace else None
-        return samplers.solve(denoise, noise, steps=steps, sampler=sampler,
-                              path=objectives.path(diffusion.objective), project=project)
-
-    def _check_image(self, image, name: str) -> np.ndarray:
+    def _check_image(self, image, name: str, height: int, width: int) -> np.ndarray:
         image = np.asarray(image)
-        R = self.resolution
-        if image.dtype != np.uint8 or image.shape != (R, R, 3):
-            raise ValueError(f"{name} must be uint8 [{R}, {R}, 3] for this model, got {image.dtype} {image.shape}")
+        if image.dtype != np.uint8 or image.shape != (height, width, 3):
+            raise ValueError(f"{name} must be uint8 [{height}, {width}, 3] for these videos, got "
+                             f"{image.dtype} {image.shape}")
         return image
 
-    def _settings(self, num_frames, steps, guidance, tau, sampler, image_guidance) -> dict:
-        """The sampling settings, None filled in from the workdir's config.sample, checked."""
+    def _settings(self, num_frames, steps, guidance, tau, sampler, image_guidance, height=None,
+                  width=None) -> dict:
+        """The sampling settings, None filled in from the workdir's config.sample (and the
+        training clip size), checked."""
         s = self.config.sample
         sampler = s.sampler if sampler is None else sampler
         if sampler not in samplers.SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {samplers.SAMPLERS}")
         F = self.num_frames if num_frames is None else int(num_frames)
-        if F < 1 or (F - 1) % 4:
-            raise ValueError(f"num_frames must be 1 + 4k (1, 5, 9, 13, 17, ...), got {F}")
-        return dict(num_frames=F, steps=s.steps if steps is None else int(steps),
+        H = self.resolution if height is None else int(height)
+        W = self.resolution if width is None else int(width)
+        _, h, w, _ = self.vae.latent_shape(F, H, W)  # one line if the VAE cannot compress this size
+        patch = build.dit_patch(self.config)
+        if h % patch[1] or w % patch[2]:
+            raise ValueError(f"{H}x{W} pixels give {h}x{w} latents, which the DiT's {patch[1]}x{patch[2]} "
+                             f"patches do not tile: use multiples of {(H // h) * max(patch[1:])}")
+        return dict(num_frames=F, height=H, width=W, steps=s.steps if steps is None else int(steps),
                     guidance=s.guidance if guidance is None else float(guidance),
                     tau=s.tau if tau is None else int(tau), sampler=sampler,
                     image_guidance=s.get("image_guidance", 1.0) if image_guidance is None else float(image_guidance))
 
     def generate_batch(self, prompts: Sequence[str], first_frames=None, last_frames=None, *,
-                       num_frames: int | None = None, steps: int | None = None, guidance: float | None = None,
-                       tau: int | None = None, seed: int = 0, sampler: str | None = None,
+                       num_frames: int | None = None, height: int | None = None, width: int | None = None,
+                       steps: int | None = None, guidance: float | None = None, tau: int | None = None,
+                       seed: int = 0, sampler: str | None = None,
                        image_guidance: float | None = None) -> np.ndarray:
         """B prompts, optional per-example first/last frames (uint8 [H, W, 3] or None) -> uint8 [B, F, H, W, 3].
 
-        guidance scales the text, image_guidance the image instructions (1: no image guidance,
-        the faster 2-branch batch); both default to the workdir's config.sample.
+        height, width: the videos' size (default: the training resolution). guidance scales the
+        text, image_guidance the image instructions (1: no image guidance, the faster 2-branch
+        batch); both default to the workdir's config.sample.
         """
         return self._generate_batch(prompts, first_frames, last_frames, jax.random.key(seed),
-                                    **self._settings(num_frames, steps, guidance, tau, sampler, image_guidance))
+                                    **self._settings(num_frames, steps, guidance, tau, sampler, image_guidance,
+                                                     height, width))
 
-    def _generate_batch(self, prompts, first_frames, last_frames, key, *, num_frames: int, steps: int,
-                        guidance: float, tau: int, sampler: str, image_guidance: float) -> np.ndarray:
+    def _generate_batch(self, prompts, first_frames, last_frames, key, *, num_frames: int, height: int,
+                        width: int, steps: int, guidance: float, tau: int, sampler: str,
+                        image_guidance: float) -> np.ndarray:
         """generate_batch with a random key and checked settings (`_settings`); the key's streams
         0 and 1 draw the initial noise and the instruction noise."""
-        F, B, R = num_frames, len(prompts), self.resolution
+        F, B, H, W = num_frames, len(prompts), height, width
         first_frames = [None] * B if first_frames is None else list(first_frames)
         last_frames = [None] * B if last_frames is None else list(last_frames)
         for b in range(B):
             if last_frames[b] is not None and first_frames[b] is None:
                 raise ValueError("a last frame needs a first frame (PixelDance's instructions are [first, ..., last])")
-        blank = np.zeros((R, R, 3), np.uint8)
-        firsts = np.stack([blank if f is None else self._check_image(f, "first_frame") for f in first_frames])
-        lasts = np.stack([blank if f is None else self._check_image(f, "last_frame") for f in last_frames])
+        blank = np.zeros((H, W, 3), np.uint8)
+        firsts = np.stack([blank if f is None else self._check_image(f, "first_frame", H, W) for f in first_frames])
+        lasts = np.stack([blank if f is None else self._check_image(f, "last_frame", H, W) for f in last_frames])
         # Both instruction images encode as one-frame videos, in one call.
-        z_img = self.vae.encode(np.concatenate([firsts, lasts])[:, None])[:, 0]
-        z_img = (z_img - np.asarray(self.latent_mean)) / np.asarray(self.latent_std)
+        z_img = self.stats.normalise(self.vae.encode(np.concatenate([firsts, lasts])[:, None])[:, 0])
         z_first, z_last = z_img[:B], z_img[B:]
-        T = 1 + (F - 1) // 4
-        h = z_first.shape[1]
-        noise = rng_lib.normal(jax.random.fold_in(key, 0), (B, T, h, h, z_first.shape[-1]))
+        T, h, w, C = self.vae.latent_shape(F, H, W)
+        noise = rng_lib.normal(jax.random.fold_in(key, 0), (B, T, h, w, C))
         tokens = jnp.asarray(self.tokenizer(prompts))
         has_first = jnp.asarray([f is not None for f in first_frames])
         has_last = jnp.asarray([f is not None for f in last_frames])
-        z = self._sample(self.params, noise, jnp.asarray(z_first), jnp.asarray(z_last), has_first, has_last,
-                         tokens, jax.random.fold_in(key, 1), jnp.float32(guidance), jnp.float32(image_guidance),
-                         jnp.int32(tau), steps=steps, sampler=sampler,
-                         branches=guidance_lib.num_branches(image_guidance))
-        return self.vae.decode(z * self.latent_std + self.latent_mean)
+        z = self.sample_latents(noise, jnp.asarray(z_first), jnp.asarray(z_last), has_first, has_last, tokens,
+                                jax.random.fold_in(key, 1), jnp.float32(guidance), jnp.float32(image_guidance),
+                                jnp.int32(tau), steps=steps, sampler=sampler,
+                                branches=guidance_lib.num_branches(image_guidance))
+        return self.vae.decode(self.stats.denormalise(z))
 
     def generate(self, prompt: str | Sequence[str], first_frame=None, last_frame=None, *, num_clips: int = 1,
-                 num_frames: int | None = None, steps: int | None = None, guidance: float | None = None,
-                 tau: int | None = None, seed: int = 0, sampler: str | None = None,
-                 image_guidance: float | None = None) -> np.ndarray:
-        """One video, uint8 [F + (num_clips - 1)(F - 1), H, W, 3] (F = num_frames): with
-        num_clips > 1 a long video of clips chained on their boundary frames (see `generate_clips`
-        for prompt and last_frame per clip). steps/guidance/image_guidance/tau/sampler default to
-        the workdir's config.sample."""
+                 num_frames: int | None = None, height: int | None = None, width: int | None = None,
+                 steps: int | None = None, guidance: float | None = None, tau: int | None = None, seed: int = 0,
+                 sampler: str | None = None, image_guidance: float | None = None) -> np.ndarray:
+        """One video, uint8 [F + (num_clips - 1)(F - 1), H, W, 3] (F = num_frames; H, W = height,
+        width, default the training resolution): with num_clips > 1 a long video of clips chained
+        on their boundary frames (see `generate_clips` for prompt and last_frame per clip).
+        steps/guidance/image_guidance/tau/sampler default to the workdir's config.sample."""
         return np.concatenate(list(self.generate_clips(
-            prompt, first_frame, last_frame, num_clips=num_clips, num_frames=num_frames, steps=steps,
-            guidance=guidance, tau=tau, seed=seed, sampler=sampler, image_guidance=image_guidance)))
+            prompt, first_frame, last_frame, num_clips=num_clips, num_frames=num_frames, height=height,
+            width=width, steps=steps, guidance=guidance, tau=tau, seed=seed, sampler=sampler,
+            image_guidance=image_guidance)))
 
     def generate_clips(self, prompt: str | Sequence[str], first_frame=None, last_frame=None, *,
-                       num_clips: int = 1, num_frames: int | None = None, steps: int | None = None,
-                       guidance: float | None = None, tau: int | None = None, seed: int = 0,
-                       sampler: str | None = None, image_guidance: float | None = None) -> Iterator[np.ndarray]:
+                       num_clips: int = 1, num_frames: int | None = None, height: int | None = None,
+                       width: int | None = None, steps: int | None = None, guidance: float | None = None,
+                       tau: int | None = None, seed: int = 0, sampler: str | None = None,
+                       image_guidance: float | None = None) -> Iterator[np.ndarray]:
         """A long video, autoregressively: yields the new frames of each of `num_clips` clips.
 
         Clip k + 1 takes the last decoded frame of clip k as its first-frame instruction
@@ -225,7 +254,8 @@ class Pipeline:
         """
         if num_clips < 1:
             raise ValueError(f"num_clips must be >= 1, got {num_clips}")
-        settings = self._settings(num_frames, steps, guidance, tau, sampler, image_guidance)
+        settings = self._settings(num_frames, steps, guidance, tau, sampler, image_guidance, height, width)
+        H, W = settings["height"], settings["width"]
         if num_clips > 1 and settings["num_frames"] < 5:
             raise ValueError(f"num_clips > 1 needs num_frames >= 5 (clips share a frame), got {settings['num_frames']}")
         if isinstance(prompt, str):
@@ -241,8 +271,8 @@ class Pipeline:
         else:
             lasts = [None] * (num_clips - 1) + [last_frame]
         if first_frame is not None:
-            first_frame = self._check_image(first_frame, "first_frame")
-        lasts = [None if f is None else self._check_image(f, "last_frame") for f in lasts]
+            first_frame = self._check_image(first_frame, "first_frame", H, W)
+        lasts = [None if f is None else self._check_image(f, "last_frame", H, W) for f in lasts]
         if lasts[0] is not None and first_frame is None:
             raise ValueError("a last frame needs a first frame (PixelDance's instructions are [first, ..., last])")
         return self._chain_clips(prompts, first_frame, lasts, seed, settings)
@@ -259,26 +289,24 @@ class Pipeline:
             yield video if k == 0 else video[1:]
 
 
-def load_pipeline(workdir: str) -> Pipeline:
-    """The trained pipeline of a workdir (EMA weights of the newest VAE and DiT checkpoints)."""
-    from pixeldance.trainers import dit as dit_trainer
-    config = load_workdir_config(workdir)
-    vae = load_vae(workdir)
-    mean, std = dit_trainer.load_latent_stats(workdir)
-    C = len(mean)
-    model = dit_trainer.build_model(config, C)
-    R, S = config.data.resolution, config.text.max_length
-    T, h = 1 + (config.data.num_frames - 1) // 4, R // 8
-    dummy = (jnp.zeros((1, T, h, h, C)), jnp.zeros((1,)), jnp.zeros((1, T, h, h, C)),
-             jnp.zeros((1, T, h, h, 1)), jnp.zeros((1, S), jnp.int32))
-    params, _ = train_lib.load_ema_params(os.path.join(workdir, "dit"),
-                                          lambda rng: model.init(rng, *dummy), config.train)
-    return Pipeline(config, vae, model, params, dit_trainer.build_tokenizer(config), mean, std)
+def load_pipeline(workdir: str, *, mesh=None) -> Pipeline:
+    """The trained pipeline of a workdir: the EMA weights of the newest VAE and DiT checkpoints
+    (nothing else of their train states), placed on `mesh` (default `inference_mesh()`)."""
+    config = workdir_lib.read_config(workdir)
+    mesh = inference_mesh() if mesh is None else mesh
+    vae = load_vae(workdir, mesh=mesh)
+    stats = workdir_lib.LatentStats.read(workdir)
+    model = build.dit(config, stats.channels)
+    R = config.data.resolution
+    T, h, w, _ = vae.latent_shape(config.data.num_frames, R, R)
+    init_fn = build.dit_init_fn(model, (T, h, w, stats.channels), config.text.max_length)
+    params, step = workdir_lib.load_ema_params(os.path.join(workdir, workdir_lib.DIT_DIR), init_fn, mesh,
+                                               INFERENCE_PRESET)
+    return Pipeline(config, vae, model, params, build.tokenizer(config), stats, mesh, step)
 
 
 def main(argv):
     from absl import flags
-    from pixeldance.data import video_io
     FLAGS = flags.FLAGS
     del argv
     try:
@@ -298,18 +326,23 @@ def main(argv):
         # With several clips the last frame ends the final clip, which starts from the previous clip's last frame.
         if FLAGS.last_frame and not FLAGS.first_frame and FLAGS.num_clips == 1:
             raise ValueError("--last_frame needs --first_frame (the instructions are [first, ..., last])")
+        for name in ("height", "width"):
+            if getattr(FLAGS, name) is not None and getattr(FLAGS, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
         pipe = load_pipeline(FLAGS.workdir)
-        size = pipe.resolution if FLAGS.resize else None
+        H = pipe.resolution if FLAGS.height is None else FLAGS.height
+        W = pipe.resolution if FLAGS.width is None else FLAGS.width
+        size = (H, W) if FLAGS.resize else None
         first = video_io.read_image(FLAGS.first_frame, size) if FLAGS.first_frame else None
         last = video_io.read_image(FLAGS.last_frame, size) if FLAGS.last_frame else None
         for name, img in (("first_frame", first), ("last_frame", last)):
-            if img is not None and img.shape[:2] != (pipe.resolution,) * 2:
+            if img is not None and img.shape[:2] != (H, W):
                 path = getattr(FLAGS, name)
-                raise ValueError(f"--{name} {path} is {img.shape[1]}x{img.shape[0]}, the model makes "
-                                 f"{pipe.resolution}x{pipe.resolution} videos (pass --resize to resize it)")
+                raise ValueError(f"--{name} {path} is {img.shape[1]}x{img.shape[0]}, the videos are "
+                                 f"{W}x{H} (--width x --height; pass --resize to resize it)")
         clips = pipe.generate_clips(prompt, first, last, num_clips=FLAGS.num_clips, num_frames=FLAGS.num_frames,
-                                    steps=FLAGS.steps, guidance=FLAGS.guidance, tau=FLAGS.tau, seed=FLAGS.seed,
-                                    sampler=FLAGS.sampler, image_guidance=FLAGS.image_guidance)
+                                    height=H, width=W, steps=FLAGS.steps, guidance=FLAGS.guidance, tau=FLAGS.tau,
+                                    seed=FLAGS.seed, sampler=FLAGS.sampler, image_guidance=FLAGS.image_guidance)
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
         if FLAGS.output.endswith(".mp4"):
             with video_io.Mp4Writer(FLAGS.output) as writer:  # streamed: one clip in memory at a time
@@ -320,8 +353,7 @@ def main(argv):
             video = np.concatenate(list(clips))
             video_io.write_gif(FLAGS.output, video, scale=4)
             num_frames = video.shape[0]
-        R = pipe.resolution
-        print(f"wrote {FLAGS.output} ({num_frames} frames, {R}x{R})")
+        print(f"wrote {FLAGS.output} ({num_frames} frames, {W}x{H})")
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -339,7 +371,9 @@ def define_flags():
     flags.DEFINE_string("first_frame", None, "First-frame instruction image (png/jpg).")
     flags.DEFINE_string("last_frame", None, "Last-frame instruction image (needs --first_frame when "
                         "--num_clips=1); with several clips, the final clip's last frame.")
-    flags.DEFINE_boolean("resize", False, "Resize instruction images to the model's resolution.")
+    flags.DEFINE_integer("height", None, "Video height in pixels; default: the training resolution.")
+    flags.DEFINE_integer("width", None, "Video width in pixels; default: the training resolution.")
+    flags.DEFINE_boolean("resize", False, "Resize instruction images to the videos' height x width.")
     flags.DEFINE_integer("num_frames", None, "Frames per clip (1 + 4k); default: the training clip length.")
     flags.DEFINE_integer("steps", None, "Sampling steps; default: config.sample.steps.")
     flags.DEFINE_float("guidance", None, "Text guidance scale; default: config.sample.guidance.")

@@ -156,9 +156,30 @@ class MetricWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps({"stage": self.stage, "step": int(step), **scalars}) + "\n")
 
+    def image(self, tag: str, image: np.ndarray, step: int):
+        """uint8 [H, W, 3] to TensorBoard as `<stage>/<tag>` (same event file as the scalars)."""
+        if self._tb is not None:
+            self._tb.add_image(f"{self.stage}/{tag}", image, step, dataformats="HWC")
+
     def close(self):
         if self._tb is not None:
             self._tb.close()
+
+
+def logged(workdir: str, stage: str, step: int) -> bool:
+    """Whether metrics.jsonl already holds a line of `stage` at `step`."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if entry.get("stage") == stage and entry.get("step") == step:
+                return True
+    return False
 
 
 def _log_line_kept(line: str, stage: str, step: int) -> bool:
@@ -238,14 +259,17 @@ def _check_finite(host_metrics: list[dict], *, stage: str, step: int, last_good,
 def train_loop(*, stage: str, state: TrainState, step_fn: Callable, batches: Iterator,
                to_device: Callable, checkpointer: Checkpointer, writer: MetricWriter,
                num_steps: int, log_every: int, ckpt_every: int, rng,
-               data_state_fn: Callable[[], dict] = dict, pending: list[dict] | None = None) -> TrainState:
+               data_state_fn: Callable[[], dict] = dict, pending: list[dict] | None = None,
+               evaluate: Callable[[TrainState, int], Any] | None = None, eval_every: int = 0) -> TrainState:
     """Runs `step_fn` until `num_steps`, logging, checkpointing, stopping on non-finite values.
 
     `batches` yields host batches; `data_state_fn()` returns the iterator position to store with
     each checkpoint. The final state is always checkpointed. `pending`: metrics of the steps
     since the last log line, as restored from a checkpoint (see `Checkpointer.save`), so that a
     resumed run writes the same log lines as an uninterrupted one. SIGTERM saves a checkpoint
-    after the current step and raises `Preempted`.
+    after the current step and raises `Preempted`. evaluate(state, step) runs every `eval_every`
+    steps before the last (the stage evaluates its final state itself), after that step's
+    checkpoint; it must not change the state (it sees it before the next step donates it).
     """
     start = int(jax.device_get(state.step))
     pending, t0, last_good = list(pending or []), time.time(), checkpointer.latest_step()
@@ -273,6 +297,8 @@ def train_loop(*, stage: str, state: TrainState, step_fn: Callable, batches: Ite
                 checkpointer.save(step, state, data_state_fn(), metrics=host, force=preempted)
                 last_good = step
             bar.update(1)
+            if evaluate is not None and eval_every and step % eval_every == 0 and step < num_steps and not preempted:
+                evaluate(state, step)
             if preempted and step < num_steps:
                 checkpointer.wait()
                 bar.close()
@@ -306,34 +332,13 @@ def restore_or_init(checkpointer: Checkpointer, init_fn: Callable, tx, abstract,
     return init_state(init_fn, tx, shardings, rng), {}
 
 
-def load_ema_params(directory: str, init_fn: Callable, stage_config, *, step: int | None = None):
-    """EMA parameters of the newest (or given) checkpoint in `directory`, on the default device.
-
-    stage_config: the optimizer fields the checkpoint was trained with (config.vae / config.train),
-    which fix the structure of the stored optimizer state.
-    """
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no checkpoint in {directory}")
-    ckpt = Checkpointer(directory, use_async=False)
-    if ckpt.latest_step() is None:
-        raise FileNotFoundError(f"no checkpoint in {directory}")
-    tx = stage_optimizer(stage_config)
-    params = strip_boxes(jax.eval_shape(init_fn, jax.random.key(0)))
-    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                          opt_state=jax.eval_shape(tx.init, params), ema_params=params)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    state, _ = ckpt.restore(abstract_like(abstract, jax.tree.map(lambda _: device, abstract)), step)
-    ckpt.close()
-    return state.ema_params, int(state.step)
-
-
 def fit(*, stage: str, workdir: str, mesh, preset: str, init_fn: Callable, loss_fn: Callable, tx,
-        batches, stage_config, rng) -> TrainState:
+        batches, stage_config, rng, evaluate: Callable | None = None, eval_every: int = 0) -> TrainState:
     """The part every trainer shares: sharded init or restore, then `train_loop`, then close.
 
     Checkpoints go to `<workdir>/<stage>/`; stage_config supplies ema_decay, num_steps,
     log_every, ckpt_every and keep_checkpoints. Refuses an fsdp run whose parameters would
-    mostly be replicated (`sharding.check_fsdp`).
+    mostly be replicated (`sharding.check_fsdp`). evaluate, eval_every: see `train_loop`.
     """
     c = stage_config
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(preset)):
@@ -353,7 +358,8 @@ def fit(*, stage: str, workdir: str, mesh, preset: str, init_fn: Callable, loss_
                 stage=stage, state=state, step_fn=step_fn, batches=batches,
                 to_device=lambda b: to_global(b, batch_sh), checkpointer=ckpt, writer=writer,
                 num_steps=c.num_steps, log_every=c.log_every, ckpt_every=c.ckpt_every,
-                rng=jax.random.fold_in(rng, 1), data_state_fn=batches.get_state, pending=pending)
+                rng=jax.random.fold_in(rng, 1), data_state_fn=batches.get_state, pending=pending,
+                evaluate=evaluate, eval_every=eval_every)
         finally:  # also on preemption and errors: waits for a save in flight, flushes the log
             if writer is not None:
                 writer.close()

@@ -99,3 +99,23 @@ def test_bad_output_extension(python_runner, runlocal_workdir, tmp_path):
     proc = sample(python_runner, runlocal_workdir, f"--output={tmp_path / 'o.avi'}")
     assert_one_line_error(proc, str(tmp_path / "o.avi"), ".mp4")
     assert not (tmp_path / "o.avi").exists()
+
+
+def test_non_square_videos(python_runner, runlocal_workdir, frames, tmp_path):
+    """--height / --width: a 16 x 48 video from a model trained on 32 x 32 clips, the instruction
+    image resized to it."""
+    out = tmp_path / "wide.mp4"
+    proc = sample(python_runner, runlocal_workdir, "--height=16", "--width=48", f"--first_frame={frames / 'big.png'}",
+                  "--resize", "--steps=2", f"--output={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "48x16" in proc.stdout
+    assert video_io.read_video(str(out)).shape == (9, 16, 48, 3)
+
+
+@pytest.mark.parametrize("flags, names", [(("--height=20",), ("20x32", "multiples of 8")),
+                                          (("--height=8", "--width=24"), ("8x24", "multiples of 16")),
+                                          (("--width=0",), ("--width",))])
+def test_sizes_the_models_cannot_make(python_runner, runlocal_workdir, tmp_path, flags, names):
+    proc = sample(python_runner, runlocal_workdir, *flags, f"--output={tmp_path / 'o.mp4'}")
+    assert_one_line_error(proc, *names)
+    assert not (tmp_path / "o.mp4").exists()

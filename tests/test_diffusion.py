@@ -1,4 +1,6 @@
-"""Diffusion: objectives, the four samplers against an exact solution, guidance, dit_loss's dropouts.
+"""Diffusion: objectives, the four samplers against an exact solution, guidance, and the
+PixelDance task (`diffusion/task.py`): its guided sampler's branches and tau, its training inputs'
+dropouts and last-frame pick, each objective's exact output.
 
 The exact case: data x0 ~ N(mu, s^2). On any path x_t = alpha x0 + sigma eps the marginal is
 N(alpha mu, alpha^2 s^2 + sigma^2), the ideal denoiser is linear in x_t, and the probability-flow
@@ -12,9 +14,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from pixeldance import configs, sharding
+from pixeldance import build, configs, sharding
 from pixeldance.diffusion import guidance, objectives, samplers, schedules
-from pixeldance.sample import Pipeline
+from pixeldance.models import text as text_lib
 from pixeldance.trainers import dit as dit_trainer
 
 MU, S = 0.5, 2.0  # wide data: every sampler is in its asymptotic regime from 8 steps on
@@ -228,30 +230,39 @@ def test_guidance_separate_scales():
 
 
 class _BranchModel:
-    """A stand-in DiT (flow, x0-prediction) whose output shows which conditions reached it."""
-    TEXT, IMAGE = 10.0, 100.0
+    """A stand-in DiT (flow, x0-prediction) whose output shows which conditions reached it: the
+    text (not the empty prompt), the image latents (c_image, not only its mask) and the mask."""
+    TEXT, IMAGE, MASK = 10.0, 100.0, 1000.0
 
     def apply(self, params, x, t, c_image, c_mask, tokens):
-        text = jnp.any(tokens[:, 1:] != 0, axis=1).astype(x.dtype)       # not the empty prompt
-        image = jnp.any(c_mask != 0, axis=(1, 2, 3, 4)).astype(x.dtype)   # any image instruction
-        return jnp.broadcast_to((1.0 + self.TEXT * text + self.IMAGE * image)[:, None, None, None, None], x.shape)
+        text = jnp.any(tokens[:, 1:] != 0, axis=1).astype(x.dtype)
+        image = jnp.any(c_image != 0, axis=(1, 2, 3, 4)).astype(x.dtype)
+        mask = jnp.any(c_mask != 0, axis=(1, 2, 3, 4)).astype(x.dtype)
+        out = 1.0 + self.TEXT * text + self.IMAGE * image + self.MASK * mask
+        return jnp.broadcast_to(out[:, None, None, None, None], x.shape)
+
+
+def _task(config, **changes):
+    config = configs.override(config, **changes)
+    return build.task(config)
 
 
 @pytest.mark.parametrize("image_guidance", [1.0, 2.0])
-def test_pipeline_guidance_branches(image_guidance):
-    """One DDIM step from t = 1 returns the guided x0: the branches carry the right conditions."""
+def test_guided_sample_branches(image_guidance):
+    """One DDIM step from t = 1 returns the guided x0: each branch carries exactly its conditions
+    (full: text + image latents + mask; image: image latents + mask; none: nothing)."""
     config = configs.load_config("experiments/base.py:runlocal")
-    config.cond.first_frame = "concat"
+    task = _task(config, **{"cond.first_frame": "concat"})
     B, T, h, C, L, text_scale = 2, 3, 2, 4, config.text.max_length, 3.0
-    pipe = Pipeline(config, None, _BranchModel(), None, None, np.zeros(C), np.ones(C))
-    z = jnp.zeros((B, h, h, C))
+    z = jnp.ones((B, h, h, C))
     tokens = jnp.zeros((B, L), jnp.int32).at[:, :3].set(jnp.array([1, 5, 6]))
-    x = pipe._sample(None, jnp.zeros((B, T, h, h, C)), z, z, jnp.array([True, False]), jnp.array([False, False]),
-                     tokens, jax.random.key(0), jnp.float32(text_scale), jnp.float32(image_guidance),
-                     jnp.int32(0), steps=1, sampler="ddim", branches=guidance.num_branches(image_guidance))
+    x = jax.jit(task.guided_sample, static_argnums=0, static_argnames=("steps", "sampler", "branches"))(
+        _BranchModel(), None, jnp.zeros((B, T, h, h, C)), z, z, jnp.array([True, False]), jnp.array([False, False]),
+        tokens, jax.random.key(0), jnp.float32(text_scale), jnp.float32(image_guidance), jnp.int32(0),
+        steps=1, sampler="ddim", branches=guidance.num_branches(image_guidance))
     m = _BranchModel
     # Example 0 has a first frame (image guidance applies), example 1 is text only.
-    expected = [1.0 + text_scale * m.TEXT + image_guidance * m.IMAGE, 1.0 + text_scale * m.TEXT]
+    expected = [1.0 + text_scale * m.TEXT + image_guidance * (m.IMAGE + m.MASK), 1.0 + text_scale * m.TEXT]
     np.testing.assert_allclose(x[:, 0, 0, 0, 0], expected, rtol=1e-6)
 
 
@@ -267,17 +278,16 @@ class _LastFrameModel:
 def test_tau_zero_equals_sampling_without_the_last_frame(sampler):
     """tau = 0 never shows the last frame; tau = steps shows it at every step."""
     config = configs.load_config("experiments/base.py:runlocal")
-    config.cond.first_frame, config.cond.noise = "concat", 0.0
+    task = _task(config, **{"cond.first_frame": "concat", "cond.noise": 0.0})
     B, T, h, C, L = 1, 3, 2, 4, config.text.max_length
-    pipe = Pipeline(config, None, _LastFrameModel(), None, None, np.zeros(C), np.ones(C))
+    sample = jax.jit(task.guided_sample, static_argnums=0, static_argnames=("steps", "sampler", "branches"))
     noise, tokens = _normal(0, (B, T, h, h, C)), jnp.zeros((B, L), jnp.int32)
     z_first, z_last = jnp.zeros((B, h, h, C)), jnp.full((B, h, h, C), 2.0)
     yes, no = jnp.ones((B,), bool), jnp.zeros((B,), bool)
 
     def run(has_last, tau):
-        return pipe._sample(None, noise, z_first, z_last, yes, has_last, tokens, jax.random.key(0),
-                            jnp.float32(1.0), jnp.float32(1.0), jnp.int32(tau), steps=8, sampler=sampler,
-                            branches=2)
+        return sample(_LastFrameModel(), None, noise, z_first, z_last, yes, has_last, tokens, jax.random.key(0),
+                      jnp.float32(1.0), jnp.float32(1.0), jnp.int32(tau), steps=8, sampler=sampler, branches=2)
 
     without = run(no, 0)
     np.testing.assert_array_equal(run(yes, 0), without)
@@ -304,23 +314,24 @@ class _GaussianModel:
 
 @pytest.mark.parametrize("objective, prediction, sampler", [
     ("flow", "x0", "heun"), ("eps", "x0", "dpm++2m"), ("v", "x0", "heun")])
-def test_pipeline_samples_each_objective(objective, prediction, sampler):
-    """The sampling pipeline with the exact network transports noise to the data (3 branches)."""
+def test_guided_sample_each_objective(objective, prediction, sampler):
+    """The guided sampler with the exact network transports noise to the data (3 branches)."""
     config = configs.load_config("experiments/base.py:runlocal")
-    config.diffusion.objective, config.diffusion.prediction = objective, prediction
-    config.diffusion.min_t_for_x0 = 1e-6  # the exact x0 network needs no clipping
+    # (min_t 1e-6: the exact x0 network needs no clipping)
+    task = _task(config, **{"diffusion.objective": objective, "diffusion.prediction": prediction,
+                            "diffusion.min_t_for_x0": 1e-6})
     B, T, h, C, L = 2, 2, 1, 2, config.text.max_length
-    pipe = Pipeline(config, None, _GaussianModel(objective, prediction), None, None, np.zeros(C), np.ones(C))
     z = _normal(1, (B, T, h, h, C))
     zeros, no = jnp.zeros((B, h, h, C)), jnp.zeros((B,), bool)
-    x = pipe._sample(None, _start(z, objectives.path(objective)), zeros, zeros, no, no,
-                     jnp.zeros((B, L), jnp.int32), jax.random.key(0), jnp.float32(4.0), jnp.float32(2.0),
-                     jnp.int32(0), steps=32, sampler=sampler, branches=3)
+    x = jax.jit(task.guided_sample, static_argnums=0, static_argnames=("steps", "sampler", "branches"))(
+        _GaussianModel(objective, prediction), None, _start(z, objectives.path(objective)), zeros, zeros, no, no,
+        jnp.zeros((B, L), jnp.int32), jax.random.key(0), jnp.float32(4.0), jnp.float32(2.0),
+        jnp.int32(0), steps=32, sampler=sampler, branches=3)
     np.testing.assert_allclose(x, MU + S * z, atol=0.05)
 
 
 # ---------------------------------------------------------------------------------------------
-# dit_loss: condition dropouts, time sampling, and each objective's exact output
+# The task's loss: condition dropouts, the last-frame pick, time sampling, each objective's exact output
 # ---------------------------------------------------------------------------------------------
 
 class _Recorder:
@@ -330,37 +341,36 @@ class _Recorder:
         self.output, self.calls = output, []
 
     def apply(self, params, x_t, t, c_image, c_mask, tokens):
-        record = lambda t, m, tok: self.calls.append(dict(t=np.asarray(t), c_mask=np.asarray(m), tokens=np.asarray(tok)))
-        jax.debug.callback(record, t, c_mask, tokens)
+        record = lambda t, c, m, tok: self.calls.append(dict(t=np.asarray(t), c_image=np.asarray(c),
+                                                             c_mask=np.asarray(m), tokens=np.asarray(tok)))
+        jax.debug.callback(record, t, c_image, c_mask, tokens)
         return jnp.zeros_like(x_t) if self.output is None else self.output(x_t, t)
 
 
-def _dit_loss(models, config, batch, stats):
-    """dit_loss of each stand-in model on the same batch and rng, in one compiled function."""
-    fn = jax.jit(lambda batch: [dit_trainer.dit_loss(None, batch, jax.random.key(4), model=model, cond=config.cond,
-                                                     diffusion=config.diffusion, **stats) for model in models])
+def _task_loss(models, task, batch):
+    """PixelDanceTask.loss of each stand-in model on the same batch and rng, in one compiled function."""
+    fn = jax.jit(lambda batch: [task.loss(model, None, batch, jax.random.key(4)) for model in models])
     out = fn(batch)
     jax.effects_barrier()
     return out
 
 
-def _loss_setup(objective="flow", prediction="x0", B=4096, C=2):
+def _loss_setup(objective="flow", prediction="x0", B=4096, C=2, **changes):
     config = configs.load_config("experiments/base.py:runlocal")
-    config.diffusion.objective, config.diffusion.prediction = objective, prediction
+    task = _task(config, **{"diffusion.objective": objective, "diffusion.prediction": prediction, **changes})
     batch = dict(z=_normal(3, (B, 3, 1, 1, C)), z_last=_normal(4, (B, 3, 1, 1, C)),
                  tokens=jnp.zeros((B, config.text.max_length), jnp.int32).at[:, :3].set(jnp.array([1, 5, 6])))
-    return config, batch, dict(latent_mean=jnp.zeros(C), latent_std=jnp.ones(C))
+    return task, batch
 
 
-def test_dit_loss_dropout_rates():
-    config, batch, stats = _loss_setup()
-    config.cond.p_first, config.cond.p_last, config.cond.p_drop_text = 0.6, 0.5, 0.2
+def test_task_loss_dropout_rates():
+    task, batch = _loss_setup(**{"cond.p_first": 0.6, "cond.p_last": 0.5, "cond.p_drop_text": 0.2})
     model = _Recorder()
-    _dit_loss([model], config, batch, stats)
+    _task_loss([model], task, batch)
     (call,) = model.calls
     has_first = call["c_mask"][:, 0].reshape(len(call["c_mask"]), -1).max(1) == 1
     has_last = call["c_mask"][:, -1].reshape(len(call["c_mask"]), -1).max(1) == 1
-    dropped = np.all(call["tokens"] == np.asarray(dit_trainer.null_tokens(1, call["tokens"].shape[1])), axis=1)
+    dropped = np.all(call["tokens"] == np.asarray(text_lib.null_tokens(1, call["tokens"].shape[1])), axis=1)
     tol = 0.03  # about 4 standard errors at 4096 examples
     assert abs(has_first.mean() - 0.6) < tol
     assert abs(has_last[has_first].mean() - 0.5) < tol and not np.any(has_last & ~has_first)
@@ -371,9 +381,25 @@ def test_dit_loss_dropout_rates():
     assert abs(np.mean(np.abs(logit) < 1.0) - 0.683) < tol
 
 
+@pytest.mark.parametrize("last_from", [1, 2, 3])
+def test_last_frame_picked_among_the_last_frames(last_from):
+    """The last-frame instruction is one of the first min(last_from, J) cached candidates (latest
+    first), each equally often: never a later candidate, never always the latest one."""
+    B, J = 3000, 3
+    task, batch = _loss_setup(B=B, **{"cond.p_first": 1.0, "cond.p_last": 1.0, "cond.noise": 0.0,
+                                      "cond.last_from": last_from})
+    candidates = jnp.broadcast_to(jnp.arange(1.0, J + 1)[None, :, None, None, None], (B, J, 1, 1, 2))
+    model = _Recorder()
+    _task_loss([model], task, dict(batch, z_last=candidates))
+    picked = model.calls[0]["c_image"][:, -1, 0, 0, 0]  # candidate k holds the value k + 1
+    counts = np.array([np.sum(picked == k + 1) for k in range(J)])
+    assert counts.sum() == B and counts[last_from:].sum() == 0
+    np.testing.assert_allclose(counts[:last_from] / B, 1.0 / last_from, atol=0.04)
+
+
 @pytest.mark.parametrize("objective, prediction", [("flow", "x0"), ("eps", "x0"), ("v", "x0")])
-def test_dit_loss_is_zero_for_the_exact_output(objective, prediction):
-    config, batch, stats = _loss_setup(objective, prediction, B=256)
+def test_task_loss_is_zero_for_the_exact_output(objective, prediction):
+    task, batch = _loss_setup(objective, prediction, B=256)
     path = objectives.path(objective)
     z = batch["z"]
 
@@ -386,7 +412,7 @@ def test_dit_loss_is_zero_for_the_exact_output(objective, prediction):
         return eps if objective == "eps" else alpha * eps - sigma * z
 
     model = _Recorder(exact)
-    (loss, aux), (wrong, _) = _dit_loss([model, _Recorder()], config, batch, stats)
+    (loss, aux), (wrong, _) = _task_loss([model, _Recorder()], task, batch)
     assert float(loss) < 1e-6 and float(aux["x0_mse"]) < 1e-6
     if path == "ddpm":  # uniform over the 1000 trained steps
         steps = model.calls[0]["t"] * 1000
@@ -435,12 +461,10 @@ def test_image_batches_every_k_and_resumable():
 
 
 def test_image_batches_get_no_instructions():
-    config, batch, stats = _loss_setup(B=64)
-    config.cond.p_first, config.cond.p_last = 1.0, 1.0
+    task, batch = _loss_setup(B=64, **{"cond.p_first": 1.0, "cond.p_last": 1.0})
     image_batch = dict(batch, z=batch["z"][:, :1], z_last=batch["z"][:, :1])
     video_model, image_model = _Recorder(), _Recorder()
-    fn = lambda model, b: dit_trainer.dit_loss(None, b, jax.random.key(4), model=model, cond=config.cond,
-                                               diffusion=config.diffusion, **stats)
+    fn = lambda model, b: task.loss(model, None, b, jax.random.key(4))
     jax.jit(lambda: [fn(video_model, batch), fn(image_model, image_batch)])()
     jax.effects_barrier()
     assert image_model.calls[0]["c_mask"].shape[1] == 1 and image_model.calls[0]["c_mask"].max() == 0

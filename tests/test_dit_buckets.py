@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pixeldance import configs
+from pixeldance import build, configs
 from pixeldance.data import buckets, latent_cache, sources
-from pixeldance.tools import cache_latents as tool
+from pixeldance.trainers import cache as tool
 from pixeldance.trainers import dit as dit_trainer
 from test_buckets import folders  # noqa: F401  (a fixture: a video folder and an image folder)
 from test_latent_cache import FakeVAE, fake_workdir  # noqa: F401  (fake_workdir: a fixture)
@@ -222,7 +222,7 @@ def test_too_few_items_and_bad_patches_are_one_line_errors(tmp_path, folders):
 def test_dit_parameters_do_not_depend_on_the_latent_shape(folders):
     """Initialised once, the DiT takes every bucket's latents: the same parameter tree at any T, h, w."""
     config = _config(folders)
-    model = dit_trainer.build_model(config, 16)
+    model = build.dit(config, 16)
     S = config.text.max_length
 
     def params(T, h, w):

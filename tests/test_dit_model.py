@@ -272,7 +272,7 @@ def test_kernel_choice_on_gpu(monkeypatch):
 
 
 def test_kernel_choice_follows_the_mesh_platform(monkeypatch):
-    """Compiling ahead for a TPU from a CPU host (pixeldance.plan): the mesh's platform decides."""
+    """Compiling ahead for a TPU from a CPU host (pixeldance.tools.plan): the mesh's platform decides."""
     import types
     tpu_mesh = types.SimpleNamespace(abstract_device=types.SimpleNamespace(platform="tpu"))
     monkeypatch.setattr(attn_lib.jax.sharding, "get_abstract_mesh", lambda: tpu_mesh)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pixeldance import build
 from pixeldance.data import latent_cache, pipeline
-from pixeldance.tools import cache_latents as tool
+from pixeldance.trainers import cache as tool
 from pixeldance.trainers import dit as dit_trainer
 from test_latent_cache import FakeVAE, _stage_config, fake_workdir  # noqa: F401  (fake_workdir: a fixture)
 
@@ -61,7 +62,7 @@ def test_cache_stage_writes_the_image_cache(fake_workdir, image_root, capsys):
     for i in range(3):
         np.testing.assert_array_equal(got["z"][i], FakeVAE().encode(images[i]["video"][None])[0])
     np.testing.assert_array_equal(got["z_last"], got["z"])  # the single frame is its own last frame
-    np.testing.assert_array_equal(got["tokens"], dit_trainer.build_tokenizer(config)(CAPTIONS))
+    np.testing.assert_array_equal(got["tokens"], build.tokenizer(config)(CAPTIONS))
     # Normalised with the videos' statistics (one latent space): latent_stats.json is the video cache's.
     with open(os.path.join(workdir, "latent_stats.json")) as f:
         assert json.load(f)["num_videos"] == 10

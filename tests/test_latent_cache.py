@@ -9,10 +9,9 @@ import threading
 import numpy as np
 import pytest
 
-from pixeldance import configs
+from pixeldance import build, configs
 from pixeldance.data import latent_cache, pipeline
-from pixeldance.tools import cache_latents as tool
-from pixeldance.trainers import dit as dit_trainer
+from pixeldance.trainers import cache as tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNLOCAL = os.path.join(REPO, "experiments", "shapes.py") + ":runlocal"
@@ -227,7 +226,7 @@ def fake_workdir(tmp_path, monkeypatch):
         vaes.append(FakeVAE(fail_after=load_vae.fail_after))
         return vaes[-1]
     load_vae.fail_after = None
-    monkeypatch.setattr("pixeldance.sample.load_vae", load_vae)
+    monkeypatch.setattr("pixeldance.trainers.cache.load_vae", load_vae)
     return str(workdir), vaes, load_vae
 
 
@@ -256,7 +255,7 @@ def test_cache_stage_keeps_rebuilds_and_resumes(fake_workdir, capsys):
     np.testing.assert_array_equal(rec["z_last"][0], FakeVAE().encode(video[:, -1:])[0, 0])
     np.testing.assert_array_equal(rec["z_last"][2], FakeVAE().encode(video[:, -3:-2])[0, 0])
     assert rec["caption"] == item["caption"]
-    np.testing.assert_array_equal(rec["tokens"], dit_trainer.build_tokenizer(config)([item["caption"]])[0])
+    np.testing.assert_array_equal(rec["tokens"], build.tokenizer(config)([item["caption"]])[0])
 
     # latent_stats.json over the cache (no VAE-stage statistics here), as before.
     z = latent_cache.LatentCacheSource(path).read_all()["z"].astype(np.float64)
@@ -306,13 +305,13 @@ def test_cache_stage_keeps_rebuilds_and_resumes(fake_workdir, capsys):
 
 
 def test_cli_writes_the_main_jobs_cache(runlocal_workdir, tmp_path, python_runner):
-    """`python -m pixeldance.tools.cache_latents` on the main job's workdir, to another folder:
+    """`python -m pixeldance.trainers.cache` on the main job's workdir, to another folder:
     the same records as the main job's cache stage."""
     workdir, out = str(tmp_path / "work"), str(tmp_path / "cache2")
     shutil.copytree(runlocal_workdir, workdir, ignore=shutil.ignore_patterns("dit", "samples", "tensorboard"))
     with open(os.path.join(workdir, "latent_stats.json")) as f:
         stats = f.read()
-    proc = python_runner("-m", "pixeldance.tools.cache_latents", f"--config={RUNLOCAL}",
+    proc = python_runner("-m", "pixeldance.trainers.cache", f"--config={RUNLOCAL}",
                          f"--workdir={workdir}", f"--output={out}", "--config.cache.num_shards=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "in 2 shards" in proc.stdout

@@ -11,10 +11,10 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from pixeldance import configs, sample
+from pixeldance import build, configs, sample
 from pixeldance.data import video_io
 from pixeldance.sample import Pipeline
-from pixeldance.trainers import dit as dit_trainer
+from pixeldance.workdir import LatentStats
 
 R, F, C = 16, 5, 3  # 16 x 16 frames, 5-frame clips (2 latent frames of 2 x 2 x 3)
 STEP = 8  # pixel values a prompt's latent frame advances per word
@@ -28,6 +28,9 @@ class _BlockVAE:
 
     def __init__(self):
         self.encoded, self.decodes = [], 0
+
+    def latent_shape(self, num_frames, height, width):
+        return 1 + (num_frames - 1) // 4, height // 8, width // 8, C
 
     def encode(self, video):
         self.encoded.append(np.array(video))
@@ -68,8 +71,8 @@ def _pipeline(noise=0.0) -> Pipeline:
     config.cond.first_frame, config.cond.noise = "concat", 0.0
     # One Euler step from t = 1 lands on the model's x0; guidance 1 is the conditional prediction.
     config.sample.update(steps=1, sampler="euler", guidance=1.0, image_guidance=1.0, tau=1)
-    return Pipeline(config, _BlockVAE(), _ChainModel(noise), None, dit_trainer.build_tokenizer(config),
-                    np.zeros(C), np.ones(C))
+    return Pipeline(config, _BlockVAE(), _ChainModel(noise), None, build.tokenizer(config),
+                    LatentStats(np.zeros(C, np.float32), np.ones(C, np.float32)))
 
 
 def _image(value):
@@ -133,14 +136,19 @@ def test_seeds_one_clip_and_the_first_clip_equal_plain_generate():
     assert np.any(long[F:2 * F - 1] != pipe.generate("a red", long[F - 1], seed=3)[1:])
 
 
+def _compiled(pipe) -> int:
+    """How many programs the pipeline's jitted samplers hold."""
+    return sum(f._cache_size() for f in pipe._jitted.values())
+
+
 def test_the_sampler_compiles_once_for_any_number_of_clips():
     pipe = _pipeline()
     pipe.generate("a", _image(40))
     traces = pipe.model.traces
-    assert traces > 0 and pipe._sample._cache_size() == 1
+    assert traces > 0 and _compiled(pipe) == 1
     # Other prompts, no first frame in clip 0, a last frame in some clips: the same shapes.
     pipe.generate(["a", "a red", "a red circle", "a"], None, [None, _image(90), None, _image(10)], num_clips=4)
-    assert pipe.model.traces == traces and pipe._sample._cache_size() == 1
+    assert pipe.model.traces == traces and _compiled(pipe) == 1
 
 
 def test_generate_clips_samples_one_clip_per_step():

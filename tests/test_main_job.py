@@ -6,9 +6,14 @@ import os
 import shutil
 import time
 
+import numpy as np
 from PIL import Image
 
+import pixeldance
+from pixeldance import workdir as workdir_lib
 from pixeldance.data import latent_cache, video_io
+from pixeldance.evaluators import samples
+from pixeldance.evaluators import synthetic as scoring
 
 MODES = ("T2V", "I2V", "FLF2V")
 
@@ -57,15 +62,22 @@ def test_metrics_and_tensorboard(runlocal_workdir):
     # The VAE's held-out reconstructions after training, with the EMA parameters.
     (evaluation,) = [line for line in lines if line["stage"] == "vae_eval"]
     assert evaluation["step"] == 4 and 0 < evaluation["psnr"] < 100 and 0 < evaluation["ssim"] <= 1
-    for stage in ("vae", "dit"):
+    for stage in ("vae", "dit", "vae_eval", "dit_eval"):
         events = glob.glob(os.path.join(runlocal_workdir, "tensorboard", stage, "events.out.tfevents.*"))
         assert events and all(os.path.getsize(e) > 0 for e in events), stage
+    # The evaluators' scalars and images share one writer: one event file per evaluation stage.
+    assert len(glob.glob(os.path.join(runlocal_workdir, "tensorboard", "vae_eval", "events.*"))) == 1
+    # The sample stage's faithfulness scores, logged at the DiT's step.
+    (dit_eval,) = [line for line in lines if line["stage"] == "dit_eval"]
+    with open(os.path.join(runlocal_workdir, "faithfulness.json")) as f:
+        report = json.load(f)
+    assert dit_eval["step"] == 4 and dit_eval["I2V/all/colour_acc"] == report["I2V"]["all"]["colour_acc"]
 
 
 def test_samples(runlocal_workdir):
     samples = os.path.join(runlocal_workdir, "samples")
     mp4s = sorted(os.path.basename(p) for p in glob.glob(os.path.join(samples, "*.mp4")))
-    assert mp4s == sorted(f"{mode}_0.mp4" for mode in MODES)  # eval.num_mp4 = 1 per mode
+    assert mp4s == sorted(f"{mode}_0.mp4" for mode in MODES)  # evals.num_mp4 = 1 per mode
     for name in mp4s:
         video = video_io.read_video(os.path.join(samples, name))
         assert video.shape == (9, 32, 32, 3), name
@@ -76,18 +88,25 @@ def test_samples(runlocal_workdir):
 
 
 def test_faithfulness_report(runlocal_workdir):
+    """The report is what the trained pipeline's samples score (reproduced here from the
+    workdir), and its first-frame PSNR is the VAE's: with first_frame='replace' the first latent
+    frame of an I2V / FLF2V sample is the instruction's own latent, so generated frame 0 is the
+    VAE reconstruction of the first frame, however little the DiT has learnt."""
     with open(os.path.join(runlocal_workdir, "faithfulness.json")) as f:
         report = json.load(f)
     assert set(report) == set(MODES)
     for mode in MODES:
         assert set(report[mode]) == {"seen", "heldout", "all"}, mode
-        scores = report[mode]["all"]
-        assert scores["n"] == 4  # eval.num_per_mode
-        for key in ("colour_acc", "direction_acc", "consistency_acc"):
-            assert 0.0 <= scores[key] <= 1.0
-    assert report["T2V"]["all"]["first_psnr"] is None
-    assert report["I2V"]["all"]["first_psnr"] > 0 and report["I2V"]["all"]["last_psnr"] is None
-    assert report["FLF2V"]["all"]["first_psnr"] > 0 and report["FLF2V"]["all"]["last_psnr"] > 0
+        assert [report[mode][g]["n"] for g in ("seen", "heldout", "all")] == [2, 2, 4]  # evals.num_per_mode
+    assert report["T2V"]["all"]["first_psnr"] is None and report["I2V"]["all"]["last_psnr"] is None
+    config = workdir_lib.read_config(runlocal_workdir)
+    pipe = pixeldance.load_pipeline(runlocal_workdir)
+    assert samples.Faithfulness(config).report(pipe) == report
+    firsts = np.stack([item["video"][:1] for item, _ in samples.Faithfulness(config).items()])
+    recon = pipe.vae.decode(pipe.vae.encode(firsts))[:, 0]
+    vae_psnr = np.mean([scoring.psnr(r, f[0]) for r, f in zip(recon, firsts)])
+    for mode in ("I2V", "FLF2V"):
+        assert abs(report[mode]["all"]["first_psnr"] - vae_psnr) < 0.2, (mode, vae_psnr)
 
 
 def test_rerun_resumes(runlocal_workdir, main_job_runner, tmp_path):
@@ -106,7 +125,8 @@ def test_rerun_resumes(runlocal_workdir, main_job_runner, tmp_path):
     after = _lines(workdir)
     assert after[:len(before)] == before  # nothing retrained: the old lines are untouched ...
     new = after[len(before):]
-    assert [(line["stage"], line["step"]) for line in new] == [("dit", 6)]  # ... and only step 6 is new
+    # ... and only step 6 is new, with its evaluation
+    assert [(line["stage"], line["step"]) for line in new] == [("dit", 6), ("dit_eval", 6)]
     assert math.isfinite(new[0]["loss"])
     assert {p: os.path.getmtime(p) for p in glob.glob(os.path.join(workdir, "vae", "[0-9]*"))} == vae_ckpts
     assert _checkpoint_steps(os.path.join(workdir, "dit")) == [4, 6]
@@ -115,3 +135,22 @@ def test_rerun_resumes(runlocal_workdir, main_job_runner, tmp_path):
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["train"]["num_steps"] == 6
     assert os.path.getmtime(os.path.join(workdir, "faithfulness.json")) >= started - 1  # sampled again
+
+
+def test_evaluators_run_during_training(runlocal_workdir, main_job_runner, tmp_path):
+    """config.evals.every: the trainers run the stage's evaluators on the EMA weights being trained
+    (scores only, no files), at every multiple before the last step; the end of the VAE stage
+    evaluates again with files."""
+    workdir = str(tmp_path / "workdir")
+    shutil.copytree(runlocal_workdir, workdir)
+    os.remove(os.path.join(workdir, "vae_recon.png"))
+    proc = main_job_runner(workdir, "--config.mode=train_vae", "--config.vae.num_steps=7", "--config.evals.every=5")
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    proc = main_job_runner(workdir, "--config.mode=train_dit", "--config.train.num_steps=7", "--config.evals.every=5")
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    lines = _lines(workdir)
+    assert [line["step"] for line in lines if line["stage"] == "vae_eval"] == [4, 5, 7]
+    assert [line["step"] for line in lines if line["stage"] == "dit_eval"] == [4, 5]  # 4: the sample stage's
+    (at5,) = [line for line in lines if line["stage"] == "dit_eval" and line["step"] == 5]
+    assert {"T2V/heldout/colour_acc", "I2V/all/first_psnr", "FLF2V/all/last_psnr"} <= set(at5)
+    assert os.path.exists(os.path.join(workdir, "vae_recon.png"))  # written by the final evaluation

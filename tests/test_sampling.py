@@ -7,7 +7,6 @@ import pytest
 import pixeldance
 from pixeldance.data import synthetic
 from pixeldance.diffusion import conditioning, objectives, samplers, schedules
-from pixeldance.trainers.vae import world_config
 
 SAMPLERS = ("euler", "heun")
 
@@ -248,7 +247,7 @@ def pipe(runlocal_workdir):
 @pytest.fixture(scope="module")
 def example(pipe):
     """A held-out clip of the workdir's world: video uint8 [F, R, R, 3] and its caption."""
-    return synthetic.ShapesSource("heldout", size=4, config=world_config(pipe.config))[0]
+    return synthetic.ShapesSource("heldout", size=4, config=synthetic.world_config(pipe.config))[0]
 
 
 def test_pipeline_modes(pipe, example):

@@ -26,7 +26,9 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # test_train's helpers, also when this file runs as a script
 
-from pixeldance import configs, plan, sharding, train_lib  # noqa: E402
+from pixeldance import configs, sharding, train_lib  # noqa: E402
+from pixeldance import workdir as workdir_lib  # noqa: E402
+from pixeldance.tools import plan  # noqa: E402
 from pixeldance.trainers import dit as dit_trainer  # noqa: E402
 import test_train  # noqa: E402
 
@@ -208,8 +210,9 @@ def test_two_processes_train_like_one(tmp_path):
     assert [m["step"] for m in got] == [m["step"] for m in want] == list(range(1, NUM_STEPS + 1))
     for key in ("loss", "grad_norm", "x0_mse", "param_norm"):
         np.testing.assert_allclose([m[key] for m in got], [m[key] for m in want], rtol=2e-5, err_msg=key)
-    # The checkpoint the two processes wrote together restores here, onto 8 devices.
-    ema, step = train_lib.load_ema_params(os.path.join(multi, "dit"), test_train._dit_init_fn(config), config.train)
+    # The checkpoint the two processes wrote together restores here, onto 8 devices (EMA only, sharded).
+    ema, step = workdir_lib.load_ema_params(os.path.join(multi, "dit"), test_train._dit_init_fn(config),
+                                            sharding.make_mesh((1, -1, 1, 1)))
     assert step == NUM_STEPS
     # atol 1e-6: in the zero-initialised output layers the first gradients are summation-order
     # noise, which Adam scales up to updates of about the learning rate (their values stay ~1e-7).

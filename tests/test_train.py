@@ -10,7 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from pixeldance import configs, train_lib
+from pixeldance import build, configs, sharding, train_lib
+from pixeldance import workdir as workdir_lib
 from pixeldance.checkpoint import Checkpointer
 from pixeldance.data import latent_cache, synthetic
 from pixeldance.trainers import dit as dit_trainer
@@ -58,7 +59,7 @@ def _assert_trees_equal(a, b):
 
 
 def _write_latent_cache(config, workdir):
-    """A small random latent cache in the format of `tools/cache_latents.py` (no VAE needed).
+    """A small random latent cache in the format of `trainers/cache.py` (no VAE needed).
 
     z [8, 3, 4, 4, 16] for 9-frame 32 x 32 clips; z_last the last 3 frames as images.
     """
@@ -68,29 +69,24 @@ def _write_latent_cache(config, workdir):
     z = rng.normal(1.0, 2.0, (n, 3, 4, 4, 16)).astype(np.float32)
     z_last = rng.normal(1.0, 2.0, (n, K, 4, 4, 16)).astype(np.float32)
     latent_cache.write_arrays(os.path.join(workdir, "cache"), z, z_last,
-                              dit_trainer.build_tokenizer(config)(captions), captions, num_shards=2)
-    with open(os.path.join(workdir, dit_trainer.LATENT_STATS), "w") as f:
-        json.dump(dict(mean=[1.0] * 16, std=[2.0] * 16, num_videos=n), f)
+                              build.tokenizer(config)(captions), captions, num_shards=2)
+    workdir_lib.LatentStats(np.full(16, 1.0, np.float32), np.full(16, 2.0, np.float32), num_videos=n).write(workdir)
 
 
 def _vae_init_fn(config):
-    model = vae_trainer.build_vae(config)
-    return lambda rng: model.init(rng, jnp.zeros((1, 1, 32, 32, 3)))
+    return build.vae_init_fn(build.vae(config), 1, 32, 32)
 
 
 def _dit_init_fn(config):
-    model = dit_trainer.build_model(config, 16)
-    dummy = (jnp.zeros((1, 3, 4, 4, 16)), jnp.zeros((1,)), jnp.zeros((1, 3, 4, 4, 16)),
-             jnp.zeros((1, 3, 4, 4, 1)), jnp.zeros((1, config.text.max_length), jnp.int32))
-    return lambda rng: model.init(rng, *dummy)
+    return build.dit_init_fn(build.dit(config, 16), (3, 4, 4, 16), config.text.max_length)
 
 
 class Stage:
     """What differs between the two trainers, for tests that run both."""
 
-    def __init__(self, name, train_fn, overrides, stage_config, init_fn, needs_cache):
+    def __init__(self, name, train_fn, overrides, init_fn, needs_cache):
         self.name, self.train_fn, self.overrides = name, train_fn, overrides
-        self.stage_config, self.init_fn, self.needs_cache = stage_config, init_fn, needs_cache
+        self.init_fn, self.needs_cache = init_fn, needs_cache
 
     def config(self):
         return _config(self.overrides)
@@ -103,8 +99,8 @@ class Stage:
 
 
 STAGES = {
-    "vae": Stage("vae", vae_trainer.train_vae, VAE_OVERRIDES, lambda c: c.vae, _vae_init_fn, False),
-    "dit": Stage("dit", dit_trainer.train_dit, DIT_OVERRIDES, lambda c: c.train, _dit_init_fn, True),
+    "vae": Stage("vae", vae_trainer.train_vae, VAE_OVERRIDES, _vae_init_fn, False),
+    "dit": Stage("dit", dit_trainer.train_dit, DIT_OVERRIDES, _dit_init_fn, True),
 }
 
 
@@ -199,11 +195,10 @@ def test_resumed_run_equals_uninterrupted_run(full_run, tmp_path_factory, monkey
     assert written == [3, 4]
     assert _metrics(workdir, stage.name) == _metrics(full_workdir, stage.name)
     _assert_trees_equal(state, full_state)
-    # The checkpoints restore (onto one device) to the same EMA parameters.
-    ema, step = train_lib.load_ema_params(os.path.join(workdir, stage.name), stage.init_fn(config),
-                                          stage.stage_config(config))
-    ema_full, _ = train_lib.load_ema_params(os.path.join(full_workdir, stage.name), stage.init_fn(config),
-                                            stage.stage_config(config))
+    # The checkpoints restore (EMA weights only, onto one device) to the same EMA parameters.
+    one = sharding.make_mesh((1, 1, 1, 1), jax.devices()[:1])
+    ema, step = workdir_lib.load_ema_params(os.path.join(workdir, stage.name), stage.init_fn(config), one)
+    ema_full, _ = workdir_lib.load_ema_params(os.path.join(full_workdir, stage.name), stage.init_fn(config), one)
     assert step == NUM_STEPS
     _assert_trees_equal(ema, ema_full)
     _assert_trees_equal(ema, full_state.ema_params)

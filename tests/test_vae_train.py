@@ -16,8 +16,11 @@ import pytest
 from flax import linen as nn
 from safetensors.numpy import save_file
 
+from pixeldance import workdir as workdir_lib
 from pixeldance.data import video_io
+from pixeldance.evaluators import reconstruction
 from pixeldance.models import vae as vae_lib
+from pixeldance.sample import VideoVAE
 from pixeldance.trainers import vae as trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,11 +57,11 @@ def _video_u8(batch=2, frames=5, size=16, seed=0):
 def test_psnr_and_ssim():
     video = jnp.asarray(_video_u8(frames=3, size=32), jnp.float32) / 127.5 - 1
     noisy = video + 0.1 * jnp.asarray(np.random.RandomState(1).normal(size=video.shape), jnp.float32)
-    np.testing.assert_allclose(trainer.ssim(video, video), 1.0, atol=1e-5)
-    s = trainer.ssim(noisy, video)
+    np.testing.assert_allclose(reconstruction.ssim(video, video), 1.0, atol=1e-5)
+    s = reconstruction.ssim(noisy, video)
     assert s.shape == (2, 3) and np.all(s < 0.99) and np.all(s > 0.0)
     # PSNR: MSE 0.01 on a range of 2 is 10 log10(4 / 0.01) = 26.0 dB (clipping lowers the MSE a bit).
-    assert 26.0 <= float(trainer.psnr(noisy, video)) < 27.0
+    assert 26.0 <= float(reconstruction.psnr(noisy, video)) < 27.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +135,7 @@ def test_gan_loss_gradients():
     def direct(p, w_gen):
         """rec + w_gen * gen + KL written out, differentiated the ordinary way."""
         def loss(p):
-            x = trainer.to_unit(video)
+            x = reconstruction.to_unit(video)
             out = model.apply(p, x, sample_rng=rng)
             rec, _ = trainer._reconstruction(out["recon"], x, weights, None)
             logits = model.apply(jax.lax.stop_gradient(p), out["recon"],
@@ -182,8 +185,8 @@ def test_real_clips_reconstruct_and_train():
     assert clips.shape == (4, 9, 32, 32, 3) and clips.dtype == np.uint8 and clips.std() > 20
     model = vae_lib.vae_from_variant("mu")
     params = _numpy_params(model, clips.shape)
-    fns = trainer._encode_decode_fns(model)
-    before = trainer.reconstruct(model, params, clips, batch_size=4, fns=fns)
+    vae = VideoVAE(model, params)
+    before = reconstruction.reconstruct(vae, clips, batch_size=4)
     assert before["recon"].shape == clips.shape and before["recon"].dtype == np.uint8
     assert np.all(np.isfinite(before["psnr"])) and np.all(np.abs(before["ssim"]) <= 1)
 
@@ -202,7 +205,8 @@ def test_real_clips_reconstruct_and_train():
         params, opt_state, loss = step(params, opt_state, jax.random.PRNGKey(i))
         losses.append(float(loss))
     assert np.all(np.isfinite(losses)) and np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
-    after = trainer.reconstruct(model, params, clips, batch_size=4, fns=fns)
+    vae.params = params
+    after = reconstruction.reconstruct(vae, clips, batch_size=4)
     assert after["psnr"].mean() > before["psnr"].mean() + 1.0, (before["psnr"], after["psnr"])
 
 
@@ -228,17 +232,16 @@ def test_train_vae_stage_with_gan(python_runner, tmp_path):
     (evaluation,) = [l for l in lines if l["stage"] == "vae_eval"]
     assert evaluation["step"] == 4 and evaluation["num_videos"] == 8
     assert 0 < evaluation["psnr"] < 60 and -1 <= evaluation["ssim"] <= 1
-    image = video_io.read_image(os.path.join(workdir, trainer.RECON_IMAGE))
+    image = video_io.read_image(os.path.join(workdir, reconstruction.RECON_IMAGE))
     assert image.shape == (2 * 4 * 34, 9 * 34, 3)  # 4 shown clips x (clip, reconstruction), 9 frames
-    assert os.path.exists(os.path.join(workdir, trainer.RECON_GIF))
+    assert os.path.exists(os.path.join(workdir, reconstruction.RECON_GIF))
     assert os.listdir(os.path.join(workdir, "tensorboard", "vae_eval"))
 
-    stats = json.load(open(os.path.join(workdir, trainer.LATENT_STATS)))
+    stats = json.load(open(os.path.join(workdir, workdir_lib.LATENT_STATS)))
     assert stats["source"] == "train_vae" and stats["vae_step"] == 4 and stats["num_videos"] == 8
     assert len(stats["mean"]) == len(stats["std"]) == 16 and min(stats["std"]) > 0
-    from pixeldance.tools.cache_latents import vae_stats_current
-    assert vae_stats_current(workdir)
-    spec = json.load(open(os.path.join(workdir, trainer.MODEL_SPEC)))
+    assert workdir_lib.LatentStats.from_vae_stage(workdir)
+    spec = json.load(open(os.path.join(workdir, workdir_lib.MODEL_SPEC)))
     assert spec["disc_channels"] == [8, 16]
 
     import pixeldance

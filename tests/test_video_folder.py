@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pixeldance import build
 from pixeldance.data import folder, latent_cache, pipeline, sources, synthetic, video_folder, video_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -222,7 +223,6 @@ def test_grain_pipeline_iterates_and_restores(clean_dir):
 
 def test_make_source_and_tokenizers(clean_dir):
     import importlib.util as iu
-    from pixeldance.trainers import dit as dit_trainer
     spec = iu.spec_from_file_location("vf_exp", os.path.join(REPO, "experiments", "video_folder.py"))
     exp = iu.module_from_spec(spec)
     spec.loader.exec_module(exp)
@@ -243,21 +243,21 @@ def test_make_source_and_tokenizers(clean_dir):
     want = synthetic.ShapesSource("heldout", size=3, config=synthetic.WorldConfig(num_frames=9, resolution=32))
     assert repr(shapes) == repr(want)
     np.testing.assert_array_equal(shapes[2]["video"], want[2]["video"])
-    words = dit_trainer.build_tokenizer(shapes_cfg)
+    words = build.tokenizer(shapes_cfg)
     assert words.vocab_size == 20 and words(["a red circle moves left"])[0, :6].tolist() == [2, 3, 6, 13, 4, 16]
     # Free text: hashed words (the experiment's choice) and bytes, deterministic, BOS first.
-    hashed = dit_trainer.build_tokenizer(config)
+    hashed = build.tokenizer(config)
     t = hashed(["A dog, running!", ""])
     assert t.shape == (2, 12) and t[0, 0] == 2 and t[1].tolist() == [2] + [0] * 11
     assert (t[0, 1:4] >= 3).all() and (t[0, 1:4] < 256).all() and (t[0, 4:] == 0).all()
     np.testing.assert_array_equal(t, hashed(["a DOG running", ""]))
     config.text.tokenizer = "bytes"
-    b = dit_trainer.build_tokenizer(config)
+    b = build.tokenizer(config)
     assert b.vocab_size == 259 and b(["hi"])[0, :4].tolist() == [2, 3 + ord("h"), 3 + ord("i"), 0]
     config.text.tokenizer = "words"
     config.data.name = "video_folder"
     with pytest.raises(ValueError, match="tokenizer"):
-        dit_trainer.build_tokenizer(config)
+        build.tokenizer(config)
 
 
 def test_main_job_on_a_video_folder(clean_dir, messy_dir, tmp_path, python_runner):

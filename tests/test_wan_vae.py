@@ -18,10 +18,10 @@ from diffusers import AutoencoderKLWan
 from safetensors.numpy import load_file, save_file
 
 import pixeldance
+from pixeldance import workdir as workdir_lib
 from pixeldance.convert import wan_vae as convert
 from pixeldance.models import vae as vae_lib
 from pixeldance.models import wan_vae, winograd
-from pixeldance.trainers import dit as dit_trainer
 
 # Small, but every kind of layer of the real one: 3 spatial and 2 temporal downsamplings (4x8x8),
 # width changes (conv shortcuts), the mid-block attention, 16 latent channels.
@@ -149,7 +149,8 @@ def test_converted_folder(converted, diffusers_vae):
     _, model = diffusers_vae
     with open(os.path.join(converted, "config.json")) as f:
         assert json.load(f)["vae"]["family"] == "wan"
-    mean, std = dit_trainer.load_latent_stats(converted)  # what a DiT normalises with
+    stats = workdir_lib.LatentStats.read(converted)  # what a DiT normalises with
+    mean, std = stats.mean, stats.std
     np.testing.assert_allclose(mean, model.config.latents_mean, rtol=1e-6)
     np.testing.assert_allclose(std, model.config.latents_std, rtol=1e-6)
 

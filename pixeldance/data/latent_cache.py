@@ -30,7 +30,7 @@ An image cache (`image_cache_dir`, `<workdir>/cache_images`: images of config.tr
 for the DiT's image batches) has the same format, with T = K = 1: z float32 [1, h, w, C] and
 z_last the same single latent frame.
 
-A bucketed cache (config.data.buckets, see `pixeldance.tools.cache_latents`) is a folder of such
+A bucketed cache (config.data.buckets, see `pixeldance.trainers.cache`) is a folder of such
 caches, one per bucket that holds items, `<path>/bucket-FxHxW/` (each built and kept on its own,
 so each is atomic and resumable), and an index `<path>/buckets.json` written last: the buckets
 in config order with their record counts (`write_bucket_index`, `open_bucket_caches`). Record i
@@ -416,7 +416,7 @@ def _read_one(path: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 class LatentCacheSource:
-    """Random access over a latent cache folder written by `build` (`pixeldance.tools.cache_latents`).
+    """Random access over a latent cache folder written by `build` (`pixeldance.trainers.cache`).
 
     Each element: z float32 [T, h, w, C] (the video's latents, unnormalised), z_last float32
     [K, h, w, C] (the last K frames each encoded as an image, latest first), tokens int32 [S];

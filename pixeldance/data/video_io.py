@@ -13,8 +13,9 @@ import numpy as np
 from pixeldance.data.folder import BadVideoError
 
 
-def read_image(path: str, size: int | None = None) -> np.ndarray:
-    """An RGB image as uint8 [H, W, 3]; resized (bilinear) to size x size when `size` is given.
+def read_image(path: str, size: int | tuple[int, int] | None = None) -> np.ndarray:
+    """An RGB image as uint8 [H, W, 3]; resized (bilinear) to `size` when given: (height, width),
+    or one int for size x size.
 
     Raises FileNotFoundError / ValueError with one line naming the file.
     """
@@ -24,8 +25,10 @@ def read_image(path: str, size: int | None = None) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
-            if size is not None and im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
+            if size is not None:
+                height, width = (size, size) if isinstance(size, int) else size
+                if im.size != (width, height):
+                    im = im.resize((width, height), Image.BILINEAR)
             return np.asarray(im, np.uint8)
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None

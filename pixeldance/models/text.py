@@ -25,6 +25,12 @@ PAD, UNK, BOS = 0, 1, 2
 _SPECIAL = ("<pad>", "<unk>", "<bos>")
 
 
+def null_tokens(batch: int, length: int):
+    """The empty prompt, int32 [batch, length]: BOS then padding (the unconditional input of
+    classifier-free guidance, and the dropped text of training)."""
+    return jnp.zeros((batch, length), jnp.int32).at[:, 0].set(BOS)
+
+
 class WordTokenizer:
     """Lower-cased words -> ids; id 2 (BOS) always leads, so an empty prompt is one valid token."""
 

@@ -6,21 +6,23 @@ r"""Sampling sweeps on a trained workdir: faithfulness for each setting of a gri
 The grid is `config.sweep.grid`, e.g. "sampler=euler,heun;steps=4,8,16" (fields of
 `config.sample`, values comma-separated, fields `;`-separated: every combination is run);
 `config.sweep.num_per_mode` videos per mode (half held-out). Each setting samples the same
-evaluation videos as the main job's last stage (`pixeldance.evaluate`), with the same seeds, so
-rows differ only by the setting. The workdir is only read: samples go to a scratch folder, and
-each row (the setting, seconds, and per mode and split the faithfulness report) is appended to
-`--output` as one JSON line and printed as a table row.
+evaluation videos as the main job's last stage (the 'faithfulness' evaluator,
+`evaluators/samples.py`), with the same seeds, so rows differ only by the setting. The workdir is
+only read (no samples are written), and each row (the setting, seconds, and per mode and split
+the faithfulness report) is appended to `--output` as one JSON line and printed as a table row.
 """
 from __future__ import annotations
 
 import itertools
 import json
 import os
-import tempfile
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from pixeldance.evaluators import samples
+from pixeldance.sample import load_pipeline
 
 GRID_FIELDS = {"sampler": str, "steps": int, "guidance": float, "image_guidance": float, "tau": int}
 
@@ -54,27 +56,23 @@ def summary(report: dict) -> dict:
 
 
 def run_sweep(config, workdir: str, output: str | None = None) -> list[dict]:
-    from pixeldance import evaluate
-    from pixeldance.sample import load_pipeline
     settings = parse_grid(config.sweep.grid)
-    config.eval.num_per_mode = config.sweep.num_per_mode
-    config.eval.num_mp4 = 0
+    faithfulness = samples.Faithfulness(config, num_per_mode=config.sweep.num_per_mode)
     pipe = load_pipeline(workdir)
     rows = []
-    with tempfile.TemporaryDirectory() as scratch:
-        for setting in settings:
-            for key, value in setting.items():
-                pipe.config.sample[key] = value
-            t0 = time.time()
-            report = evaluate.evaluate(config, scratch, pipeline=pipe)
-            row = dict(setting=setting, seconds=round(time.time() - t0, 1),
-                       num_per_mode=config.sweep.num_per_mode, **summary(report), report=report)
-            rows.append(row)
-            print("sweep " + json.dumps({k: v for k, v in row.items() if k != "report"}), flush=True)
-            if output:
-                os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-                with open(output, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+    for setting in settings:
+        for key, value in setting.items():
+            pipe.config.sample[key] = value
+        t0 = time.time()
+        report = faithfulness.report(pipe)
+        row = dict(setting=setting, seconds=round(time.time() - t0, 1),
+                   num_per_mode=config.sweep.num_per_mode, **summary(report), report=report)
+        rows.append(row)
+        print("sweep " + json.dumps({k: v for k, v in row.items() if k != "report"}), flush=True)
+        if output:
+            os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+            with open(output, "a") as f:
+                f.write(json.dumps(row) + "\n")
     return rows
 
 

@@ -7,122 +7,44 @@ when config.train.image_source names an image source, else the clips' first late
 With config.data.buckets (and config.cache.bucketed): one cache per bucket and batches of one
 bucket's shape each (`bucketed_batches`); images are then the one-frame buckets.
 
-Axis glossary: B batch, T latent frames, h/w latent height/width, C channels, S text tokens,
-K candidate last frames.
+The loss is the PixelDance task's (`diffusion/task.py`) on latents normalised with the
+workdir's `LatentStats`; `train_setup` is what the planner compiles too.
+
+Axis letters (glossary: pixeldance/models/__init__.py): B batch, T latent frames, h/w latent
+height/width, C channels, S text tokens, J candidate last frames.
 """
 from __future__ import annotations
 
-import functools
-import json
-import os
-
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import logging
 
-from pixeldance import rng as rng_lib
-from pixeldance import train_lib
-from pixeldance.data import buckets, latent_cache, pipeline, synthetic
-from pixeldance.diffusion import conditioning, objectives, schedules
-from pixeldance.models import dit as dit_lib
-from pixeldance.models import text as text_lib
-
-LATENT_STATS = "latent_stats.json"
-
-
-def build_tokenizer(config):
-    """config.text.tokenizer: 'words' (default; the shapes world's closed vocabulary), or for
-    free-text captions 'hashed' (words hashed into config.text.vocab_size ids) or 'bytes'."""
-    kind = config.text.get("tokenizer", "words")
-    if kind == "hashed":
-        return text_lib.HashedTokenizer(config.text.get("vocab_size", 4096), config.text.max_length)
-    if kind == "bytes":
-        return text_lib.ByteTokenizer(config.text.max_length)
-    if kind != "words":
-        raise ValueError(f"unknown config.text.tokenizer {kind!r}; expected 'words', 'hashed' or 'bytes'")
-    if config.data.name != "shapes":
-        raise ValueError(f"no word tokenizer for dataset {config.data.name!r}: set "
-                         f"config.text.tokenizer='hashed' or 'bytes' for free-text captions")
-    words = ("a", "moves", "and") + synthetic.COLOURS + synthetic.SHAPES + synthetic.DIRECTIONS
-    return text_lib.WordTokenizer(words, config.text.max_length)
+from pixeldance import build, train_lib
+from pixeldance import workdir as workdir_lib
+from pixeldance.data import buckets, latent_cache, pipeline
+from pixeldance.diffusion.task import PixelDanceTask
+from pixeldance.evaluators import common as eval_common
+from pixeldance.evaluators import registry as eval_registry
+from pixeldance.sample import Pipeline, load_vae
 
 
-def build_model(config, latent_channels: int) -> dit_lib.PixelDanceModel:
-    tok = build_tokenizer(config)
-    dtype = jnp.dtype(config.dit.dtype)
-    text = text_lib.TextEncoder(vocab_size=tok.vocab_size, max_length=config.text.max_length,
-                                width=config.text.width, num_layers=config.text.num_layers,
-                                num_heads=config.text.num_heads, dtype=dtype)
-    kwargs = dit_lib.decode_variant(config.dit.variant)
-    kwargs.setdefault("patch_size", tuple(config.dit.patch_size))
-    dit = dit_lib.VideoDiT(latent_channels=latent_channels, remat=config.dit.remat, dtype=dtype,
-                           attention=config.dit.attention,
-                           context_parallel=config.dit.get("context_parallel", "ulysses"), **kwargs)
-    return dit_lib.PixelDanceModel(text, dit)
+def make_loss(task: PixelDanceTask, model, stats: workdir_lib.LatentStats):
+    """loss_fn(params, batch, rng) -> (loss, metrics) of the DiT on a batch of cached latents:
+    z [B, T, h, w, C], z_last [B, J, h, w, C] normalised with `stats`, tokens int32 [B, S], then
+    `PixelDanceTask.loss`."""
+    def loss_fn(params, batch, rng):
+        batch = dict(batch, z=stats.normalise(batch["z"]), z_last=stats.normalise(batch["z_last"]))
+        return task.loss(model, params, batch, rng)
+    return loss_fn
 
 
-def null_tokens(batch: int, length: int):
-    """The empty prompt: BOS then padding (the unconditional input for guidance)."""
-    return jnp.zeros((batch, length), jnp.int32).at[:, 0].set(text_lib.BOS)
-
-
-def load_latent_stats(workdir: str) -> tuple[np.ndarray, np.ndarray]:
-    path = os.path.join(workdir, LATENT_STATS)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"latent statistics not found: {path} (run the 'cache' stage first)")
-    with open(path) as f:
-        stats = json.load(f)
-    return np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
-
-
-def dit_loss(params, batch, rng, *, model, cond, diffusion, latent_mean, latent_std):
-    """PixelDance training loss on a batch of cached latents.
-
-    batch: z [B, T, h, w, C], z_last [B, K, h, w, C], tokens int32 [B, S].
-    Per example: a first-frame instruction with probability p_first; given one, a last-frame
-    instruction (picked among the last K frames) with probability p_last; noise on c_image;
-    text dropped with probability p_drop_text. One-frame batches (images, see
-    `ImageVideoBatches`) get no image instructions. The objective (`diffusion.objective`: flow, eps
-    or v) sets the noise path, the training times (flow: `time_sampling`; eps / v: uniform over
-    DDPM's 1000 steps) and the regression target.
-    """
-    objective = diffusion.objective
-    path = objectives.path(objective)  # also rejects unknown objectives
-    z = (batch["z"] - latent_mean) / latent_std
-    z_last_all = (batch["z_last"] - latent_mean) / latent_std
-    B, T = z.shape[:2]
-    keys = jax.random.split(rng, 7)
-    has_first = jax.random.uniform(keys[0], (B,)) < cond.p_first
-    if T == 1:  # an image batch (joint image-video training): text-to-image, no instructions
-        has_first = jnp.zeros_like(has_first)
-    has_last = has_first & (jax.random.uniform(keys[1], (B,)) < cond.p_last)
-    pick = jax.random.randint(keys[2], (B,), 0, min(cond.last_from, z_last_all.shape[1]))
-    z_last = jnp.take_along_axis(z_last_all, pick[:, None, None, None, None], axis=1)[:, 0]
-    c_image, c_mask = conditioning.make_instructions(z[:, 0], z_last, has_first, has_last, T)
-    c_image = conditioning.noise_instructions(keys[3], c_image, c_mask, cond.noise)
-
-    drop = jax.random.uniform(keys[4], (B,)) < cond.p_drop_text
-    tokens = jnp.where(drop[:, None], null_tokens(B, batch["tokens"].shape[1]), batch["tokens"])
-
-    if path == "flow":
-        t = schedules.sample_time(keys[5], B, kind=diffusion.time_sampling, mean=diffusion.logit_mean,
-                                  std=diffusion.logit_std)
-    else:
-        t = schedules.sample_ddpm_time(keys[5], B)
-    noise = rng_lib.normal(keys[6], z.shape)
-    x_t = objectives.add_noise(z, noise, t, objective=objective)
-    replace = cond.first_frame == "replace"
-    if replace:
-        x_t = conditioning.replace_first(x_t, z[:, 0], has_first)
-    out = model.apply(params, x_t, t, c_image, c_mask, tokens)
-    loss_mask = conditioning.first_frame_loss_mask(has_first, T, replace)
-    loss, _ = objectives.loss(out, z, noise, t, loss_mask, objective=objective,
-                              prediction=diffusion.prediction, min_t=diffusion.min_t_for_x0)
-    x0_hat, _ = objectives.denoise(out, x_t, t, objective=objective, prediction=diffusion.prediction,
-                                   min_t=diffusion.min_t_for_x0)
-    x0_err = jnp.mean(jnp.square(x0_hat - z) * loss_mask) / jnp.mean(loss_mask)
-    return loss, dict(x0_mse=x0_err)
+def train_setup(config, latent: tuple[int, int, int, int], stats: workdir_lib.LatentStats):
+    """(model, init_fn, tx, loss_fn): what `train_dit` trains on latents (T, h, w, C), and what the
+    planner (`tools/plan.py`) compiles. The parameters do not depend on T, h, w (patches and 3D
+    RoPE are computed from the input), so one init serves every bucket shape."""
+    model = build.dit(config, latent[-1])
+    init_fn = build.dit_init_fn(model, latent, config.text.max_length)
+    tx = train_lib.stage_optimizer(config.train)
+    return model, init_fn, tx, make_loss(build.task(config), model, stats)
 
 
 def image_source_name(config) -> str:
@@ -200,7 +122,7 @@ def image_batches(config, workdir: str, video_source):
     name = image_source_name(config)
     if not name:
         return None
-    source = pipeline.LatentCacheSource(latent_cache.image_cache_dir(config, workdir))
+    source = latent_cache.LatentCacheSource(latent_cache.image_cache_dir(config, workdir))
     T, *hwc = source.meta["fields"]["z"]["shape"]
     video_hwc = video_source.meta["fields"]["z"]["shape"][1:]
     if T != 1 or hwc != video_hwc:
@@ -244,7 +166,7 @@ def bucketed_batches(config, workdir: str, shapes):
     """(batches, a non-empty cache) for bucketed training: `buckets.CachedBucketBatches` over the
     per-bucket caches of the cache stage (`latent_cache.open_bucket_caches`), this host's rows of
     config.train.batch_size, in the seed's order; resumable (the position). Batch g: z float32
-    [B/P, T, h, w, C], z_last [B/P, K, h, w, C], tokens int32 [B/P, S] of one bucket."""
+    [B/P, T, h, w, C], z_last [B/P, J, h, w, C], tokens int32 [B/P, S] of one bucket."""
     path = latent_cache.cache_dir(config, workdir)
     caches = latent_cache.open_bucket_caches(path, shapes)
     channels = {c.meta["fields"]["z"]["shape"][-1] for c in caches if len(c)}
@@ -253,7 +175,7 @@ def bucketed_batches(config, workdir: str, shapes):
                          f"run the 'cache' stage again")
     # The DiT cuts latents into patches: a bucket whose latent grid they do not tile would fail
     # at its first batch, mid-run; say so before training starts.
-    patch = dit_lib.decode_variant(config.dit.variant).get("patch_size", tuple(config.dit.patch_size))
+    patch = build.dit_patch(config)
     for shape, cache in zip(shapes, caches):
         grid = cache.meta["fields"]["z"]["shape"][:3] if len(cache) else [1, 0, 0]
         if any(g % p for g, p in zip(grid, patch)):
@@ -271,35 +193,44 @@ def bucketed_batches(config, workdir: str, shapes):
 
 def train_dit(config, workdir: str):
     c = config.train
-    if config.cond.first_frame not in ("replace", "concat"):
-        raise ValueError(f"config.cond.first_frame must be 'replace' or 'concat', got {config.cond.first_frame!r}")
+    build.task(config)  # checks config.cond and config.diffusion before any data is read
     # Mesh and data: the latent cache written by the 'cache' stage.
     mesh, preset = train_lib.mesh_from_config(config.mesh)
     shapes = buckets.dit_buckets(config)
     if shapes:  # config.data.buckets: one cache per bucket, each batch one bucket's latent shape
         batches, source = bucketed_batches(config, workdir, shapes)
     else:
-        source = pipeline.LatentCacheSource(latent_cache.cache_dir(config, workdir))
+        source = latent_cache.LatentCacheSource(latent_cache.cache_dir(config, workdir))
         batches = pipeline.make_batches(source, batch_size=c.batch_size, seed=config.seed)
         if c.get("image_every", 0):
             batches = ImageVideoBatches(batches, c.image_every, image_batches(config, workdir, source))
         else:
             image_source_name(config)  # an image source without image batches is a config error
-    latent_mean, latent_std = load_latent_stats(workdir)
-    example = source[0]
-    # The model is initialised once at this shape: its parameters do not depend on T, h, w (patches
-    # and 3D RoPE are computed from the input), so jit compiles the step once per bucket shape.
-    T, h, w, C = example["z"].shape
+    stats = workdir_lib.LatentStats.read(workdir)
 
-    # Model, optimizer, sharded init or restore.
-    model = build_model(config, C)
-    S = config.text.max_length
-    dummy = (jnp.zeros((1, T, h, w, C)), jnp.zeros((1,)), jnp.zeros((1, T, h, w, C)),
-             jnp.zeros((1, T, h, w, 1)), jnp.zeros((1, S), jnp.int32))
-    init_fn = lambda rng: model.init(rng, *dummy)
-    tx = train_lib.stage_optimizer(c)
+    # Model, optimizer, sharded init or restore, at the shape of the first cached example (jit
+    # compiles the step once per bucket shape).
+    model, init_fn, tx, loss_fn = train_setup(config, source[0]["z"].shape, stats)
     rng = jax.random.key(config.seed + 1)
-    loss_fn = functools.partial(dit_loss, model=model, cond=config.cond, diffusion=config.diffusion,
-                                latent_mean=jnp.asarray(latent_mean), latent_std=jnp.asarray(latent_std))
+    evaluate = periodic_evaluation(config, workdir, model, stats, mesh)
     return train_lib.fit(stage="dit", workdir=workdir, mesh=mesh, preset=preset, init_fn=init_fn,
-                         loss_fn=loss_fn, tx=tx, batches=batches, stage_config=c, rng=rng)
+                         loss_fn=loss_fn, tx=tx, batches=batches, stage_config=c, rng=rng,
+                         evaluate=evaluate, eval_every=config.evals.every)
+
+
+def periodic_evaluation(config, workdir: str, model, stats: workdir_lib.LatentStats, mesh):
+    """evaluate(state, step) for the training loop: the evaluators of config.evals.dit on a
+    Pipeline of the EMA weights being trained (with the workdir's VAE), scalars logged as stage
+    'dit_eval'; None when config.evals.every is 0 or no evaluator is named. (The final state is
+    evaluated by the 'sample' stage, with files.)"""
+    if not config.evals.every:
+        return None
+    evaluators = eval_registry.make(config.evals.dit, config, "pipeline")
+    if not evaluators:
+        return None
+    pipe = Pipeline(config, load_vae(workdir, mesh=mesh), model, None, build.tokenizer(config), stats, mesh)
+
+    def evaluate(state, step: int):
+        pipe.params, pipe.step = state.ema_params, step
+        eval_common.run(evaluators, pipe, workdir=workdir, step=step)
+    return evaluate

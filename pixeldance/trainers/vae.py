@@ -1,7 +1,5 @@
 """VAE trainer: reconstruction, KL, optional perceptual and GAN losses, EMA, Orbax, resumable.
 
-Axis glossary: B batch, F frames, H/W pixels, T latent frames, h/w latent height/width, C channels.
-
 The loss (weights in ``config.vae``), on clips of `train_frames` frames (>= 9: the first frame
 and two 4-frame groups, so the decoder learns group after group):
 
@@ -12,16 +10,19 @@ and two 4-frame groups, so the decoder learns group after group):
   and the discriminator's hinge loss relu(1 - D(x)) + relu(1 + D(x')), trained in the same step.
 
 lambda is VQGAN's adaptive weight: the ratio of the gradient norms of the reconstruction and GAN
-losses at the decoder's last layer (or 1 with ``disc_adaptive=False``). After training, the EMA
-parameters reconstruct held-out clips (PSNR and SSIM to TensorBoard and metrics.jsonl as stage
-'vae_eval', an image grid and a GIF in the workdir) and encode training clips for the latent
-statistics (`latent_stats.json`, which the DiT normalises with).
+losses at the decoder's last layer (or 1 with ``disc_adaptive=False``). After training (and every
+config.evals.every steps), the evaluators of config.evals.vae score the EMA parameters (default
+'reconstruction': held-out PSNR / SSIM as stage 'vae_eval' in metrics.jsonl and TensorBoard, an
+image grid and a GIF in the workdir), and training clips are encoded for the latent statistics
+(`workdir.LatentStats`, which the DiT normalises with).
+
+Axis letters (glossary: pixeldance/models/__init__.py): B batch, F frames, H/W pixel height/width,
+T latent frames, h/w latent height/width, C channels.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 
 import jax
@@ -29,16 +30,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pixeldance import train_lib
-from pixeldance.data import buckets, pipeline, synthetic, video_folder, video_io
+from pixeldance import build, train_lib
+from pixeldance import workdir as workdir_lib
+from pixeldance.data import buckets, pipeline, sources
+from pixeldance.evaluators import common as eval_common
+from pixeldance.evaluators import registry as eval_registry
+from pixeldance.evaluators.reconstruction import psnr, to_unit
 from pixeldance.models import vae as vae_lib
-from pixeldance.models import wan_vae
+from pixeldance.sample import VideoVAE
 
-
-MODEL_SPEC = "vae_model.json"
-LATENT_STATS = "latent_stats.json"  # = trainers.dit.LATENT_STATS (not imported: it pulls in the DiT)
-RECON_IMAGE = "vae_recon.png"
-RECON_GIF = "vae_recon.gif"
 
 # Defaults of the config.vae fields added after the first release (as in experiments/base.py), for
 # configs saved in older workdirs.
@@ -58,85 +58,6 @@ OPTIONS = dict(
 def option(stage_config, name: str):
     """config.vae.<name>, or its default from OPTIONS when the config has no such field."""
     return stage_config.get(name, OPTIONS[name])
-
-
-def build_vae(config, workdir: str | None = None) -> vae_lib.CausalVAE | wan_vae.WanVAE:
-    """The VAE of `config`; with `workdir`, the architecture saved there when it was trained
-    (so a changed size table never breaks loading an older checkpoint).
-
-    ``config.vae.family == 'wan'`` (a folder written by `pixeldance.convert.wan_vae`) gives the
-    `WanVAE` of the converted open weights; otherwise a `CausalVAE` (with a discriminator when
-    ``config.vae.disc_weight > 0``).
-    """
-    path = os.path.join(workdir, MODEL_SPEC) if workdir else None
-    spec = None
-    if path and os.path.exists(path):
-        with open(path) as f:
-            spec = {k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()}
-    if config.vae.get("family", "causal") == "wan":
-        if spec is None:
-            raise FileNotFoundError(f"converted Wan VAE without its architecture (missing {path})")
-        return wan_vae.WanVAE(**spec)
-    if spec is not None:
-        return vae_lib.CausalVAE(**spec)
-    disc = tuple(option(config.vae, "disc_channels")) if option(config.vae, "disc_weight") > 0 else ()
-    return vae_lib.vae_from_variant(config.vae.variant, disc_channels=disc)
-
-
-def save_model_spec(model: vae_lib.CausalVAE, workdir: str):
-    spec = {f.name: getattr(model, f.name) for f in dataclasses.fields(vae_lib.CausalVAE)
-            if f.name not in ("parent", "name") and f.name != "dtype"}
-    with open(os.path.join(workdir, MODEL_SPEC), "w") as f:
-        json.dump(spec, f, indent=1)
-
-
-def world_config(config) -> synthetic.WorldConfig:
-    return synthetic.WorldConfig(num_frames=config.data.num_frames, resolution=config.data.resolution,
-                                 num_objects=config.data.num_objects, seed=config.data.world_seed)
-
-
-def to_unit(video_u8):
-    """uint8 [..., 3] in [0, 255] -> float32 in [-1, 1]."""
-    return video_u8.astype(jnp.float32) / 127.5 - 1.0
-
-
-# ---------------------------------------------------------------------------------------------
-# Metrics.
-# ---------------------------------------------------------------------------------------------
-
-def psnr(recon, video):
-    """PSNR in dB of float videos in [-1, 1] (recon clipped), over all given pixels: float32 []."""
-    return -10.0 * jnp.log10(jnp.mean(jnp.square(jnp.clip(recon, -1, 1) - video)) / 4.0)
-
-
-def ssim(recon, video, window: int = 11, sigma: float = 1.5):
-    """SSIM of float frames [..., H, W, 3] in [-1, 1] (recon clipped), per frame: float32 [...].
-
-    Wang et al. 2004 with the usual constants: an 11 x 11 Gaussian window (sigma 1.5, smaller
-    for frames under 11 pixels), valid positions only, the mean over positions and channels.
-    """
-    lead, (h, w, c) = recon.shape[:-3], recon.shape[-3:]
-    a = (jnp.clip(recon, -1, 1).reshape((-1, h, w, c)) + 1.0) / 2.0  # [N, H, W, C] in [0, 1]
-    b = (video.reshape((-1, h, w, c)) + 1.0) / 2.0
-    k = min(window, h, w)
-    k -= 1 - k % 2  # odd
-    g = np.exp(-0.5 * ((np.arange(k) - k // 2) / sigma) ** 2)
-    g = jnp.asarray(g / g.sum(), jnp.float32)
-
-    def blur(x):  # separable depthwise Gaussian, 'VALID'
-        for kernel in (g.reshape(k, 1, 1, 1), g.reshape(1, k, 1, 1)):
-            x = lax.conv_general_dilated(x, jnp.tile(kernel, (1, 1, 1, c)), (1, 1), "VALID",
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                         feature_group_count=c)
-        return x
-
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a ** 2
-    var_b = blur(b * b) - mu_b ** 2
-    cov = blur(a * b) - mu_a * mu_b
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
-    return jnp.mean(s, axis=(1, 2, 3)).reshape(lead)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,108 +197,33 @@ class StepBatches:
 
 
 # ---------------------------------------------------------------------------------------------
-# After training: reconstructions of held-out clips, latent statistics.
+# After training: latent statistics.
 # ---------------------------------------------------------------------------------------------
 
-def _encode_decode_fns(model):
-    encode = jax.jit(lambda p, v: model.apply(p, to_unit(v), method=vae_lib.CausalVAE.encode)[0])
-    decode = jax.jit(lambda p, z: model.apply(p, z, method=vae_lib.CausalVAE.decode))
-    return encode, decode
-
-
-def _batched(items: np.ndarray, size: int):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
-def reconstruct(model, params, videos: np.ndarray, batch_size: int = 8, fns=None) -> dict:
-    """Encode (posterior mean) and decode clips. videos: uint8 [N, F, H, W, 3] with F = 1 + 4k.
-
-    Returns dict(recon uint8 [N, F, H, W, 3], psnr float [N] in dB, ssim float [N]) (per clip).
-    """
-    encode, decode = fns or _encode_decode_fns(model)
-    recons, psnrs, ssims = [], [], []
-    for batch in _batched(videos, batch_size):
-        recon = decode(params, encode(params, batch))
-        target = to_unit(jnp.asarray(batch))
-        mse = jnp.mean(jnp.square(jnp.clip(recon, -1, 1) - target), axis=(1, 2, 3, 4))
-        psnrs.append(np.asarray(-10.0 * jnp.log10(mse / 4.0)))
-        ssims.append(np.asarray(jnp.mean(ssim(recon, target), axis=1)))
-        recons.append(np.asarray(jnp.clip(jnp.round((recon + 1.0) * 127.5), 0, 255)).astype(np.uint8))
-    return dict(recon=np.concatenate(recons), psnr=np.concatenate(psnrs), ssim=np.concatenate(ssims))
-
-
-def recon_image(videos: np.ndarray, recons: np.ndarray, pad: int = 2) -> np.ndarray:
-    """uint8 [N, F, H, W, 3] twice -> one image: per clip a row of its frames above a row of
-    their reconstructions, white padding. uint8 [2N(H+pad), F(W+pad), 3]."""
-    rows = np.stack([videos, recons], axis=1).reshape((-1,) + videos.shape[1:])  # [2N, F, H, W, 3]
-    n, f, h, w, _ = rows.shape
-    out = np.full((n * (h + pad), f * (w + pad), 3), 255, np.uint8)
-    for r in range(n):
-        for c in range(f):
-            out[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = rows[r, c]
-    return out
-
-
-def evaluate_vae(config, model, params, workdir: str, step: int, fns=None) -> dict:
-    """Held-out reconstructions after training: PSNR/SSIM (mean over clips) to metrics.jsonl and
-    TensorBoard (stage 'vae_eval'), the image grid (also in TensorBoard) and a GIF to the workdir."""
-    n = option(config.vae, "eval_videos")
-    if n <= 0:
-        return {}
-    # (a video folder has no held-out part: its 'heldout' clips are other windows of its videos)
-    source = video_folder.make_source(config, "heldout", size=n)
-    videos = np.stack([source[i]["video"] for i in range(n)])
-    out = reconstruct(model, params, videos, fns=fns)
-    scalars = dict(psnr=float(out["psnr"].mean()), ssim=float(out["ssim"].mean()),
-                   psnr_min=float(out["psnr"].min()), num_videos=n)
-    writer = train_lib.MetricWriter(workdir, "vae_eval")
-    writer.truncate_after(step - 1)  # a re-run replaces this step's line
-    writer.write(step, scalars)
-    writer.close()
-    shown = min(n, 4)
-    image = recon_image(videos[:shown], out["recon"][:shown])
-    video_io.write_image(os.path.join(workdir, RECON_IMAGE), image)
-    pairs = np.concatenate([videos[:shown], out["recon"][:shown]], axis=3)  # clip | reconstruction
-    video_io.write_gif(os.path.join(workdir, RECON_GIF), video_io.video_grid(pairs, columns=1), scale=2)
-    if jax.process_index() == 0:
-        from tensorboardX import SummaryWriter
-        with SummaryWriter(os.path.join(workdir, "tensorboard", "vae_eval")) as tb:
-            tb.add_image("vae_eval/reconstructions", image, step, dataformats="HWC")
-    print(f"vae eval (step {step}, {n} held-out clips, EMA): PSNR {scalars['psnr']:.2f} dB, "
-          f"SSIM {scalars['ssim']:.4f}; {os.path.join(workdir, RECON_IMAGE)}")
-    return scalars
-
-
-def latent_statistics(model, params, videos, batch_size: int = 8, fns=None) -> dict:
-    """Per-channel mean and std of the posterior means of `videos` (an iterable of uint8
-    [B, F, H, W, 3] batches, or one array): dict(mean [C], std [C] (>= 1e-3), num_videos)."""
-    encode = (fns or _encode_decode_fns(model))[0]
+def latent_statistics(vae: VideoVAE, batches) -> workdir_lib.LatentStats:
+    """Per-channel mean and std (std >= 1e-3) of the posterior means of `batches` (an iterable of
+    uint8 [B, F, H, W, 3]), accumulated in float64; source 'train_vae' (vae_step left unset)."""
     total, total_sq, count, n = 0.0, 0.0, 0, 0
-    batches = _batched(videos, batch_size) if isinstance(videos, np.ndarray) else videos
     for batch in batches:
-        z = np.asarray(encode(params, batch), np.float64)
+        z = np.asarray(vae.encode(batch), np.float64)
         flat = z.reshape(-1, z.shape[-1])
         total, total_sq = total + flat.sum(0), total_sq + np.square(flat).sum(0)
         count, n = count + len(flat), n + len(batch)
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 0.0))
-    return dict(mean=mean.tolist(), std=np.maximum(std, 1e-3).tolist(), num_videos=n)
+    return workdir_lib.LatentStats.from_moments(mean, std, source="train_vae", num_videos=n)
 
 
-def write_latent_stats(config, model, params, workdir: str, step: int, fns=None) -> dict | None:
-    """`latent_stats.json` from `stats_videos` training clips, stored with the VAE checkpoint
-    (source 'train_vae', vae_step); the cache stage keeps them while that step is the newest."""
+def write_latent_stats(config, vae: VideoVAE, workdir: str, step: int) -> workdir_lib.LatentStats | None:
+    """latent_stats.json from config.vae.stats_videos training clips, tagged with the VAE step
+    (source 'train_vae'); the cache stage keeps them while that step is the newest."""
     n = option(config.vae, "stats_videos")
     if n <= 0:
         return None
-    source = video_folder.make_source(config, "train", size=n)
+    source = sources.make_source(config, "train", size=n)
     batches = (np.stack([source[i]["video"] for i in range(s, min(s + 8, n))]) for s in range(0, n, 8))
-    stats = dict(latent_statistics(model, params, batches, fns=fns), source="train_vae", vae_step=step)
-    tmp = os.path.join(workdir, LATENT_STATS + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(stats, f, indent=1)
-    os.replace(tmp, os.path.join(workdir, LATENT_STATS))
+    stats = dataclasses.replace(latent_statistics(vae, batches), vae_step=step)
+    stats.write(workdir)
     return stats
 
 
@@ -413,7 +259,7 @@ def train_vae(config, workdir: str):
     # i % N), a mixture. With config.data.buckets, batches of one bucket's shape each (jit
     # compiles the step once per shape).
     bucket_spec = config.data.get("buckets", "")
-    source = video_folder.make_source(config, "train", size=1_000_000, mixed_shapes=True)
+    source = sources.make_source(config, "train", size=1_000_000, mixed_shapes=True)
     if bucket_spec:
         batches = buckets.make_bucketed_batches(source, bucket_spec, batch_size=c.batch_size, seed=config.seed,
                                                 transform=crop, num_workers=config.data.num_workers)
@@ -429,55 +275,37 @@ def train_vae(config, workdir: str):
                           disc_start=option(c, "disc_start"), adaptive=option(c, "disc_adaptive"))
     if weights.disc > 0:
         batches = StepBatches(batches)
+    evaluators = eval_registry.make(config.evals.vae, config, "vae")
 
     # Model, optimizer, sharded init or restore. The discriminator (if any) is part of the
-    # parameters and trained by the same optimizer.
-    model = build_vae(config, workdir)
+    # parameters and trained by the same optimizer. The architecture saved in the workdir wins
+    # over the config's, so a changed size table never breaks resuming.
+    model = build.vae(config, workdir_lib.read_model_spec(workdir))
     if weights.disc > 0 and not model.disc_channels:
         raise ValueError(f"config.vae.disc_weight={weights.disc} but the VAE saved in {workdir} has no "
                          f"discriminator; use a new workdir")
-    save_model_spec(model, workdir)
-    dummy = jnp.zeros((1, frames, size, size, 3), jnp.float32)
-    init_fn = lambda rng: model.init(rng, dummy)
+    workdir_lib.write_model_spec(workdir, model)
+    init_fn = build.vae_init_fn(model, frames, size, size)
     tx = train_lib.stage_optimizer(c)
     rng = jax.random.key(config.seed)
     loss_fn = functools.partial(vae_loss, model=model, weights=weights, perceptual=load_perceptual(c))
+    vae = VideoVAE(model, None)  # the EMA weights being evaluated (compiled once for every evaluation)
+
+    def evaluate(state, step: int, out_dir: str | None = None):
+        vae.params = state.ema_params
+        eval_common.run(evaluators, vae, workdir=workdir, step=step, out_dir=out_dir)
+
     state = train_lib.fit(stage="vae", workdir=workdir, mesh=mesh, preset=preset, init_fn=init_fn,
-                          loss_fn=loss_fn, tx=tx, batches=batches, stage_config=c, rng=rng)
+                          loss_fn=loss_fn, tx=tx, batches=batches, stage_config=c, rng=rng,
+                          evaluate=evaluate if evaluators else None, eval_every=config.evals.every)
 
-    # Held-out reconstructions and latent statistics, with the EMA parameters (once per final
-    # step: a re-run of a finished stage leaves them, and the log, as they are).
-    video_folder.log_summary(source, "train_vae")
+    # Evaluation and latent statistics of the final EMA parameters (once per final step: a re-run
+    # of a finished stage leaves them, and the log, as they are).
+    sources.log_summary(source, "train_vae")
     step = int(jax.device_get(state.step))
-    fns = _encode_decode_fns(model)
-    if not _evaluated(workdir, step):
-        evaluate_vae(config, model, state.ema_params, workdir, step, fns=fns)
-    if not _stats_written(workdir, step):
-        write_latent_stats(config, model, state.ema_params, workdir, step, fns=fns)
+    if evaluators and not train_lib.logged(workdir, eval_common.STAGES["vae"], step):
+        evaluate(state, step, out_dir=workdir)
+    if not workdir_lib.LatentStats.from_vae_stage(workdir, step):
+        vae.params = state.ema_params
+        write_latent_stats(config, vae, workdir, step)
     return state
-
-
-def _evaluated(workdir: str, step: int) -> bool:
-    """Whether metrics.jsonl already holds the 'vae_eval' line of this step."""
-    path = os.path.join(workdir, train_lib.METRICS_FILE)
-    if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        for line in f:
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if entry.get("stage") == "vae_eval" and entry.get("step") == step:
-                return True
-    return False
-
-
-def _stats_written(workdir: str, step: int) -> bool:
-    """Whether latent_stats.json holds this VAE step's statistics."""
-    path = os.path.join(workdir, LATENT_STATS)
-    if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        stats = json.load(f)
-    return stats.get("source") == "train_vae" and stats.get("vae_step") == step

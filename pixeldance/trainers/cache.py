@@ -1,13 +1,14 @@
-r"""Encodes training videos once with the frozen VAE into a latent cache the DiT trains from.
+r"""The cache stage: encodes training videos once with the frozen VAE into a latent cache the
+DiT trains from.
 
-    python -m pixeldance.tools.cache_latents --config=experiments/shapes.py --workdir=DIR \
+    python -m pixeldance.trainers.cache --config=experiments/shapes.py --workdir=DIR \
         [--output=DIR/cache]
 
 (the main job's `cache` stage, `--config.mode=cache`, runs the same). Writes ArrayRecord shards
 `<output>/latents-XXXXX-of-YYYYY.array_record` (`config.cache.num_shards`, or 0 for
 ceil(num_videos / config.cache.records_per_shard)) and `<output>/meta.json`; `output` is
 `config.cache.path` or `<workdir>/cache` unless --output names it. Record i is training item i of
-`config.data` (`video_folder.make_source(config, 'train')`): z float32 [T, h, w, C] (the video's
+`config.data` (`sources.make_source(config, 'train')`): z float32 [T, h, w, C] (the video's
 latents), z_last float32 [K, h, w, C] (the last K = config.cond.last_from frames, each encoded
 as an image, latest first), tokens int32 [S] (config.text's tokenizer) and the caption; format
 and layout in `pixeldance/data/latent_cache.py`. meta.json records the shapes and dtypes, the
@@ -40,11 +41,15 @@ shards it finished (in `<output>.partial/`) and writes only the rest; the cache 
 `<output>` by a rename once every shard is written.
 
 Latent statistics. The DiT normalises latents with the per-channel mean and std in
-`<workdir>/latent_stats.json`. The VAE stage writes them with its checkpoint (source
-'train_vae', computed on `config.vae.stats_videos` training clips, tagged with the VAE step);
-this stage keeps them while that step is the newest VAE checkpoint, and otherwise (no file, an
-older VAE, or statistics of another origin) computes them over the cache it writes (source
-'cache': mean and std over every latent of z per channel, std at least 1e-3).
+`<workdir>/latent_stats.json` (`workdir.LatentStats`). The VAE stage writes them with its
+checkpoint (source 'train_vae', computed on `config.vae.stats_videos` training clips, tagged with
+the VAE step); this stage keeps them while that step is the newest VAE checkpoint
+(`LatentStats.from_vae_stage`), and otherwise (no file, an older VAE, or statistics of another
+origin) computes them over the cache it writes (source 'cache': mean and std over every latent
+of z per channel, std at least 1e-3).
+
+Axis letters (glossary: pixeldance/models/__init__.py): B batch, F frames, H/W pixel height/width,
+T latent frames, h/w latent height/width, C channels, S text tokens, J candidate last frames.
 """
 from __future__ import annotations
 
@@ -52,39 +57,19 @@ import json
 import os
 import zlib
 
+import grain
+import jax
 import numpy as np
+from absl import app, flags
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
 from tqdm import tqdm
 
-from pixeldance.data import buckets, latent_cache, video_folder
-
-
-cache_dir = latent_cache.cache_dir  # config.cache.path, or <workdir>/cache
-
-
-def cache_path(workdir: str) -> str:
-    """The default cache folder of a workdir (`<workdir>/cache`)."""
-    return os.path.join(workdir, "cache")
-
-
-def vae_stats_current(workdir: str) -> bool:
-    """True if latent_stats.json was written by the VAE stage for the newest VAE checkpoint."""
-    from pixeldance.trainers import dit as dit_trainer
-    path = os.path.join(workdir, dit_trainer.LATENT_STATS)
-    if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        stats = json.load(f)
-    step = vae_step(workdir)
-    return stats.get("source") == "train_vae" and step is not None and stats.get("vae_step") == step
-
-
-def vae_step(workdir: str) -> int | None:
-    """The newest VAE checkpoint step in `<workdir>/vae` (None: none, e.g. converted weights)."""
-    vae_dir = os.path.join(workdir, "vae")
-    if not os.path.isdir(vae_dir):
-        return None
-    steps = [int(d) for d in os.listdir(vae_dir) if d.isdigit()]
-    return max(steps) if steps else None
+from pixeldance import build, sharding, xla_flags
+from pixeldance import workdir as workdir_lib
+from pixeldance.data import buckets, latent_cache, mixture, sources
+from pixeldance.sample import load_vae
+from pixeldance.trainers.dit import image_source_name
 
 
 def cache_info(config, workdir: str, source) -> dict:
@@ -94,7 +79,7 @@ def cache_info(config, workdir: str, source) -> dict:
     tokenizer = dict(kind=t.get("tokenizer", "words"), max_length=t.max_length)
     if tokenizer["kind"] == "hashed":
         tokenizer["vocab_size"] = t.get("vocab_size", 4096)
-    return dict(vae_step=vae_step(workdir), vae_family=config.vae.get("family", "causal"),
+    return dict(vae_step=workdir_lib.vae_step(workdir), vae_family=config.vae.get("family", "causal"),
                 tokenizer=tokenizer, data=config.data.name, source=repr(source),
                 num_frames=config.data.num_frames, resolution=config.data.resolution,
                 last_from=config.cond.last_from)
@@ -111,7 +96,6 @@ def _video_and_caption(item: dict) -> dict:
 def _video_batches(source, start: int, end: int, batch_size: int, num_workers: int):
     """(videos uint8 [B, F, H, W, 3], captions: B str) for items start..end-1, in order;
     B = batch_size except maybe the last batch."""
-    import grain
     # A few batches read ahead by threads (grain's default would hold up to 500 batches of videos).
     ds = (grain.MapDataset.source(source)[start:end].map(_video_and_caption).batch(batch_size)
           .to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=4)))
@@ -146,19 +130,24 @@ def batch_encoder(vae, tokenizer, source, batch_size: int, last_from: int, num_w
     return encode_range
 
 
-def _write_stats(workdir: str, meta: dict, n: int):
-    _write_moments(workdir, latent_cache.Moments.from_json(meta["latent_moments"]), n)
+def _write_stats(workdir: str, moments, n: int):
+    """latent_stats.json (source 'cache') from per-channel `latent_cache.Moments` of n items' latents."""
+    workdir_lib.LatentStats.from_moments(moments.mean, moments.std, source="cache", num_videos=n).write(workdir)
 
 
-def _write_moments(workdir: str, moments, n: int):
-    """latent_stats.json from per-channel `latent_cache.Moments` of n items' latents."""
-    from pixeldance.trainers import dit as dit_trainer
-    stats = dict(mean=moments.mean.tolist(), std=np.maximum(moments.std, 1e-3).tolist(),
-                 num_videos=n, source="cache")
-    tmp = os.path.join(workdir, dit_trainer.LATENT_STATS + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(stats, f, indent=1)
-    os.replace(tmp, os.path.join(workdir, dit_trainer.LATENT_STATS))
+def _keep_or_write_stats(workdir: str, moments_fn, n: int, kept: bool, what: str):
+    """The cache stage's latent statistics: with a kept cache, written only if missing; with a new
+    one, the VAE stage's are kept while they belong to the newest VAE checkpoint, else written
+    from the cache's moments (moments_fn() -> `latent_cache.Moments`)."""
+    stats_path = os.path.join(workdir, workdir_lib.LATENT_STATS)
+    if kept:
+        if not os.path.exists(stats_path):
+            _write_stats(workdir, moments_fn(), n)
+            print(f"latent cache: wrote {stats_path} from the kept {what}")
+    elif workdir_lib.LatentStats.from_vae_stage(workdir):
+        print(f"latent cache: keeping the VAE stage's {workdir_lib.LATENT_STATS}")
+    else:
+        _write_stats(workdir, moments_fn(), n)
 
 
 def image_source(config, video_source):
@@ -169,14 +158,12 @@ def image_source(config, video_source):
     (one frame) of the videos' height and width: the DiT's image and video batches share one
     latent grid. Errors (a missing folder or captions file, another size) are one line naming
     the path or the config field."""
-    from pixeldance.data import mixture
-    from pixeldance.trainers import dit as dit_trainer
-    name = dit_trainer.image_source_name(config)
+    name = image_source_name(config)
     if not name:
         return None
     cfg = mixture.component_config(config, name)
     try:
-        source = video_folder.make_source(cfg, "train", size=config.cache.get("num_images", 0) or None)
+        source = sources.make_source(cfg, "train", size=config.cache.get("num_images", 0) or None)
     except (ValueError, FileNotFoundError) as e:
         raise type(e)(f"config.train.image_source={name!r}: {e}") from None
     F, H, W = buckets.item_shape(source)
@@ -198,24 +185,18 @@ def cache_latents(config, workdir: str, *, output: str | None = None, last_from:
     frames encoded as images (default config.cond.last_from). When config.train.image_source
     names an image source, also writes (or keeps) the image cache (`image_cache_dir`: records
     z float32 [1, h, w, C], z_last = z, tokens, caption) in the same way."""
-    import jax
-    from pixeldance import sharding
-    from pixeldance.sample import load_vae
-    from pixeldance.trainers import dit as dit_trainer
-
     sharding.initialize_distributed()  # a no-op unless launched as one of several processes
     pid = jax.process_index()
-    path = output or cache_dir(config, workdir)
+    path = output or latent_cache.cache_dir(config, workdir)
     n = config.cache.num_videos
     K = config.cond.last_from if last_from is None else last_from
     shapes = buckets.dit_buckets(config)  # also refuses image batches with buckets
     if shapes:
         return _cache_buckets(config, workdir, path, shapes, K)
-    source = video_folder.make_source(config, "train", size=n)
+    source = sources.make_source(config, "train", size=n)
     # Before any encoding, so a missing image folder stops the stage at once, not after the videos.
     images = image_source(config, source)
-    stats_path = os.path.join(workdir, dit_trainer.LATENT_STATS)
-    tokenizer = dit_trainer.build_tokenizer(config)  # the DiT's, for videos and images alike
+    tokenizer = build.tokenizer(config)  # the DiT's, for videos and images alike
     vaes = []
 
     def vae():  # loaded once, and only if a cache is (re)built
@@ -227,14 +208,8 @@ def cache_latents(config, workdir: str, *, output: str | None = None, last_from:
     info["last_from"] = K
     meta, kept = _write_cache(config, path, source, n, info, vae, tokenizer, noun="videos", stage="cache")
     if pid == 0:
-        if kept:
-            if not os.path.exists(stats_path):
-                _write_stats(workdir, meta, n)
-                print(f"latent cache: wrote {stats_path} from the kept cache")
-        elif vae_stats_current(workdir):
-            print(f"latent cache: keeping the VAE stage's {dit_trainer.LATENT_STATS}")
-        else:
-            _write_stats(workdir, meta, n)
+        _keep_or_write_stats(workdir, lambda: latent_cache.Moments.from_json(meta["latent_moments"]), n, kept,
+                             "cache")
     if images is not None:
         # Images normalise with the videos' statistics (one VAE latent space): none written here.
         image_config, image_src = images
@@ -276,12 +251,9 @@ def _cache_buckets(config, workdir: str, path: str, shapes, K: int) -> str:
     latent statistics over every bucket's latents (one latent space). One-frame buckets (images,
     and clips too short for every video bucket) are cached too: z [1, h, w, C], z_last = z. Returns
     `path`."""
-    import jax
-    from pixeldance.sample import load_vae
-    from pixeldance.trainers import dit as dit_trainer
     pid = jax.process_index()
     n = config.cache.num_videos
-    source = video_folder.make_source(config, "train", size=n, mixed_shapes=True)
+    source = sources.make_source(config, "train", size=n, mixed_shapes=True)
     info = buckets.native_info(source, np.arange(n))
     assignment = buckets.assign(info["frames"], info["height"], info["width"], shapes)
     counts = [int((assignment == b).sum()) for b in range(len(shapes))]
@@ -295,7 +267,7 @@ def _cache_buckets(config, workdir: str, path: str, shapes, K: int) -> str:
                   f"config.train.batch_size={batch}: the DiT never draws them")
     if pid == 0:
         latent_cache.drop_single_cache(path)  # a one-shape cache here is replaced by the buckets
-    tokenizer = dit_trainer.build_tokenizer(config)
+    tokenizer = build.tokenizer(config)
     vaes = []
 
     def vae():  # loaded once, and only if a bucket's cache is (re)built
@@ -317,18 +289,10 @@ def _cache_buckets(config, workdir: str, path: str, shapes, K: int) -> str:
                                   stage=f"cache {buckets.shape_name(shape)}", summary=False)
         moments.merge(latent_cache.Moments.from_json(meta["latent_moments"]))
         all_kept &= kept
-    video_folder.log_summary(source, "cache")
+    sources.log_summary(source, "cache")
     if pid == 0:
         latent_cache.write_bucket_index(path, entries, num_items=n, left_out=left_out)
-        stats_path = os.path.join(workdir, dit_trainer.LATENT_STATS)
-        if all_kept:
-            if not os.path.exists(stats_path):
-                _write_moments(workdir, moments, sum(counts))
-                print(f"latent cache: wrote {stats_path} from the kept caches")
-        elif vae_stats_current(workdir):
-            print(f"latent cache: keeping the VAE stage's {dit_trainer.LATENT_STATS}")
-        else:
-            _write_moments(workdir, moments, sum(counts))
+        _keep_or_write_stats(workdir, lambda: moments, sum(counts), all_kept, "caches")
     return path
 
 
@@ -338,7 +302,6 @@ def _write_cache(config, path: str, source, n: int, info: dict, vae, tokenizer, 
     returns (meta, kept). Kept: a complete cache of n items with the same `info` (VAE step,
     tokenizer, source, shapes). vae() -> the VAE; K = info['last_from'] last frames per record;
     config.cache gives the batch size and shards."""
-    import jax
     pid, nproc = jax.process_index(), jax.process_count()
     meta = latent_cache.read_meta(path)
     if meta is not None and meta["count"] == n and latent_cache.is_complete(path, meta) and \
@@ -364,10 +327,7 @@ def _write_cache(config, path: str, source, n: int, info: dict, vae, tokenizer, 
             bar.update(1)
             yield records
 
-    sync = (lambda name: None)
-    if nproc > 1:
-        from jax.experimental import multihost_utils
-        sync = multihost_utils.sync_global_devices
+    sync = multihost_utils.sync_global_devices if nproc > 1 else (lambda name: None)
     meta = latent_cache.build(path, count=n, num_shards=num_shards, encode_range=encode_range, info=info,
                               process_index=pid, process_count=nproc, sync=sync)
     bar.close()
@@ -375,7 +335,7 @@ def _write_cache(config, path: str, source, n: int, info: dict, vae, tokenizer, 
     print(f"latent cache: wrote {path}: {n} records in {num_shards} shards, "
           f"z {tuple(f['z']['shape'])}, z_last {tuple(f['z_last']['shape'])}")
     if summary:
-        video_folder.log_summary(source, stage)
+        sources.log_summary(source, stage)
     return meta, False
 
 
@@ -384,8 +344,6 @@ def _write_cache(config, path: str, source, n: int, info: dict, vae, tokenizer, 
 # ---------------------------------------------------------------------------------------------
 
 def main(argv):
-    from absl import app
-    from pixeldance import xla_flags
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config, workdir = _CONFIG.value, _WORKDIR.value
@@ -399,8 +357,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
+    # Flags only when run as a program: `pixeldance.main` imports this module and has its own.
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir with the trained VAE (vae/, config.json).")
     _OUTPUT = flags.DEFINE_string("output", "", "Cache folder (default: config.cache.path or WORKDIR/cache).")

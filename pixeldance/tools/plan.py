@@ -1,7 +1,7 @@
 r"""Compile-ahead planning: compile the DiT train step and sampler for a target mesh, without it.
 
-  python -m pixeldance.plan --config=experiments/shapes.py:dit=1.5B --config.plan.num_devices=64
-  python -m pixeldance.plan --config=experiments/shapes.py:dit=1.5B --config.plan.topology=v5p:4x4x4
+  python -m pixeldance.tools.plan --config=experiments/shapes.py:dit=1.5B --config.plan.num_devices=64
+  python -m pixeldance.tools.plan --config=experiments/shapes.py:dit=1.5B --config.plan.topology=v5p:4x4x4
   python -m pixeldance.main --config=... --config.mode=plan --workdir=DIR     (also writes DIR/plan.json)
 
 The target (`config.plan`):
@@ -24,12 +24,11 @@ outputs that do not reuse a donated argument) against the memory size, and model
 from `models.dit.dit_flops_per_sample` (3x the forward for a train step): XLA's own count
 (`cost_analysis`) sees the scanned layer loop once, so it is printed only for reference.
 
-Axis glossary: B batch, T latent frames, h/w latent height/width, C latent channels, S text
-tokens, K candidate last frames, L video tokens.
+Axis letters (glossary: pixeldance/models/__init__.py): B batch, T latent frames, h/w latent
+height/width, C latent channels, S text tokens, J candidate last frames, L video tokens.
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -39,9 +38,16 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app
 from flax import linen as nn
+from ml_collections import config_flags
 
-from pixeldance import sharding
+from pixeldance import build, sharding, train_lib
+from pixeldance import sample as sample_lib
+from pixeldance import workdir as workdir_lib
+from pixeldance.diffusion import guidance as guidance_lib
+from pixeldance.models import dit as dit_lib
+from pixeldance.trainers import dit as dit_trainer
 
 # Memory per chip (HBM) by `device_kind`, for `plan.memory_gib=0` on TPU targets.
 TPU_MEMORY_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v5p": 95, "TPU v6 lite": 32,
@@ -60,7 +66,7 @@ def use_forced_host_devices(num_devices: int):
         raise RuntimeError(
             f"plan.num_devices={num_devices} needs a fresh process: this one already runs JAX on "
             f"{len(have)} {have[0].platform} device(s), and XLA fixes the count when it starts. "
-            f"Run `python -m pixeldance.plan --config=... --config.plan.num_devices={num_devices}`")
+            f"Run `python -m pixeldance.tools.plan --config=... --config.plan.num_devices={num_devices}`")
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", num_devices)
 
@@ -102,18 +108,6 @@ def memory_limit(plan_config, device) -> float | None:
         return None
 
 
-def latent_shape(config) -> tuple[int, int, int, int]:
-    """(T, h, w, C) of the latents of config.data's videos under config.vae's compression."""
-    from pixeldance.trainers import vae as vae_trainer
-    vae = vae_trainer.build_vae(config)
-    F, R = config.data.num_frames, config.data.resolution
-    if (F - 1) % vae.temporal_factor or R % vae.spatial_factor:
-        raise ValueError(f"{F} frames of {R}x{R} do not compress by {vae.temporal_factor}x"
-                         f"{vae.spatial_factor}x{vae.spatial_factor}")
-    h = R // vae.spatial_factor
-    return 1 + (F - 1) // vae.temporal_factor, h, h, vae.latent_channels
-
-
 def shard_bytes(tree, shardings) -> int:
     """Bytes per device of a pytree of abstract arrays under `shardings` (the largest shard)."""
     total = 0
@@ -124,9 +118,8 @@ def shard_bytes(tree, shardings) -> int:
 
 def model_flops(config, latent, batch: int) -> float:
     """Analytic forward FLOPs of the DiT for `batch` samples of latents (T, h, w, C)."""
-    from pixeldance.models import dit as dit_lib
     kw = dit_lib.decode_variant(config.dit.variant)
-    pt, ph, pw = kw.get("patch_size", tuple(config.dit.patch_size))
+    pt, ph, pw = build.dit_patch(config)
     T, h, w, C = latent
     per_sample = dit_lib.dit_flops_per_sample(
         num_tokens=(T // pt) * (h // ph) * (w // pw), text_len=config.text.max_length, width=kw["width"],
@@ -163,22 +156,18 @@ def _xla_flops(compiled) -> float | None:
 
 def plan(config) -> dict:
     """Compiles the train step (and, with plan.sample, the sampler) for config's target; returns
-    the report (bytes per device, FLOPs, fits) as a JSON-able dict."""
-    from pixeldance import train_lib
-    from pixeldance.trainers import dit as dit_trainer
-
+    the report (bytes per device, FLOPs, fits) as a JSON-able dict. Both are the functions a run
+    uses: the DiT trainer's `train_setup` (model, init, AdamW, the PixelDance task's loss) and the
+    Pipeline's `sampler_fn`, with identity latent statistics."""
     p = config.plan
     devices, target = target_devices(p)
     dcn = config.mesh.get("dcn_shape")
     mesh = sharding.make_mesh(tuple(config.mesh.shape), devices, dcn_shape=None if dcn is None else tuple(dcn))
     preset = config.mesh.preset
-    T, h, w, C = latent = latent_shape(config)
-    S, K = config.text.max_length, config.cond.last_from
-    model = dit_trainer.build_model(config, C)
-    init_fn = lambda rng: model.init(  # under eval_shape only: these zeros are never allocated
-        rng, jnp.zeros((1, T, h, w, C)), jnp.zeros((1,)), jnp.zeros((1, T, h, w, C)),
-        jnp.zeros((1, T, h, w, 1)), jnp.zeros((1, S), jnp.int32))
-    tx = train_lib.stage_optimizer(config.train)
+    T, h, w, C = latent = build.data_latent_shape(config)
+    S, J = config.text.max_length, config.cond.last_from
+    stats = workdir_lib.LatentStats(np.zeros(C, np.float32), np.ones(C, np.float32))
+    model, init_fn, tx, loss_fn = dit_trainer.train_setup(config, latent, stats)
     key = jax.eval_shape(lambda: jax.random.key(0))
     report = dict(target=target, num_devices=len(devices), mesh=dict(mesh.shape), preset=preset,
                   variant=config.dit.variant, latent=list(latent), memory_limit=memory_limit(p, devices[0]))
@@ -195,17 +184,17 @@ def plan(config) -> dict:
         ema=shard_bytes(abstract.ema_params, state_sh.ema_params)))
     rep = sharding.replicated_bytes(abstract.params, state_sh.params)
     report["replicated_over_fsdp"] = rep[0] / rep[1]
-    sampler = _sampler_fn(config, model, C) if p.sample else None
+    s = config.sample
+    sampler = sample_lib.sampler_fn(build.task(config), model, steps=s.steps, sampler=s.sampler,
+                                    branches=guidance_lib.num_branches(s.get("image_guidance", 1.0)))
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(preset)):
         # Train step: exactly the trainer's (dit_loss, AdamW, EMA, donated state).
         B = config.train.batch_size
         batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
         batch = dict(z=jax.ShapeDtypeStruct((B, T, h, w, C), jnp.float32, sharding=batch_sh),
-                     z_last=jax.ShapeDtypeStruct((B, K, h, w, C), jnp.float32, sharding=batch_sh),
+                     z_last=jax.ShapeDtypeStruct((B, J, h, w, C), jnp.float32, sharding=batch_sh),
                      tokens=jax.ShapeDtypeStruct((B, S), jnp.int32, sharding=batch_sh))
-        loss_fn = functools.partial(dit_trainer.dit_loss, model=model, cond=config.cond, diffusion=config.diffusion,
-                                    latent_mean=np.zeros(C, np.float32), latent_std=np.ones(C, np.float32))
         step = train_lib.compile_step(train_lib.make_train_step(loss_fn, tx, config.train.ema_decay),
                                       state_sh, batch_sh, mesh)
         t0 = time.time()
@@ -230,20 +219,8 @@ def _placed(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def _sampler_fn(config, model, C: int):
-    """`sample.Pipeline`'s guided sampler (config.sample), without a VAE or weights."""
-    from pixeldance import sample as sample_lib
-    from pixeldance.diffusion import guidance as guidance_lib
-    from pixeldance.trainers import dit as dit_trainer
-    s = config.sample
-    pipe = sample_lib.Pipeline(config, None, model, None, dit_trainer.build_tokenizer(config),
-                               np.zeros(C, np.float32), np.ones(C, np.float32))
-    branches = guidance_lib.num_branches(s.get("image_guidance", 1.0))
-    return functools.partial(pipe._sample_latents, steps=s.steps, sampler=s.sampler, branches=branches)
-
-
 def _plan_sampler(config, fn, params, params_sh, mesh, latent, key, num_devices) -> dict:
-    """Compiles the sampler `fn` (see `_sampler_fn`) on the EMA parameters."""
+    """Compiles the sampler `fn` (`sample.sampler_fn`) on the EMA parameters."""
     s = config.sample
     T, h, w, C = latent
     B, S = s.batch_size, config.text.max_length
@@ -313,7 +290,6 @@ def run(config, workdir: str | None = None) -> dict:
 
 
 def main(argv):
-    from absl import app
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
@@ -327,7 +303,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app
-    from ml_collections import config_flags
+    # Flags only when run as a program: `pixeldance.main` imports this module and has its own.
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
     app.run(main)

@@ -1,0 +1,123 @@
+"""The one config reader for models: config -> VAE, DiT, tokenizer, latent shapes, init inputs.
+
+Every stage, the Pipeline, the planner and the tools build their models here, so a config field
+means the same thing everywhere:
+
+  vae(config, spec)          the CausalVAE of config.vae (or of a saved spec, or the converted
+                             Wan 2.1 VAE when config.vae.family == 'wan')
+  tokenizer(config)          config.text's tokenizer
+  dit(config, C)             text encoder + video DiT for latents of C channels
+  latent_shape(vae, F, H, W) (T, h, w, C) of F frames of H x W pixels, from the VAE's own factors
+  dit_init_fn / vae_init_fn  model.init with example inputs of the right shapes (zeros: only
+                             shapes matter, the parameters do not depend on T, h, w)
+
+Axis letters (glossary: pixeldance/models/__init__.py): F pixel frames, H/W pixel height/width,
+T latent frames, h/w latent height/width, C latent channels, S text tokens.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax.numpy as jnp
+
+from pixeldance.data import synthetic
+from pixeldance.diffusion.task import PixelDanceTask
+from pixeldance.models import dit as dit_lib
+from pixeldance.models import text as text_lib
+from pixeldance.models import vae as vae_lib
+from pixeldance.models import wan_vae
+
+VAE_FAMILIES = ("causal", "wan")
+
+
+def task(config) -> PixelDanceTask:
+    """The PixelDance task of config.diffusion and config.cond."""
+    return PixelDanceTask.from_config(config)
+
+
+def vae(config, spec: dict | None = None) -> vae_lib.CausalVAE | wan_vae.WanVAE:
+    """The VAE of `config`; with `spec` (`workdir.read_model_spec`), the architecture saved when it
+    was trained or converted. config.vae.family 'wan' (a folder of `pixeldance.convert.wan_vae`)
+    needs the spec; 'causal' (default) without one is config.vae.variant of the size table, with
+    a discriminator when config.vae.disc_weight > 0."""
+    family = config.vae.get("family", "causal")
+    if family not in VAE_FAMILIES:
+        raise ValueError(f"unknown config.vae.family {family!r}; expected one of {VAE_FAMILIES}")
+    if family == "wan":
+        if spec is None:
+            raise FileNotFoundError("converted Wan VAE without its architecture (vae_model.json)")
+        return wan_vae.WanVAE(**spec)
+    if spec is not None:
+        return vae_lib.CausalVAE(**spec)
+    disc_weight = config.vae.get("disc_weight", 0.0)
+    disc = tuple(config.vae.get("disc_channels", (32, 64, 128))) if disc_weight > 0 else ()
+    return vae_lib.vae_from_variant(config.vae.variant, disc_channels=disc)
+
+
+def latent_shape(vae_model, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """(T, h, w, C) of a video of F = num_frames frames of H x W pixels under `vae_model`'s
+    compression; ValueError (one line) when they do not compress evenly."""
+    tf, sf = vae_model.temporal_factor, vae_model.spatial_factor
+    if num_frames < 1 or (num_frames - 1) % tf or height % sf or width % sf or min(height, width) < sf:
+        raise ValueError(f"{num_frames} frames of {height}x{width} pixels do not compress by the VAE's "
+                         f"{tf}x{sf}x{sf}: frames must be 1 + {tf}k and height, width multiples of {sf}")
+    return 1 + (num_frames - 1) // tf, height // sf, width // sf, vae_model.latent_channels
+
+
+def data_latent_shape(config) -> tuple[int, int, int, int]:
+    """(T, h, w, C) of config.data's clips under config.vae (no workdir needed)."""
+    R = config.data.resolution
+    return latent_shape(vae(config), config.data.num_frames, R, R)
+
+
+def tokenizer(config):
+    """config.text.tokenizer: 'words' (default; the shapes world's closed vocabulary), or for
+    free-text captions 'hashed' (words hashed into config.text.vocab_size ids) or 'bytes'."""
+    kind = config.text.get("tokenizer", "words")
+    if kind == "hashed":
+        return text_lib.HashedTokenizer(config.text.get("vocab_size", 4096), config.text.max_length)
+    if kind == "bytes":
+        return text_lib.ByteTokenizer(config.text.max_length)
+    if kind != "words":
+        raise ValueError(f"unknown config.text.tokenizer {kind!r}; expected 'words', 'hashed' or 'bytes'")
+    if config.data.name != "shapes":
+        raise ValueError(f"no word tokenizer for dataset {config.data.name!r}: set "
+                         f"config.text.tokenizer='hashed' or 'bytes' for free-text captions")
+    words = ("a", "moves", "and") + synthetic.COLOURS + synthetic.SHAPES + synthetic.DIRECTIONS
+    return text_lib.WordTokenizer(words, config.text.max_length)
+
+
+def dit_patch(config) -> tuple[int, int, int]:
+    """The DiT's (t, h, w) patch: the variant's suffix ('B/2') or config.dit.patch_size."""
+    return tuple(dit_lib.decode_variant(config.dit.variant).get("patch_size", tuple(config.dit.patch_size)))
+
+
+def dit(config, latent_channels: int) -> dit_lib.PixelDanceModel:
+    """Text encoder + video DiT of config.text / config.dit for latents of `latent_channels`."""
+    tok = tokenizer(config)
+    dtype = jnp.dtype(config.dit.dtype)
+    text = text_lib.TextEncoder(vocab_size=tok.vocab_size, max_length=config.text.max_length,
+                                width=config.text.width, num_layers=config.text.num_layers,
+                                num_heads=config.text.num_heads, dtype=dtype)
+    kwargs = dit_lib.decode_variant(config.dit.variant)
+    kwargs.setdefault("patch_size", tuple(config.dit.patch_size))
+    video = dit_lib.VideoDiT(latent_channels=latent_channels, remat=config.dit.remat, dtype=dtype,
+                             attention=config.dit.attention,
+                             context_parallel=config.dit.get("context_parallel", "ulysses"), **kwargs)
+    return dit_lib.PixelDanceModel(text, video)
+
+
+def dit_init_fn(model: dit_lib.PixelDanceModel, latent: tuple[int, int, int, int], text_length: int) -> Callable:
+    """rng -> boxed parameters, from example inputs for latents (T, h, w, C) and S = text_length
+    tokens: x, t, c_image, c_mask, tokens of one example (zeros; under `jax.eval_shape` they are
+    never allocated)."""
+    T, h, w, C = latent
+    example = (jnp.zeros((1, T, h, w, C)), jnp.zeros((1,)), jnp.zeros((1, T, h, w, C)),
+               jnp.zeros((1, T, h, w, 1)), jnp.zeros((1, text_length), jnp.int32))
+    return lambda rng: model.init(rng, *example)
+
+
+def vae_init_fn(model, num_frames: int, height: int, width: int) -> Callable:
+    """rng -> boxed parameters of a VAE, from one float32 video [1, F, H, W, 3] of zeros."""
+    example = jnp.zeros((1, num_frames, height, width, 3), jnp.float32)
+    return lambda rng: model.init(rng, example)
