@@ -30,7 +30,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    # The TPU compiler, for `python -m pixeldance.plan --config.plan.topology=v5p:4x4x4` on any
+    # The TPU compiler, for `python -m pixeldance.tools.plan --config.plan.topology=v5p:4x4x4` on any
     # machine (compiles for a TPU slice without one). The libtpu that jax 0.10.2's own 'tpu'
     # extra pins; on a CPU-only machine JAX then prints TPU start-up errors unless JAX_PLATFORMS=cpu.
     "tpu-plan": ["libtpu==0.0.42.1"],
@@ -41,6 +41,8 @@ EXTRAS = {
         "nbformat==5.11.1",
         "nbclient==0.11.0",
         "ipykernel==7.4.0",
+        # The import layers of ARCHITECTURE.md (.importlinter; tests/test_layers.py).
+        "import-linter==2.17",
         # Parity tests only (tests/test_wan_vae.py: the Wan VAE port against diffusers' model);
         # the library never imports them. The CPU build of torch is enough.
         "torch==2.13.0",
