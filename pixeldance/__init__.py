@@ -6,6 +6,9 @@ Public API for notebooks and scripts:
 """
 __version__ = "0.1.0"
 
+# The loaders import lazily: `import pixeldance.data.synthetic` (or a converter's --help) should
+# not pay for JAX, Flax and every model module that `pixeldance.sample` pulls in.
+
 
 def load_pipeline(workdir: str):
     """See `pixeldance.sample.load_pipeline`."""

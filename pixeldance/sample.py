@@ -29,6 +29,7 @@ from typing import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags, logging
 from flax import linen as nn
 
 from pixeldance import build, sharding, workdir as workdir_lib
@@ -306,7 +307,6 @@ def load_pipeline(workdir: str, *, mesh=None) -> Pipeline:
 
 
 def main(argv):
-    from absl import flags
     FLAGS = flags.FLAGS
     del argv
     try:
@@ -361,7 +361,6 @@ def main(argv):
 
 def define_flags():
     """The command line's flags, on absl's global FLAGS."""
-    from absl import flags
     flags.DEFINE_string("workdir", None, "Workdir of a trained pipeline.", required=True)
     flags.DEFINE_string("prompt", "", "Text instruction.")
     flags.DEFINE_string("prompts", None, "Per-clip text instructions, '|'-separated, one per clip "
@@ -386,7 +385,6 @@ def define_flags():
 
 
 def run():
-    from absl import app, logging
     logging.set_verbosity(logging.WARNING)  # keep Orbax's INFO lines out of the one-line errors
     define_flags()
     app.run(main)

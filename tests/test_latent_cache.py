@@ -305,14 +305,14 @@ def test_cache_stage_keeps_rebuilds_and_resumes(fake_workdir, capsys):
 
 
 def test_cli_writes_the_main_jobs_cache(runlocal_workdir, tmp_path, python_runner):
-    """`python -m pixeldance.trainers.cache` on the main job's workdir, to another folder:
-    the same records as the main job's cache stage."""
+    """The cache stage alone (`--config.mode=cache`) on the main job's workdir, to another folder
+    (config.cache.path): the same records as the main job's cache stage."""
     workdir, out = str(tmp_path / "work"), str(tmp_path / "cache2")
     shutil.copytree(runlocal_workdir, workdir, ignore=shutil.ignore_patterns("dit", "samples", "tensorboard"))
     with open(os.path.join(workdir, "latent_stats.json")) as f:
         stats = f.read()
-    proc = python_runner("-m", "pixeldance.trainers.cache", f"--config={RUNLOCAL}",
-                         f"--workdir={workdir}", f"--output={out}", "--config.cache.num_shards=2")
+    proc = python_runner("-m", "pixeldance.main", f"--config={RUNLOCAL}", f"--workdir={workdir}",
+                         "--config.mode=cache", f"--config.cache.path={out}", "--config.cache.num_shards=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "in 2 shards" in proc.stdout
     with open(os.path.join(workdir, "latent_stats.json")) as f:

@@ -14,7 +14,7 @@ Record format (no pickle): a little-endian uint32 header length L, L bytes of UT
 `{"caption": str, "arrays": [[name, dtype, shape, offset], ...]}`, then the arrays' raw
 C-order bytes at their offsets (relative to the end of the header). A cache record holds
   z       float32 [T, h, w, C]  the video's latents (posterior means, unnormalised)
-  z_last  float32 [K, h, w, C]  the last K frames, each encoded as an image, latest first
+  z_last  float32 [J, h, w, C]  the last J frames, each encoded as an image, latest first
   tokens  int32 [S]             the tokenised caption
   caption str
 
@@ -27,7 +27,7 @@ shard is encoded twice; process 0 prepares the partial folder and publishes the 
 barrier (`sync`) between the steps. The output folder must be on storage all processes share.
 
 An image cache (`image_cache_dir`, `<workdir>/cache_images`: images of config.train.image_source
-for the DiT's image batches) has the same format, with T = K = 1: z float32 [1, h, w, C] and
+for the DiT's image batches) has the same format, with T = J = 1: z float32 [1, h, w, C] and
 z_last the same single latent frame.
 
 A bucketed cache (config.data.buckets, see `pixeldance.trainers.cache`) is a folder of such
@@ -35,7 +35,7 @@ caches, one per bucket that holds items, `<path>/bucket-FxHxW/` (each built and 
 so each is atomic and resumable), and an index `<path>/buckets.json` written last: the buckets
 in config order with their record counts (`write_bucket_index`, `open_bucket_caches`). Record i
 of bucket b's cache is the i-th source item assigned to b, read at b's shape: z float32
-[1 + (F - 1) / 4, H / 8, W / 8, C] for the causal VAE, z_last [min(K, F), ...] (one-frame buckets:
+[1 + (F - 1) / 4, H / 8, W / 8, C] for the causal VAE, z_last [min(J, F), ...] (one-frame buckets:
 z_last = z).
 
 Reading: `LatentCacheSource(path)`, a grain random-access source over the shards via
@@ -419,7 +419,7 @@ class LatentCacheSource:
     """Random access over a latent cache folder written by `build` (`pixeldance.trainers.cache`).
 
     Each element: z float32 [T, h, w, C] (the video's latents, unnormalised), z_last float32
-    [K, h, w, C] (the last K frames each encoded as an image, latest first), tokens int32 [S];
+    [J, h, w, C] (the last J frames each encoded as an image, latest first), tokens int32 [S];
     with captions=True also caption (str). A missing, incomplete or corrupt cache raises
     CacheError (a ValueError) with one line naming the path.
     """
@@ -480,7 +480,7 @@ class LatentCacheSource:
         return f"LatentCacheSource(n={len(self)}, z={self._shapes['z']})"
 
     def read_all(self) -> dict[str, np.ndarray]:
-        """Every record stacked: z [N, T, h, w, C], z_last [N, K, h, w, C], tokens [N, S], captions
+        """Every record stacked: z [N, T, h, w, C], z_last [N, J, h, w, C], tokens [N, S], captions
         (str array [N]). For tests and small caches."""
         recs = [decode_record(self._data[i]) for i in range(len(self))]
         out = {k: np.stack([r[k] for r in recs]) for k in FIELDS}
@@ -506,7 +506,7 @@ def _one_line(e: BaseException) -> str:
 
 def write_arrays(output: str, z: np.ndarray, z_last: np.ndarray, tokens: np.ndarray,
                  captions: Sequence[str], *, num_shards: int = 1, info: dict | None = None) -> dict:
-    """A cache from arrays already in memory (z [N, T, h, w, C], z_last [N, K, h, w, C], tokens
+    """A cache from arrays already in memory (z [N, T, h, w, C], z_last [N, J, h, w, C], tokens
     [N, S], N captions), one process. For tests and converters."""
     def encode_range(start, end):
         yield [dict(z=z[i], z_last=z_last[i], tokens=tokens[i], caption=captions[i]) for i in range(start, end)]

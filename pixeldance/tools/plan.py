@@ -40,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app
 from flax import linen as nn
+from jax._src import xla_bridge  # backends_are_initialized: the one check JAX offers for this
+from jax.experimental import topologies
 from ml_collections import config_flags
 
 from pixeldance import build, sharding, train_lib
@@ -58,7 +60,6 @@ GIB = 2 ** 30
 def use_forced_host_devices(num_devices: int):
     """Makes this process's JAX backend `num_devices` CPU devices. Call before anything touches
     a device; an error (not a silent wrong plan) if the backend already runs with another count."""
-    from jax._src import xla_bridge  # backends_are_initialized: the one check JAX offers for this
     if xla_bridge.backends_are_initialized():
         have = jax.devices()
         if have[0].platform == "cpu" and len(have) == num_devices:
@@ -74,8 +75,6 @@ def use_forced_host_devices(num_devices: int):
 def target_devices(plan_config) -> tuple[list, str]:
     """(devices to compile for, a description). See the module docstring for the three targets."""
     if plan_config.topology:
-        from jax.experimental import topologies
-        from jax._src import xla_bridge
         try:
             import libtpu  # noqa: F401  (the TPU compiler; only its presence is checked here)
         except ImportError:

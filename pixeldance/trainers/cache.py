@@ -1,15 +1,15 @@
 r"""The cache stage: encodes training videos once with the frozen VAE into a latent cache the
 DiT trains from.
 
-    python -m pixeldance.trainers.cache --config=experiments/shapes.py --workdir=DIR \
-        [--output=DIR/cache]
+    python -m pixeldance.main --config=experiments/shapes.py --workdir=DIR --config.mode=cache \
+        [--config.cache.path=DIR/cache]
 
-(the main job's `cache` stage, `--config.mode=cache`, runs the same). Writes ArrayRecord shards
+(the main job's `cache` stage). Writes ArrayRecord shards
 `<output>/latents-XXXXX-of-YYYYY.array_record` (`config.cache.num_shards`, or 0 for
 ceil(num_videos / config.cache.records_per_shard)) and `<output>/meta.json`; `output` is
-`config.cache.path` or `<workdir>/cache` unless --output names it. Record i is training item i of
+`config.cache.path` or `<workdir>/cache`. Record i is training item i of
 `config.data` (`sources.make_source(config, 'train')`): z float32 [T, h, w, C] (the video's
-latents), z_last float32 [K, h, w, C] (the last K = config.cond.last_from frames, each encoded
+latents), z_last float32 [J, h, w, C] (the last J = config.cond.last_from frames, each encoded
 as an image, latest first), tokens int32 [S] (config.text's tokenizer) and the caption; format
 and layout in `pixeldance/data/latent_cache.py`. meta.json records the shapes and dtypes, the
 count, the VAE step the latents came from, the tokenizer and the source.
@@ -60,12 +60,10 @@ import zlib
 import grain
 import jax
 import numpy as np
-from absl import app, flags
 from jax.experimental import multihost_utils
-from ml_collections import config_flags
 from tqdm import tqdm
 
-from pixeldance import build, sharding, xla_flags
+from pixeldance import build, sharding
 from pixeldance import workdir as workdir_lib
 from pixeldance.data import buckets, latent_cache, mixture, sources
 from pixeldance.sample import load_vae
@@ -108,10 +106,10 @@ def _video_batches(source, start: int, end: int, batch_size: int, num_workers: i
 def batch_encoder(vae, tokenizer, source, batch_size: int, last_from: int, num_workers: int = 0):
     """encode_range(start, end) for `latent_cache.build`: for source items start..end-1, in
     batches of `batch_size`, lists of records dict(z float32 [T, h, w, C], z_last float32
-    [K, h, w, C], tokens int32 [S], caption str); for one-frame items (images) z_last = z
+    [J, h, w, C], tokens int32 [S], caption str); for one-frame items (images) z_last = z
     [1, h, w, C]. vae.encode: uint8 [B, F, H, W, 3] -> float32
     [B, T, h, w, C]; tokenizer: B strings -> int32 [B, S]."""
-    K = last_from
+    J = last_from
 
     def encode_range(start: int, end: int):
         for videos, captions in _video_batches(source, start, end, batch_size, num_workers):
@@ -121,10 +119,10 @@ def batch_encoder(vae, tokenizer, source, batch_size: int, last_from: int, num_w
             z = vae.encode(videos)[:B]  # [B, T, h, w, C]
             if videos.shape[1] == 1:  # images: the frame is its own last frame, already encoded
                 z_last = z
-            else:  # the last K frames as images, as PixelDance's last-frame instruction
-                lasts = videos[:, ::-1][:, :K]  # [batch_size, K, H, W, 3], latest first
+            else:  # the last J frames as images, as PixelDance's last-frame instruction
+                lasts = videos[:, ::-1][:, :J]  # [batch_size, J, H, W, 3], latest first
                 z_last = vae.encode(np.ascontiguousarray(lasts).reshape(-1, 1, *lasts.shape[2:]))[:, 0]
-                z_last = z_last.reshape(batch_size, K, *z_last.shape[1:])[:B]
+                z_last = z_last.reshape(batch_size, J, *z_last.shape[1:])[:B]
             tokens = tokenizer(captions)
             yield [dict(z=z[i], z_last=z_last[i], tokens=tokens[i], caption=captions[i]) for i in range(B)]
     return encode_range
@@ -178,21 +176,20 @@ def image_source(config, video_source):
     return cfg, source
 
 
-def cache_latents(config, workdir: str, *, output: str | None = None, last_from: int | None = None) -> str:
-    """Writes (or keeps) the latent cache of `config` for the VAE in `workdir`; returns its folder.
-
-    output: the cache folder (default `cache_dir(config, workdir)`). last_from: K, the last
-    frames encoded as images (default config.cond.last_from). When config.train.image_source
+def cache_latents(config, workdir: str) -> str:
+    """Writes (or keeps) the latent cache of `config` for the VAE in `workdir`; returns its folder
+    (config.cache.path, default <workdir>/cache). J = config.cond.last_from last frames
+    are encoded as images. When config.train.image_source
     names an image source, also writes (or keeps) the image cache (`image_cache_dir`: records
     z float32 [1, h, w, C], z_last = z, tokens, caption) in the same way."""
     sharding.initialize_distributed()  # a no-op unless launched as one of several processes
     pid = jax.process_index()
-    path = output or latent_cache.cache_dir(config, workdir)
+    path = latent_cache.cache_dir(config, workdir)
     n = config.cache.num_videos
-    K = config.cond.last_from if last_from is None else last_from
+    J = config.cond.last_from
     shapes = buckets.dit_buckets(config)  # also refuses image batches with buckets
     if shapes:
-        return _cache_buckets(config, workdir, path, shapes, K)
+        return _cache_buckets(config, workdir, path, shapes, J)
     source = sources.make_source(config, "train", size=n)
     # Before any encoding, so a missing image folder stops the stage at once, not after the videos.
     images = image_source(config, source)
@@ -205,7 +202,7 @@ def cache_latents(config, workdir: str, *, output: str | None = None, last_from:
         return vaes[0]
 
     info = cache_info(config, workdir, source)
-    info["last_from"] = K
+    info["last_from"] = J
     meta, kept = _write_cache(config, path, source, n, info, vae, tokenizer, noun="videos", stage="cache")
     if pid == 0:
         _keep_or_write_stats(workdir, lambda: latent_cache.Moments.from_json(meta["latent_moments"]), n, kept,
@@ -242,7 +239,7 @@ class BucketItems:
                 f"n={len(self)}, indices={digest:08x})")
 
 
-def _cache_buckets(config, workdir: str, path: str, shapes, K: int) -> str:
+def _cache_buckets(config, workdir: str, path: str, shapes, J: int) -> str:
     """The bucketed cache stage (config.data.buckets): items 0..num_videos-1 of the training
     source (a mixture keeps all its components: videos and images), each assigned to a bucket
     (`buckets.assign`; items that fit none are left out) and encoded at its bucket's shape into
@@ -283,8 +280,8 @@ def _cache_buckets(config, workdir: str, path: str, shapes, K: int) -> str:
             continue
         items = BucketItems(source, np.flatnonzero(assignment == b), shape)
         F, H, W = shape
-        K_b = 1 if F == 1 else min(K, F)  # an image is its own last frame
-        b_info = dict(cache_info(config, workdir, items), num_frames=F, resolution=[H, W], last_from=K_b)
+        J_b = 1 if F == 1 else min(J, F)  # an image is its own last frame
+        b_info = dict(cache_info(config, workdir, items), num_frames=F, resolution=[H, W], last_from=J_b)
         meta, kept = _write_cache(config, out, items, len(items), b_info, vae, tokenizer, noun="items",
                                   stage=f"cache {buckets.shape_name(shape)}", summary=False)
         moments.merge(latent_cache.Moments.from_json(meta["latent_moments"]))
@@ -300,7 +297,7 @@ def _write_cache(config, path: str, source, n: int, info: dict, vae, tokenizer, 
                  summary: bool = True):
     """Writes (or keeps) the cache of items 0..n-1 of `source` in `path` with `latent_cache.build`;
     returns (meta, kept). Kept: a complete cache of n items with the same `info` (VAE step,
-    tokenizer, source, shapes). vae() -> the VAE; K = info['last_from'] last frames per record;
+    tokenizer, source, shapes). vae() -> the VAE; J = info['last_from'] last frames per record;
     config.cache gives the batch size and shards."""
     pid, nproc = jax.process_index(), jax.process_count()
     meta = latent_cache.read_meta(path)
@@ -337,28 +334,3 @@ def _write_cache(config, path: str, source, n: int, info: dict, vae, tokenizer, 
     if summary:
         sources.log_summary(source, stage)
     return meta, False
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line.
-# ---------------------------------------------------------------------------------------------
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config, workdir = _CONFIG.value, _WORKDIR.value
-    if config is None or not workdir:
-        raise app.UsageError("--config and --workdir are required")
-    if not os.path.isdir(workdir):
-        raise app.UsageError(f"workdir not found: {workdir} (it must hold a trained VAE)")
-    if config.get("xla_fast_compile"):
-        xla_flags.enable_fast_compile()
-    cache_latents(config, workdir, output=_OUTPUT.value or None)
-
-
-if __name__ == "__main__":
-    # Flags only when run as a program: `pixeldance.main` imports this module and has its own.
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-    _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir with the trained VAE (vae/, config.json).")
-    _OUTPUT = flags.DEFINE_string("output", "", "Cache folder (default: config.cache.path or WORKDIR/cache).")
-    app.run(main)
