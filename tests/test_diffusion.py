@@ -295,6 +295,51 @@ def test_tau_zero_equals_sampling_without_the_last_frame(sampler):
     np.testing.assert_allclose(without, 0.0, atol=1e-6)  # the model's x0 without a last frame
 
 
+class _LastFrameSeen:
+    """A stand-in DiT that records, per model call, whether its instructions carry a last frame."""
+
+    def __init__(self):
+        self.seen = []
+
+    def apply(self, params, x, t, c_image, c_mask, tokens):
+        jax.debug.callback(lambda m: self.seen.append(bool(np.asarray(m).max() > 0)), c_mask[:, -1])
+        return jnp.zeros_like(x)
+
+
+@pytest.mark.parametrize("sampler, tau", [("euler", 3), ("heun", 2), ("euler", 0)])
+def test_tau_is_the_number_of_steps_that_see_the_last_frame(sampler, tau):
+    """Steps 0 .. tau - 1 see the last frame, the rest do not (Heun: both calls of a step)."""
+    config = configs.load_config("experiments/base.py:runlocal")
+    task = _task(config, **{"cond.first_frame": "concat"})
+    B, T, h, C, L, steps = 1, 3, 2, 4, config.text.max_length, 6
+    model = _LastFrameSeen()
+    z, yes = jnp.ones((B, h, h, C)), jnp.ones((B,), bool)
+    jax.jit(task.guided_sample, static_argnums=0, static_argnames=("steps", "sampler", "branches"))(
+        model, None, jnp.zeros((B, T, h, h, C)), z, z, yes, yes, jnp.zeros((B, L), jnp.int32), jax.random.key(0),
+        jnp.float32(1.0), jnp.float32(1.0), jnp.int32(tau), steps=steps, sampler=sampler, branches=2)
+    jax.effects_barrier()
+    calls = 2 if sampler == "heun" else 1
+    assert model.seen == [True] * (tau * calls) + [False] * ((steps - tau) * calls)
+
+
+@pytest.mark.parametrize("first_frame", ["replace", "concat"])
+def test_guided_sample_replaces_the_first_latent(first_frame):
+    """With first_frame='replace' the sampled first latent frame is the clean instruction where one
+    is given (and the sampler's own where not); 'concat' leaves it to the model."""
+    config = configs.load_config("experiments/base.py:runlocal")
+    task = _task(config, **{"cond.first_frame": first_frame})
+    B, T, h, C, L = 2, 3, 2, 4, config.text.max_length
+    z_first = _normal(5, (B, h, h, C))
+    has_first = jnp.array([True, False])
+    x = jax.jit(task.guided_sample, static_argnums=0, static_argnames=("steps", "sampler", "branches"))(
+        _BranchModel(), None, _normal(6, (B, T, h, h, C)), z_first, z_first, has_first, jnp.zeros((B,), bool),
+        jnp.zeros((B, L), jnp.int32), jax.random.key(0), jnp.float32(2.0), jnp.float32(1.0), jnp.int32(0),
+        steps=4, sampler="euler", branches=2)
+    replaced = np.allclose(x[0, 0], z_first[0], atol=1e-6)
+    assert replaced == (first_frame == "replace")
+    assert not np.allclose(x[1, 0], z_first[1], atol=1e-2)  # no instruction: nothing put in
+
+
 class _GaussianModel:
     """The exact network for x0 ~ N(mu, s^2) under each objective."""
 
