@@ -236,7 +236,7 @@ def test_chunked_equals_whole(wino, monkeypatch):
 
 
 def test_bad_shapes_raise():
-    model = wan_vae.WanVAE(**convert.model_spec(convert.model_from_diffusers_config(SMALL)))
+    model = wan_vae.WanVAE(**workdir_lib.model_spec(convert.model_from_diffusers_config(SMALL)))
     params = convert.abstract_params(model)
     with pytest.raises(ValueError, match=r"F=6 frames"):
         jax.eval_shape(lambda p: model.apply(p, jnp.zeros((1, 6, 32, 32, 3)), method=model.encode), params)

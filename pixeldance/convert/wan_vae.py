@@ -10,7 +10,9 @@ beside it, else Wan 2.1's). Only safetensors are read, never pickle. DIR (new or
   vae_model.json     the `WanVAE` fields
   vae/0/             Orbax checkpoint of the parameters ({'params': ...}, float32)
   latent_stats.json  diffusers' per-channel latents_mean / latents_std, the normalisation the DiT
-                     trains with (`trainers.dit.load_latent_stats`)
+                     trains with (`workdir.LatentStats`)
+
+The file names are the workdir's (`pixeldance/workdir.py`), so the folder loads like a workdir.
 
 Every tensor of the file must map onto a parameter of the model and every parameter must be in
 the file, with the right shape; otherwise a one-line error names the first offender.
@@ -24,15 +26,17 @@ import sys
 
 import jax
 import numpy as np
+from absl import app, flags, logging
 from flax import traverse_util
+from safetensors import safe_open
 
-from pixeldance import train_lib
+from pixeldance import build, sharding, train_lib
+from pixeldance import workdir as workdir_lib
+from pixeldance.checkpoint import Checkpointer
 from pixeldance.models import wan_vae
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-CONFIG = "config.json"
-MODEL_SPEC = "vae_model.json"  # = trainers.vae.MODEL_SPEC (not imported: it pulls in the data stack)
-LATENT_STATS = "latent_stats.json"  # = trainers.dit.LATENT_STATS
+DIFFUSERS_CONFIG = "config.json"  # the architecture, beside the weights in a diffusers folder
 STEP = 0
 
 # Where a name of ours differs from diffusers' (besides `name_3` -> `name.3`).
@@ -49,7 +53,6 @@ class ConversionError(ValueError):
 
 def read_input(path: str) -> tuple[dict[str, np.ndarray], dict]:
     """(tensors as float32 numpy arrays by diffusers name, diffusers config or {}) of PATH."""
-    from safetensors import safe_open
     if os.path.isdir(path):
         weights = os.path.join(path, WEIGHTS)
         if not os.path.exists(weights):
@@ -62,7 +65,7 @@ def read_input(path: str) -> tuple[dict[str, np.ndarray], dict]:
         raise ConversionError(f"input {weights} is not a .safetensors file (pickled checkpoints are "
                               f"not read; use the diffusers release)")
     config = {}
-    config_path = os.path.join(os.path.dirname(weights), CONFIG)
+    config_path = os.path.join(os.path.dirname(weights), DIFFUSERS_CONFIG)
     if os.path.exists(config_path):
         with open(config_path) as f:
             config = json.load(f)
@@ -95,11 +98,6 @@ def model_from_diffusers_config(config: dict) -> wan_vae.WanVAE:
         if theirs in config:
             spec[ours] = tuple(config[theirs]) if isinstance(config[theirs], list) else config[theirs]
     return wan_vae.WanVAE(**spec)
-
-
-def model_spec(model: wan_vae.WanVAE) -> dict:
-    """The constructor fields of `model` as JSON values (dtype left out: it is a run-time choice)."""
-    return {k: getattr(model, k) for k in wan_vae.WAN21}
 
 
 def diffusers_name(path: tuple[str, ...]) -> str:
@@ -163,24 +161,16 @@ def convert_params(tensors: dict[str, np.ndarray], model: wan_vae.WanVAE) -> dic
 
 def save_params(directory: str, params: dict):
     """Writes {'params': ...} as the Orbax checkpoint `directory`/vae/0."""
-    from pixeldance.checkpoint import Checkpointer
-    ckpt = Checkpointer(os.path.join(directory, "vae"), keep=1, use_async=False)
+    ckpt = Checkpointer(os.path.join(directory, workdir_lib.VAE_DIR), keep=1, use_async=False)
     ckpt.save(STEP, jax.tree.map(np.asarray, params), force=True)
     ckpt.close()
 
 
-def load_params(directory: str, model: wan_vae.WanVAE) -> dict:
-    """{'params': ...} of a converted checkpoint, on the default device."""
-    from pixeldance.checkpoint import Checkpointer, abstract_like
-    vae_dir = os.path.join(directory, "vae")
-    if not os.path.isdir(vae_dir):
-        raise FileNotFoundError(f"no checkpoint in {vae_dir}")
-    ckpt = Checkpointer(vae_dir, use_async=False)
-    abstract = abstract_params(model)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    params, _ = ckpt.restore(abstract_like(abstract, jax.tree.map(lambda _: device, abstract)))
-    ckpt.close()
-    return params
+def load_params(directory: str, model: wan_vae.WanVAE, mesh=None) -> dict:
+    """{'params': ...} of a converted folder, on `mesh` (default: this process's first device)."""
+    mesh = sharding.make_mesh((1, 1, 1, 1), jax.devices()[:1]) if mesh is None else mesh
+    init_fn = build.vae_init_fn(model, 1, model.spatial_factor, model.spatial_factor)
+    return workdir_lib.load_params(os.path.join(directory, workdir_lib.VAE_DIR), init_fn, mesh)
 
 
 def convert(input_path: str, output_dir: str) -> wan_vae.WanVAE:
@@ -198,19 +188,17 @@ def convert(input_path: str, output_dir: str) -> wan_vae.WanVAE:
 
     os.makedirs(output_dir, exist_ok=True)
     save_params(output_dir, params)
-    with open(os.path.join(output_dir, MODEL_SPEC), "w") as f:
-        json.dump(model_spec(model), f, indent=1)
+    workdir_lib.write_model_spec(output_dir, model)
     if stats["mean"] and stats["std"]:
-        with open(os.path.join(output_dir, LATENT_STATS), "w") as f:
-            json.dump(dict(stats, source=f"latents_mean/latents_std of {os.path.abspath(input_path)}"), f, indent=1)
+        workdir_lib.LatentStats(np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32),
+                                source=f"latents_mean/latents_std of {os.path.abspath(input_path)}").write(output_dir)
     # Written last: a folder with config.json is a complete conversion.
-    with open(os.path.join(output_dir, CONFIG), "w") as f:
+    with open(os.path.join(output_dir, workdir_lib.CONFIG), "w") as f:
         json.dump({"vae": {"family": "wan", "source": os.path.abspath(input_path)}}, f, indent=1)
     return model
 
 
 def main(argv):
-    from absl import flags
     del argv
     FLAGS = flags.FLAGS
     try:
@@ -224,7 +212,6 @@ def main(argv):
 
 
 def run():
-    from absl import app, flags, logging
     logging.set_verbosity(logging.WARNING)  # keep Orbax's INFO lines out of the output
     flags.DEFINE_string("input", None, "diffusers AutoencoderKLWan folder or .safetensors file.", required=True)
     flags.DEFINE_string("output", None, "New (or empty) output folder.", required=True)
