@@ -16,10 +16,11 @@ Prints a Markdown table (held-out combinations, except consistency and the PSNRs
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
-import argparse
+from pixeldance.evaluators import samples
 
 # The paper's ablation on UCF-101 (FID, FVD; lower is better), by our experiment names.
 PAPER_TABLE3 = {
@@ -62,7 +63,7 @@ def parse_rows(spec: str) -> list[tuple[str, str]]:
 
 
 def load_report(workdir: str) -> dict:
-    path = os.path.join(workdir, "faithfulness.json")
+    path = os.path.join(workdir, samples.REPORT)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist: run the sample stage of that workdir first "
                                 f"(--config.mode=sample)")

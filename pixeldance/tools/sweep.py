@@ -21,6 +21,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from pixeldance import workdir as workdir_lib
 from pixeldance.evaluators import samples
 from pixeldance.sample import load_pipeline
 
@@ -80,8 +81,8 @@ def main(argv):
     del argv
     flags_ = flags.FLAGS
     config, workdir = flags_.config, flags_.workdir
-    if not os.path.exists(os.path.join(workdir, "config.json")):
-        raise app.UsageError(f"--workdir {workdir} holds no trained run (no config.json)")
+    if not os.path.exists(os.path.join(workdir, workdir_lib.CONFIG)):
+        raise app.UsageError(f"--workdir {workdir} holds no trained run (no {workdir_lib.CONFIG})")
     run_sweep(config, workdir, flags_.output)
 
 
