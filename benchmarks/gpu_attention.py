@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pixeldance.models import attention
+from pixeldance.models import attention, attention_kernels
 
 # Video self-attention at the flagship's token counts (256^2 x 17 frames -> 1,280 tokens, 5 x
 # 512^2 -> 5,120, 31 x 64 x 64 / 4 -> 7,936 per context shard of the long config), and the
@@ -71,7 +71,7 @@ def measure(B, L, N, K, M=None, iters=10, timing=True) -> dict:
 
     (_, ref_out), ref_grads = fwd_bwd("xla", jnp.float32)(q, k, v)
     row = dict(benchmark="gpu_attention", shape=dict(B=B, L=L, M=M, N=N, K=K), masked=key_mask is not None,
-               picked=attention.pick_implementation(q.shape, k.shape, jnp.bfloat16))
+               picked=attention_kernels.pick_implementation(q.shape, k.shape, jnp.bfloat16))
     for impl in ("cudnn", "xla"):
         try:
             (_, out), grads = fwd_bwd(impl, jnp.bfloat16)(q, k, v)

@@ -29,12 +29,13 @@ def _setup(variant: str, size: int, latents: int):
     import jax.numpy as jnp
     from flax import linen as nn
     from pixeldance.models import vae as vae_lib
+    from pixeldance.models import vae_inference
     model = vae_lib.vae_from_variant(variant)
     s = model.spatial_factor
     params = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 1, size, size, 3))))
     z = jax.ShapeDtypeStruct((1, latents, size // s, size // s, model.latent_channels), jnp.float32)
     fns = dict(whole=lambda p, z: model.apply(p, z, method=model.decode),
-               chunked=lambda p, z: vae_lib.decode_chunked(model, p, z))
+               chunked=lambda p, z: vae_inference.decode_chunked(model, p, z))
     return model, params, z, fns
 
 

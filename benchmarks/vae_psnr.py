@@ -97,10 +97,10 @@ def main():
               f"(SSIM {row['synthetic_heldout']['ssim']:.4f}), real {row['real']['psnr']:.2f} dB "
               f"(SSIM {row['real']['ssim']:.4f})", flush=True)
     # Chunked and tiled decoding on the newest checkpoint, against one-pass decoding.
-    from pixeldance.models import vae as vae_lib
+    from pixeldance.models import vae_inference
     z = jnp.concatenate([vae.encode(heldout[i:i + 8]) for i in range(0, len(heldout), 8)])
-    chunked = jax.jit(lambda p, z: vae_lib.decode_chunked(model, p, z))
-    tiled = jax.jit(lambda p, z: vae_lib.decode_tiled(model, p, z, tile=args.tile, overlap=args.overlap))
+    chunked = jax.jit(lambda p, z: vae_inference.decode_chunked(model, p, z))
+    tiled = jax.jit(lambda p, z: vae_inference.decode_tiled(model, p, z, tile=args.tile, overlap=args.overlap))
     psnr = lambda a, b: float(np.mean([reconstruction.psnr(a[i:i + 1], b[i:i + 1]) for i in range(len(a))]))
     whole_out, chunk_out, tile_out = [], [], []
     for i in range(0, len(z), 8):

@@ -246,7 +246,7 @@ class Ours:
         from flax import linen as nn
 
         from pixeldance import train_lib
-        from pixeldance.models import attention as attn_lib
+        from pixeldance.models import attention_kernels
         from pixeldance.models import dit as dit_lib
 
         self.jax, self.cfg, self.peak_n = jax, cfg, peak_n
@@ -264,9 +264,9 @@ class Ours:
         L = tokens_per_sample(cfg)
         K = cfg["head_dim"]
         self.attention_kernels = dict(
-            self_attention=attention_impl or attn_lib.pick_implementation((B, L, cfg["heads"], K),
+            self_attention=attention_impl or attention_kernels.pick_implementation((B, L, cfg["heads"], K),
                                                                           (B, L, cfg["heads"], K), jnp.float32),
-            cross_attention=attention_impl or attn_lib.pick_implementation((B, L, cfg["heads"], K),
+            cross_attention=attention_impl or attention_kernels.pick_implementation((B, L, cfg["heads"], K),
                                                                            (B, S, cfg["heads"], K), jnp.float32))
         self.modes = tuple(modes)
         model = self.model

@@ -13,6 +13,7 @@ from flax import linen as nn
 
 from pixeldance import sharding
 from pixeldance.models import attention as attn_lib
+from pixeldance.models import attention_kernels as kernels
 from pixeldance.models import dit as dit_lib
 
 TEXT_WIDTH = 16
@@ -211,7 +212,7 @@ def _reference_attention(q, k, v, key_mask):
 
 
 def test_chunked_attention_matches_reference(monkeypatch):
-    monkeypatch.setattr(attn_lib, "_CHUNK_LOGITS", 60)  # 24 queries x 10 keys -> chunks of 6
+    monkeypatch.setattr(kernels, "_CHUNK_LOGITS", 60)  # 24 queries x 10 keys -> chunks of 6
     r = np.random.default_rng(0)
     q = jnp.asarray(r.normal(size=(2, 24, 3, 8)), jnp.float32)
     k, v = (jnp.asarray(r.normal(size=(2, 10, 3, 8)), jnp.float32) for _ in range(2))
@@ -234,7 +235,7 @@ def test_splash_attention_in_interpreter():
     r = np.random.default_rng(0)
     q, k, v = (jnp.asarray(r.normal(size=(1, 128, 1, 64)), jnp.float32) for _ in range(3))
     mask = jnp.asarray(r.uniform(size=(1, 128)) < 0.5).at[:, 0].set(True)
-    out = attn_lib._splash_attention(q, k, v, mask, interpret=True)
+    out = kernels.splash_attention(q, k, v, mask, interpret=True)
     np.testing.assert_allclose(np.asarray(out), _reference_attention(q, k, v, mask), atol=1e-5)
 
 
@@ -244,15 +245,15 @@ def test_splash_kernel_per_device_under_a_mesh():
     r = np.random.default_rng(3)
     q, k, v = (jnp.asarray(r.normal(size=(8, 128, 2, 64)), jnp.float32) for _ in range(3))
     mask = jnp.asarray(r.uniform(size=(8, 128)) < 0.7).at[:, 0].set(True)
-    kernel = functools.partial(attn_lib._splash_attention, interpret=True)
-    assert attn_lib.is_pallas(kernel) and not attn_lib.is_pallas(attn_lib._chunked_attention)
+    kernel = functools.partial(kernels.splash_attention, interpret=True)
+    assert kernels.is_pallas(kernel) and not kernels.is_pallas(kernels.chunked_attention)
     with jax.set_mesh(sharding.make_mesh((1, 8, 1, 1))), nn.logical_axis_rules(sharding.rules("fsdp")):
         out = jax.jit(lambda q, k, v, m: attn_lib._per_device(kernel, q, k, v, m))(q, k, v, mask)
     np.testing.assert_allclose(np.asarray(out), _reference_attention(q, k, v, mask), atol=1e-5)
 
 
 def test_kernel_choice_on_cpu():
-    pick = attn_lib.pick_implementation
+    pick = kernels.pick_implementation
     assert pick((2, 1024, 6, 64), (2, 1024, 6, 64), jnp.float32) == "chunked"
     assert pick((8, 80, 4, 32), (8, 80, 4, 32), jnp.float32) == "xla"
     assert pick((8, 1024, 4, 32), (8, 12, 4, 32), jnp.float32) == "xla"  # cross-attention to text
@@ -262,8 +263,8 @@ def test_kernel_choice_on_cpu():
 
 def test_kernel_choice_on_gpu(monkeypatch):
     """cuDNN for half-precision self-attention; XLA for float32, wide heads and masked (text) keys."""
-    monkeypatch.setattr(attn_lib.jax, "default_backend", lambda: "gpu")
-    pick = attn_lib.pick_implementation
+    monkeypatch.setattr(kernels.jax, "default_backend", lambda: "gpu")
+    pick = kernels.pick_implementation
     assert pick((2, 1280, 12, 64), (2, 1280, 12, 64), jnp.bfloat16) == "cudnn"
     assert pick((2, 1280, 12, 128), (2, 1280, 12, 128), jnp.float16) == "cudnn"
     assert pick((2, 1280, 12, 64), (2, 1280, 12, 64), jnp.float32) == "xla"
@@ -275,11 +276,11 @@ def test_kernel_choice_follows_the_mesh_platform(monkeypatch):
     """Compiling ahead for a TPU from a CPU host (pixeldance.tools.plan): the mesh's platform decides."""
     import types
     tpu_mesh = types.SimpleNamespace(abstract_device=types.SimpleNamespace(platform="tpu"))
-    monkeypatch.setattr(attn_lib.jax.sharding, "get_abstract_mesh", lambda: tpu_mesh)
-    assert attn_lib.target_platform() == "tpu"
-    want = "splash" if attn_lib._splash is not None else "xla"
-    assert attn_lib.pick_implementation((1, 31744, 3, 128), (1, 31744, 3, 128), jnp.bfloat16) == want
-    assert attn_lib.pick_implementation((1, 1000, 3, 128), (1, 1000, 3, 128), jnp.bfloat16) == "xla"
+    monkeypatch.setattr(kernels.jax.sharding, "get_abstract_mesh", lambda: tpu_mesh)
+    assert kernels.target_platform() == "tpu"
+    want = "splash" if kernels._splash is not None else "xla"
+    assert kernels.pick_implementation((1, 31744, 3, 128), (1, 31744, 3, 128), jnp.bfloat16) == want
+    assert kernels.pick_implementation((1, 1000, 3, 128), (1, 1000, 3, 128), jnp.bfloat16) == "xla"
 
 
 # ----------------------------------------------------------------------------------------------

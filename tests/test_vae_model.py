@@ -9,6 +9,7 @@ import pytest
 from flax import linen as nn
 
 from pixeldance import sharding
+from pixeldance.models import causal_conv, vae_inference
 from pixeldance.models import vae as vae_lib
 from pixeldance.models.vae import CausalVAE, VAE_VARIANTS, vae_from_variant
 
@@ -158,10 +159,10 @@ def test_bad_constructor_fields_raise():
 
 def test_rearrangements_invert():
     x = _normal((2, 7, 4, 6, 3))
-    np.testing.assert_array_equal(vae_lib.depth_to_space(vae_lib.space_to_depth(x, 2), 2), x)
-    paired = vae_lib.pair_frames(x)
+    np.testing.assert_array_equal(causal_conv.depth_to_space(causal_conv.space_to_depth(x, 2), 2), x)
+    paired = causal_conv.pair_frames(x)
     assert paired.shape == (2, 4, 4, 6, 6)
-    np.testing.assert_array_equal(vae_lib.unpair_frames(paired), x)
+    np.testing.assert_array_equal(causal_conv.unpair_frames(paired), x)
 
 
 def test_conv_matches_a_reference_3d_conv():
@@ -170,17 +171,17 @@ def test_conv_matches_a_reference_3d_conv():
     padded = jnp.concatenate([x[:, :1], x[:, :1], x], axis=1)
     ref = jax.lax.conv_general_dilated(padded, k, (1, 1, 1), ((0, 0), (1, 1), (1, 1)),
                                        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
-    np.testing.assert_allclose(vae_lib.causal_conv(x, k), ref, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(causal_conv.causal_conv(x, k), ref, atol=1e-4, rtol=1e-4)
     zero_padded = jnp.concatenate([jnp.zeros_like(x[:, :2]), x], axis=1)
     ref = jax.lax.conv_general_dilated(zero_padded, k, (1, 1, 1), ((0, 0), (1, 1), (1, 1)),
                                        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
-    np.testing.assert_allclose(vae_lib.causal_conv(x, k, pad="zeros"), ref, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(causal_conv.causal_conv(x, k, pad="zeros"), ref, atol=1e-4, rtol=1e-4)
     # Clips shorter than the kernel: every output reads padding on some tap.
     for pad, front in (("first", x[:, :1]), ("zeros", jnp.zeros_like(x[:, :1]))):
         short = x[:, :1]
         ref = jax.lax.conv_general_dilated(jnp.concatenate([front, front, short], axis=1), k, (1, 1, 1),
                                            ((0, 0), (1, 1), (1, 1)), dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
-        np.testing.assert_allclose(vae_lib.causal_conv(short, k, pad=pad), ref, atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(causal_conv.causal_conv(short, k, pad=pad), ref, atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,8 +342,8 @@ def test_chunked_equals_whole(model, params):
     def run(p, v):
         whole = model.apply(p, v, method=CausalVAE.encode)
         z = whole[0]
-        return (whole, vae_lib.encode_chunked(model, p, v, chunk=2),
-                model.apply(p, z, method=CausalVAE.decode), vae_lib.decode_chunked(model, p, z, chunk=2))
+        return (whole, vae_inference.encode_chunked(model, p, v, chunk=2),
+                model.apply(p, z, method=CausalVAE.decode), vae_inference.decode_chunked(model, p, z, chunk=2))
 
     whole, chunked, decoded, decoded_chunked = jax.jit(run)(params, video)
     for a, b in zip(whole, chunked):
@@ -356,10 +357,10 @@ def test_chunked_equals_whole(model, params):
 def test_chunks_split_a_video_causally():
     """The chunk layout: frame 0 alone, then 4 * chunk frames; a shorter tail at the end."""
     x = jnp.arange(2 * 13, dtype=jnp.float32).reshape(2, 13, 1, 1, 1)
-    body, tail = vae_lib._split_chunks(x, 1, 8)
+    body, tail = vae_inference._split_chunks(x, 1, 8)
     assert body.shape == (1, 2, 8, 1, 1, 1) and tail.shape == (2, 4, 1, 1, 1)
-    np.testing.assert_array_equal(vae_lib._join_chunks(x[:, :1], body, tail), x)
-    body, tail = vae_lib._split_chunks(x, 1, 4)
+    np.testing.assert_array_equal(vae_inference._join_chunks(x[:, :1], body, tail), x)
+    body, tail = vae_inference._split_chunks(x, 1, 4)
     assert body.shape == (3, 2, 4, 1, 1, 1) and tail is None
 
 
@@ -381,9 +382,9 @@ def test_tiled_is_exact_away_from_seams_and_close_at_them():
 
     def run(p, v, z):  # tiles decoded chunk by chunk: tiling and chunking together
         return (model.apply(p, z, method=CausalVAE.decode),
-                vae_lib.decode_tiled(model, p, z, tile=TILE, overlap=OVERLAP, chunk=1),
+                vae_inference.decode_tiled(model, p, z, tile=TILE, overlap=OVERLAP, chunk=1),
                 model.apply(p, v, method=CausalVAE.encode)[0],
-                vae_lib.encode_tiled(model, p, v, tile=TILE * s, overlap=OVERLAP * s)[0])
+                vae_inference.encode_tiled(model, p, v, tile=TILE * s, overlap=OVERLAP * s)[0])
 
     whole, tiled, mean, mean_tiled = jax.jit(run)(params, video, z)
     assert tiled.shape == whole.shape == (1, 5, 32, 160, 3) and mean_tiled.shape == mean.shape
@@ -419,9 +420,9 @@ def test_conv_frames_per_frame_equals_batched():
     """The CPU's frame-by-frame conv (lax.map over T) equals one conv over all frames, with gradients."""
     x, k = _normal((2, 3, 6, 6, 4)), _normal((3, 3, 4, 5), seed=1)
     for strides, padding in (((1, 1), "SAME"), ((2, 2), ((0, 1), (0, 1)))):
-        f = lambda x, k, per_frame: jnp.sum(jnp.sin(vae_lib.conv_frames(x, k, strides, padding, per_frame)))
-        np.testing.assert_allclose(vae_lib.conv_frames(x, k, strides, padding, True),
-                                   vae_lib.conv_frames(x, k, strides, padding, False), atol=1e-5, rtol=1e-5)
+        f = lambda x, k, per_frame: jnp.sum(jnp.sin(causal_conv.conv_frames(x, k, strides, padding, per_frame)))
+        np.testing.assert_allclose(causal_conv.conv_frames(x, k, strides, padding, True),
+                                   causal_conv.conv_frames(x, k, strides, padding, False), atol=1e-5, rtol=1e-5)
         g_map = jax.grad(f, (0, 1))(x, k, True)
         g_one = jax.grad(f, (0, 1))(x, k, False)
         for a, b in zip(g_map, g_one):
@@ -436,8 +437,8 @@ def test_causal_conv_per_frame_equals_per_tap(pad):
     past = _normal((2, 2, 6, 6, 4), seed=2)
     for kwargs in (dict(pad=pad), dict(past=past)):
         for xs in (x, x[:, :1], x[:, :2]):
-            np.testing.assert_allclose(vae_lib.causal_conv(xs, k, per_frame=True, **kwargs),
-                                       vae_lib.causal_conv(xs, k, per_frame=False, **kwargs), atol=1e-5, rtol=1e-5)
-    f = lambda x, k, per_frame: jnp.sum(jnp.sin(vae_lib.causal_conv(x, k, pad=pad, per_frame=per_frame)))
+            np.testing.assert_allclose(causal_conv.causal_conv(xs, k, per_frame=True, **kwargs),
+                                       causal_conv.causal_conv(xs, k, per_frame=False, **kwargs), atol=1e-5, rtol=1e-5)
+    f = lambda x, k, per_frame: jnp.sum(jnp.sin(causal_conv.causal_conv(x, k, pad=pad, per_frame=per_frame)))
     for a, b in zip(jax.grad(f, (0, 1))(x, k, True), jax.grad(f, (0, 1))(x, k, False)):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)

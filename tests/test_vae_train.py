@@ -20,6 +20,7 @@ from pixeldance import workdir as workdir_lib
 from pixeldance.data import video_io
 from pixeldance.evaluators import reconstruction
 from pixeldance.models import vae as vae_lib
+from pixeldance.models.perceptual import PerceptualNet
 from pixeldance.sample import VideoVAE
 from pixeldance.trainers import vae as trainer
 
@@ -82,7 +83,7 @@ def _write_vgg(path, seed=0):
 
 def test_perceptual_loss_from_a_safetensors_file(tmp_path):
     path = _write_vgg(str(tmp_path / "vgg.safetensors"))
-    net = vae_lib.PerceptualNet(path)
+    net = PerceptualNet(path)
     assert net.taps == [1, 2] and [l.shape for l in net.lins] == [(8,), (16,)]
     a = jnp.asarray(_video_u8(frames=3, size=16), jnp.float32) / 127.5 - 1
     b = jnp.asarray(_video_u8(frames=3, size=16, seed=1), jnp.float32) / 127.5 - 1
@@ -104,11 +105,11 @@ def test_perceptual_loss_from_a_safetensors_file(tmp_path):
     assert trainer.load_perceptual(config(0.0, path)) is None
     assert trainer.load_perceptual(config(0.1, "")) is None
     assert trainer.load_perceptual(config(0.1, str(tmp_path / "missing.safetensors"))) is None
-    assert isinstance(trainer.load_perceptual(config(0.1, path)), vae_lib.PerceptualNet)
+    assert isinstance(trainer.load_perceptual(config(0.1, path)), PerceptualNet)
     bad = str(tmp_path / "bad.safetensors")
     save_file({"x": np.zeros(3, np.float32)}, bad)
     with pytest.raises(ValueError, match="features"):
-        vae_lib.PerceptualNet(bad)
+        PerceptualNet(bad)
 
 
 # ---------------------------------------------------------------------------------------------

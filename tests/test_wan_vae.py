@@ -20,8 +20,7 @@ from safetensors.numpy import load_file, save_file
 import pixeldance
 from pixeldance import workdir as workdir_lib
 from pixeldance.convert import wan_vae as convert
-from pixeldance.models import vae as vae_lib
-from pixeldance.models import wan_vae, winograd
+from pixeldance.models import causal_conv, vae_inference, wan_vae, winograd
 
 # Small, but every kind of layer of the real one: 3 spatial and 2 temporal downsamplings (4x8x8),
 # width changes (conv shortcuts), the mid-block attention, 16 latent channels.
@@ -136,10 +135,10 @@ def test_winograd_conv_equals_direct():
     x = jnp.asarray(rng.normal(size=(2, 4, 6, 8, 5)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(3, 3, 3, 5, 7)), jnp.float32)
     past = jnp.asarray(rng.normal(size=(2, 2, 6, 8, 5)), jnp.float32)
-    direct = vae_lib.causal_conv(x, k, pad="zeros")
+    direct = causal_conv.causal_conv(x, k, pad="zeros")
     np.testing.assert_allclose(winograd.causal_conv(x, k), direct, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(winograd.causal_conv(x[:, :1], k), direct[:, :1], atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(winograd.causal_conv(x, k, past=past), vae_lib.causal_conv(x, k, past=past),
+    np.testing.assert_allclose(winograd.causal_conv(x, k, past=past), causal_conv.causal_conv(x, k, past=past),
                                atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="even H, W"):
         winograd.causal_conv(x[:, :, :5], k)
@@ -222,9 +221,9 @@ def test_chunked_equals_whole(wino, monkeypatch):
 
     def both(p, v):
         whole = model.apply(p, v, method=model.encode)
-        chunked = wan_vae.encode_chunked(model, p, v)
+        chunked = vae_inference.encode_chunked(model, p, v)
         z = whole[0]
-        return whole, chunked, model.apply(p, z, method=model.decode), wan_vae.decode_chunked(model, p, z)
+        return whole, chunked, model.apply(p, z, method=model.decode), vae_inference.decode_chunked(model, p, z)
 
     whole, chunked, decoded, decoded_chunked = _compiled(both, params, video)(params, video)
     for a, b in zip(whole, chunked):

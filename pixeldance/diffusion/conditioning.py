@@ -3,32 +3,32 @@
 c_image = [z_first, 0, ..., 0, z_last] along latent time, with a 1-channel mask that is 1 at
 the frames that carry an instruction; both are concatenated to the noisy latent along channels.
 
-Axis glossary: B batch, T latent frames, H/W latent height/width, C channels.
+Axis letters (glossary: pixeldance/models/__init__.py): B batch, T latent frames, h/w latent
+height/width, C channels.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from pixeldance import rng as rng_lib
 
 
 def make_instructions(z_first, z_last, has_first, has_last, num_frames: int):
-    """z_first, z_last: [B, H, W, C]; has_first, has_last: bool [B].
+    """z_first, z_last: [B, h, w, C]; has_first, has_last: bool [B].
 
-    Returns c_image [B, T, H, W, C] and c_mask [B, T, H, W, 1]. With T = 1 only the first
+    Returns c_image [B, T, h, w, C] and c_mask [B, T, h, w, 1]. With T = 1 only the first
     frame can be given (the last frame is the first frame).
     """
-    B, H, W, C = z_first.shape
+    B, h, w, C = z_first.shape
     f = has_first.astype(z_first.dtype)[:, None, None, None]
     l = has_last.astype(z_first.dtype)[:, None, None, None]
-    c_image = jnp.zeros((B, num_frames, H, W, C), z_first.dtype)
-    c_mask = jnp.zeros((B, num_frames, H, W, 1), z_first.dtype)
+    c_image = jnp.zeros((B, num_frames, h, w, C), z_first.dtype)
+    c_mask = jnp.zeros((B, num_frames, h, w, 1), z_first.dtype)
     if num_frames > 1:
         c_image = c_image.at[:, -1].set(z_last * l)
-        c_mask = c_mask.at[:, -1].set(jnp.broadcast_to(l, (B, H, W, 1)))
+        c_mask = c_mask.at[:, -1].set(jnp.broadcast_to(l, (B, h, w, 1)))
     c_image = c_image.at[:, 0].set(z_first * f)
-    c_mask = c_mask.at[:, 0].set(jnp.broadcast_to(f, (B, H, W, 1)))
+    c_mask = c_mask.at[:, 0].set(jnp.broadcast_to(f, (B, h, w, 1)))
     return c_image, c_mask
 
 
@@ -50,7 +50,7 @@ def noise_instructions(rng, c_image, c_mask, level: float):
 
 
 def replace_first(x, z_first, has_first):
-    """Puts the clean first latent frame into x [B, T, H, W, C] where has_first."""
+    """Puts the clean first latent frame into x [B, T, h, w, C] where has_first."""
     first = jnp.where(has_first[:, None, None, None], z_first, x[:, 0])
     return x.at[:, 0].set(first)
 

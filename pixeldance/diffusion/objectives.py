@@ -15,7 +15,8 @@ Samplers and guidance never look at the objective: `denoise` turns any network o
 (x0_hat, v_hat), the clean-sample estimate and the flow velocity v_hat = eps_hat - x0_hat (so
 eps_hat = x0_hat + v_hat), which is all they need.
 
-Axis glossary: B batch, T latent frames, H/W latent height/width, C channels.
+Axis letters (glossary: pixeldance/models/__init__.py): B batch, T latent frames, h/w latent
+height/width, C channels.
 """
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ def _masked_mse(err, loss_mask, shape):
 def flow_loss(output, x0, noise, t, loss_mask, *, prediction: str, min_t: float = 0.05):
     """Mean squared velocity error over the elements where loss_mask is 1.
 
-    output, x0, noise: [B, T, H, W, C]; t: [B]; loss_mask: broadcastable to x0 (e.g. [B, T, 1, 1, 1]).
+    output, x0, noise: [B, T, h, w, C]; t: [B]; loss_mask: broadcastable to x0 (e.g. [B, T, 1, 1, 1]).
     Returns (scalar loss, per-example loss [B]).
     """
     x_t = interpolate(x0, noise, t)

@@ -18,7 +18,7 @@ path y = x and tau = t. Samplers:
   ddim     x_next = alpha(t_next) x0_hat + sigma(t_next) eps_hat, written as such. Equal to
            euler except below a flow x0-model's min_t, where euler keeps the clipped velocity.
 
-Axis glossary: B batch (the state may be any shape).
+Axis letters (glossary: pixeldance/models/__init__.py): B batch (the state may be any shape).
 """
 from __future__ import annotations
 

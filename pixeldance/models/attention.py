@@ -1,16 +1,7 @@
 """The one attention function every model calls; it picks the kernel for the backend.
 
-Kernels ('implementation'):
-  xla      `jax.nn.dot_product_attention` as plain XLA ops: the logits [B, N, L, M] are
-           materialised. Used for short sequences (e.g. cross-attention to text) on any backend.
-  chunked  heads-major, query-chunked softmax attention with a flash-style custom VJP, in plain
-           JAX: 2D matmuls per (batch, head, query chunk), softmax statistics saved instead of
-           the probabilities, which the backward pass recomputes chunk by chunk. Memory O(L) per
-           head. Picked on the CPU for long sequences, where XLA:CPU runs batched (3D) dots and
-           passes over materialised [B, N, L, M] tensors far below its 2D GEMM speed.
-  cudnn    `jax.nn.dot_product_attention(implementation='cudnn')`: flash attention on NVIDIA GPUs
-           (bfloat16/float16 only).
-  splash   the Pallas splash-attention kernel on TPU (needs L and M multiples of 128).
+The kernels ('implementation': xla, chunked, cudnn, splash) and their choice per platform are in
+`attention_kernels.py`.
 
 `chunked` and `splash` run per device under `jax.shard_map` when a mesh is set: batch and heads
 split by the logical rules in force, keys and values gathered along their length (so queries
@@ -21,35 +12,16 @@ split along their length like the queries): where the mesh in context has a 'con
 more than one device and the rules map 'length' to it (preset 'fsdp_context'), the attention runs
 as in `context_parallel.py` instead of gathering the keys; elsewhere the argument changes nothing.
 
-Axis glossary: B batch, L query length, M key length, N heads, K head width, C query chunk,
-T latent frames, P spatial positions per frame (T * P = L for video tokens).
+Axis letters (glossary: pixeldance/models/__init__.py): B batch, L query length, M key length,
+N heads, K head width, T latent frames, P spatial positions per frame (T * P = L for video tokens).
 """
 from __future__ import annotations
 
-import functools
-import math
-
 import jax
-import jax.numpy as jnp
-from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
-try:  # the TPU kernel; absent or unusable on some installs, and only ever used on TPU
-    from jax.experimental.pallas.ops.tpu import splash_attention as _splash
-except Exception:  # noqa: BLE001 - any import failure just disables the TPU kernel
-    _splash = None
-
-IMPLEMENTATIONS = ("xla", "chunked", "cudnn", "splash")
-# Checkpoint names of the attention residuals of the 'chunked' and 'splash' kernels (output,
-# softmax log-normalisers): remat policies that keep these skip the attention forward pass
-# when they recompute a block.
-REMAT_NAMES = ("attention_out", "attention_lse")
-_MASK_VALUE = -1e30  # finite, so a fully masked row gives a uniform softmax instead of NaN
-# On the CPU, logits tensors up to this many elements (all heads) stay with plain XLA: for
-# small ones the loop of the chunked kernel costs more than the passes over memory it saves.
-CPU_CHUNKED_MIN_LOGITS = 1 << 22
-# Target query-chunk size: C * M logits (4 MiB in float32) stay in the CPU's caches.
-_CHUNK_LOGITS = 1 << 20
+from pixeldance.models import attention_kernels as kernels
+from pixeldance.models import context_parallel as cp
 
 
 def dot_product_attention(q, k, v, *, key_mask=None, implementation: str | None = None,
@@ -59,8 +31,8 @@ def dot_product_attention(q, k, v, *, key_mask=None, implementation: str | None 
     Args:
       q: [B, L, N, K]; k, v: [B, M, N, K].
       key_mask: optional bool [B, M], True where a key may be attended to.
-      implementation: None picks per backend (see `pick_implementation`), or one of
-        IMPLEMENTATIONS to force it.
+      implementation: None picks per backend (`attention_kernels.pick_implementation`), or one
+        of `attention_kernels.IMPLEMENTATIONS` to force it.
       context_parallel: None, or 'ulysses' | 'ring' for self-attention (L == M, keys split like
         the queries): used where the sequence is split over a 'context' axis (see the module
         docstring and `context_parallel.py`).
@@ -68,55 +40,16 @@ def dot_product_attention(q, k, v, *, key_mask=None, implementation: str | None 
       [B, L, N, K] in q's dtype.
     """
     if context_parallel is not None:
-        from pixeldance.models import context_parallel as cp  # it imports this module
         if context_parallel not in cp.FLAVOURS:
             raise ValueError(f"unknown context parallelism {context_parallel!r}; choose from {cp.FLAVOURS}")
         if q.shape[1] == k.shape[1] and cp.use_context_parallel(q.shape[1]):
             return cp.attention(q, k, v, key_mask=key_mask, flavour=context_parallel,
                                 implementation=implementation)
     if implementation is None:
-        implementation = pick_implementation(q.shape, k.shape, q.dtype, masked=key_mask is not None)
-    if implementation == "xla" or implementation == "cudnn":
-        mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1(N), 1(L), M]
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
-    if implementation == "chunked":
-        return _per_device(_chunked_attention, q, k, v, key_mask)
-    if implementation == "splash":
-        if _splash is None:
-            raise RuntimeError("the splash attention kernel could not be imported from "
-                               "jax.experimental.pallas.ops.tpu")
-        return _per_device(_splash_attention, q, k, v, key_mask)
-    raise ValueError(f"unknown attention implementation {implementation!r}; choose from {IMPLEMENTATIONS}")
-
-
-def target_platform() -> str:
-    """The platform the computation is for: that of the mesh in context, else JAX's backend.
-
-    They differ when compiling ahead for another target (`pixeldance.plan` compiles for TPU
-    topologies from a CPU host): the kernel must suit the target, not the host.
-    """
-    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-    platform = getattr(device, "platform", None)
-    return platform or jax.default_backend()
-
-
-def pick_implementation(q_shape, k_shape, dtype, masked: bool = False) -> str:
-    """The kernel for this backend and shape: splash on TPU, cuDNN on GPU, chunked on CPU.
-
-    Each falls back to 'xla' where its kernel does not apply: splash needs lengths that are
-    multiples of 128; cuDNN half precision, head width <= 128 (multiple of 8) and no key mask
-    (masked attention here is cross-attention to a few dozen text tokens, whose logits are
-    small: cuDNN's flash kernel gains nothing there, and its mask support varies by version);
-    chunked pays off only for large logits tensors.
-    """
-    (B, L, N, K), M = q_shape, k_shape[1]
-    backend = target_platform()
-    if backend == "tpu":
-        return "splash" if _splash is not None and L % 128 == 0 and M % 128 == 0 else "xla"
-    if backend == "gpu":
-        half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-        return "cudnn" if half and K <= 128 and K % 8 == 0 and not masked else "xla"
-    return "chunked" if B * N * L * M >= CPU_CHUNKED_MIN_LOGITS else "xla"
+        implementation = kernels.pick_implementation(q.shape, k.shape, q.dtype, masked=key_mask is not None)
+    if implementation in ("chunked", "splash"):  # per-example kernels: per device under shard_map
+        return _per_device(kernels.per_example_kernel(implementation), q, k, v, key_mask)
+    return kernels.local_attention(q, k, v, key_mask, implementation)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,204 +88,13 @@ def _per_device(kernel, q, k, v, key_mask):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return kernel(q, k, v, key_mask)
-    batch, length, heads = (_mesh_axes(name, mesh, n) for name, n in
+    batch, length, heads = (kernels.mesh_axes(name, mesh, n) for name, n in
                             (("batch", q.shape[0]), ("length", q.shape[1]), ("heads", q.shape[2])))
     q_spec, kv_spec = P(batch, length, heads, None), P(batch, None, heads, None)
-    check = not is_pallas(kernel)
+    check = not kernels.is_pallas(kernel)
     if key_mask is None:
         fn = lambda q, k, v: kernel(q, k, v, None)
         return jax.shard_map(fn, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
                              check_vma=check)(q, k, v)
     return jax.shard_map(kernel, in_specs=(q_spec, kv_spec, kv_spec, P(batch, None)),
                          out_specs=q_spec, check_vma=check)(q, k, v, key_mask)
-
-
-def is_pallas(kernel) -> bool:
-    """Whether a kernel is a Pallas call: shard_map must then run with check_vma=False, since
-    Pallas declares its outputs without the mesh axes they vary over (jax 0.10)."""
-    return getattr(kernel, "func", kernel) is _splash_attention
-
-
-def _mesh_axes(logical: str, mesh, size: int):
-    """Mesh axes of a logical name under the rules in context, if their product divides size."""
-    rules = nn.get_logical_axis_rules()
-    axes = nn.logical_to_mesh_axes((logical,), rules)[0] if rules else None
-    if axes is None:
-        return None
-    axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a in mesh.axis_names)
-    if not axes or size % math.prod(mesh.shape[a] for a in axes):
-        return None
-    return axes
-
-
-# ----------------------------------------------------------------------------------------------
-# Chunked attention (CPU): heads-major 2D matmuls, flash-style backward.
-
-def _chunked_attention(q, k, v, key_mask):
-    """[B, L, N, K] x [B, M, N, K] -> [B, L, N, K]; see the module docstring ('chunked')."""
-    B, L, N, K = q.shape
-    M = k.shape[1]
-    heads = lambda x: x.transpose(0, 2, 1, 3).reshape(B * N, x.shape[1], K)  # [B*N, L|M, K]
-    qh = heads(q * jnp.asarray(K ** -0.5, q.dtype))
-    kh, vh = _vary_like(heads(k), qh), _vary_like(heads(v), qh)
-    bias = None  # no mask: no bias pass over the logits
-    if key_mask is not None:
-        bias = jnp.repeat(jnp.where(key_mask, 0.0, _MASK_VALUE), N, axis=0)  # [B*N, M], row b*N + n
-        bias = _vary_like(bias, qh)
-    chunk = _chunk_size(L, M)
-    # The forward pass runs outside autodiff and its results carry checkpoint names, so a remat
-    # policy can keep them (REMAT_NAMES) instead of running the attention forward again;
-    # `_attach_grad` then supplies the gradient with respect to q, k, v.
-    stop = jax.lax.stop_gradient
-    out, lse = _run_forward(stop(qh), stop(kh), stop(vh), bias, chunk)
-    out = jax.ad_checkpoint.checkpoint_name(out, "attention_out")
-    lse = jax.ad_checkpoint.checkpoint_name(lse, "attention_lse")
-    out = _attach_grad(qh, kh, vh, bias, out, lse, chunk)
-    return out.reshape(B, N, L, K).transpose(0, 2, 1, 3)
-
-
-def _vary_like(x, like):
-    """Under shard_map, mark x as varying over the mesh axes that `like` varies over.
-
-    Keys gathered along their length are the same on every 'context' shard while the queries
-    differ; the custom VJP needs all inputs typed alike, and this cast's transpose sums the key
-    gradients over those shards.
-    """
-    def varying(a):  # the mesh axes a value varies over (`vma`; renamed across jax versions)
-        aval = jax.typeof(a)
-        mat = getattr(aval, "manual_axis_type", None)
-        return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
-
-    missing = tuple(sorted(varying(like) - varying(x)))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-
-def _chunk_size(L: int, M: int) -> int:
-    """The largest divisor of L with C * M <= _CHUNK_LOGITS (at least 1)."""
-    target = max(1, _CHUNK_LOGITS // M)
-    return max(d for d in range(1, min(L, target) + 1) if L % d == 0)
-
-
-def _chunk_forward(qc, kh, vh, bias):
-    """One (head, query chunk): qc [C, K], kh/vh [M, K], bias [M] | None -> (out [C, K], lse [C])."""
-    logits = jnp.dot(qc, kh.T, preferred_element_type=jnp.float32)  # [C, M]
-    if bias is not None:
-        logits = logits + bias
-    m = jnp.max(logits, axis=-1, keepdims=True)
-    e = jnp.exp(logits - m)
-    s = jnp.sum(e, axis=-1, keepdims=True)
-    out = jnp.dot(e.astype(vh.dtype), vh, preferred_element_type=jnp.float32) / s
-    return out.astype(qc.dtype), (m + jnp.log(s))[:, 0]
-
-
-def _run_forward(qh, kh, vh, bias, chunk):
-    H, L, K = qh.shape
-    nc = L // chunk
-
-    def body(i):  # i enumerates (head, chunk) pairs
-        h, j = i // nc, i % nc
-        qc = jax.lax.dynamic_slice(qh, (h, j * chunk, 0), (1, chunk, K))[0]
-        return _chunk_forward(qc, kh[h], vh[h], None if bias is None else bias[h])
-
-    out, lse = jax.lax.map(body, jnp.arange(H * nc))
-    return out.reshape(H, L, K), lse.reshape(H, L)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attach_grad(qh, kh, vh, bias, out, lse, chunk):
-    """Returns `out` (the attention of qh [H, L, K] (pre-scaled), kh/vh [H, M, K] and bias
-    float32 [H, M] or None, computed by `_run_forward` with softmax log-normalisers lse [H, L]), with
-    the attention's gradient with respect to qh, kh and vh attached."""
-    del qh, kh, vh, bias, lse, chunk
-    return out
-
-
-def _attach_grad_fwd(qh, kh, vh, bias, out, lse, chunk):
-    del chunk
-    return out, (qh, kh, vh, bias, out, lse)
-
-
-def _attach_grad_bwd(chunk, res, dout):
-    qh, kh, vh, bias, out, lse = res
-    H, L, K = qh.shape
-    M = kh.shape[1]
-    nc = L // chunk
-    # delta = rowsum(dP * P) = rowsum(dout * out), the softmax backward's per-row constant.
-    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [H, L]
-
-    # The backward pass works on transposed [M, C] tiles, so that every matmul is a plain
-    # [a, b] @ [b, c] or [a, b] @ [c, b]^T: XLA:CPU's GEMM ran matmuls with a transposed left
-    # operand (p^T @ dout, the textbook form) 2-3x slower. dq is computed transposed,
-    # k^T @ ds^T, from k^T made once per call; the optimization barrier keeps XLA from folding
-    # that transpose back into the matmul.
-    kh_t = jax.lax.optimization_barrier(kh.transpose(0, 2, 1))  # [H, K, M]
-
-    def body(i):
-        h, j = i // nc, i % nc
-        rows = lambda x: jax.lax.dynamic_slice(x, (h, j * chunk, 0), (1, chunk, K))[0]
-        vec = lambda x: jax.lax.dynamic_slice(x, (h, j * chunk), (1, chunk))[0]
-        qc, dc = rows(qh), rows(dout)  # [C, K]
-        kc, vc = kh[h], vh[h]  # [M, K]
-        logits_t = jnp.dot(kc, qc.T, preferred_element_type=jnp.float32)  # [M, C]
-        if bias is not None:
-            logits_t = logits_t + bias[h][:, None]
-        p_t = jnp.exp(logits_t - vec(lse)[None, :])  # recomputed instead of stored
-        dv = jnp.dot(p_t.astype(dc.dtype), dc, preferred_element_type=jnp.float32)  # [M, K]
-        dp_t = jnp.dot(vc, dc.T, preferred_element_type=jnp.float32)  # [M, C]
-        ds_t = (p_t * (dp_t - vec(delta)[None, :])).astype(qc.dtype)
-        dk = jnp.dot(ds_t, qc, preferred_element_type=jnp.float32)  # [M, K]
-        dq_t = jnp.dot(kh_t[h], ds_t, preferred_element_type=jnp.float32)  # [K, C]
-        return dq_t, dk, dv
-
-    dq_t, dk, dv = jax.lax.map(body, jnp.arange(H * nc))
-    dq = dq_t.reshape(H, nc, K, chunk).transpose(0, 1, 3, 2).reshape(H, L, K).astype(qh.dtype)
-    dk = dk.reshape(H, nc, M, K).sum(1).astype(kh.dtype)  # partial sums over query chunks
-    dv = dv.reshape(H, nc, M, K).sum(1).astype(vh.dtype)
-    # out and lse are results of the forward pass, not inputs of the attention: no gradient.
-    dbias = None if bias is None else jnp.zeros_like(bias)
-    return dq, dk, dv, dbias, jnp.zeros_like(out), jnp.zeros_like(lse)
-
-
-_attach_grad.defvjp(_attach_grad_fwd, _attach_grad_bwd)
-
-
-# ----------------------------------------------------------------------------------------------
-# Splash attention (TPU).
-
-def _splash_attention(q, k, v, key_mask, interpret: bool = False):
-    """Pallas splash attention, vmapped over the batch. [B, L, N, K] -> [B, L, N, K].
-
-    The kernel works per example on heads-major [N, L, K] and does not scale the logits, so q
-    is scaled here. Padded keys are excluded through segment ids (query segment 1, padded keys
-    segment 0). interpret=True runs the kernel in the Pallas interpreter (any backend; tests).
-    """
-    B, L, N, K = q.shape
-    M = k.shape[1]
-    kernel = _splash_kernel(N, L, M, interpret)
-    heads = lambda x: x.transpose(0, 2, 1, 3)  # [B, N, L|M, K]
-    qh = heads(q * jnp.asarray(K ** -0.5, q.dtype))
-    if key_mask is None:
-        out = jax.vmap(kernel)(qh, heads(k), heads(v))
-    else:
-        seg = _splash.SegmentIds(q=jnp.ones((B, L), jnp.int32), kv=key_mask.astype(jnp.int32))
-        out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=s))(qh, heads(k), heads(v), seg)
-    return out.transpose(0, 2, 1, 3).astype(q.dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def _splash_kernel(num_heads: int, q_len: int, kv_len: int, interpret: bool = False):
-    """A splash kernel for full (non-causal) attention at these static shapes, built once."""
-    block_q, block_kv = _largest_block(q_len), _largest_block(kv_len)
-    sizes = _splash.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
-                               block_q_dkv=block_q, block_kv_dkv=block_kv,
-                               block_kv_dkv_compute=block_kv, block_q_dq=block_q, block_kv_dq=block_kv)
-    mask = _splash.MultiHeadMask([_splash.FullMask((q_len, kv_len))] * num_heads)
-    # Its residuals (output and log-normalisers) carry the name the remat policies keep.
-    return _splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                   residual_checkpoint_name="attention_out", interpret=interpret)
-
-
-def _largest_block(n: int, cap: int = 512) -> int:
-    """The largest multiple of 128 up to cap that divides n (n is a multiple of 128)."""
-    return max(b for b in range(128, min(cap, n) + 1, 128) if n % b == 0)
-

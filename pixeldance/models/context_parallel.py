@@ -6,7 +6,7 @@ Queries, keys and values [B, L, N, K] arrive split along their length over the '
 
   ulysses  (DeepSpeed-Ulysses) an all-to-all turns the sequence-sharded [B, L/c, N, K] into
            head-sharded [B, L, N/c, K]; each device runs full attention for its N/c heads with
-           the ordinary kernels (`attention.pick_implementation`), and a second all-to-all turns
+           the ordinary kernels (`attention_kernels.local_attention`), and a second all-to-all turns
            the output back. Communication: 4 all-to-alls of an activation, independent of c.
            Needs the (per-'tensor'-shard) head count to be divisible by c.
   ring     (Ring Attention) each device keeps its queries; the key/value blocks travel around
@@ -19,7 +19,8 @@ Queries, keys and values [B, L, N, K] arrive split along their length over the '
 rules in context ask for it (a 'context' axis of more than one device, and 'length' mapped to
 exactly 'context'); `attention.dot_product_attention(..., context_parallel=...)` dispatches.
 
-Axis glossary: B batch, L query length, M key length, N heads, K head width, c context devices.
+Axis letters (glossary: pixeldance/models/__init__.py): B batch, L query length, M key length,
+N heads, K head width, c context devices.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from pixeldance.models import attention as attn_lib
+from pixeldance.models import attention_kernels as kernels
 
 FLAVOURS = ("ulysses", "ring")
 AXIS = "context"
@@ -42,7 +43,7 @@ def use_context_parallel(length: int) -> bool:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or AXIS not in mesh.axis_names or mesh.shape[AXIS] == 1:
         return False
-    return attn_lib._mesh_axes("length", mesh, length) == (AXIS,)
+    return kernels.mesh_axes("length", mesh, length) == (AXIS,)
 
 
 def attention(q, k, v, *, key_mask=None, flavour: str = "ulysses", implementation: str | None = None):
@@ -62,7 +63,7 @@ def attention(q, k, v, *, key_mask=None, flavour: str = "ulysses", implementatio
     if L % c or M % c:
         raise ValueError(f"context parallelism over {c} devices needs query and key lengths divisible "
                          f"by {c}; got {L} and {M}")
-    batch, heads = attn_lib._mesh_axes("batch", mesh, B), attn_lib._mesh_axes("heads", mesh, N)
+    batch, heads = kernels.mesh_axes("batch", mesh, B), kernels.mesh_axes("heads", mesh, N)
     if (batch and AXIS in batch) or (heads and AXIS in heads):
         raise ValueError(f"the {AXIS!r} axis splits the sequence; it cannot also split batch or heads")
     local_heads = N // (math.prod(mesh.shape[a] for a in heads) if heads else 1)
@@ -76,7 +77,7 @@ def attention(q, k, v, *, key_mask=None, flavour: str = "ulysses", implementatio
         # The kernel for the N/c heads each device attends over, chosen once here. The TPU's is a
         # Pallas call (splash), whose outputs carry no varying-axes type: the check is off for it.
         b, n = B // (math.prod(mesh.shape[a] for a in batch) if batch else 1), local_heads // c
-        local = implementation or attn_lib.pick_implementation((b, L, n, K), (b, M, n, K), q.dtype,
+        local = implementation or kernels.pick_implementation((b, L, n, K), (b, M, n, K), q.dtype,
                                                                masked=key_mask is not None)
         fn = functools.partial(_ulysses_local, implementation=local)
     else:
@@ -99,21 +100,8 @@ def _ulysses_local(q, k, v, key_mask, implementation=None):
     q, k, v = to_heads(q), to_heads(k), to_heads(v)  # [B, L, N/c, K]
     if key_mask is not None:
         key_mask = jax.lax.all_gather(key_mask, AXIS, axis=1, tiled=True)  # [B, M]
-    out = _local_kernel(q, k, v, key_mask, implementation)
+    out = kernels.local_attention(q, k, v, key_mask, implementation)
     return jax.lax.all_to_all(out, AXIS, split_axis=1, concat_axis=2, tiled=True)
-
-
-def _local_kernel(q, k, v, key_mask, implementation):
-    """The kernels of `attention.dot_product_attention`, on what is already one device's part."""
-    impl = implementation or attn_lib.pick_implementation(q.shape, k.shape, q.dtype, masked=key_mask is not None)
-    if impl in ("xla", "cudnn"):
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
-    if impl == "chunked":
-        return attn_lib._chunked_attention(q, k, v, key_mask)
-    if impl == "splash":
-        return attn_lib._splash_attention(q, k, v, key_mask)
-    raise ValueError(f"unknown attention implementation {impl!r}; choose from {attn_lib.IMPLEMENTATIONS}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,7 +110,7 @@ def _local_kernel(q, k, v, key_mask, implementation):
 def _ring_local(q, k, v, key_mask, num_devices):
     bias = None
     if key_mask is not None:
-        bias = attn_lib._vary_like(jnp.where(key_mask, 0.0, attn_lib._MASK_VALUE).astype(jnp.float32), q)
+        bias = kernels.vary_like(jnp.where(key_mask, 0.0, kernels.MASK_VALUE).astype(jnp.float32), q)
     return _ring(q, k, v, bias, num_devices)
 
 
@@ -140,9 +128,9 @@ def _logits(q, k, bias):
 def _ring_forward(q, k, v, bias, n):
     """(out [B, L, N, K] in q's dtype, lse float32 [B, N, L]) of q against all n K/V blocks."""
     B, L, N, K = q.shape
-    init = lambda shape, value: attn_lib._vary_like(jnp.full(shape, value, jnp.float32), q)
+    init = lambda shape, value: kernels.vary_like(jnp.full(shape, value, jnp.float32), q)
     # Finite start for the running max: exp(m - m_new) is then 0, never NaN.
-    m, l, acc = init((B, N, L), attn_lib._MASK_VALUE), init((B, N, L), 0.0), init((B, N, L, K), 0.0)
+    m, l, acc = init((B, N, L), kernels.MASK_VALUE), init((B, N, L), 0.0), init((B, N, L, K), 0.0)
 
     def accumulate(kb, vb, bb, m, l, acc):
         s = _logits(q, kb, bb)
@@ -197,7 +185,7 @@ def _ring_bwd(n, res, dout):
         bb = None if bb is None else _shift(bb, n)
         return (kb, vb, bb, *grads(kb, vb, bb, dq, dk, dv))
 
-    zeros = lambda x: attn_lib._vary_like(jnp.zeros(x.shape, jnp.float32), q)
+    zeros = lambda x: kernels.vary_like(jnp.zeros(x.shape, jnp.float32), q)
     dq, dk, dv = grads(k, v, bias, zeros(q), zeros(k), zeros(v))
     _, _, _, dq, dk, dv = jax.lax.fori_loop(1, n, step, (k, v, bias, dq, dk, dv))
     dk, dv = _shift(dk, n), _shift(dv, n)  # after n - 1 hops, one more brings them home

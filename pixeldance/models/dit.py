@@ -13,14 +13,14 @@ Options (constructor arguments of `VideoDiT`, set from `config.dit` by the train
   attention  'full' space-time self-attention, or 'factorised': attention within each frame,
              then a second attention across frames at each spatial position (PixelDance's UNet
              pairs spatial with temporal attention the same way).
-  attention_impl  the attention kernel, None = per backend (`attention.pick_implementation`).
+  attention_impl  the attention kernel, None = per backend (`attention_kernels.pick_implementation`).
   context_parallel  'ulysses' (default) or 'ring': how the full self-attention runs where the
              video tokens are split over a 'context' mesh axis (preset 'fsdp_context'); see
              `context_parallel.py`. Without such a split it changes nothing.
 
-Axis glossary:
-  B batch   T latent frames   H, W latent height/width   C latent channels
-  L video tokens   S text tokens   D model width   N heads   K head width   F MLP width
+Axis letters (glossary: pixeldance/models/__init__.py): B batch, T latent frames, h/w latent
+height/width, C latent channels, L video tokens, S text tokens, D model width, N heads, K head
+width, E MLP width.
 """
 from __future__ import annotations
 
@@ -32,11 +32,12 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from pixeldance.models import attention as attn_lib
+from pixeldance.models import attention_kernels
 from pixeldance.models.layers import Dense, LayerNorm, RMSNorm
 from pixeldance.models.text import TextEncoder
 from pixeldance.sharding import constrain
 
-# Size table: width D, depth, heads N (head width K = D / N), MLP width F = mlp_ratio * D.
+# Size table: width D, depth, heads N (head width K = D / N), MLP width E = mlp_ratio * D.
 # `mu` is for tests; `shapes` for the built-in world on a CPU; S, B, L, XL follow DiT's widths
 # and depths; `1.5B` matches the parameter count of PixelDance's UNet (1.5B) with the head count
 # and width of Wan 2.1's 1.3B model (12 x 128) at DiT-XL's depth.
@@ -75,18 +76,18 @@ def count_params(*, width: int, depth: int, num_heads: int, mlp_ratio: int, text
 
     Per block: adaLN 6D(D+1); self-attention qkv 3D(D+1), out D(D+1), q/k norms 2K;
     cross-attention LayerNorm 2D, q D(D+1), kv 2D(D+1), out D(D+1), q/k norms 2K;
-    MLP 2DF + F + D; 'factorised' adds a temporal attention (LayerNorm 2D, qkv, out, norms).
+    MLP 2DE + E + D; 'factorised' adds a temporal attention (LayerNorm 2D, qkv, out, norms).
     Outside the blocks: patch embedding, time MLP, pooled-text and text projections, final
     adaLN and output projection.
     """
-    D, K, F = width, width // num_heads, mlp_ratio * width
+    D, K, E = width, width // num_heads, mlp_ratio * width
     p_in = math.prod(patch_size) * (2 * latent_channels + 1)
     p_out = math.prod(patch_size) * latent_channels
     dense = lambda i, o: i * o + o
     self_attn = dense(D, 3 * D) + dense(D, D) + 2 * K
     block = (dense(D, 6 * D) + self_attn
              + 2 * D + dense(D, D) + dense(D, 2 * D) + dense(D, D) + 2 * K
-             + dense(D, F) + dense(F, D))
+             + dense(D, E) + dense(E, D))
     if attention == "factorised":
         block += 2 * D + self_attn
     top = (dense(p_in, D) + dense(TIME_FEATURES, D) + dense(D, D) + 2 * dense(text_width, D)
@@ -99,13 +100,13 @@ def dit_flops_per_sample(*, num_tokens: int, text_len: int, width: int, depth: i
                          attention: str = "full", num_frames: int = 1) -> float:
     """Analytic forward FLOPs of the DiT blocks + patch in/out for one sample (2 per MAC).
 
-    Per layer: 2L(4D^2 qkv+out, 2DF mlp, 2D^2 cross q+out) + 2S(2D^2) cross kv
+    Per layer: 2L(4D^2 qkv+out, 2DE mlp, 2D^2 cross q+out) + 2S(2D^2) cross kv
     + self-attention 4 L M D (M keys per query: L for 'full'; for 'factorised' L/T spatial plus
     T temporal, and another 2L(4D^2) for the temporal projections) + cross-attention 4LSD.
     Per-sample terms (adaLN, time MLP) are left out: they do not scale with tokens.
     """
-    L, S, D, F = num_tokens, text_len, width, mlp_ratio * width
-    per_layer = 2 * L * (4 * D * D + 2 * D * F + 2 * D * D) + 2 * S * 2 * D * D + 4 * L * S * D
+    L, S, D, E = num_tokens, text_len, width, mlp_ratio * width
+    per_layer = 2 * L * (4 * D * D + 2 * D * E + 2 * D * D) + 2 * S * 2 * D * D + 4 * L * S * D
     if attention == "full":
         per_layer += 4 * L * L * D
     elif attention == "factorised":
@@ -137,7 +138,7 @@ def rope_split(head_dim: int) -> tuple[int, int, int]:
 
 
 def rope_3d(grid: tuple[int, int, int], head_dim: int, theta: float = 10_000.0):
-    """Rotary angles for a (T, H, W) token grid -> (cos, sin) each float32 [L, K/2]."""
+    """Rotary angles for a (T, h, w) token grid (in patches) -> (cos, sin) each float32 [L, K/2]."""
     parts = rope_split(head_dim)
     coords = jnp.stack(jnp.meshgrid(*[jnp.arange(n) for n in grid], indexing="ij"), -1)
     coords = coords.reshape(-1, 3).astype(jnp.float32)  # [L, 3]
@@ -241,7 +242,7 @@ class DiTBlock(nn.Module):
 
 
 _policies = jax.checkpoint_policies
-_KEEP_ATTENTION = _policies.save_only_these_names(*attn_lib.REMAT_NAMES)
+_KEEP_ATTENTION = _policies.save_only_these_names(*attention_kernels.REMAT_NAMES)
 
 # What the backward pass recomputes instead of storing, per block:
 REMAT_POLICIES = {
@@ -260,7 +261,7 @@ REMAT_POLICIES = {
     # As 'dots', plus batched matmul outputs: the 'xla' kernel's logits [B, N, L, M] too
     # (O(L^2) memory per layer, no attention recompute).
     "dots_saveable": _policies.save_from_both_policies(_policies.dots_saveable, _KEEP_ATTENTION),
-    # Everything except the MLP's hidden activations ([B, L, F], the widest per-token tensors):
+    # Everything except the MLP's hidden activations ([B, L, E], the widest per-token tensors):
     # the backward pass recomputes only mlp_in and the GELU.
     "mlp": _policies.save_anything_except_these_names("mlp_hidden"),
 }
@@ -273,12 +274,12 @@ class VideoDiT(nn.Module):
     """Denoiser for latent video with PixelDance image instructions.
 
     __call__ args:
-      x: noisy latents float [B, T, H, W, C]
+      x: noisy latents float [B, T, h, w, C]
       t: flow time float [B] in [0, 1] (1 = pure noise)
-      c_image: instruction latents [B, T, H, W, C] (zeros where not given)
-      c_mask: [B, T, H, W, 1], 1 at frames with an instruction
+      c_image: instruction latents [B, T, h, w, C] (zeros where not given)
+      c_mask: [B, T, h, w, 1], 1 at frames with an instruction
       text: [B, S, Dt] text embeddings; text_mask: bool [B, S]
-    Returns: float32 [B, T, H, W, C] network output (x0 or velocity, per the objective).
+    Returns: float32 [B, T, h, w, C] network output (x0 or velocity, per the objective).
     """
     latent_channels: int = 16
     patch_size: tuple[int, int, int] = (1, 2, 2)
@@ -295,9 +296,9 @@ class VideoDiT(nn.Module):
 
     @nn.compact
     def __call__(self, x, t, c_image, c_mask, text, text_mask):
-        B, T, H, W, C = x.shape
+        B, T, h, w, C = x.shape
         pt, ph, pw = self.patch_size
-        if T % pt or H % ph or W % pw:
+        if T % pt or h % ph or w % pw:
             raise ValueError(f"latent shape {x.shape} is not divisible by patch size {self.patch_size}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {self.remat!r}; choose from {sorted(REMAT_POLICIES)}")
@@ -305,16 +306,16 @@ class VideoDiT(nn.Module):
             raise ValueError(f"unknown attention {self.attention!r}; choose from {ATTENTION_KINDS}")
         if self.context_parallel not in CONTEXT_PARALLEL:
             raise ValueError(f"unknown context_parallel {self.context_parallel!r}; choose from {CONTEXT_PARALLEL}")
-        grid = (T // pt, H // ph, W // pw)
+        grid = (T // pt, h // ph, w // pw)
         D = self.width
 
-        # Patchify [B, T, H, W, 2C+1] -> [B, L, pt*ph*pw*(2C+1)].
+        # Patchify [B, T, h, w, 2C+1] -> [B, L, pt*ph*pw*(2C+1)].
         inp = jnp.concatenate([x, c_image, c_mask], axis=-1).astype(self.dtype)
         Cin = inp.shape[-1]
         inp = inp.reshape(B, grid[0], pt, grid[1], ph, grid[2], pw, Cin)
         inp = inp.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(B, -1, pt * ph * pw * Cin)
-        h = _dense(D, (None, "embed"), self.dtype, "patch_embed")(inp)
-        h = constrain(h, ("batch", "length", "embed"))
+        hidden = _dense(D, (None, "embed"), self.dtype, "patch_embed")(inp)
+        hidden = constrain(hidden, ("batch", "length", "embed"))
 
         # Conditioning vector: diffusion time plus pooled text (global colour/shape cues).
         cond = _dense(D, (None, "embed"), self.dtype, "time_in")(timestep_embedding(t, TIME_FEATURES))
@@ -336,18 +337,18 @@ class VideoDiT(nn.Module):
             blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                              in_axes=(nn.broadcast,) * 4, length=self.depth,
                              metadata_params={nn.PARTITION_NAME: "layers"})
-            h, _ = blocks(**block_kwargs, name="blocks")(h, cond, rope, text_h, text_mask)
+            hidden, _ = blocks(**block_kwargs, name="blocks")(hidden, cond, rope, text_h, text_mask)
         else:
             for i in range(self.depth):
-                h, _ = block(**block_kwargs, name=f"block_{i}")(h, cond, rope, text_h, text_mask)
+                hidden, _ = block(**block_kwargs, name=f"block_{i}")(hidden, cond, rope, text_h, text_mask)
 
         # adaLN-modulated final layer, zero-initialised so training starts from output 0.
         shift, scale = jnp.split(_dense(2 * D, ("embed", "mlp"), self.dtype, "final_adaln",
                                         zero=True)(nn.silu(cond))[:, None], 2, axis=-1)
-        h = LayerNorm(use_scale=False, use_bias=False, dtype=self.dtype)(h, shift, scale)
-        out = _dense(pt * ph * pw * C, ("embed", None), self.dtype, "final", zero=True)(h)
+        hidden = LayerNorm(use_scale=False, use_bias=False, dtype=self.dtype)(hidden, shift, scale)
+        out = _dense(pt * ph * pw * C, ("embed", None), self.dtype, "final", zero=True)(hidden)
         out = out.reshape(B, *grid, pt, ph, pw, C).transpose(0, 1, 4, 2, 5, 3, 6, 7)
-        return out.reshape(B, T, H, W, C).astype(jnp.float32)
+        return out.reshape(B, T, h, w, C).astype(jnp.float32)
 
 
 class PixelDanceModel(nn.Module):

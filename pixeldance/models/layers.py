@@ -1,6 +1,6 @@
 """Layers shared by the transformer models, with logical axis names on every parameter.
 
-Axis glossary: see pixeldance/sharding.py for the logical names.
+Axis letters: the glossary in pixeldance/models/__init__.py; logical axis names: pixeldance/sharding.py.
 """
 from __future__ import annotations
 

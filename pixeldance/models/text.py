@@ -6,7 +6,8 @@ together with the DiT is enough to bind colour, shape and direction words. Pretr
 encoders (CLIP/T5) would need downloaded weights; for real data they come in through
 converters, behind the same interface: tokens [B, S] -> embeddings [B, S, D] and a mask.
 
-Axis glossary: B batch, S text tokens, D width, N heads, K head width.
+Axis letters (glossary: pixeldance/models/__init__.py): B batch, S text tokens, D width, N heads,
+K head width.
 """
 from __future__ import annotations
 

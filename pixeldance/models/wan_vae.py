@@ -4,12 +4,10 @@ Layer for layer the model of diffusers' `AutoencoderKLWan` (Wan 2.1, not the res
 variant), so that `pixeldance.convert.wan_vae` can load its released weights. 4x8x8 compression,
 16 latent channels; ``F = 1 + 4k`` frames give ``T = 1 + k`` latent frames.
 
-Axis glossary (shapes in docstrings and comments use these letters):
-  B  batch
-  F  pixel frames; T  frames of a level (latent frames at the bottleneck)
-  H  height, W  width (of pixels or of a level); h, w  latent height and width
-  C  channels; Z  latent channels (``z_dim``)
-  K  time taps of a causal convolution (``kt``)
+Axis letters (glossary: pixeldance/models/__init__.py): B batch; F pixel frames; T frames of a
+level (latent frames at the bottleneck); H/W height/width (of pixels or of a level); h/w latent
+height/width; C channels, O output channels; Z latent channels (``z_dim``); kt time taps of a
+causal convolution.
 
 What the released weights fix, and how it differs from pixeldance's own `CausalVAE` (vae.py):
 
@@ -36,9 +34,10 @@ every layer is causal, that is the same function as one pass over the whole vide
 above (an empty cache is zero padding; the special cases of frame 0 are those of the first chunk).
 `WanVAE.encode` / `.decode` take the one pass: every conv is a sum of 2D convs over all B*T
 frames, one per time tap (what XLA:CPU runs fastest), skipping the taps that fall on the zero
-padding (`vae.causal_conv`); on the CPU, wide 3x3 convs use Winograd's F(2x2, 3x3)
+padding (`causal_conv.causal_conv`); on the CPU, wide 3x3 convs use Winograd's F(2x2, 3x3)
 (`winograd.py`) and large frames go one at a time (`per_frame=None`: an inference model; the
-frame loop's gradient is slow, see `vae.conv_frames`). `encode_chunked` / `decode_chunked` run the same layers
+frame loop's gradient is slow, see `causal_conv.conv_frames`). `vae_inference.encode_chunked` /
+`decode_chunked` run the same layers
 chunk by chunk, carrying the cache in the 'cache' variable collection through `lax.scan`, so that
 memory does not grow with the length of the video; both equal the one-pass result.
 """
@@ -54,8 +53,9 @@ import numpy as np
 from flax import linen as nn
 from jax import lax
 
-from pixeldance.models import attention, layers, winograd
-from pixeldance.models.vae import LOGVAR_MAX, LOGVAR_MIN, _matrix_init, causal_conv, conv_frames
+from pixeldance.models import attention, attention_kernels, layers, winograd
+from pixeldance.models.causal_conv import caching, causal_conv, conv_frames, matrix_init
+from pixeldance.models.vae import LOGVAR_MAX, LOGVAR_MIN
 
 Dtype = Any
 
@@ -67,14 +67,9 @@ WAN21 = dict(base_dim=96, decoder_base_dim=None, z_dim=16, dim_mult=(1, 2, 4, 4)
              temporal_downsample=(False, True, True))
 
 
-def _caching(module: nn.Module) -> bool:
-    """True when a chunked pass carries the causal cache (the 'cache' collection is mutable)."""
-    return module.is_mutable_collection("cache") and not module.is_initializing()
-
-
 def _conv_params(module: nn.Module, shape: tuple[int, ...], axes, dtype):
     kernel = module.param("kernel", nn.with_logical_partitioning(
-        _matrix_init(nn.initializers.lecun_normal()), axes), shape, jnp.float32)
+        matrix_init(nn.initializers.lecun_normal()), axes), shape, jnp.float32)
     bias = module.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
                         (shape[-1],), jnp.float32)
     return kernel.astype(dtype), bias.astype(dtype)
@@ -87,12 +82,12 @@ def _conv_params(module: nn.Module, shape: tuple[int, ...], axes, dtype):
 class CausalConv(nn.Module):
     """3D convolution, causal in time (zero padding on the left, or the cache), 'SAME' in space.
 
-    Output frame t sees input frames ``t-K+1 .. t``: tap a (kernel[a]) reads input frame
-    ``t-(K-1)+a``. Computed as one 2D conv per tap over the frames it reads. In the one pass the
-    products with the zero padding are skipped (tap a starts at output ``K-1-a``), which saves
-    ``K-1`` of every ``K*T`` frame convolutions; diffusers computes them. In a chunked pass the
-    cache holds the last K-1 input frames ([B, K-1, H, W, C_in], zeros before the first chunk),
-    as diffusers' does. Kernel [K, kh, kw, C_in, C_out].
+    Output frame t sees input frames ``t-kt+1 .. t``: tap a (kernel[a]) reads input frame
+    ``t-(kt-1)+a``. Computed as one 2D conv per tap over the frames it reads. In the one pass the
+    products with the zero padding are skipped (tap a starts at output ``kt-1-a``), which saves
+    ``kt-1`` of every ``kt*T`` frame convolutions; diffusers computes them. In a chunked pass the
+    cache holds the last kt-1 input frames ([B, kt-1, H, W, C_in], zeros before the first chunk),
+    as diffusers' does. Kernel [kt, kh, kw, C_in, C_out].
     Input ``[B, T, H, W, C_in]`` -> ``[B, T, H, W, features]``.
     """
     features: int
@@ -108,7 +103,7 @@ class CausalConv(nn.Module):
         # Both take (x, kernel, past=None) with zero padding before frame 0.
         conv = (winograd.causal_conv if _use_winograd(x.shape, kernel.shape)
                 else functools.partial(causal_conv, pad="zeros", per_frame=None))
-        if _caching(self) and kt > 1:
+        if caching(self) and kt > 1:
             cache = self.variable("cache", "frames", jnp.zeros, (x.shape[0], kt - 1) + x.shape[2:], x.dtype)
             seq = jnp.concatenate([cache.value, x], axis=1)
             cache.value = seq[:, -(kt - 1):]
@@ -126,12 +121,12 @@ CPU_WINOGRAD_MIN_SIZE = 32
 
 
 def _use_winograd(x_shape, kernel_shape) -> bool:
-    """Whether a causal conv of input [B, T, H, W, C] and kernel [K, kh, kw, C, O] takes Winograd."""
+    """Whether a causal conv of input [B, T, H, W, C] and kernel [kt, kh, kw, C, O] takes Winograd."""
     _, t, h, w, _ = x_shape
     _, kh, kw, c_in, c_out = kernel_shape
     return ((kh, kw) == (3, 3) and t > 0 and h % 2 == 0 and w % 2 == 0
             and min(h, w) >= CPU_WINOGRAD_MIN_SIZE and min(c_in, c_out) >= CPU_WINOGRAD_MIN_CHANNELS
-            and attention.target_platform() == "cpu")
+            and attention_kernels.target_platform() == "cpu")
 
 
 class TimeDownConv(nn.Module):
@@ -149,7 +144,7 @@ class TimeDownConv(nn.Module):
         c = x.shape[-1]
         kernel, bias = _conv_params(self, (3, 1, 1, c, c), _CONV3D_AXES, self.dtype)
         seq = x
-        if _caching(self):
+        if caching(self):
             last = self.variable("cache", "last", jnp.zeros, (x.shape[0], 1) + x.shape[2:], x.dtype)
             if not first:
                 seq = jnp.concatenate([last.value, x], axis=1)
@@ -430,7 +425,7 @@ class WanVAE(nn.Module):
     def latent_channels(self) -> int:
         return self.z_dim
 
-    def _check_video(self, video: jax.Array, what: str):
+    def check_video(self, video: jax.Array, what: str):
         t, s = self.temporal_factor, self.spatial_factor
         shape = tuple(video.shape)
         if video.ndim != 5 or shape[-1] != 3:
@@ -442,7 +437,7 @@ class WanVAE(nn.Module):
             raise ValueError(f"WanVAE.{what}: video shape {shape} has H={shape[2]}, W={shape[3]}; "
                              f"both must be divisible by {s}")
 
-    def _check_latents(self, z: jax.Array, what: str):
+    def check_latents(self, z: jax.Array, what: str):
         if z.ndim != 5 or z.shape[-1] != self.z_dim or z.shape[1] < 1:
             raise ValueError(f"WanVAE.{what}: latent shape {tuple(z.shape)} must be "
                              f"[B, T>=1, h, w, {self.z_dim}]")
@@ -457,12 +452,12 @@ class WanVAE(nn.Module):
 
         Returns (mean, logvar), each float32 [B, 1+k, H/8, W/8, Z]; logvar clipped to [-30, 20].
         """
-        self._check_video(video, "encode")
+        self.check_video(video, "encode")
         return self._moments(video, True)
 
     def decode(self, z: jax.Array) -> jax.Array:
         """z: float [B, T, h, w, Z] -> float32 video [B, 1 + 4(T-1), 8h, 8w, 3], clipped to [-1, 1]."""
-        self._check_latents(z, "decode")
+        self.check_latents(z, "decode")
         return self._decode(z, True)
 
     def _decode(self, z: jax.Array, first: bool) -> jax.Array:
@@ -470,11 +465,11 @@ class WanVAE(nn.Module):
         return jnp.clip(x.astype(jnp.float32), -1.0, 1.0)
 
     def encode_chunk(self, video: jax.Array, first: bool) -> tuple[jax.Array, jax.Array]:
-        """One chunk of `encode_chunked` (needs the 'cache' collection mutable)."""
+        """One chunk of `vae_inference.encode_chunked` (needs the 'cache' collection mutable)."""
         return self._moments(video, first)
 
     def decode_chunk(self, z: jax.Array, first: bool) -> jax.Array:
-        """One chunk of `decode_chunked` (needs the 'cache' collection mutable)."""
+        """One chunk of `vae_inference.decode_chunked` (needs the 'cache' collection mutable)."""
         return self._decode(z, first)
 
     def __call__(self, video: jax.Array, sample_rng: jax.Array | None = None) -> dict[str, jax.Array]:
@@ -488,54 +483,3 @@ class WanVAE(nn.Module):
             noise = jax.random.normal(sample_rng, (mean.size,), mean.dtype).reshape(mean.shape)
             z = mean + jnp.exp(0.5 * logvar) * noise
         return dict(recon=self.decode(z), mean=mean, logvar=logvar, z=z)
-
-
-# ---------------------------------------------------------------------------------------------
-# Chunked encoding and decoding (diffusers' chunks; memory flat in the video length).
-# ---------------------------------------------------------------------------------------------
-
-def _scan_chunks(model: WanVAE, params, method, first_chunk: jax.Array, chunks: jax.Array):
-    """Runs `method` on the first chunk and then, carrying the cache, on each of `chunks` [N, ...].
-
-    Returns (output of the first chunk, stacked outputs of the others [N, ...]).
-    """
-    out0, variables = model.apply(params, first_chunk, True, method=method, mutable=["cache"])
-
-    def step(cache, chunk):
-        out, new = model.apply({**params, "cache": cache}, chunk, False, method=method, mutable=["cache"])
-        return new["cache"], out
-
-    _, outs = lax.scan(step, variables["cache"], chunks)
-    return out0, outs
-
-
-def _join_chunks(first: jax.Array, rest: jax.Array) -> jax.Array:
-    """[B, T0, ...] and [N, B, Tc, ...] -> [B, T0 + N*Tc, ...] (time order)."""
-    n, b, tc = rest.shape[:3]
-    rest = jnp.moveaxis(rest, 0, 1).reshape((b, n * tc) + rest.shape[3:])
-    return jnp.concatenate([first, rest], axis=1)
-
-
-def encode_chunked(model: WanVAE, params, video: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`model.encode` frame 0 alone, then `temporal_factor` frames at a time (as diffusers does).
-
-    params: {'params': ...}. video as for `WanVAE.encode`. Equal to `encode` up to float rounding.
-    """
-    model._check_video(video, "encode_chunked")
-    t = model.temporal_factor
-    b, f = video.shape[:2]
-    chunks = jnp.moveaxis(video[:, 1:].reshape((b, (f - 1) // t, t) + video.shape[2:]), 1, 0)
-    (mean0, logvar0), (means, logvars) = _scan_chunks(model, params, WanVAE.encode_chunk, video[:, :1], chunks)
-    return _join_chunks(mean0, means), _join_chunks(logvar0, logvars)
-
-
-def decode_chunked(model: WanVAE, params, z: jax.Array) -> jax.Array:
-    """`model.decode` one latent frame at a time (as diffusers does), memory flat in T.
-
-    params: {'params': ...}; z [B, T, h, w, Z] -> float32 [B, 1 + 4(T-1), 8h, 8w, 3] in [-1, 1].
-    Equal to `decode` up to float rounding.
-    """
-    model._check_latents(z, "decode_chunked")
-    chunks = jnp.moveaxis(z[:, 1:], 1, 0)[:, :, None]  # [T-1, B, 1, h, w, Z]
-    first, rest = _scan_chunks(model, params, WanVAE.decode_chunk, z[:, :1], chunks)
-    return _join_chunks(first, rest)

@@ -1,7 +1,8 @@
 """Causal 3D convolutions with 3x3 spatial kernels by Winograd's minimal filtering, F(2x2, 3x3).
 
-Axis glossary: B batch, T frames, H and W height and width (even), C input and O output
-channels, K time taps; h = H/2 and w = W/2 count the 2x2 output tiles.
+Axis letters (glossary: pixeldance/models/__init__.py): B batch, T frames, H and W height and
+width (even), C input and O output channels, kt time taps; Ht = H/2 and Wt = W/2 count the 2x2
+output tiles.
 
 Each 2x2 output tile of a 3x3 'SAME' conv is computed from its 4x4 input tile as
 ``A^T [(G g G^T) * (B^T d B)] A``: 16 products per input and output channel pair instead of 36
@@ -37,7 +38,7 @@ def _output_1d(m: list[jax.Array]) -> list[jax.Array]:
 
 
 def transform_input(x: jax.Array) -> list[jax.Array]:
-    """x [B, T, H, W, C] -> 16 arrays [B, T, h, w, C] (index 4a + b): every 4x4 tile (stride 2,
+    """x [B, T, H, W, C] -> 16 arrays [B, T, Ht, Wt, C] (index 4a + b): every 4x4 tile (stride 2,
     'SAME' zero padding) transformed as B^T d B."""
     xp = jnp.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)))
     return [v for rows in _input_1d(xp, 2) for v in _input_1d(rows, 3)]
@@ -51,12 +52,12 @@ def transform_kernel(kernel: jax.Array) -> jax.Array:
 
 
 def transform_output(m: list[jax.Array]) -> jax.Array:
-    """16 arrays [B, T, h, w, O] (index 4a + b) -> the output tiles A^T m A, [B, T, 2h, 2w, O]."""
+    """16 arrays [B, T, Ht, Wt, O] (index 4a + b) -> the output tiles A^T m A, [B, T, 2Ht, 2Wt, O]."""
     cols = [_output_1d([m[4 * a + b] for a in range(4)]) for b in range(4)]  # cols[b][i]
     y = [_output_1d([cols[b][i] for b in range(4)]) for i in range(2)]  # y[i][j]
-    y = jnp.stack([jnp.stack(y[i], axis=-2) for i in range(2)], axis=-4)  # [B, T, h, 2, w, 2, O]
-    b, t, h, _, w, _, o = y.shape
-    return y.reshape(b, t, 2 * h, 2 * w, o)
+    y = jnp.stack([jnp.stack(y[i], axis=-2) for i in range(2)], axis=-4)  # [B, T, Ht, 2, Wt, 2, O]
+    b, t, ht, _, wt, _, o = y.shape
+    return y.reshape(b, t, 2 * ht, 2 * wt, o)
 
 
 def _matmul(v: jax.Array, u: jax.Array) -> jax.Array:
@@ -65,22 +66,22 @@ def _matmul(v: jax.Array, u: jax.Array) -> jax.Array:
 
 
 def causal_conv(x: jax.Array, kernel: jax.Array, *, past: jax.Array | None = None) -> jax.Array:
-    """The causal conv of `vae.causal_conv` with zero padding (or `past`), by F(2x2, 3x3).
+    """The causal conv of `causal_conv.causal_conv` with zero padding (or `past`), by F(2x2, 3x3).
 
-    x [B, T, H, W, C] with H and W even, kernel [K, 3, 3, C, O], past [B, K-1, H, W, C] or None
+    x [B, T, H, W, C] with H and W even, kernel [kt, 3, 3, C, O], past [B, kt-1, H, W, C] or None
     (zero frames before frame 0, whose products are skipped) -> [B, T, H, W, O].
     """
     kt, kh, kw = kernel.shape[:3]
-    b, t, h, w, _ = x.shape
-    if (kh, kw) != (3, 3) or h % 2 or w % 2:
+    t, height, width = x.shape[1:4]
+    if (kh, kw) != (3, 3) or height % 2 or width % 2:
         raise ValueError(f"winograd.causal_conv: needs a 3x3 spatial kernel and even H, W; got kernel "
-                         f"{tuple(kernel.shape)} on frames {h}x{w}")
+                         f"{tuple(kernel.shape)} on frames {height}x{width}")
     seq = x if past is None else jnp.concatenate([past.astype(x.dtype), x], axis=1)
     v = transform_input(seq)  # each frame once, for all of its taps
     u = [transform_kernel(kernel[a]) for a in range(kt)]
     m = []
     for e in range(16):
-        if past is not None:  # output t reads seq frames t .. t+K-1
+        if past is not None:  # output t reads seq frames t .. t+kt-1
             acc = sum(_matmul(v[e][:, a:a + t], u[a][e]) for a in range(kt))
         else:
             acc = _matmul(v[e], u[kt - 1][e])

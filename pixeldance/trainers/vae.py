@@ -37,6 +37,7 @@ from pixeldance.evaluators import common as eval_common
 from pixeldance.evaluators import registry as eval_registry
 from pixeldance.evaluators.reconstruction import psnr, to_unit
 from pixeldance.models import vae as vae_lib
+from pixeldance.models.perceptual import PerceptualNet
 from pixeldance.sample import VideoVAE
 
 
@@ -158,7 +159,7 @@ def _vae_gan_loss(params, step, video, rng, *, model, weights: LossWeights, perc
                       logits_fake=fake, **_quality(recon, video))
 
 
-def load_perceptual(stage_config) -> vae_lib.PerceptualNet | None:
+def load_perceptual(stage_config) -> PerceptualNet | None:
     """The perceptual feature network of config.vae, or None (weight 0, or no weights file)."""
     path = option(stage_config, "perceptual_path")
     if option(stage_config, "perceptual_weight") <= 0 or not path:
@@ -166,7 +167,7 @@ def load_perceptual(stage_config) -> vae_lib.PerceptualNet | None:
     if not os.path.exists(path):
         print(f"perceptual loss off: no weights file at {path}")
         return None
-    return vae_lib.PerceptualNet(path)
+    return PerceptualNet(path)
 
 
 class StepBatches:
