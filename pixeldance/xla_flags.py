@@ -24,7 +24,7 @@ def with_fast_compile(xla_flags: str) -> str:
 def enable_fast_compile() -> bool:
     """Adds the fast-compile flags to XLA_FLAGS. Returns False (and changes nothing) if a JAX
     backend is already running, since XLA would no longer read them."""
-    from jax._src import xla_bridge
+    from jax._src import xla_bridge  # here: tests import this module before jax may be imported
     if xla_bridge.backends_are_initialized():
         return False
     os.environ["XLA_FLAGS"] = with_fast_compile(os.environ.get("XLA_FLAGS", ""))
