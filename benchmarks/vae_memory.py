@@ -4,8 +4,8 @@ r"""Peak memory of decoding a long video in one pass against chunk by chunk (cau
       --rss=2,9,33 --output=benchmarks/results/vae_memory.json
 
 For each number of latent frames T (F = 1 + 4(T-1) pixel frames) it compiles
-`CausalVAE.decode` and `vae.decode_chunked` (one latent frame per chunk) for abstract inputs
-and reads XLA's `memory_analysis()`: temporaries (activations) and output bytes, so no
+`CausalVAE.decode` and `vae_inference.decode_chunked` (one latent frame per chunk) for abstract
+inputs and reads XLA's `memory_analysis()`: temporaries (activations) and output bytes, so no
 parameters are allocated and nothing runs. With `--rss`, it also decodes for real in a fresh
 subprocess per (T, mode) and records the child's peak resident set size (includes the JAX
 runtime, ~0.3-0.5 GB, the parameters and the output), so the compiled numbers are checked

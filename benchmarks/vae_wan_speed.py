@@ -48,7 +48,7 @@ def _jax_side(frames: int, size: int, nearest: bool):
     import jax.numpy as jnp
     import numpy as np
     from pixeldance.convert import wan_vae as convert
-    from pixeldance.models import wan_vae
+    from pixeldance.models import causal_conv, wan_vae
 
     if nearest:
         class NearestUpsampleConv(wan_vae.UpsampleConv):
@@ -58,7 +58,7 @@ def _jax_side(frames: int, size: int, nearest: bool):
                 kernel, bias = wan_vae._conv_params(self, (3, 3, x.shape[-1], self.features),
                                                     wan_vae._CONV2D_AXES, self.dtype)
                 x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
-                return wan_vae.conv_frames(x.astype(self.dtype), kernel, per_frame=None) + bias
+                return causal_conv.conv_frames(x.astype(self.dtype), kernel, per_frame=None) + bias
         wan_vae.UpsampleConv = NearestUpsampleConv
     model = wan_vae.WanVAE(**wan_vae.WAN21)
     rng = np.random.RandomState(0)

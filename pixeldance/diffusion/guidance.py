@@ -14,7 +14,8 @@ Predictions are any pytree of arrays, e.g. (x0_hat, v_hat) of `objectives.denois
 objective's conversion to them is affine in the network output, so guiding them is guiding the
 output.
 
-Axis letters (glossary: pixeldance/models/__init__.py): B batch; branch-stacked arrays are [n * B, ...] in the order full, image, none.
+Axis letters (glossary: pixeldance/models/__init__.py): B batch; branch-stacked arrays are
+[n * B, ...] in the order full, image, none.
 """
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ MASK_VALUE = -1e30  # finite, so a fully masked row gives a uniform softmax inst
 # On the CPU, logits tensors up to this many elements (all heads) stay with plain XLA: for
 # small ones the loop of the chunked kernel costs more than the passes over memory it saves.
 CPU_CHUNKED_MIN_LOGITS = 1 << 22
-# Target query-chunk size: C * M logits (4 MiB in float32) stay in the CPU's caches.
+# Target query-chunk size: Q * M logits (4 MiB in float32) stay in the CPU's caches.
 _CHUNK_LOGITS = 1 << 20
 
 
@@ -215,7 +215,7 @@ def _attach_grad_bwd(chunk, res, dout):
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [G, L]
 
     # The backward pass works on transposed [M, Q] tiles, so that every matmul is a plain
-    # [a, b] @ [b, c] or [a, b] @ [c, b]^T: XLA:CPU's GEMM ran matmuls with a transposed left
+    # [m, n] @ [n, p] or [m, n] @ [p, n]^T: XLA:CPU's GEMM ran matmuls with a transposed left
     # operand (p^T @ dout, the textbook form) 2-3x slower. dq is computed transposed,
     # k^T @ ds^T, from k^T made once per call; the optimization barrier keeps XLA from folding
     # that transpose back into the matmul.

@@ -6,8 +6,9 @@ that skips the products with the padding; `conv_frames` is the 2D conv over ever
 chunked passes of `vae_inference` carry each conv's last input frames in the 'cache' variable
 collection (`caching`).
 
-Axis letters (glossary: pixeldance/models/__init__.py): B batch, T frames (of whatever level the
-conv runs at), H/W height/width, C channels (C_in, C_out of a kernel), kt time taps.
+Axis letters (glossary: pixeldance/models/__init__.py): B batch, F pixel frames (the
+rearrangements at a VAE's input and output), T frames (of whatever level the conv runs at), H/W
+height/width, C channels (a conv's input channels), O a conv's output channels, kt time taps.
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ def pair_frames(x: jax.Array, first: bool = True) -> jax.Array:
         raise ValueError(f"pair_frames: {f - first} frames do not pair up causally "
                          f"(need 1 + 2m frames from the start of a video, 2m in a later chunk)")
     x = x.reshape(b, f // 2, 2, h, w, c)
-    x = x.transpose(0, 1, 3, 4, 2, 5)  # [B, F/2, H, W, 2, C]
+    x = x.transpose(0, 1, 3, 4, 2, 5)  # [B, T/2, H, W, 2, C]
     return x.reshape(b, f // 2, h, w, 2 * c)
 
 
@@ -92,14 +93,14 @@ class CausalConv3d(nn.Module):
     ``t`` sees input frames ``t-kt+1 .. t`` and frame 0 sees only itself. Spatial padding is zeros.
 
     Chunked passes (the 'cache' collection mutable): the cache holds the last ``kt - 1`` input
-    frames, [B, kt-1, H, W, C_in]. A chunk with ``first=True``
+    frames, [B, kt-1, H, W, C]. A chunk with ``first=True``
     starts a video (padding as above); a later chunk reads its past from the cache instead, so
     the chunks together compute exactly the one-pass convolution and nothing twice.
 
     Attributes:
       features: output channels.
       kernel_size: (kt, kh, kw); kh and kw odd.
-    Input ``[B, T, H, W, C_in]`` -> output ``[B, T, H, W, features]``.
+    Input ``[B, T, H, W, C]`` -> output ``[B, T, H, W, features]``.
     """
     features: int
     kernel_size: tuple[int, int, int] = (3, 3, 3)
@@ -136,7 +137,7 @@ class CausalConv3d(nn.Module):
 
 
 def matrix_init(init):
-    """Runs a kernel initialiser on the [kt*kh*kw*C_in, C_out] matrix and reshapes the result.
+    """Runs a kernel initialiser on the [kt*kh*kw*C, O] matrix and reshapes the result.
 
     Same fan-in and distribution as on the 5D shape, but XLA:CPU takes ~10 s to compile one
     random draw of rank >= 4 (and well under a second for rank 2), which made `jax.jit(init)`
@@ -160,7 +161,7 @@ CPU_PER_FRAME_MIN_VALUES = 1 << 19
 
 
 def _per_frame(x_shape, kernel_shape) -> bool:
-    """Whether a conv of frames x [B, T, H, W, C_in] with kernel [..., C_in, C_out] loops over T."""
+    """Whether a conv of frames x [B, T, H, W, C] with kernel [..., C, O] loops over T."""
     _, t, h, w, c_in = x_shape
     return (t > 1 and h * w * max(c_in, kernel_shape[-1]) >= CPU_PER_FRAME_MIN_VALUES
             and attention_kernels.target_platform() == "cpu")
@@ -168,8 +169,8 @@ def _per_frame(x_shape, kernel_shape) -> bool:
 
 def conv_frames(x: jax.Array, kernel: jax.Array, strides=(1, 1), padding="SAME",
                 per_frame: bool | None = False) -> jax.Array:
-    """A 2D conv applied to every frame: x [B, T, H, W, C_in], kernel [kh, kw, C_in, C_out]
-    -> [B, T, H', W', C_out]; 'SAME' is zero padding in space, else `padding` as for `lax.conv`.
+    """A 2D conv applied to every frame: x [B, T, H, W, C], kernel [kh, kw, C, O]
+    -> [B, T, H', W', O]; 'SAME' is zero padding in space, else `padding` as for `lax.conv`.
 
     One 2D conv over all B*T frames (a matmul for 1x1 kernels). Why not `lax.conv` in 3D:
     XLA:CPU runs 2D convolutions and their gradients 3-5x faster. per_frame: loop over T with
@@ -199,13 +200,13 @@ def causal_conv(x: jax.Array, kernel: jax.Array, *, past: jax.Array | None = Non
                 pad: str = "first", per_frame: bool | None = False) -> jax.Array:
     """Causal 3D conv ('SAME' zero padding in space) as one 2D conv per time tap.
 
-    x [B, T, H, W, C_in], kernel [kt, kh, kw, C_in, C_out] -> [B, T, H, W, C_out]. Tap a
+    x [B, T, H, W, C], kernel [kt, kh, kw, C, O] -> [B, T, H, W, O]. Tap a
     (kernel[a]) of output frame t reads input frame ``t - (kt-1) + a``. Before frame 0 the input
-    is `past` ([B, kt-1, H, W, C_in]: a chunk's cache) or, without it, padding: 'first' (copies
+    is `past` ([B, kt-1, H, W, C]: a chunk's cache) or, without it, padding: 'first' (copies
     of frame 0) or 'zeros'. The products with padding are not computed: zeros are skipped, and
     for copies of frame 0 the tap's output on frame 0 is repeated. So the one-pass conv costs
-    ``kt*T - (kt-1)`` frame convs, not ``kt*T``; each is a plain 2D conv with C_out outputs,
-    which XLA:CPU ran 20-30 % faster than one conv with kt*C_out outputs plus a shifted sum.
+    ``kt*T - (kt-1)`` frame convs, not ``kt*T``; each is a plain 2D conv with O outputs,
+    which XLA:CPU ran 20-30 % faster than one conv with kt*O outputs plus a shifted sum.
     per_frame: one `lax.map` over the output frames, each summing its taps (None: as
     `conv_frames` decides, for large frames on the CPU; inference only, as there); the outputs
     that read padding are computed as above, on the first kt-1 frames.
@@ -252,12 +253,12 @@ def _causal_conv_per_frame(x: jax.Array, kernel: jax.Array, past: jax.Array | No
         frames, offset = x, -(kt - 1)  # output i reads frames i-kt+1 .. i of x
     if first == t:
         return head
-    frames = jnp.moveaxis(frames, 1, 0)  # [T', B, H, W, C_in]
+    frames = jnp.moveaxis(frames, 1, 0)  # [T', B, H, W, C]
 
     def one(i):
         taps = [lax.dynamic_index_in_dim(frames, i + offset + a, keepdims=True) for a in range(kt)]
         return sum(conv_frames(jnp.moveaxis(f, 0, 1), kernel[a])[:, 0]
                    for a, f in enumerate(taps))
 
-    y = jnp.moveaxis(lax.map(one, jnp.arange(first, t)), 0, 1)  # [B, T - first, H, W, C_out]
+    y = jnp.moveaxis(lax.map(one, jnp.arange(first, t)), 0, 1)  # [B, T - first, H, W, O]
     return y if head is None else jnp.concatenate([head, y], axis=1)

@@ -19,8 +19,8 @@ Options (constructor arguments of `VideoDiT`, set from `config.dit` by the train
              `context_parallel.py`. Without such a split it changes nothing.
 
 Axis letters (glossary: pixeldance/models/__init__.py): B batch, T latent frames, h/w latent
-height/width, C latent channels, L video tokens, S text tokens, D model width, N heads, K head
-width, E MLP width.
+height/width, C latent channels, L video tokens, M key length, S text tokens, D model width,
+N heads, K head width, E MLP width.
 """
 from __future__ import annotations
 

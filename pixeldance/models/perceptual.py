@@ -1,8 +1,8 @@
 """The feature network of the VAE's perceptual loss: an LPIPS-style distance whose VGG-layout
 weights are read from a local safetensors file (never downloaded, never pickle).
 
-Axis letters (glossary: pixeldance/models/__init__.py): N frames (any leading axes flattened),
-H/W height/width, C channels.
+Axis letters (glossary: pixeldance/models/__init__.py): B batch (of frames: every leading axis
+flattened into one), H/W height/width, C channels, O a conv's output channels.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class PerceptualNet:
     """An LPIPS-style distance on a VGG-layout feature network whose weights come from a file.
 
     The safetensors file holds a torchvision-style ``features`` stack: ``features.{i}.weight``
-    [C_out, C_in, 3, 3] and ``features.{i}.bias`` at the conv indices of the sequence, each conv
+    [O, C, 3, 3] and ``features.{i}.bias`` at the conv indices of the sequence, each conv
     followed by a ReLU, and a 2x2 max-pool wherever the next conv index is 3 further on (as in
     torchvision's VGG16, whose converted weights load as they are). Features are taken at the
     ReLU before each pool and after the last conv (relu1_2 .. relu5_3 for VGG16). Optional
@@ -45,7 +45,7 @@ class PerceptualNet:
             raise ValueError(f"{path}: no features.<i>.weight tensors (a VGG-layout feature stack)")
         self.convs, self.taps = [], []
         for n, i in enumerate(index):
-            weight = np.asarray(tensors[f"features.{i}.weight"], np.float32)  # [C_out, C_in, 3, 3]
+            weight = np.asarray(tensors[f"features.{i}.weight"], np.float32)  # [O, C, 3, 3]
             bias = np.asarray(tensors.get(f"features.{i}.bias", np.zeros(weight.shape[0])), np.float32)
             pool = n + 1 < len(index) and index[n + 1] - i == 3
             self.convs.append((jnp.asarray(weight.transpose(2, 3, 1, 0)), jnp.asarray(bias), pool))
@@ -59,7 +59,7 @@ class PerceptualNet:
                              else jnp.asarray(np.asarray(lin, np.float32).reshape(c)))
 
     def features(self, x: jax.Array) -> list[jax.Array]:
-        """x float [N, H, W, 3] in [-1, 1] -> the tapped feature maps [N, H_k, W_k, C_k]."""
+        """x float [B, H, W, 3] in [-1, 1] -> the tapped feature maps [B, H_k, W_k, C_k]."""
         x = (x.astype(jnp.float32) - jnp.asarray(_LPIPS_SHIFT)) / jnp.asarray(_LPIPS_SCALE)
         out = []
         for n, (kernel, bias, pool) in enumerate(self.convs):

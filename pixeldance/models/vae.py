@@ -3,7 +3,7 @@
 Axis letters (glossary: pixeldance/models/__init__.py): B batch, F pixel frames (``F = 1 + 4k``
 at the default 4x temporal compression), T latent frames (``T = 1 + k``; inside the networks the
 frames of the current level), H/W height/width (of pixels or of the current level), h/w latent
-height/width, C channels.
+height/width, C channels, O a conv's output channels.
 
 The first frame is encoded on its own and every further group of 4 frames becomes one latent
 frame, so images (F = 1) and videos share one latent space. Everything is causal in time:
@@ -173,9 +173,9 @@ class Upsample(nn.Module):
 
 
 def _icnr_init(mult: int, base_init=nn.initializers.lecun_normal()):
-    """Kernel init whose output channels are `mult` copies of one [.., C_in, C_out/mult] kernel.
+    """Kernel init whose output channels are `mult` copies of one [.., C, O/mult] kernel.
 
-    `unpair_frames` and `depth_to_space` read output channel ``m * C_out/mult + c`` as copy
+    `unpair_frames` and `depth_to_space` read output channel ``m * O/mult + c`` as copy
     ``m`` (frame / sub-pixel) of channel ``c``, so tiling along the last axis makes every copy equal.
     """
     def init(key, shape, dtype=jnp.float32):

@@ -11,8 +11,9 @@ linear ramps.
 The model interface used: `encode`, `decode`, `encode_chunk(x, first)`, `decode_chunk(z, first)`,
 `check_video`, `check_latents`, `temporal_factor`, `spatial_factor`, `latent_channels`.
 
-Axis letters (glossary: pixeldance/models/__init__.py): B batch, F frames, T latent frames,
-H/W pixel height/width, h/w latent height/width, C channels, N chunks.
+Axis letters (glossary: pixeldance/models/__init__.py): B batch, F pixel frames, T latent frames
+(Tc, T0, Tt: those of a chunk, of the first chunk and of the shorter last one), H/W pixel
+height/width, h/w latent height/width, C channels; a stack of chunks leads with an axis `chunks`.
 """
 from __future__ import annotations
 
@@ -28,10 +29,10 @@ from jax import lax
 
 def _scan_chunks(model, params, method, first_chunk: jax.Array, chunks: jax.Array,
                  tail: jax.Array | None):
-    """Runs `method` on `first_chunk` (first=True), then on each of `chunks` [N, ...] in a
+    """Runs `method` on `first_chunk` (first=True), then on each of `chunks` [chunks, ...] in a
     `lax.scan` carrying the causal cache, then on `tail` (a shorter last chunk, or None).
 
-    Returns (output of the first chunk, stacked outputs of the others [N, ...], tail output).
+    Returns (output of the first chunk, stacked outputs of the others [chunks, ...], tail output).
     """
     params = {"params": params["params"]}
     out0, variables = model.apply(params, first_chunk, True, method=method, mutable=["cache"])
@@ -50,14 +51,14 @@ def _scan_chunks(model, params, method, first_chunk: jax.Array, chunks: jax.Arra
 
 
 def _join_chunks(first: jax.Array, rest: jax.Array, tail: jax.Array | None) -> jax.Array:
-    """[B, T0, ...], [N, B, Tc, ...] and [B, Tt, ...] or None -> [B, T0 + N*Tc (+ Tt), ...]."""
+    """[B, T0, ...], [chunks, B, Tc, ...] and [B, Tt, ...] or None -> [B, T0 + chunks*Tc (+ Tt), ...]."""
     n, b, tc = rest.shape[:3]
     parts = [first, jnp.moveaxis(rest, 0, 1).reshape((b, n * tc) + rest.shape[3:])]
     return jnp.concatenate(parts + ([tail] if tail is not None else []), axis=1)
 
 
 def _split_chunks(x: jax.Array, start: int, size: int) -> tuple[jax.Array, jax.Array | None]:
-    """x[:, start:] as chunks of `size` frames [N, B, size, ...] plus a shorter tail (or None)."""
+    """x[:, start:] as chunks of `size` frames [chunks, B, size, ...] plus a shorter tail (or None)."""
     b, t = x.shape[0], x.shape[1] - start
     n = t // size
     body = x[:, start:start + n * size].reshape((b, n, size) + x.shape[2:])

@@ -86,9 +86,9 @@ class CausalConv(nn.Module):
     ``t-(kt-1)+a``. Computed as one 2D conv per tap over the frames it reads. In the one pass the
     products with the zero padding are skipped (tap a starts at output ``kt-1-a``), which saves
     ``kt-1`` of every ``kt*T`` frame convolutions; diffusers computes them. In a chunked pass the
-    cache holds the last kt-1 input frames ([B, kt-1, H, W, C_in], zeros before the first chunk),
-    as diffusers' does. Kernel [kt, kh, kw, C_in, C_out].
-    Input ``[B, T, H, W, C_in]`` -> ``[B, T, H, W, features]``.
+    cache holds the last kt-1 input frames ([B, kt-1, H, W, C], zeros before the first chunk),
+    as diffusers' does. Kernel [kt, kh, kw, C, O].
+    Input ``[B, T, H, W, C]`` -> ``[B, T, H, W, features]``.
     """
     features: int
     kernel_size: tuple[int, int, int] = (3, 3, 3)
@@ -159,9 +159,9 @@ class TimeDownConv(nn.Module):
 
 
 class SpatialConv(nn.Module):
-    """2D convolution applied to every frame. Kernel [kh, kw, C_in, C_out].
+    """2D convolution applied to every frame. Kernel [kh, kw, C, O].
 
-    Input ``[B, T, H, W, C_in]`` -> ``[B, T, H', W', features]``; `padding` as for `lax.conv`.
+    Input ``[B, T, H, W, C]`` -> ``[B, T, H', W', features]``; `padding` as for `lax.conv`.
     """
     features: int
     strides: tuple[int, int] = (1, 1)
@@ -185,11 +185,11 @@ class UpsampleConv(nn.Module):
     Output pixel (2i+a, 2j+b) of the upsampled conv reads only low-resolution pixels
     i-1+a .. i+a and j-1+b .. j+b, so each of the four phases (a, b) is a 2x2 conv of the input
     with the 3x3 kernel's taps summed where they land on the same input pixel. One 2x2 conv with
-    4 * C_out outputs over the zero-padded input computes all four (16 instead of 36
+    4 * O outputs over the zero-padded input computes all four (16 instead of 36
     multiply-adds per input pixel and channel pair, and no 4x larger input), then the phases
-    are interleaved. Parameters are those of the 3x3 conv (kernel [3, 3, C_in, C_out], bias),
+    are interleaved. Parameters are those of the 3x3 conv (kernel [3, 3, C, O], bias),
     and the result equals it up to float rounding.
-    Input ``[B, T, H, W, C_in]`` -> ``[B, T, 2H, 2W, features]``.
+    Input ``[B, T, H, W, C]`` -> ``[B, T, 2H, 2W, features]``.
     """
     features: int
     dtype: Dtype = jnp.float32
@@ -198,16 +198,16 @@ class UpsampleConv(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel, bias = _conv_params(self, (3, 3, x.shape[-1], self.features), _CONV2D_AXES, self.dtype)
         up = jnp.asarray(_UP_TAPS, kernel.dtype)
-        phases = jnp.einsum("auy,bvx,yxio->uvioab", up, up, kernel)  # [2, 2, C_in, C_out, 2, 2]
+        phases = jnp.einsum("auy,bvx,yxio->uvioab", up, up, kernel)  # [2, 2, C, O, 2, 2]
         phases = phases.reshape(2, 2, kernel.shape[2], self.features * 4)
         y = conv_frames(x.astype(self.dtype), phases, padding=((1, 1), (1, 1)), per_frame=None)
-        b, t, h1, w1, _ = y.shape  # [B, T, H+1, W+1, C_out * 4], channels (o, a, b)
+        b, t, h1, w1, _ = y.shape  # [B, T, H+1, W+1, O * 4], channels (o, a, b)
         y = y.reshape(b, t, h1, w1, self.features, 2, 2)
         h, w = h1 - 1, w1 - 1
         # Phase (a, b) of output pixel (i, j) is window (i + a, j + b).
         rows = [jnp.stack([y[:, :, a:a + h, c:c + w, :, a, c] for c in range(2)], axis=4)
-                for a in range(2)]  # each [B, T, H, W, 2 (b), C_out]
-        y = jnp.stack(rows, axis=3)  # [B, T, H, 2 (a), W, 2 (b), C_out]
+                for a in range(2)]  # each [B, T, H, W, 2 (b), O]
+        y = jnp.stack(rows, axis=3)  # [B, T, H, 2 (a), W, 2 (b), O]
         return y.reshape(b, t, 2 * h, 2 * w, self.features) + bias
 
 
@@ -301,7 +301,7 @@ class Resample(nn.Module):
             # chunks its cache starts empty after the first chunk); from a chunk of 0 frames the
             # conv only creates its (zero) cache.
             head, rest = (x[:, :1], x[:, 1:]) if first else (x[:, :0], x)
-            y = CausalConv(2 * c, (3, 1, 1), self.dtype, name="time_conv")(rest)  # [B, R, H, W, 2C]
+            y = CausalConv(2 * c, (3, 1, 1), self.dtype, name="time_conv")(rest)  # [B, T_rest, H, W, 2C]
             b, r, h, w, _ = y.shape
             y = y.reshape(b, r, h, w, 2, c).transpose(0, 1, 4, 2, 3, 5).reshape(b, 2 * r, h, w, c)
             x = jnp.concatenate([head.astype(y.dtype), y], axis=1)
