@@ -81,6 +81,6 @@ def flatten(report: dict, prefix: str = "") -> dict:
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(flatten(value, name + "/"))
-        elif isinstance(value, (bool, int, float, np.number)) and value is not None:
+        elif isinstance(value, (bool, int, float, np.number)):
             out[name] = float(value)
     return out
