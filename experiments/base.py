@@ -213,6 +213,13 @@ def get_config(arg=None):
         num_per_mode=128,          # faithfulness: held-out and seen videos sampled per mode
         heldout_fraction=0.5,
         num_mp4=4,                 # mp4 files written per mode
+        # 'metrics' (FVD / FID / IS / CLIPSIM, pixeldance/evaluators/metrics.py): the protocol
+        # (pixeldance/metrics/protocols.py), the root of the converted feature networks and the
+        # cache of real-set statistics ("": $PIXELDANCE_NETWORKS / $PIXELDANCE_STATS, else
+        # ~/.cache/pixeldance/{networks,stats}).
+        protocol="shapes_17f",
+        networks="",
+        stats_dir="",
     )
 
     # Sampling sweeps on a trained workdir (`python -m pixeldance.tools.sweep`): every
@@ -260,4 +267,5 @@ def get_config(arg=None):
         c.sample.batch_size = 4
         c.evals.num_per_mode = 4
         c.evals.num_mp4 = 1
+        c.evals.protocol = "runlocal"
     return c

@@ -36,6 +36,7 @@ def get_config(arg=None):
     runlocal = configs.parse_arg(arg, runlocal=False, vae="shapes", dit="shapes").runlocal
     c.data.name = "msrvtt"
     c.evals.dit = ("samples",)  # captions the faithfulness evaluator cannot score: samples only
+    c.evals.protocol = "msrvtt_zeroshot"  # the paper's metrics: python -m pixeldance.evaluate --workdir=DIR
     c.data.root = ""  # required: --config.data.root=DATA (the TFDS data_dir of the build)
     c.data.train_split = "train"
     c.data.heldout_split = "test"

@@ -34,6 +34,7 @@ def get_config(arg=None):
     runlocal = configs.parse_arg(arg, runlocal=False, vae="shapes", dit="shapes").runlocal
     c.data.name = "ucf101"
     c.evals.dit = ("samples",)  # captions the faithfulness evaluator cannot score: samples only
+    c.evals.protocol = "ucf101_pixeldance"  # the paper's metrics: python -m pixeldance.evaluate --workdir=DIR
     c.data.root = ""  # required: --config.data.root=DATA (the TFDS data_dir of the build)
     c.data.ucf101_split = 1
     c.data.train_split = "train"

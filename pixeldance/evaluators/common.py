@@ -48,17 +48,20 @@ class Evaluator(abc.ABC):
         """Scores `subject` (a VideoVAE or a Pipeline) at training step `step`."""
 
 
-def run(evaluators, subject, *, workdir: str, step: int, out_dir: str | None = None) -> dict:
+def run(evaluators, subject, *, workdir: str, step: int, out_dir: str | None = None,
+        stage: str | None = None) -> dict:
     """Runs `evaluators` (all of one subject kind) on `subject`; logs each one's scalars as one
     line of metrics.jsonl and TensorBoard scalars under the subject's stage, and its images to
     TensorBoard, with one writer (one event file). A rerun at the same step replaces that step's
-    lines. Returns {name: Result}."""
+    lines. `stage` overrides the subject's stage (`python -m pixeldance.evaluate` logs each
+    protocol under its own, 'eval_<protocol>', so one protocol's rerun replaces only its own
+    lines). Returns {name: Result}."""
     if not evaluators:
         return {}
     kinds = {ev.subject for ev in evaluators}
     if len(kinds) != 1 or not kinds <= set(SUBJECTS):
         raise ValueError(f"run() takes evaluators of one subject kind, got {sorted(kinds)}")
-    writer = train_lib.MetricWriter(workdir, STAGES[kinds.pop()])
+    writer = train_lib.MetricWriter(workdir, stage or STAGES[kinds.pop()])
     results = {}
     try:
         writer.truncate_after(step - 1)

@@ -1,12 +1,13 @@
 """Evaluators by name: config.evals.vae and config.evals.dit list the names a run uses."""
 from __future__ import annotations
 
-from pixeldance.evaluators import reconstruction, samples
+from pixeldance.evaluators import metrics, reconstruction, samples
 
 EVALUATORS = {
     "reconstruction": reconstruction.Reconstruction,  # subject 'vae'
     "faithfulness": samples.Faithfulness,             # subject 'pipeline'
     "samples": samples.FolderSamples,                 # subject 'pipeline'
+    "metrics": metrics.ProtocolMetrics,               # subject 'pipeline': FVD/FID/IS/CLIPSIM
 }
 
 

@@ -1,0 +1,88 @@
+r"""The paper's metrics for a trained workdir: generate a protocol's videos, then score them.
+
+  python -m pixeldance.evaluate --workdir=DIR [--protocol=NAME] [--networks=ROOT] \
+      [--stats_dir=DIR] [--num_generated=N]
+
+Loads the workdir's pipeline (EMA weights of its newest checkpoints, on every device), generates
+the protocol's videos (`pixeldance/evaluators/metrics.py`: prompts and instruction frames from
+the held-out clips of the workdir's dataset, in shards written as they come, so an interrupted
+evaluation resumes where it stopped) and computes its metrics against the protocol's real clips.
+
+Writes DIR/eval/<protocol>/ (generated/*.mp4, captions.jsonl, real/*.mp4 when the real
+statistics were not cached yet, metrics.json), DIR/eval/<protocol>.json (the result: the
+metrics, counts, protocol, networks' sha256, the DiT step) and logs the metrics to
+metrics.jsonl and TensorBoard under the stage 'eval_<protocol>'. `python -m
+pixeldance.tools.paper_tables --workdirs=DIR` prints them beside the paper's tables.
+
+--protocol defaults to the workdir's config.evals.protocol. Bad input: one line, exit code 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+
+from pixeldance import sample
+from pixeldance import workdir as workdir_lib
+from pixeldance.evaluators import common
+from pixeldance.evaluators.metrics import ProtocolMetrics
+from pixeldance.metrics.stats import StatsError
+from pixeldance.metrics.videos import VideoSetError
+from pixeldance.models.weights import WeightsError
+
+FLAGS = flags.FLAGS
+EVAL_DIR = "eval"
+
+
+def result_path(workdir: str, protocol: str) -> str:
+    return os.path.join(workdir, EVAL_DIR, f"{protocol}.json")
+
+
+def evaluate(workdir: str, protocol: str | None = None, *, root: str | None = None,
+             stats_dir: str | None = None, num_generated: int | None = None) -> dict:
+    """Runs the evaluation of the module docstring; returns the result dict."""
+    config = workdir_lib.read_config(workdir)
+    evaluator = ProtocolMetrics(config, protocol, root=root, stats_dir=stats_dir, num_generated=num_generated)
+    name = evaluator.protocol.name
+    pipe = sample.load_pipeline(workdir)
+    out_dir = os.path.join(workdir, EVAL_DIR, name)
+    os.makedirs(out_dir, exist_ok=True)
+    results = common.run([evaluator], pipe, workdir=workdir, step=int(pipe.step or 0), out_dir=out_dir,
+                         stage=f"eval_{name}")
+    report = results[evaluator.name].report
+    path = result_path(workdir, name)
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return report
+
+
+def main(argv):
+    del argv
+    try:
+        if FLAGS.num_generated is not None and FLAGS.num_generated < 2:
+            raise ValueError(f"--num_generated must be >= 2, got {FLAGS.num_generated}")
+        report = evaluate(FLAGS.workdir, FLAGS.protocol, root=FLAGS.networks, stats_dir=FLAGS.stats_dir,
+                          num_generated=FLAGS.num_generated)
+    except (ValueError, FileNotFoundError, WeightsError, StatsError, VideoSetError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(report))
+    print(f"wrote {result_path(FLAGS.workdir, report['protocol'])}")
+
+
+def run():
+    logging.set_verbosity(logging.WARNING)
+    flags.DEFINE_string("workdir", None, "Workdir of a trained pipeline.", required=True)
+    flags.DEFINE_string("protocol", None, "Protocol name (default: the workdir's config.evals.protocol).")
+    flags.DEFINE_string("networks", None, "Root of the converted feature networks.")
+    flags.DEFINE_string("stats_dir", None, "Cache of real-set statistics.")
+    flags.DEFINE_integer("num_generated", None, "Generate this many videos instead of the protocol's "
+                         "count (recorded in the result's warnings).")
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
