@@ -34,7 +34,8 @@ SENTENCES = ["a red circle moves left", "A photo of a cat sitting on the mat.", 
              "the man's bike isn't fast; it's 1970s", "people walking   down\tthe street at night"]
 CAPTIONS = ["a cat", "Two dogs play in the snow, and the man's bike isn't fast!",
             "people walking down the street at night " * 3, ""]
-TOL = 1e-4  # relative: max |ours - theirs| / max |theirs|
+# Relative: max |ours - theirs| / max |theirs|. The issue asks for 1e-4; float32 gives ~5e-7.
+TOL = 1e-5
 
 
 def _relative(ours, theirs) -> float:
@@ -99,11 +100,12 @@ def _randomize(model: torch.nn.Module, seed: int):
 def _text_config(vocab_size: int, **kw) -> dict:
     return dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
                 vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=vocab_size - 2,
-                pad_token_id=vocab_size - 1, **kw)
+                pad_token_id=vocab_size - 1, layer_norm_eps=1e-3, **kw)
 
 
+# LayerNorm epsilons far from the default 1e-5, so that one not read from config.json shows.
 VISION = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
-              image_size=224, patch_size=32)
+              image_size=224, patch_size=32, layer_norm_eps=3e-3)
 
 
 @pytest.fixture(scope="module")

@@ -184,7 +184,7 @@ class CLIPTextTower(nn.Module):
         tower has no projection, hidden float32 [B, S, D] after the final LayerNorm).
         """
         _check_act(self.act)
-        B, S = ids.shape
+        S = ids.shape[1]
         if S > self.max_positions:
             raise ValueError(f"text of {S} tokens, the tower has {self.max_positions} positions")
         init = nn.initializers.normal(0.02)
@@ -376,8 +376,8 @@ class ClipTokenizer:
         import tokenizers  # only where captions are tokenized
 
         if not os.path.isfile(path):
-            raise weights.WeightsError(f"{path}: no CLIP tokenizer.json (the tokenizer of a Hugging Face "
-                                       f"CLIP folder, copied by {ORIGIN.split(' --')[0]})")
+            raise weights.WeightsError(f"{path}: no CLIP tokenizer.json (the file of a Hugging Face CLIP "
+                                       f"folder; pixeldance.convert.clip copies it into its output)")
         try:
             self._tokenizer = tokenizers.Tokenizer.from_file(path)
         except Exception as e:  # tokenizers raises plain Exceptions with multi-line messages
