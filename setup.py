@@ -22,6 +22,8 @@ INSTALL_REQUIRES = [
     "tqdm==4.70.1",
     "safetensors==0.8.0",
     "einops==0.8.2",
+    # CLIP's (and later T5's) tokenizer files, read without transformers (models/clip.py).
+    "tokenizers==0.23.3",
     # UCF-101 / MSR-VTT builders and readers (pixeldance/data/tfds_*.py), array_record only:
     # no TensorFlow. tfds imports importlib_resources on every Python though it only declares it
     # for < 3.9.

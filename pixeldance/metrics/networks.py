@@ -14,7 +14,8 @@ on every op: TPUs otherwise multiply in bfloat16 and features drift by ~1e-2), j
 input shape, the batch split over every device of the mesh (padded to a multiple of the device
 count, the padding dropped from the output).
 
-Axis letters: B videos, F frames, R the protocol's resolution, Z feature width, E CLIP embedding.
+Shapes use the glossary's letters (pixeldance/models/__init__.py): B videos or frames, F frames;
+R is the protocol's resolution and 'embed' the CLIP projection width.
 """
 from __future__ import annotations
 
@@ -113,8 +114,8 @@ def load(key: str, root: str, mesh=None) -> FeatureNet:
 
 @dataclasses.dataclass
 class Clip:
-    """CLIP for CLIPSIM: `image` maps uint8-valued frames [B, R, R, 3] to {'embedding': [B, E]},
-    `text(texts)` gives [N, E]; both projected, not normalised."""
+    """CLIP for CLIPSIM: `image` maps uint8-valued frames [B, R, R, 3] to {'embedding': [B, embed]},
+    `text(texts)` gives [B, embed]; both projected, not normalised."""
     image: FeatureNet
     text_net: FeatureNet
     tokenizer: object

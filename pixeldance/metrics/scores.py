@@ -1,7 +1,8 @@
 """The metrics as pure functions of features (numpy, float64): Frechet distance, Inception Score,
 CLIPSIM. Nothing here runs a network; `pixeldance.metrics.networks` computes the features.
 
-Axis letters: N samples (videos or frames), Z feature width, X classes, E embedding width, F frames.
+Shapes: B samples (videos or frames), F frames (the glossary's letters, pixeldance/models/__init__.py);
+'features', 'classes' and 'embed' are the widths of the networks' outputs.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ def _psd_sqrt(a: np.ndarray) -> np.ndarray:
 
 
 def frechet_distance(mu1, cov1, mu2, cov2) -> float:
-    """The Frechet distance of two Gaussians N(mu1, cov1), N(mu2, cov2) (mu: [Z], cov: [Z, Z]):
+    """The Frechet distance of two Gaussians N(mu1, cov1), N(mu2, cov2) (mu: [features], cov: [features, features]):
 
         |mu1 - mu2|^2 + tr(cov1) + tr(cov2) - 2 tr((cov1 cov2)^(1/2))
 
@@ -42,14 +43,14 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> float:
 def inception_score(logits, splits: int = 10) -> tuple[float, float]:
     """(mean, std) over `splits` equal consecutive parts of exp(E_x KL(p(y|x) || p(y))).
 
-    logits: [N, X] pre-softmax class scores (float); N must be at least `splits`. The parts are
+    logits: [B, classes] pre-softmax class scores (float); B must be at least `splits`. The parts are
     consecutive slices in the given order (as the reference implementations split), the last
-    N mod splits samples dropped so every part has N // splits samples; std is numpy's population
+    B mod splits samples dropped so every part has B // splits samples; std is numpy's population
     std (ddof=0), as the references report it.
     """
     logits = np.asarray(logits, np.float64)
     if logits.ndim != 2 or splits < 1 or len(logits) < splits:
-        raise ValueError(f"inception_score needs logits [N, X] with N >= splits; got "
+        raise ValueError(f"inception_score needs logits [B, classes] with B >= splits; got "
                          f"{logits.shape}, splits={splits}")
     logp = logits - logits.max(axis=1, keepdims=True)
     logp = logp - np.log(np.exp(logp).sum(axis=1, keepdims=True))  # log-softmax
@@ -68,14 +69,15 @@ def clipsim(frame_embeddings, text_embeddings) -> float:
     embedding and its video's caption embedding (unscaled: in [-1, 1]; the papers that print
     0.2-0.3 use this; some code multiplies by 100 or clamps at 0).
 
-    frame_embeddings: [N, F, E] (or [N, E] for one frame per video); text_embeddings: [N, E].
+    frame_embeddings: [B, F, embed] (or [B, embed] for one frame per video); text_embeddings:
+    [B, embed].
     """
     img = np.asarray(frame_embeddings, np.float64)
     txt = np.asarray(text_embeddings, np.float64)
     if img.ndim == 2:
         img = img[:, None]
     if img.ndim != 3 or txt.shape != (img.shape[0], img.shape[2]):
-        raise ValueError(f"clipsim needs frames [N, F, E] and texts [N, E]; got {img.shape}, {txt.shape}")
+        raise ValueError(f"clipsim needs frames [B, F, embed] and texts [B, embed]; got {img.shape}, {txt.shape}")
     img = img / np.linalg.norm(img, axis=-1, keepdims=True)
     txt = txt / np.linalg.norm(txt, axis=-1, keepdims=True)
     return float(np.einsum("nfe,ne->nf", img, txt).mean())

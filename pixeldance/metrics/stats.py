@@ -19,7 +19,7 @@ class StatsError(ValueError):
 
 
 class Accumulator:
-    """Streaming float64 sums of features [N, Z], so a set of any size needs O(Z^2) memory."""
+    """Streaming float64 sums of features [B, features], so a set of any size needs O(features^2) memory."""
 
     def __init__(self):
         self.count, self._sum, self._outer = 0, None, None
@@ -27,7 +27,7 @@ class Accumulator:
     def add(self, features) -> "Accumulator":
         x = np.asarray(features, np.float64)
         if x.ndim != 2:
-            raise ValueError(f"features must be [N, Z]; got {x.shape}")
+            raise ValueError(f"features must be [B, features]; got {x.shape}")
         if self._sum is None:
             self._sum, self._outer = np.zeros(x.shape[1]), np.zeros((x.shape[1], x.shape[1]))
         self._sum += x.sum(axis=0)
@@ -36,7 +36,7 @@ class Accumulator:
         return self
 
     def moments(self) -> tuple[np.ndarray, np.ndarray]:
-        """(mean [Z], unbiased covariance [Z, Z]) as numpy's np.cov(x, rowvar=False) gives them."""
+        """(mean [features], unbiased covariance [features, features]) as numpy's np.cov(x, rowvar=False) gives them."""
         if self.count < 2:
             raise ValueError(f"statistics need at least 2 samples; got {self.count}")
         mean = self._sum / self.count
@@ -46,7 +46,7 @@ class Accumulator:
 
 @dataclasses.dataclass(frozen=True)
 class FeatureStats:
-    """mean: float64 [Z]; cov: float64 [Z, Z]; count: samples (videos or frames) they summarise."""
+    """mean: float64 [features]; cov: float64 [features, features]; count: samples (videos or frames) they summarise."""
     mean: np.ndarray
     cov: np.ndarray
     count: int

@@ -48,7 +48,8 @@ def save(directory: str, config: dict, variables: dict) -> dict:
     from safetensors.numpy import save_file  # only converters write
 
     os.makedirs(directory, exist_ok=True)
-    flat = {"/".join(k): np.ascontiguousarray(np.asarray(v, np.float32))
+    # reshape: ascontiguousarray makes 0-d arrays 1-d, and scalars must round-trip
+    flat = {"/".join(k): np.ascontiguousarray(np.asarray(v, np.float32)).reshape(np.shape(v))
             for k, v in traverse_util.flatten_dict(jax.device_get(variables)).items()}
     params = os.path.join(directory, PARAMS)
     save_file(flat, params + ".tmp")
