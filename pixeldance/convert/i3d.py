@@ -89,11 +89,11 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
                               f"(only dicts of numpy arrays are read)")
 
 
-def read_pickle(data: bytes, label: str) -> dict[str, np.ndarray]:
-    """The arrays of a pickled nested dict of numpy arrays, by '/'-joined key path.
+def read_pickle(data: bytes, label: str) -> dict:
+    """The nested dict of numpy arrays pickled in ``data`` (the bytes of the file ``label``).
 
-    ``label`` names the file in errors. Raises ConversionError (one line) on a refused global, a
-    truncated or damaged pickle, or anything but str-keyed dicts with numeric arrays at the leaves.
+    Raises ConversionError (one line naming ``label``) on a refused global, a truncated or damaged
+    pickle, or anything but str-keyed dicts with numeric arrays at the leaves.
     """
     try:
         tree = NumpyOnlyUnpickler(io.BytesIO(data), label).load()
@@ -105,6 +105,13 @@ def read_pickle(data: bytes, label: str) -> dict[str, np.ndarray]:
                               f"(truncated or damaged: {detail})") from None
     if not isinstance(tree, dict):
         raise ConversionError(f"{label}: holds a {type(tree).__name__}, not a dict of arrays")
+    flatten(tree, label)  # checks the leaves
+    return tree
+
+
+def flatten(tree: dict, label: str) -> dict[str, np.ndarray]:
+    """The numeric arrays of a nested dict by '/'-joined key path; one-line ConversionError naming
+    ``label`` on a non-string key or a leaf that is not a numeric array."""
     flat = {}
 
     def visit(node, prefix):
@@ -156,7 +163,8 @@ def read_input(path: str) -> tuple[bytes, str]:
         with open(path, "rb") as f:
             return f.read(), label
     except (OSError, tarfile.TarError, EOFError) as e:
-        raise ConversionError(f"cannot read {label}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConversionError(f"cannot read {label}: {detail}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +223,7 @@ def convert(input_path: str, output_dir: str) -> dict:
         raise ConversionError(f"output {output_dir} is a file, not a folder")
     data, label = read_input(input_path)
     digest = hashlib.sha256(data).hexdigest()
-    variables = convert_variables(read_pickle(data, label), label)
+    variables = convert_variables(flatten(read_pickle(data, label), label), label)
     del data
     config = {"network": i3d.NETWORK, "num_classes": NUM_CLASSES, "source": f"{label} (sha256 {digest})"}
     return weights.save(output_dir, config, variables)

@@ -37,7 +37,6 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pixeldance.models import weights
 
@@ -154,4 +153,4 @@ def load_i3d(directory: str) -> tuple[I3D, dict]:
                                    f"not a positive int")
     model = I3D(num_classes=num_classes)
     weights.check_like(abstract_variables(model), variables, directory)
-    return model, jax.tree.map(lambda a: np.asarray(a, np.float32), variables)
+    return model, variables
