@@ -105,6 +105,27 @@ def runlocal_workdir(tmp_path_factory) -> str:
     return workdir
 
 
+@pytest.fixture(scope="session")
+def networks_root(tmp_path_factory) -> str:
+    """A root of converted feature networks (tests/feature_nets.py: the real I3D, random
+    InceptionV3 and CLIP 'mu'), built once per session and shared by the xdist workers."""
+    from feature_nets import make_networks_root
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    path = str(root / "networks")
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not os.path.exists(path + ".done"):
+                shutil.rmtree(path, ignore_errors=True)
+                make_networks_root(path)
+                open(path + ".done", "w").close()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return path
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests that need the main job go last, so xdist workers run the others while one builds it."""
     items.sort(key=lambda item: "runlocal_workdir" in getattr(item, "fixturenames", ()))

@@ -23,15 +23,12 @@ import transformers
 from flax import linen as nn
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from pixeldance.convert import clip as convert_clip
 from pixeldance.models import clip, weights
+from feature_nets import BOS, EOS, SENTENCES, write_clip_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-SENTENCES = ["a red circle moves left", "A photo of a cat sitting on the mat.", "Two dogs play in the snow!",
-             "the man's bike isn't fast; it's 1970s", "people walking   down\tthe street at night"]
 CAPTIONS = ["a cat", "Two dogs play in the snow, and the man's bike isn't fast!",
             "people walking down the street at night " * 3, ""]
 # Relative: max |ours - theirs| / max |theirs|. The issue asks for 1e-4; float32 gives ~5e-7.
@@ -45,41 +42,6 @@ def _relative(ours, theirs) -> float:
 
 # ----------------------------------------------------------------------------------------------
 # Fixtures: a CLIP tokenizer.json, transformers models with random weights, converted folders.
-
-def _write_tokenizer(path: str) -> int:
-    """A byte-level BPE trained on SENTENCES with CLIP's pipeline; every byte (and byte + </w>)
-    in the vocabulary, <|startoftext|> and <|endoftext|> last (the largest ids, as in OpenAI's).
-    Returns the vocabulary size."""
-    pipeline = dict(
-        normalizer=normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
-                                         normalizers.Lowercase()]),
-        pre_tokenizer=pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"
-                                       r"[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False)]),
-        decoder=decoders.ByteLevel())
-    bpe = dict(unk_token=EOS, end_of_word_suffix="</w>", continuing_subword_prefix="")
-    trained = Tokenizer(models.BPE(**bpe))
-    for k, v in pipeline.items():
-        setattr(trained, k, v)
-    trained.train_from_iterator(SENTENCES, trainers.BpeTrainer(
-        vocab_size=400, end_of_word_suffix="</w>", initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    saved = json.loads(trained.to_str())["model"]
-    vocab, merges = saved["vocab"], [tuple(m) for m in saved["merges"]]
-    for c in pre_tokenizers.ByteLevel.alphabet():
-        for token in (c, c + "</w>"):
-            vocab.setdefault(token, len(vocab))
-    vocab[BOS], vocab[EOS] = len(vocab), len(vocab) + 1
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, **bpe))
-    for k, v in pipeline.items():
-        setattr(tok, k, v)
-    tok.add_special_tokens([AddedToken(BOS, special=True), AddedToken(EOS, special=True)])
-    tok.post_processor = processors.RobertaProcessing((EOS, vocab[EOS]), (BOS, vocab[BOS]),
-                                                      trim_offsets=False, add_prefix_space=False)
-    tok.save(path)
-    return len(vocab)
-
 
 def _randomize(model: torch.nn.Module, seed: int):
     """Every parameter drawn: LayerNorm scales 1 + noise, biases noise, matrices ~ 1/sqrt(fan-in)."""
@@ -115,7 +77,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("clip")
     hf_dir = root / "hf"
     hf_dir.mkdir()
-    vocab = _write_tokenizer(str(hf_dir / "tokenizer.json"))
+    vocab = write_clip_tokenizer(str(hf_dir / "tokenizer.json"))
     config = transformers.CLIPConfig(text_config=_text_config(vocab, eos_token_id=2), vision_config=VISION,
                                      projection_dim=32)
     torch.manual_seed(0)
