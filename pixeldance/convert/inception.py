@@ -1,0 +1,176 @@
+r"""Converts the FID InceptionV3 weights (a PyTorch state dict saved as safetensors) into a weights folder.
+
+  python -m pixeldance.convert.inception --input=FILE.safetensors --output=DIR
+
+FILE is the state dict of torch-fidelity's ``FeatureExtractorInceptionV3`` (its weights file
+``weights-inception-2015-12-05-6726825d.pth``) or of pytorch-fid's ``fid_inception_v3()`` (its
+``pt_inception-2015-12-05-6726825d.pth``), saved with safetensors. Both are torchvision's
+Inception3 names (``Conv2d_1a_3x3.conv.weight``, ``Mixed_5b.branch5x5_2.bn.running_var``,
+``fc.weight``), so one mapping reads either. Only safetensors are read, never a pickle: turn the
+.pth into safetensors once, with torch, outside this library:
+
+  python -c "import torch, safetensors.torch as st; sd = torch.load('weights-inception-2015-12-05-6726825d.pth', map_location='cpu', weights_only=True); st.save_file({k: v.contiguous() for k, v in sd.items()}, 'inception-2015-12-05.safetensors')"
+
+(the .pth is what torch-fidelity and pytorch-fid download into ``~/.cache/torch/hub/checkpoints/``;
+``weights_only=True`` makes torch refuse anything but tensors.)
+
+Every tensor must map onto a variable of :class:`pixeldance.models.inception.InceptionV3` and every
+variable must be there with its shape; BatchNorm's ``num_batches_tracked`` (a training counter)
+is the only tensor dropped. The state dict of pytorch-fid's ``InceptionV3`` wrapper
+(``blocks.0.0.conv.weight``, ...) keeps no classifier, so it is refused: convert the .pth itself.
+DIR (new or empty) gets the folder of :mod:`pixeldance.models.weights`: load it with
+``pixeldance.models.inception.load_inception(DIR)``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+from absl import app, flags, logging
+from flax import traverse_util
+
+from pixeldance.models import inception, weights
+
+_PTH = "weights-inception-2015-12-05-6726825d.pth (torch-fidelity) or pt_inception-2015-12-05-6726825d.pth (pytorch-fid)"
+_HOWTO = f"the state dict of {_PTH} saved as safetensors; the command is in pixeldance/convert/inception.py"
+# BatchNorm's step counter: used only in training (momentum None), no variable of ours.
+_DROPPED = ".num_batches_tracked"
+# torch BatchNorm2d leaf -> (collection, our leaf)
+_BN = {"weight": ("params", "scale"), "bias": ("params", "bias"),
+       "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+
+
+class ConversionError(ValueError):
+    """Bad input for the converter; the message is one line."""
+
+
+def read_input(path: str) -> dict[str, np.ndarray]:
+    """The tensors of the safetensors file PATH by name (numpy). One-line ConversionError naming
+    PATH if it is missing, a folder, or not safetensors (a .pth pickle is refused unread)."""
+    from safetensors import safe_open
+
+    if not os.path.exists(path):
+        raise ConversionError(f"input {path} does not exist (give {_HOWTO})")
+    if os.path.isdir(path):
+        raise ConversionError(f"input {path} is a folder, not a .safetensors file (give {_HOWTO})")
+    try:
+        with safe_open(path, framework="numpy") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:  # safetensors raises its own error types
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConversionError(f"cannot read {path} as safetensors ({detail}); only safetensors are "
+                              f"read, never a pickle: give {_HOWTO}") from None
+
+
+def our_name(name: str) -> tuple[str, ...] | None:
+    """A torchvision-Inception3 state-dict name -> our variable path, e.g.
+    'Mixed_5b.branch5x5_2.conv.weight' -> ('params', 'Mixed_5b', 'branch5x5_2', 'conv', 'kernel'),
+    'Conv2d_1a_3x3.bn.running_var' -> ('batch_stats', 'Conv2d_1a_3x3', 'bn', 'var'),
+    'fc.weight' -> ('params', 'fc', 'kernel'); None for a name of no such form."""
+    parts = name.split(".")
+    if len(parts) >= 3 and parts[-2] == "conv" and parts[-1] == "weight":
+        return ("params", *parts[:-1], "kernel")
+    if len(parts) >= 3 and parts[-2] == "bn" and parts[-1] in _BN:
+        collection, leaf = _BN[parts[-1]]
+        return (collection, *parts[:-1], leaf)
+    if parts == ["fc", "weight"]:
+        return ("params", "fc", "kernel")
+    if parts == ["fc", "bias"]:
+        return ("params", "fc", "bias")
+    return None
+
+
+def _to_ours(value: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
+    """torch layout -> ours: conv [O, C, kh, kw] -> [kh, kw, C, O]; fc [classes, C] -> [C, classes]."""
+    if path[-1] == "kernel" and path[-2] == "conv" and value.ndim == 4:
+        return value.transpose(2, 3, 1, 0)
+    if path[-2:] == ("fc", "kernel") and value.ndim == 2:
+        return value.T
+    return value
+
+
+def convert_variables(tensors: dict[str, np.ndarray], label: str) -> dict:
+    """State-dict tensors by name -> {'params': ..., 'batch_stats': ...} of InceptionV3 (numpy
+    float32). One-line ConversionError naming ``label`` on the first unmapped tensor, missing
+    variable, non-float tensor or shape that does not fit."""
+    if any(name.startswith("blocks.") for name in tensors):
+        raise ConversionError(f"{label}: the state dict of pytorch-fid's InceptionV3 wrapper (blocks.*), "
+                              f"which keeps no classifier (fc); convert {_PTH} itself")
+    want = {k: tuple(v.shape) for k, v in
+            traverse_util.flatten_dict(inception.abstract_variables(inception.InceptionV3())).items()}
+    renamed = {}
+    for name in sorted(tensors):
+        if name.endswith(_DROPPED):
+            continue
+        path = our_name(name)
+        if path not in want:
+            raise ConversionError(f"{label}: tensor {name} maps to no variable of InceptionV3 "
+                                  f"(not the FID InceptionV3 state dict? give {_HOWTO})")
+        renamed[path] = name
+    missing = sorted(set(want) - set(renamed))
+    if missing:
+        theirs = _torch_name(missing[0])
+        raise ConversionError(f"{label}: {len(missing)} tensor(s) of InceptionV3 missing, first: {theirs} "
+                              f"(for {'/'.join(missing[0])})")
+    out = {}
+    for path, name in renamed.items():
+        value = tensors[name]
+        if value.dtype.kind != "f":
+            raise ConversionError(f"{label}: tensor {name} is {value.dtype}, not floating point")
+        value = _to_ours(value, path)
+        if value.shape != want[path]:
+            raise ConversionError(f"{label}: tensor {name} has shape {tuple(tensors[name].shape)}, which does "
+                                  f"not fit {'/'.join(path)} of shape {want[path]}")
+        out[path] = np.ascontiguousarray(value, np.float32)
+    return traverse_util.unflatten_dict(out)
+
+
+def _torch_name(path: tuple[str, ...]) -> str:
+    """Our variable path -> the state-dict name it is read from (for error messages)."""
+    collection, *modules, leaf = path
+    if modules == ["fc"]:
+        return "fc." + {"kernel": "weight", "bias": "bias"}[leaf]
+    if leaf == "kernel":
+        return ".".join(modules) + ".weight"
+    torch_leaf = next(k for k, v in _BN.items() if v == (collection, leaf))
+    return ".".join(modules) + "." + torch_leaf
+
+
+def convert(input_path: str, output_dir: str) -> dict:
+    """Converts the safetensors state dict ``input_path`` (see the module docstring) into the
+    weights folder ``output_dir``; returns the config written. Raises ConversionError (one line)
+    on bad input or a non-empty output folder."""
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        raise ConversionError(f"output {output_dir} is not empty (the converter writes a new folder)")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ConversionError(f"output {output_dir} is a file, not a folder")
+    label = os.path.abspath(input_path)
+    variables = convert_variables(read_input(input_path), label)
+    config = {"network": inception.NETWORK, "num_classes": inception.NUM_CLASSES,
+              "source": f"{label} (sha256 {weights.sha256(input_path)})"}
+    return weights.save(output_dir, config, variables)
+
+
+def main(argv):
+    del argv
+    FLAGS = flags.FLAGS
+    try:
+        convert(FLAGS.input, FLAGS.output)
+    except (ConversionError, OSError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {FLAGS.output} (InceptionV3 for FID and IS); load it with "
+          f"pixeldance.models.inception.load_inception({FLAGS.output!r})")
+
+
+def run():
+    logging.set_verbosity(logging.WARNING)  # keep JAX's backend INFO lines off stderr
+    flags.DEFINE_string("input", None, "The FID InceptionV3 state dict as .safetensors "
+                        "(see the module docstring for the one-off command from the .pth).", required=True)
+    flags.DEFINE_string("output", None, "New (or empty) output folder.", required=True)
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
