@@ -11,7 +11,7 @@ torchvision InceptionV3 in ways that move FID:
     pixels inside the image, not by 9 (TF's avg_pool with SAME padding: count_include_pad=False);
   - the last block, Mixed_7c, has a 3x3 *max* pool on its pool branch where the paper has an
     average;
-  - 1008 classes (ImageNet's 1000 and 8 unused), the classifier on the 2048-d pool features.
+  - a 1008-way classifier (the ImageNet classes and unused slots) on the 2048-d pool features.
 
 Every conv is bias-free and followed by a BatchNorm on its running statistics (eps 1e-3, TF's) and
 a ReLU; every conv and matmul runs at ``jax.lax.Precision.HIGHEST`` (float32 on TPU, where the
@@ -60,7 +60,7 @@ ORIGIN = ("convert the FID InceptionV3 weights (torch-fidelity's weights-incepti
           "python -m pixeldance.convert.inception")
 SIZE = 299          # the graph's input resolution
 FEATURES = 2048     # pool features (Mixed_7c's channels)
-NUM_CLASSES = 1008  # the 2015-12-05 graph's classifier: ImageNet's 1000 and 8 unused
+NUM_CLASSES = 1008  # the 2015-12-05 graph's classifier: the ImageNet classes and unused slots
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -98,9 +98,9 @@ def resize_bilinear_tf1(images, size: Sequence[int], align_corners: bool = False
     x = jnp.asarray(images, jnp.float32)
     lo_h, hi_h, dh = _tf1_taps(H, int(size[0]), align_corners)
     lo_w, hi_w, dw = _tf1_taps(W, int(size[1]), align_corners)
-    left, right = x[:, :, lo_w], x[:, :, hi_w]                   # [B, H, w', C]
+    left, right = x[:, :, lo_w], x[:, :, hi_w]                   # [B, H, size[1], C]
     x = left + (right - left) * dw[:, None]
-    top, bottom = x[:, lo_h], x[:, hi_h]                         # [B, h', w', C]
+    top, bottom = x[:, lo_h], x[:, hi_h]                         # [B, size[0], size[1], C]
     return top + (bottom - top) * dh[:, None, None]
 
 
