@@ -24,11 +24,11 @@ safetensors once, with torch, outside this library:
 place of ``m.state_dict()``). The tensor names inside StyleGAN-V's TorchScript were not available
 to check: if they differ from the names above, the converter refuses the first unknown one by name.
 
-MEAN is mean2.npz (or a safetensors/.npz holding one array ``mean``); it may be left out when FILE
-itself holds a tensor ``mean``. A mean of [3, 16, 112, 112] is taken as already cropped; a larger
-one is cropped as the reference does. The conv1a input of the reference is
-``resize(frames, BGR) - mean``, so the mean clip is part of the network's variables
-(``params/mean``, stored [16, 112, 112, 3]).
+MEAN is mean2.npz (or any .npz/safetensors with an array ``mean``, the only one read, as in the
+reference); it may be left out when FILE itself holds a tensor ``mean``. A mean of
+[3, 16, 112, 112] is taken as already cropped; a larger one is cropped as the reference does. The
+conv1a input of the reference is ``resize(frames, BGR) - mean``, so the mean clip is part of the
+network's variables (``params/mean``, stored [16, 112, 112, 3]).
 
 Every tensor must map onto a variable of :class:`pixeldance.models.c3d.C3D` and every variable must
 be there with its shape. Chainer's and torch's layouts are the same: conv [O, C, kt, kh, kw] ->
@@ -99,9 +99,12 @@ def read_arrays(path: str, what: str) -> dict[str, np.ndarray]:
             raise ConversionError(f"cannot read {path} as safetensors ({_first_line(e)}); only .npz and "
                                   f"safetensors are read, never a pickle: give {_HOWTO}") from None
     for name, value in arrays.items():
-        if not isinstance(value, np.ndarray) or value.dtype.kind != "f":
-            kind = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
-            raise ConversionError(f"{path}: {name} is {kind}, not a floating-point array (give {_HOWTO})")
+        if not isinstance(value, np.ndarray):  # numpy hands out a zip member that is no .npy as bytes
+            raise ConversionError(f"cannot read {path} as an .npz of arrays (member {name} is not a .npy "
+                                  f"array; a torch .pth is a zip of pickles); only .npz and safetensors are "
+                                  f"read, never a pickle: give {_HOWTO}")
+        if value.dtype.kind != "f":
+            raise ConversionError(f"{path}: {name} is {value.dtype}, not a floating-point array (give {_HOWTO})")
     return arrays
 
 
@@ -153,8 +156,8 @@ def convert_variables(tensors: dict[str, np.ndarray], label: str) -> dict:
     variable given twice or missing, or a shape that does not fit."""
     want = {k: tuple(v.shape) for k, v in
             traverse_util.flatten_dict(c3d.abstract_variables(c3d.C3D(c3d.NUM_CLASSES))).items()}
-    renamed = {}
-    for name in sorted(tensors):
+    out, renamed = {}, {}
+    for name in sorted(tensors):  # each tensor's own faults first, then what is missing
         path = our_name(name)
         if path not in want:
             raise ConversionError(f"{label}: tensor {name} maps to no variable of C3D "
@@ -162,20 +165,18 @@ def convert_variables(tensors: dict[str, np.ndarray], label: str) -> dict:
         if path in renamed:
             raise ConversionError(f"{label}: tensors {renamed[path]} and {name} both map to {'/'.join(path)}")
         renamed[path] = name
-    missing = sorted(set(want) - set(renamed))
-    if missing:
-        first = missing[0]
-        hint = (f"the mean clip: give --mean=mean2.npz ({_RELEASE})" if first == ("params", MEAN)
-                else f"{first[1]}.{'weight' if first[2] == 'kernel' else 'bias'} or {first[1]}/{'W' if first[2] == 'kernel' else 'b'}")
-        raise ConversionError(f"{label}: {len(missing)} tensor(s) of C3D missing, first: {hint}")
-    out = {}
-    for path, name in renamed.items():
         value = tensors[name]
         value = crop_mean(value, label) if path == ("params", MEAN) else _to_ours(value, path)
         if value.shape != want[path]:
             raise ConversionError(f"{label}: tensor {name} has shape {tuple(tensors[name].shape)}, which does "
                                   f"not fit {'/'.join(path)} of shape {want[path]}")
         out[path] = np.ascontiguousarray(value, np.float32)
+    missing = sorted(set(want) - set(renamed))
+    if missing:
+        first = ("params", MEAN) if ("params", MEAN) in missing else missing[0]  # the usual omission
+        hint = (f"the mean clip: give --mean=mean2.npz ({_RELEASE})" if first == ("params", MEAN)
+                else f"{first[1]}.{'weight' if first[2] == 'kernel' else 'bias'} or {first[1]}/{'W' if first[2] == 'kernel' else 'b'}")
+        raise ConversionError(f"{label}: {len(missing)} tensor(s) of C3D missing, first: {hint}")
     return traverse_util.unflatten_dict(out)
 
 
@@ -195,9 +196,9 @@ def convert(input_path: str, output_dir: str, mean_path: str | None = None) -> d
         means = read_arrays(mean_path, "mean")
         if MEAN in tensors:
             raise ConversionError(f"{label} holds a mean clip and --mean={mean_path} gives another; give one")
-        if list(means) != [MEAN]:
-            raise ConversionError(f"{mean_label}: holds {sorted(means)[:3]}, not the one array "
-                                  f"'{MEAN}' of mean2.npz ({_RELEASE})")
+        if MEAN not in means:  # the reference reads numpy.load(mean_path)['mean'] and nothing else
+            raise ConversionError(f"{mean_label}: holds {sorted(means)[:3]} but no array '{MEAN}' "
+                                  f"(the mean clip of mean2.npz, {_RELEASE})")
         crop_mean(means[MEAN], mean_label)  # a misfit is named by its own file
         tensors = dict(tensors, **{MEAN: means[MEAN]})
         source += f"; mean {mean_label} (sha256 {weights.sha256(mean_path)})"
