@@ -33,11 +33,12 @@ Input preprocessing (the reference's ``pre`` stage, run by its ``__call__`` befo
   4. ``128 - mean`` is added, where ``mean`` is ``mean2.npz['mean']`` of the TGAN-v2 release
      ([3, 16, H, W] BGR, Caffe's UCF-101 mean clip) cropped to ``[:, :, 8:120, 8:120]``, a
      top-left offset of 8 on both axes.
-  For uint8 input, 1-2 give back ``u`` exactly, so conv1a sees ``resize(u_BGR) + 128 - 128 - mean``
-  = ``resize(u_BGR) - mean``: :func:`preprocess` does the parameter-free part (uint8 values,
-  RGB -> BGR, the resize) and the network subtracts the mean clip, a weights-file array
-  (``params/mean``, [16, 112, 112, 3] BGR, written by the converter), as its first op, where the
-  reference also keeps it (a ``Bias`` link of the chain, not in the weights' .npz).
+  For uint8 input, 1-2 give exactly ``u_BGR - 128``, so conv1a sees ``resize(u_BGR) - 128 + 128 -
+  mean`` = ``resize(u_BGR) - mean`` (the resize is linear). :func:`preprocess` does the
+  parameter-free part (uint8 values, RGB -> BGR, the resize); the network subtracts the mean
+  clip, a weights-file array (``params/mean``, [16, 112, 112, 3] BGR, written by the converter),
+  as its first op, where the reference also keeps it (a ``Bias`` link of the chain, not in the
+  weights' .npz).
   Ours, left open by the references: uint8 input is mapped as the reference maps real clips
   (``(u - 128) / 128``; StyleGAN-V quantizes generated frames by ``x * 127.5 + 128``); non-square
   frames are squashed, as the reference would; clips have exactly 16 frames (the mean clip's).
