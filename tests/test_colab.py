@@ -1,20 +1,25 @@
 """The notebooks run top to bottom against a real workdir (the runlocal main job's)."""
+import json
 import os
+import shutil
 
 import nbformat
 from nbclient import NotebookClient
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "colabs", "01_quickstart.ipynb")
+EVALUATE = os.path.join(REPO, "colabs", "02_evaluate.ipynb")
 MODES = ("text", "first frame + text", "first + last frame + text")
 
 
-def run_notebook(path, workdir, env):
-    """Executes a notebook with WORKDIR (its cell tagged 'parameters') set to `workdir`."""
+def run_notebook(path, workdir, env, **parameters):
+    """Executes a notebook with WORKDIR and `parameters` (in its cell tagged 'parameters') set."""
     nb = nbformat.read(path, as_version=4)
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1 and "WORKDIR =" in params[0].source
-    params[0].source = f"WORKDIR = {workdir!r}"
+    for name in parameters:
+        assert f"{name} =" in params[0].source, name
+    params[0].source += "\n" + "\n".join(f"{k} = {v!r}" for k, v in dict(WORKDIR=workdir, **parameters).items())
     client = NotebookClient(nb, kernel_name="python3", timeout=600, allow_errors=False,
                             resources={"metadata": {"path": REPO}})
     client.execute(env=env)  # raises CellExecutionError on the first failing cell
@@ -40,6 +45,24 @@ def test_quickstart(runlocal_workdir, child_env):
     gifs = [o for c in code for o in c.outputs
             if o.output_type == "display_data" and "image/gif" in o.get("data", {})]
     assert len(gifs) == 1 + len(MODES)  # the real clip and the three generated videos
+
+
+def test_evaluate_notebook(runlocal_workdir, networks_root, child_env, tmp_path):
+    workdir = str(tmp_path / "wd")
+    shutil.copytree(runlocal_workdir, workdir)
+    env = dict(child_env, PIXELDANCE_STATS=str(tmp_path / "stats"))
+    nb = run_notebook(EVALUATE, workdir, env, NETWORKS=networks_root, NUM_GENERATED=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    text = "\n".join(_text(c) for c in code)
+    assert "Traceback" not in text
+    result = json.load(open(os.path.join(workdir, "eval", "runlocal.json")))
+    assert result["num_generated"] == 4 and f'"fvd": {result["fvd"]}' in text.replace("\n ", " ")
+    gifs = [o for c in code for o in c.outputs
+            if o.output_type == "display_data" and "image/gif" in o.get("data", {})]
+    assert len(gifs) == 3
+    tables = [o["data"]["text/markdown"] for c in code for o in c.outputs
+              if o.output_type == "display_data" and "text/markdown" in o.get("data", {})]
+    assert any("### Table 1: MSR-VTT" in t and "### Protocol runlocal" in t for t in tables)
 
 
 def test_notebooks_are_stored_without_outputs():

@@ -190,6 +190,13 @@ def test_list_videos_subset_and_errors(tmp_path):
     assert len(subset) == 3 and subset == sorted(subset)
     assert subset == videos.list_videos(str(tmp_path), limit=3, seed=0)
     assert {tuple(videos.list_videos(str(tmp_path), limit=3, seed=s)) for s in range(6)} != {tuple(subset)}
+    # The cache key of a real set: another file list, size or time is another set.
+    names = videos.list_videos(str(tmp_path))
+    fp = videos.fingerprint(str(tmp_path), names)
+    assert fp == videos.fingerprint(str(tmp_path), names)
+    assert fp != videos.fingerprint(str(tmp_path), names[1:])
+    (tmp_path / "v0.mp4").write_bytes(b"xy")
+    assert fp != videos.fingerprint(str(tmp_path), names)
     with pytest.raises(videos.VideoSetError, match="not found"):
         videos.list_videos(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()

@@ -168,6 +168,9 @@ class ProtocolMetrics(Evaluator):
             captions = self.generate(pipe, folder, source)
             report = suite.score_generated(extractor, os.path.join(folder, GENERATED), ref,
                                            captions=captions, batch_size=8)
+            asked = protocols.get(p.name).num_generated
+            if p.num_generated < asked:  # --num_generated: the number is not the protocol's
+                report["warnings"].append(f"{p.num_generated} generated videos, the protocol asks for {asked}")
             report.update(step=step, mode=p.mode, real_key=self.real_key())
             if out_dir:
                 with open(os.path.join(out_dir, RESULT), "w") as f:
