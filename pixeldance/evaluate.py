@@ -1,7 +1,7 @@
 r"""The paper's metrics for a trained workdir: generate a protocol's videos, then score them.
 
   python -m pixeldance.evaluate --workdir=DIR [--protocol=NAME] [--networks=ROOT] \
-      [--stats_dir=DIR] [--num_generated=N]
+      [--stats_dir=DIR] [--num_generated=N] [--metrics=fvd,fid] [--mode=t2v|i2v|flf2v]
 
 Loads the workdir's pipeline (EMA weights of its newest checkpoints, on every device), generates
 the protocol's videos (`pixeldance/evaluators/metrics.py`: prompts and instruction frames from
@@ -28,6 +28,7 @@ from pixeldance import sample
 from pixeldance import workdir as workdir_lib
 from pixeldance.evaluators import common
 from pixeldance.evaluators.metrics import ProtocolMetrics
+from pixeldance.metrics import protocols
 from pixeldance.metrics.stats import StatsError
 from pixeldance.metrics.videos import VideoSetError
 from pixeldance.models.weights import WeightsError
@@ -41,17 +42,22 @@ def result_path(workdir: str, protocol: str) -> str:
 
 
 def evaluate(workdir: str, protocol: str | None = None, *, root: str | None = None,
-             stats_dir: str | None = None, num_generated: int | None = None) -> dict:
+             stats_dir: str | None = None, num_generated: int | None = None,
+             metrics: tuple[str, ...] | None = None, mode: str | None = None) -> dict:
     """Runs the evaluation of the module docstring; returns the result dict."""
     config = workdir_lib.read_config(workdir)
-    evaluator = ProtocolMetrics(config, protocol, root=root, stats_dir=stats_dir, num_generated=num_generated)
+    evaluator = ProtocolMetrics(config, protocol, root=root, stats_dir=stats_dir,
+                                num_generated=num_generated, metrics=metrics, mode=mode)
     name = evaluator.protocol.name
+    if mode and mode != protocols.get(name).mode:
+        name = f"{name}-{mode}"  # results under another mode are kept apart
     pipe = sample.load_pipeline(workdir)
     out_dir = os.path.join(workdir, EVAL_DIR, name)
     os.makedirs(out_dir, exist_ok=True)
     results = common.run([evaluator], pipe, workdir=workdir, step=int(pipe.step or 0), out_dir=out_dir,
                          stage=f"eval_{name}")
     report = results[evaluator.name].report
+    report["name"] = name
     path = result_path(workdir, name)
     with open(path + ".tmp", "w") as f:
         json.dump(report, f, indent=2)
@@ -65,12 +71,12 @@ def main(argv):
         if FLAGS.num_generated is not None and FLAGS.num_generated < 2:
             raise ValueError(f"--num_generated must be >= 2, got {FLAGS.num_generated}")
         report = evaluate(FLAGS.workdir, FLAGS.protocol, root=FLAGS.networks, stats_dir=FLAGS.stats_dir,
-                          num_generated=FLAGS.num_generated)
+                          num_generated=FLAGS.num_generated, metrics=FLAGS.metrics, mode=FLAGS.mode)
     except (ValueError, FileNotFoundError, WeightsError, StatsError, VideoSetError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(report))
-    print(f"wrote {result_path(FLAGS.workdir, report['protocol'])}")
+    print(f"wrote {result_path(FLAGS.workdir, report['name'])}")
 
 
 def run():
@@ -79,6 +85,10 @@ def run():
     flags.DEFINE_string("protocol", None, "Protocol name (default: the workdir's config.evals.protocol).")
     flags.DEFINE_string("networks", None, "Root of the converted feature networks.")
     flags.DEFINE_string("stats_dir", None, "Cache of real-set statistics.")
+    flags.DEFINE_list("metrics", None, "Comma-separated subset of fvd, fid, is, clipsim (default: the "
+                      "protocol's).")
+    flags.DEFINE_enum("mode", None, ["t2v", "i2v", "flf2v"], "Generate in this mode instead of the "
+                      "protocol's (results in eval/<protocol>-<mode>.json).")
     flags.DEFINE_integer("num_generated", None, "Generate this many videos instead of the protocol's "
                          "count (recorded in the result's warnings).")
     app.run(main)

@@ -91,7 +91,11 @@ def test_real_key_follows_protocol_and_data():
     c.data.seed = 123
     assert a.real_key() == metrics_ev.ProtocolMetrics(_config()).real_key()
     assert a.real_key() != metrics_ev.ProtocolMetrics(c).real_key()
-    assert a.real_key() != metrics_ev.ProtocolMetrics(_config(), num_generated=4).real_key()
+    # The generated count and the metrics do not change the real set; its count does.
+    assert a.real_key() == metrics_ev.ProtocolMetrics(_config(), num_generated=4, metrics=("fvd",)).real_key()
+    b = metrics_ev.ProtocolMetrics(_config())
+    b.protocol = metrics_ev.dataclasses.replace(b.protocol, num_real=8)
+    assert a.real_key() != b.real_key()
 
 
 def test_paper_tables_place_results_by_protocol(tmp_path):

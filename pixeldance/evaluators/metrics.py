@@ -41,6 +41,8 @@ from pixeldance.metrics import networks, protocols, suite
 GENERATED = "generated"
 CAPTIONS = "captions.jsonl"
 RESULT = "metrics.json"
+# The protocol fields the real set depends on (not the metrics, nor the generated count).
+REAL_FIELDS = ("name", "num_frames", "fps", "stride", "clip_start", "resolution", "crop", "num_real", "seed")
 # protocol.dataset -> config.data.name it applies to ("" applies to any).
 DATASETS = {"synthetic": "shapes", "ucf101": "ucf101", "msrvtt": "msrvtt"}
 
@@ -91,21 +93,30 @@ class ProtocolMetrics(Evaluator):
     subject = "pipeline"
 
     def __init__(self, config, protocol: str | None = None, *, root: str | None = None,
-                 stats_dir: str | None = None, num_generated: int | None = None):
+                 stats_dir: str | None = None, num_generated: int | None = None,
+                 metrics: tuple[str, ...] | None = None, mode: str | None = None):
         e = config.evals
         self.config = config
         self.protocol = protocols.get(protocol or e.get("protocol", "shapes_17f"))
         if num_generated is not None:
             self.protocol = dataclasses.replace(self.protocol, num_generated=num_generated,
                                                 is_splits=min(self.protocol.is_splits, num_generated))
+        if mode:  # other instructions, the same real set (the result records the mode)
+            self.protocol = dataclasses.replace(self.protocol, mode=mode)
+        if metrics:  # a subset (or other metrics) under the protocol's clips and counts
+            bad = [m for m in metrics if m not in protocols.METRICS]
+            if bad:
+                raise ValueError(f"unknown metric {bad[0]}; known: {', '.join(protocols.METRICS)}")
+            self.protocol = dataclasses.replace(self.protocol, metrics=tuple(metrics))
         self.root = root or e.get("networks", "") or networks.default_root()
         self.stats_dir = stats_dir or e.get("stats_dir", "") or suite.default_stats_dir()
         real_config(config, self.protocol)  # a mismatched protocol fails at construction
 
     def real_key(self) -> str:
         """What identifies the real set: the protocol and the dataset settings it is cut from."""
-        data = self.config.data.to_dict()
-        text = json.dumps([self.protocol.describe(), data, "heldout"], sort_keys=True, default=str)
+        p = self.protocol
+        clips = {k: getattr(p, k) for k in REAL_FIELDS}
+        text = json.dumps([clips, self.config.data.to_dict(), "heldout"], sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def _write_real(self, folder: str, source) -> str:

@@ -68,6 +68,8 @@ def read_results(workdirs: list[str], files: list[str]) -> list[tuple[str, dict]
         if not isinstance(result, dict) or "protocol" not in result:
             raise ValueError(f"{path}: not a metrics result (no 'protocol')")
         step = result.get("step")
+        if result.get("name", result["protocol"]) != result["protocol"]:
+            name += f" [{result.get('mode')}]"  # evaluated in another mode than the protocol's
         out.append((f"ours: {name}" + (f" (step {step})" if step is not None else ""), result))
     return out
 
