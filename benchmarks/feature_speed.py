@@ -52,7 +52,6 @@ def cpu_model() -> str:
 
 def _torch_fidelity(module: str):
     """torch_fidelity.<module> under a stub package (its __init__ imports torchvision)."""
-    import importlib
     name = f"torch_fidelity.{module}"
     if "torch_fidelity" not in sys.modules:
         spec = importlib.util.find_spec("torch_fidelity")

@@ -15,7 +15,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -26,7 +25,7 @@ from safetensors.numpy import load_file, save_file
 
 from pixeldance.convert import clip as convert_clip
 from pixeldance.models import clip, weights
-from feature_nets import BOS, EOS, SENTENCES, write_clip_tokenizer
+from feature_nets import EOS, write_clip_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTIONS = ["a cat", "Two dogs play in the snow, and the man's bike isn't fast!",

@@ -41,13 +41,13 @@ module's network is TGAN-v2's. DIR (new or empty) gets the folder of
 from __future__ import annotations
 
 import os
-import sys
 import zipfile
 
 import numpy as np
 from absl import app, flags, logging
 from flax import traverse_util
 
+from pixeldance.convert.common import ConversionError, first_line, or_exit
 from pixeldance.models import c3d, weights
 
 _RELEASE = "conv3d_deepnetA_ucf.npz and mean2.npz of the tgan2 v1.0 release (github.com/rezoo/tgan2/releases)"
@@ -61,14 +61,6 @@ MEAN = "mean"
 MEAN_CROP = (8, 120)  # the reference's crop of the mean clip, rows and columns alike
 
 
-class ConversionError(ValueError):
-    """Bad input for the converter; the message is one line."""
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
 def read_arrays(path: str, what: str) -> dict[str, np.ndarray]:
     """The arrays of the .npz or safetensors file PATH by name. One-line ConversionError naming
     PATH if it is missing, a folder, neither format, or holds anything but numeric arrays (a pickle
@@ -80,7 +72,7 @@ def read_arrays(path: str, what: str) -> dict[str, np.ndarray]:
     try:
         is_zip = zipfile.is_zipfile(path)
     except OSError as e:
-        raise ConversionError(f"cannot read {path}: {_first_line(e)}") from None
+        raise ConversionError(f"cannot read {path}: {first_line(e)}") from None
     arrays = {}
     if is_zip:  # .npz; torch.save's zip pickles are zips too, and fail the checks below
         try:
@@ -88,7 +80,7 @@ def read_arrays(path: str, what: str) -> dict[str, np.ndarray]:
                 for name in f.files:
                     arrays[name] = f[name]
         except Exception as e:  # numpy raises ValueError, OSError, BadZipFile, ...
-            raise ConversionError(f"cannot read {path} as an .npz of arrays ({_first_line(e)}); only "
+            raise ConversionError(f"cannot read {path} as an .npz of arrays ({first_line(e)}); only "
                                   f".npz (no pickled objects) and safetensors are read: give {_HOWTO}") from None
     else:
         from safetensors import safe_open
@@ -96,7 +88,7 @@ def read_arrays(path: str, what: str) -> dict[str, np.ndarray]:
             with safe_open(path, framework="numpy") as f:
                 arrays = {name: f.get_tensor(name) for name in f.keys()}
         except Exception as e:  # safetensors raises its own error types
-            raise ConversionError(f"cannot read {path} as safetensors ({_first_line(e)}); only .npz and "
+            raise ConversionError(f"cannot read {path} as safetensors ({first_line(e)}); only .npz and "
                                   f"safetensors are read, never a pickle: give {_HOWTO}") from None
     for name, value in arrays.items():
         if not isinstance(value, np.ndarray):  # numpy hands out a zip member that is no .npy as bytes
@@ -210,11 +202,7 @@ def convert(input_path: str, output_dir: str, mean_path: str | None = None) -> d
 def main(argv):
     del argv
     FLAGS = flags.FLAGS
-    try:
-        convert(FLAGS.input, FLAGS.output, FLAGS.mean)
-    except (ConversionError, OSError) as e:
-        print(f"error: {_first_line(e)}", file=sys.stderr)
-        sys.exit(2)
+    or_exit(lambda: convert(FLAGS.input, FLAGS.output, FLAGS.mean))
     print(f"wrote {FLAGS.output} (TGAN-v2's UCF-101 C3D for the video IS); load it with "
           f"pixeldance.models.c3d.load_c3d({FLAGS.output!r})")
 

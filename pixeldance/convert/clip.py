@@ -23,13 +23,13 @@ import json
 import os
 import re
 import shutil
-import sys
 
 import jax
 import numpy as np
 from absl import app, flags
 from flax import traverse_util
 
+from pixeldance.convert.common import ConversionError, or_exit
 from pixeldance.models import clip, weights
 
 WEIGHTS = "model.safetensors"
@@ -62,10 +62,6 @@ _EMBEDDINGS = {"token_embedding": "embeddings.token_embedding.weight",
                "class_embedding": "embeddings.class_embedding"}
 _RENAMES = {"kernel": "weight", "scale": "weight", "fc1": "mlp.fc1", "fc2": "mlp.fc2",
             "pre_layernorm": "pre_layrnorm"}  # sic: transformers' name
-
-
-class ConversionError(ValueError):
-    """Bad input for the converter; the message is one line."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,11 +258,7 @@ def convert(input_dir: str, output_dir: str, towers: str = "both") -> dict:
 def main(argv):
     del argv
     FLAGS = flags.FLAGS
-    try:
-        config = convert(FLAGS.input, FLAGS.output, FLAGS.towers)
-    except (ConversionError, weights.WeightsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    config = or_exit(lambda: convert(FLAGS.input, FLAGS.output, FLAGS.towers), (weights.WeightsError,))
     model = clip.model_from_config(config)
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(clip.abstract_variables(model)))
     has = [t for t in ("text", "vision") if config[t]]

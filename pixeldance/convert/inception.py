@@ -24,12 +24,12 @@ DIR (new or empty) gets the folder of :mod:`pixeldance.models.weights`: load it 
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 from absl import app, flags, logging
 from flax import traverse_util
 
+from pixeldance.convert.common import ConversionError, or_exit
 from pixeldance.models import inception, weights
 
 _PTH = "weights-inception-2015-12-05-6726825d.pth (torch-fidelity) or pt_inception-2015-12-05-6726825d.pth (pytorch-fid)"
@@ -39,10 +39,6 @@ _DROPPED = ".num_batches_tracked"
 # torch BatchNorm2d leaf -> (collection, our leaf)
 _BN = {"weight": ("params", "scale"), "bias": ("params", "bias"),
        "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
-
-
-class ConversionError(ValueError):
-    """Bad input for the converter; the message is one line."""
 
 
 def read_input(path: str) -> dict[str, np.ndarray]:
@@ -155,11 +151,7 @@ def convert(input_path: str, output_dir: str) -> dict:
 def main(argv):
     del argv
     FLAGS = flags.FLAGS
-    try:
-        convert(FLAGS.input, FLAGS.output)
-    except (ConversionError, OSError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+    or_exit(lambda: convert(FLAGS.input, FLAGS.output))
     print(f"wrote {FLAGS.output} (InceptionV3 for FID and IS); load it with "
           f"pixeldance.models.inception.load_inception({FLAGS.output!r})")
 

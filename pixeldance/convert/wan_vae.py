@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 
 import jax
 import numpy as np
@@ -30,6 +29,7 @@ from absl import app, flags, logging
 from flax import traverse_util
 from safetensors import safe_open
 
+from pixeldance.convert.common import ConversionError, or_exit
 from pixeldance import build, sharding, train_lib
 from pixeldance import workdir as workdir_lib
 from pixeldance.checkpoint import Checkpointer
@@ -41,10 +41,6 @@ STEP = 0
 
 # Where a name of ours differs from diffusers' (besides `name_3` -> `name.3`).
 _RENAMES = {"kernel": "weight", "scale": "gamma", "spatial_conv": "resample.1"}
-
-
-class ConversionError(ValueError):
-    """Bad input for the converter; the message is one line."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,11 +197,7 @@ def convert(input_path: str, output_dir: str) -> wan_vae.WanVAE:
 def main(argv):
     del argv
     FLAGS = flags.FLAGS
-    try:
-        model = convert(FLAGS.input, FLAGS.output)
-    except (ConversionError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    model = or_exit(lambda: convert(FLAGS.input, FLAGS.output))
     n = sum(x.size for x in jax.tree.leaves(abstract_params(model)))
     print(f"wrote {FLAGS.output} (Wan VAE, {n / 1e6:.1f}M parameters, z_dim {model.z_dim}); "
           f"load it with pixeldance.load_vae({FLAGS.output!r})")
