@@ -51,6 +51,17 @@ def write_clip_tokenizer(path: str) -> int:
 
 
 
+def one_line_error(result, *needles) -> str:
+    """Asserts a command line failed with exit code 2 and exactly one `error: ...` line on stderr
+    containing each of `needles`; returns that line."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
 def package_dir(name: str) -> str:
     spec = importlib.util.find_spec(name)
     if spec is None:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from feature_nets import one_line_error
 from pixeldance.convert import c3d as convert_c3d
 from pixeldance.models import c3d, weights
 
@@ -26,15 +27,6 @@ TORCH_NAMES = ("conv1", "conv2", "conv3a", "conv3b", "conv4a", "conv4b", "conv5a
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "pixeldance.convert.c3d", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
-
-
-def _one_line_error(result, *needles):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def _clips(rng, b, f, h, w):
@@ -242,24 +234,24 @@ def test_cli_errors_are_one_line_with_exit_2(files, tmp_path):
 
     sd_path, mean_path = files
     missing = str(tmp_path / "nowhere.safetensors")
-    _one_line_error(_cli(f"--input={missing}", f"--mean={mean_path}", f"--output={tmp_path / 'a'}"),
+    one_line_error(_cli(f"--input={missing}", f"--mean={mean_path}", f"--output={tmp_path / 'a'}"),
                     missing, "does not exist", "tgan2")
 
     wrong = str(tmp_path / "wrong.safetensors")  # one tensor, mis-shaped: named before anything is missing
     save_file({"conv3a.weight": np.zeros((256, 128, 3, 3, 1), np.float32)}, wrong)
-    _one_line_error(_cli(f"--input={wrong}", f"--mean={mean_path}", f"--output={tmp_path / 'b'}"),
+    one_line_error(_cli(f"--input={wrong}", f"--mean={mean_path}", f"--output={tmp_path / 'b'}"),
                     wrong, "conv3a.weight has shape (256, 128, 3, 3, 1)")
 
-    _one_line_error(_cli(f"--input={sd_path}", f"--output={tmp_path / 'c'}"), sd_path, "--mean=mean2.npz")
+    one_line_error(_cli(f"--input={sd_path}", f"--output={tmp_path / 'c'}"), sd_path, "--mean=mean2.npz")
 
     no_mean = str(tmp_path / "std.npz")
     np.savez(no_mean, std=np.ones((3, 16, 128, 171), np.float32))
-    _one_line_error(_cli(f"--input={wrong}", f"--mean={no_mean}", f"--output={tmp_path / 'c'}"),
+    one_line_error(_cli(f"--input={wrong}", f"--mean={no_mean}", f"--output={tmp_path / 'c'}"),
                     no_mean, "no array 'mean'")
 
     pth = str(tmp_path / "c3d.pth")  # a torch pickle (a zip since torch 1.6) is refused unread
     torch.save({"fc8.bias": torch.zeros(101)}, pth)
-    _one_line_error(_cli(f"--input={pth}", f"--mean={mean_path}", f"--output={tmp_path / 'd'}"),
+    one_line_error(_cli(f"--input={pth}", f"--mean={mean_path}", f"--output={tmp_path / 'd'}"),
                     pth, "never a pickle")
     assert not any((tmp_path / d).exists() for d in "abcd")
 

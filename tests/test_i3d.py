@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from feature_nets import one_line_error
 from pixeldance.convert import i3d as convert_i3d
 from pixeldance.data import video_io
 from pixeldance.models import i3d, weights
@@ -42,15 +43,6 @@ def _ckpt() -> str:
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "pixeldance.convert.i3d", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
-
-
-def _one_line_error(result, *needles):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -234,12 +226,12 @@ def test_converter_refuses_foreign_arrays(converted):
 
 def test_cli_errors_are_one_line_with_exit_2(tmp_path):
     missing = str(tmp_path / "nowhere.ckpt")
-    _one_line_error(_cli(f"--input={missing}", f"--output={tmp_path / 'a'}"), missing, "does not exist")
+    one_line_error(_cli(f"--input={missing}", f"--output={tmp_path / 'a'}"), missing, "does not exist")
 
     truncated = tmp_path / convert_i3d.CKPT
     with open(_ckpt(), "rb") as f:
         truncated.write_bytes(f.read(1 << 20))
-    _one_line_error(_cli(f"--input={truncated}", f"--output={tmp_path / 'b'}"), str(truncated), "truncated")
+    one_line_error(_cli(f"--input={truncated}", f"--output={tmp_path / 'b'}"), str(truncated), "truncated")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

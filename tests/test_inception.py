@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from feature_nets import one_line_error
 from pixeldance.convert import inception as convert_inception
 from pixeldance.models import inception, weights
 
@@ -42,15 +43,6 @@ def _torch_fidelity(module: str):
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "pixeldance.convert.inception", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
-
-
-def _one_line_error(result, *needles):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def _images(rng, b, h, w):
@@ -227,18 +219,18 @@ def test_cli_errors_are_one_line_with_exit_2(reference, tmp_path):
     from safetensors.torch import save_file
 
     missing = str(tmp_path / "nowhere.safetensors")
-    _one_line_error(_cli(f"--input={missing}", f"--output={tmp_path / 'a'}"), missing, "does not exist")
+    one_line_error(_cli(f"--input={missing}", f"--output={tmp_path / 'a'}"), missing, "does not exist")
 
     net, _ = reference
     short = {k: v.contiguous() for k, v in net.state_dict().items() if k != "Mixed_6e.branch7x7dbl_4.conv.weight"}
     path = str(tmp_path / "short.safetensors")
     save_file(short, path)
-    _one_line_error(_cli(f"--input={path}", f"--output={tmp_path / 'b'}"), path,
+    one_line_error(_cli(f"--input={path}", f"--output={tmp_path / 'b'}"), path,
                     "Mixed_6e.branch7x7dbl_4.conv.weight")
 
     pth = str(tmp_path / "weights.pth")  # a pickle is refused unread
     torch.save({"fc.bias": torch.zeros(3)}, pth)
-    _one_line_error(_cli(f"--input={pth}", f"--output={tmp_path / 'c'}"), pth, "only safetensors are read")
+    one_line_error(_cli(f"--input={pth}", f"--output={tmp_path / 'c'}"), pth, "only safetensors are read")
     assert not any((tmp_path / d).exists() for d in "abc")
 
 
