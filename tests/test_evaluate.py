@@ -77,6 +77,29 @@ def test_generate_modes(tmp_path, mode, has_first, has_last):
     assert (pipe.calls[0]["lasts"] is not None) == has_last
 
 
+
+def test_evaluate_scores_exactly_its_plan(tmp_path, monkeypatch):
+    """A folder kept from a run with a larger --num_generated: the rerun generates nothing and
+    scores its own first videos, not a subset of the stale ones."""
+    ev = metrics_ev.ProtocolMetrics(_config(), num_generated=10, root=str(tmp_path / "nets"))
+    ev.generate(FakePipe(), str(tmp_path), metrics_ev.real_source(ev.config, ev.protocol))
+    seen = {}
+
+    def fake_score(extractor, generated, ref, *, captions, batch_size, names=None):
+        seen.update(generated=generated, names=names)
+        return {"warnings": []}
+
+    monkeypatch.setattr(metrics_ev.suite, "Extractor", lambda *a: None)
+    monkeypatch.setattr(metrics_ev.suite, "real_stats", lambda *a, **k: {})
+    monkeypatch.setattr(metrics_ev.suite, "score_generated", fake_score)
+    small = metrics_ev.ProtocolMetrics(_config(), num_generated=4, root=str(tmp_path / "nets"))
+    pipe = FakePipe()
+    pipe.mesh = None
+    small.evaluate(pipe, step=0, out_dir=str(tmp_path))
+    assert pipe.calls == []  # every shard of the 4 exists already
+    assert seen["names"] == [f"{i:06d}.mp4" for i in range(4)]
+    assert seen["generated"] == str(tmp_path / metrics_ev.GENERATED)
+
 def test_protocol_must_fit_the_dataset():
     with pytest.raises(ValueError, match="is for the ucf101 dataset"):
         metrics_ev.ProtocolMetrics(_config("ucf101_pixeldance"))

@@ -70,6 +70,11 @@ def real_config(config, protocol: protocols.Protocol):
     return cfg
 
 
+def video_name(i: int) -> str:
+    """The file name of the i-th video of a folder this evaluator writes (real or generated)."""
+    return f"{i:06d}.mp4"
+
+
 def real_source(config, protocol: protocols.Protocol):
     """The held-out items (dicts with 'video' uint8 [F, R, R, 3] and 'caption') the real set is
     cut from; the synthetic world's come from the evaluation seed, as the faithfulness
@@ -122,7 +127,7 @@ class ProtocolMetrics(Evaluator):
     def _write_real(self, folder: str, source) -> str:
         os.makedirs(folder, exist_ok=True)
         for i in range(min(len(source), self.protocol.num_real)):
-            path = os.path.join(folder, f"{i:06d}.mp4")
+            path = os.path.join(folder, video_name(i))
             if not os.path.exists(path):
                 video_io.write_mp4(path, source[i]["video"], fps=fps_of(self.protocol))
         return folder
@@ -148,14 +153,14 @@ class ProtocolMetrics(Evaluator):
         captions = os.path.join(folder, CAPTIONS)
         with open(captions + ".tmp", "w") as f:
             for i, (caption, _, _) in enumerate(plan):
-                f.write(json.dumps({"path": f"{i:06d}.mp4", "caption": caption}) + "\n")
+                f.write(json.dumps({"path": video_name(i), "caption": caption}) + "\n")
         os.replace(captions + ".tmp", captions)
         bs = int(self.config.sample.batch_size)
         settings = dict(num_frames=p.num_frames, height=p.resolution, width=p.resolution,
                         steps=p.steps or None, guidance=p.guidance or None,
                         sampler=p.sampler or None, image_guidance=p.image_guidance or None)
         for shard, start in enumerate(range(0, len(plan), bs)):
-            paths = [os.path.join(gen_dir, f"{i:06d}.mp4") for i in range(start, min(start + bs, len(plan)))]
+            paths = [os.path.join(gen_dir, video_name(i)) for i in range(start, min(start + bs, len(plan)))]
             if all(os.path.exists(x) for x in paths):
                 continue  # written by an earlier, interrupted run: same seed, same videos
             chunk = plan[start:start + len(paths)]
@@ -177,8 +182,11 @@ class ProtocolMetrics(Evaluator):
                 ref = suite.real_stats(extractor, lambda: self._write_real(os.path.join(folder, "real"), source),
                                        stats_dir=self.stats_dir, batch_size=8, fingerprint=self.real_key())
             captions = self.generate(pipe, folder, source)
+            # Exactly the videos of this plan: a folder kept from an earlier run with a larger
+            # --num_generated holds more, and a random subset of those is not what was asked.
+            names = [video_name(i) for i in range(p.num_generated)]
             report = suite.score_generated(extractor, os.path.join(folder, GENERATED), ref,
-                                           captions=captions, batch_size=8)
+                                           captions=captions, batch_size=8, names=names)
             asked = protocols.get(p.name).num_generated
             if p.num_generated < asked:  # --num_generated: the number is not the protocol's
                 report["warnings"].append(f"{p.num_generated} generated videos, the protocol asks for {asked}")

@@ -157,10 +157,13 @@ def check_metrics(metrics, *, real, captions) -> tuple[str, ...]:
 
 
 def score_generated(extractor: Extractor, generated: str, ref: dict[str, FeatureStats], *,
-                    captions: str | None, batch_size: int) -> dict:
-    """The metrics of the generated folder, the Frechet ones against `ref` (real_stats)."""
+                    captions: str | None, batch_size: int, names: list[str] | None = None) -> dict:
+    """The metrics of the generated folder, the Frechet ones against `ref` (real_stats): of
+    `names` (paths relative to the folder) when given, else of a seeded subset of at most the
+    protocol's num_generated (videos.list_videos)."""
     protocol, metrics = extractor.protocol, extractor.metrics
-    names = videos.list_videos(generated, protocol.num_generated, protocol.seed)
+    if names is None:
+        names = videos.list_videos(generated, protocol.num_generated, protocol.seed)
     texts = []
     if "clipsim" in metrics:
         caption_map = read_caption_map(captions)
