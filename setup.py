@@ -24,6 +24,9 @@ INSTALL_REQUIRES = [
     "einops==0.8.2",
     # CLIP's (and later T5's) tokenizer files, read without transformers (models/clip.py).
     "tokenizers==0.23.3",
+    # T5 v1.1 / umT5 folders that ship only the SentencePiece model (spiece.model), read without
+    # transformers (models/text_encoder.py); also trains the tests' tiny tokenizers on the fly.
+    "sentencepiece==0.2.1",
     # UCF-101 / MSR-VTT builders and readers (pixeldance/data/tfds_*.py), array_record only:
     # no TensorFlow. tfds imports importlib_resources on every Python though it only declares it
     # for < 3.9.
