@@ -387,7 +387,8 @@ class _Recorder:
 
     def apply(self, params, x_t, t, c_image, c_mask, tokens):
         record = lambda t, c, m, tok: self.calls.append(dict(t=np.asarray(t), c_image=np.asarray(c),
-                                                             c_mask=np.asarray(m), tokens=np.asarray(tok)))
+                                                             c_mask=np.asarray(m),
+                                                             tokens=jax.tree.map(np.asarray, tok)))
         jax.debug.callback(record, t, c_image, c_mask, tokens)
         return jnp.zeros_like(x_t) if self.output is None else self.output(x_t, t)
 
@@ -425,6 +426,48 @@ def test_task_loss_dropout_rates():
     logit = np.log(call["t"] / (1.0 - call["t"]))
     assert abs(np.mean(np.abs(logit) < 1.0) - 0.683) < tol
 
+
+def test_frozen_text_states_dropped_to_the_stored_null():
+    """A pretrained encoder's cached states (dict(states, mask)) go through the task like tokens:
+    dropped examples get exactly the stored empty-prompt states and mask, at p_drop_text."""
+    task, batch = _loss_setup(B=2048, **{"cond.p_drop_text": 0.3})
+    B, S, D = 2048, 5, 3
+    states = _normal(7, (B, S, D)).astype(jnp.bfloat16)
+    mask = jnp.broadcast_to(jnp.arange(S) < 4, (B, S))
+    null = dict(states=jnp.full((1, S, D), 0.5, jnp.bfloat16), mask=(jnp.arange(S) < 1)[None])
+    del batch["tokens"]
+    batch["text"] = dict(states=states, mask=mask)
+    model = _Recorder()
+    jax.jit(lambda b, n: task.loss(model, None, b, jax.random.key(4), null_text=n))(batch, null)
+    jax.effects_barrier()
+    got = model.calls[0]["tokens"]
+    dropped = np.all(got["mask"] == np.asarray(null["mask"]), axis=1)
+    assert abs(dropped.mean() - 0.3) < 0.04
+    np.testing.assert_array_equal(got["states"][dropped], np.broadcast_to(np.asarray(null["states"]), (dropped.sum(), S, D)))
+    np.testing.assert_array_equal(got["states"][~dropped], np.asarray(states)[~dropped])
+    assert got["states"].dtype == np.asarray(states).dtype
+    with pytest.raises(ValueError, match="empty-prompt states"):
+        task.training_inputs(batch["z"], batch["z_last"], batch["text"], jax.random.key(0))
+
+
+def test_denoiser_branches_with_frozen_text():
+    """Guidance branches batch [text, null, null] for frozen states as for tokens."""
+    task, _ = _loss_setup()
+    B, S, D = 2, 4, 3
+    text = dict(states=_normal(1, (B, S, D)), mask=jnp.ones((B, S), bool))
+    null = dict(states=jnp.zeros((1, S, D)), mask=jnp.zeros((1, S), bool).at[:, 0].set(True))
+    c = jnp.zeros((B, 3, 1, 1, 2))
+    m = jnp.zeros((B, 3, 1, 1, 1))
+    model = _Recorder()
+    denoise = task.denoiser(model, None, c, m, text, 2.0, 1.5, 10, branches=3, null_text=null)
+    denoise(jnp.zeros((B, 3, 1, 1, 2)), 0.5, 0)
+    jax.effects_barrier()
+    got = model.calls[0]["tokens"]
+    assert got["states"].shape == (3 * B, S, D)
+    np.testing.assert_array_equal(got["states"][:B], np.asarray(text["states"]))
+    np.testing.assert_array_equal(got["states"][B:], 0.0)
+    np.testing.assert_array_equal(got["mask"][B:, 0], True)
+    np.testing.assert_array_equal(got["mask"][B:, 1:], False)
 
 @pytest.mark.parametrize("last_from", [1, 2, 3])
 def test_last_frame_picked_among_the_last_frames(last_from):

@@ -15,6 +15,7 @@ from pixeldance import sharding
 from pixeldance.models import attention as attn_lib
 from pixeldance.models import attention_kernels as kernels
 from pixeldance.models import dit as dit_lib
+from pixeldance.models import text as text_lib
 
 TEXT_WIDTH = 16
 # A small DiT whose head count (4) and widths divide a tensor axis of 4 devices.
@@ -349,3 +350,19 @@ def test_flops_formula_matches_xla(attention):
                                             patch_dim_in=4 * 33, patch_dim_out=4 * 16, attention=attention,
                                             num_frames=4)
     assert 0.9 < analytic / xla_flops < 1.05, (analytic, xla_flops)
+
+
+def test_frozen_text_states_condition_the_dit(reference):
+    """PixelDanceModel over a frozen encoder's cached states (FrozenText: no parameters of its
+    own) equals the bare VideoDiT fed the same states and mask, in bfloat16 as cached."""
+    x, t, c, m, text, mask = reference["inputs"]
+    text = text.astype(jnp.bfloat16)
+    bare = _model(attention_impl="xla")
+    model = dit_lib.PixelDanceModel(text_lib.FrozenText(), bare)
+    frozen = dict(states=text, mask=mask)
+    variables = nn.unbox(model.init(jax.random.key(0), x, t, c, m, frozen))
+    assert set(variables["params"]) == {"dit"}  # nothing trainable besides the DiT
+    params = {"params": {"dit": reference["params"]["params"]}}
+    out = jax.jit(model.apply)(params, x, t, c, m, frozen)
+    want = jax.jit(bare.apply)(reference["params"], x, t, c, m, text.astype(jnp.float32), mask)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=0, atol=0)

@@ -13,8 +13,10 @@ and `config.cond` (how image instructions are drawn, noised, dropped and put in)
   guided_sample    the whole `lax.scan` sampler (the Pipeline's, also compiled by the planner).
 
 Latents here are normalised (`workdir.LatentStats.normalise`); the model is any Flax module
-called as ``model.apply(params, x_t, t, c_image, c_mask, tokens) -> output [B, T, h, w, C]``
-(`models.dit.PixelDanceModel`). Pure functions of their arguments: nothing here reads a config
+called as ``model.apply(params, x_t, t, c_image, c_mask, text) -> output [B, T, h, w, C]``
+(`models.dit.PixelDanceModel`). `text` is a text input of `models.text`: tokens int32 [B, S] for
+the encoder trained with the DiT, or dict(states [B, S, D], mask [B, S]) from a frozen pretrained
+encoder, whose empty-prompt states (`null_text`, leading dimension 1) are then passed too. Pure functions of their arguments: nothing here reads a config
 after `from_config`.
 
 Axis letters (glossary: pixeldance/models/__init__.py): B batch, T latent frames, h/w latent
@@ -93,17 +95,18 @@ class PixelDanceTask:
 
     # -- training -------------------------------------------------------------------------------
 
-    def training_inputs(self, z, z_last, tokens, rng) -> dict:
+    def training_inputs(self, z, z_last, text, rng, null_text=None) -> dict:
         """The denoiser's inputs for a batch of normalised latents.
 
         z [B, T, h, w, C]; z_last [B, J, h, w, C], candidate last-frame latents (latest first);
-        tokens int32 [B, S]. Per example: a first-frame instruction with probability p_first;
+        text: tokens int32 [B, S] or frozen states (module docstring; null_text: their empty
+        prompt). Per example: a first-frame instruction with probability p_first;
         given one, a last-frame instruction with probability p_last, picked uniformly among the
         first min(last_from, J) candidates; noise on c_image; text dropped with probability
         p_drop_text. One-frame batches (images) get no image instructions.
 
         Returns dict(x_t [B, T, h, w, C], t [B], c_image [B, T, h, w, C], c_mask [B, T, h, w, 1],
-        tokens [B, S], noise [B, T, h, w, C], loss_mask [B, T, 1, 1, 1], has_first [B],
+        text (as given, dropped ones replaced), noise [B, T, h, w, C], loss_mask [B, T, 1, 1, 1], has_first [B],
         has_last [B], last_pick int32 [B]).
         """
         B, T = z.shape[:2]
@@ -118,7 +121,7 @@ class PixelDanceTask:
         c_image = conditioning.noise_instructions(keys[3], c_image, c_mask, self.noise)
 
         drop = jax.random.uniform(keys[4], (B,)) < self.p_drop_text
-        tokens = jnp.where(drop[:, None], text_lib.null_tokens(B, tokens.shape[1]), tokens)
+        text = text_lib.select_text(drop, text, text_lib.null_text(text, null_text))
 
         if self.path == "flow":
             t = schedules.sample_time(keys[5], B, kind=self.time_sampling, mean=self.logit_mean,
@@ -129,18 +132,20 @@ class PixelDanceTask:
         x_t = objectives.add_noise(z, noise, t, objective=self.objective)
         if self.replace:
             x_t = conditioning.replace_first(x_t, z[:, 0], has_first)
-        return dict(x_t=x_t, t=t, c_image=c_image, c_mask=c_mask, tokens=tokens, noise=noise,
+        return dict(x_t=x_t, t=t, c_image=c_image, c_mask=c_mask, text=text, noise=noise,
                     loss_mask=conditioning.first_frame_loss_mask(has_first, T, self.replace),
                     has_first=has_first, has_last=has_last, last_pick=pick)
 
-    def loss(self, model, params, batch, rng):
+    def loss(self, model, params, batch, rng, null_text=None):
         """(loss, dict(x0_mse)) on a batch of normalised latents: z [B, T, h, w, C], z_last
-        [B, J, h, w, C], tokens int32 [B, S] (see `training_inputs`). The objective sets the noise
+        [B, J, h, w, C] and tokens int32 [B, S] or frozen text states `text` (see
+        `training_inputs`). The objective sets the noise
         path, the training times (flow: time_sampling; eps / v: uniform over DDPM's 1000 steps)
         and the regression target."""
         z = batch["z"]
-        x = self.training_inputs(z, batch["z_last"], batch["tokens"], rng)
-        out = model.apply(params, x["x_t"], x["t"], x["c_image"], x["c_mask"], x["tokens"])
+        text = batch["text"] if "text" in batch else batch["tokens"]
+        x = self.training_inputs(z, batch["z_last"], text, rng, null_text)
+        out = model.apply(params, x["x_t"], x["t"], x["c_image"], x["c_mask"], x["text"])
         loss, _ = objectives.loss(out, z, x["noise"], x["t"], x["loss_mask"], objective=self.objective,
                                   prediction=self.prediction, min_t=self.min_t)
         x0_hat, _ = self.denoise(out, x["x_t"], x["t"])
@@ -149,8 +154,8 @@ class PixelDanceTask:
 
     # -- sampling -------------------------------------------------------------------------------
 
-    def denoiser(self, model, params, c_full, m_full, tokens, guidance, image_guidance, tau, *,
-                 branches: int):
+    def denoiser(self, model, params, c_full, m_full, text, guidance, image_guidance, tau, *,
+                 branches: int, null_text=None):
         """denoise(x [B, T, h, w, C], t, i) -> guided (x0_hat, v_hat), the samplers' interface.
 
         c_full [B, T, h, w, C], m_full [B, T, h, w, 1]: the instructions with every given frame;
@@ -158,12 +163,13 @@ class PixelDanceTask:
         strength of the last frame). Branches, batched in one model call: full (text and
         image instructions), image (image instructions, the empty prompt) and, with
         branches = 3, none (neither); `guidance.combine` mixes them with the text scale
-        `guidance` and the image scale `image_guidance` (float32 scalars, traced is fine).
+        `guidance` and the image scale `image_guidance` (float32 scalars, traced is fine). text,
+        null_text: see `training_inputs`.
         """
-        B = tokens.shape[0]
+        B = text_lib.text_batch_size(text)
         c_drop, m_drop = conditioning.drop_last(c_full, m_full)
-        null = text_lib.null_tokens(B, tokens.shape[1])
-        tok = jnp.concatenate([tokens, null, null][:branches])
+        null = text_lib.null_text(text, null_text)
+        tok = text_lib.concat_text([text, null, null][:branches])
 
         def denoise(x, t, i):
             use_last = i < tau
@@ -177,12 +183,13 @@ class PixelDanceTask:
             return guidance_lib.combine(pred, branches, text_scale=guidance, image_scale=image_guidance)
         return denoise
 
-    def guided_sample(self, model, params, noise, z_first, z_last, has_first, has_last, tokens, rng,
-                      guidance, image_guidance, tau, *, steps: int, sampler: str, branches: int):
+    def guided_sample(self, model, params, noise, z_first, z_last, has_first, has_last, text, rng,
+                      guidance, image_guidance, tau, *, steps: int, sampler: str, branches: int,
+                      null_text=None):
         """Normalised latents [B, T, h, w, C] from `noise` [B, T, h, w, C] at t = 1.
 
         z_first, z_last [B, h, w, C] with has_first, has_last bool [B]: the image instructions
-        (noised like training's, from `rng`); tokens int32 [B, S]; guidance, image_guidance:
+        (noised like training's, from `rng`); text, null_text: see `training_inputs`; guidance, image_guidance:
         float32 scalars; tau: int32 scalar (see `denoiser`); steps, sampler, branches
         (`guidance.num_branches(image_guidance)`) are static. With first_frame='replace' the
         clean first latent is put back after every step where it is given.
@@ -190,7 +197,7 @@ class PixelDanceTask:
         T = noise.shape[1]
         c_full, m_full = conditioning.make_instructions(z_first, z_last, has_first, has_last, T)
         c_full = conditioning.noise_instructions(rng, c_full, m_full, self.noise)
-        denoise = self.denoiser(model, params, c_full, m_full, tokens, guidance, image_guidance, tau,
-                                branches=branches)
+        denoise = self.denoiser(model, params, c_full, m_full, text, guidance, image_guidance, tau,
+                                branches=branches, null_text=null_text)
         project = (lambda x: conditioning.replace_first(x, z_first, has_first)) if self.replace else None
         return samplers.solve(denoise, noise, steps=steps, sampler=sampler, path=self.path, project=project)

@@ -34,7 +34,7 @@ from flax import linen as nn
 from pixeldance.models import attention as attn_lib
 from pixeldance.models import attention_kernels
 from pixeldance.models.layers import Dense, LayerNorm, RMSNorm
-from pixeldance.models.text import TextEncoder
+from pixeldance.models.text import FrozenText, TextEncoder
 from pixeldance.sharding import constrain
 
 # Size table: width D, depth, heads N (head width K = D / N), MLP width E = mlp_ratio * D.
@@ -352,10 +352,12 @@ class VideoDiT(nn.Module):
 
 
 class PixelDanceModel(nn.Module):
-    """Text encoder + video DiT, trained together: (x, t, c_image, c_mask, tokens) -> output."""
-    text_encoder: TextEncoder
+    """Text encoder + video DiT: (x, t, c_image, c_mask, text) -> output. text: tokens int32
+    [B, S] for a `TextEncoder` trained with the DiT, or dict(states [B, S, D], mask [B, S]) for
+    `FrozenText` (a pretrained encoder's cached output; see models/text.py)."""
+    text_encoder: TextEncoder | FrozenText
     dit: VideoDiT
 
-    def __call__(self, x, t, c_image, c_mask, tokens):
-        text, text_mask = self.text_encoder(tokens)
+    def __call__(self, x, t, c_image, c_mask, text_input):
+        text, text_mask = self.text_encoder(text_input)
         return self.dit(x, t, c_image, c_mask, text, text_mask)

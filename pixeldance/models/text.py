@@ -15,6 +15,7 @@ import re
 import zlib
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
@@ -30,6 +31,43 @@ def null_tokens(batch: int, length: int):
     """The empty prompt, int32 [batch, length]: BOS then padding (the unconditional input of
     classifier-free guidance, and the dropped text of training)."""
     return jnp.zeros((batch, length), jnp.int32).at[:, 0].set(BOS)
+
+
+# -- text inputs ---------------------------------------------------------------------------------
+# The DiT's text input is one of two pytrees: tokens int32 [B, S] for the encoder trained with it
+# (`TextEncoder`), or dict(states [B, S, D], mask bool [B, S]) computed once by a frozen pretrained
+# encoder (`FrozenText`; CLIP / T5 / umT5 states cached with the latents). The diffusion task drops
+# and batches either kind through the helpers below, so it never asks which one it holds.
+
+
+def text_batch_size(text) -> int:
+    """B of a text input (tokens [B, S] or dict(states [B, S, D], mask [B, S]))."""
+    return jax.tree.leaves(text)[0].shape[0]
+
+
+def null_text(text, null=None):
+    """The empty prompt in the structure and batch size of `text`.
+
+    null: None for tokens (BOS then padding, `null_tokens`), or for frozen states the encoder's
+    output for the empty prompt, dict(states [1, S, D], mask [1, S]) (stored once with the cache),
+    broadcast to the batch.
+    """
+    B = text_batch_size(text)
+    if null is None:
+        if isinstance(text, dict):
+            raise ValueError("frozen text states need the encoder's empty-prompt states (null)")
+        return null_tokens(B, text.shape[1])
+    return jax.tree.map(lambda n, t: jnp.broadcast_to(n, (B,) + n.shape[1:]).astype(t.dtype), null, text)
+
+
+def select_text(use_null, text, null):
+    """Per example: `null` where use_null (bool [B]) is True, else `text` (same structures)."""
+    return jax.tree.map(lambda t, n: jnp.where(use_null.reshape((-1,) + (1,) * (t.ndim - 1)), n, t), text, null)
+
+
+def concat_text(texts):
+    """Text inputs of batches B1, B2, ... -> one of batch B1 + B2 + ... (guidance branches)."""
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *texts)
 
 
 class WordTokenizer:
@@ -95,6 +133,17 @@ class ByteTokenizer:
             ids = ids[: self.max_length]
             out[b, : len(ids)] = ids
         return out
+
+
+class FrozenText(nn.Module):
+    """A frozen pretrained encoder's precomputed output, passed through: dict(states [B, S, D],
+    mask [B, S]) -> (states in `dtype`, mask bool). No parameters: the DiT's cross-attention
+    projects the states from the encoder's width D."""
+
+    dtype: jnp.dtype = jnp.float32
+
+    def __call__(self, text):
+        return text["states"].astype(self.dtype), text["mask"].astype(bool)
 
 
 class TextEncoder(nn.Module):
