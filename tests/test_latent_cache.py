@@ -87,6 +87,45 @@ def test_shards_source_and_statistics(tmp_path):
     assert latent_cache.num_shards_for(5, 16) == 5 and latent_cache.num_shards_for(10, 3) == 3
 
 
+def test_frozen_text_states_cache(tmp_path):
+    """A cache of a pretrained encoder's states: bfloat16 states and bool masks round-trip exactly,
+    the empty prompt's states are stored once beside the shards and checked, grain batches them."""
+    import ml_dtypes
+    z, z_last, _, captions = _arrays(n=6)
+    rng = np.random.default_rng(1)
+    states = rng.normal(size=(6, 7, 5)).astype(ml_dtypes.bfloat16)
+    mask = np.arange(7)[None] < rng.integers(1, 8, (6, 1))
+    null = dict(text_states=rng.normal(size=(1, 7, 5)).astype(ml_dtypes.bfloat16), text_mask=np.arange(7)[None] < 1)
+    out = str(tmp_path / "cache")
+    text = dict(text_states=states, text_mask=mask)
+    meta = latent_cache.write_arrays(out, z, z_last, text, captions, num_shards=2, null_text=null)
+    assert meta["fields"]["text_states"] == dict(dtype="bfloat16", shape=[7, 5])
+    assert meta["fields"]["text_mask"] == dict(dtype="|b1", shape=[7]) and "tokens" not in meta["fields"]
+    assert latent_cache.is_complete(out)
+    source = latent_cache.LatentCacheSource(out)
+    assert source.fields == latent_cache.STATE_FIELDS
+    ex = source[4]
+    assert ex["text_states"].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(ex["text_states"].view(np.uint16), states[4].view(np.uint16))
+    np.testing.assert_array_equal(ex["text_mask"], mask[4])
+    got = source.null_text()
+    np.testing.assert_array_equal(got["text_states"].view(np.uint16), null["text_states"].view(np.uint16))
+    np.testing.assert_array_equal(got["text_mask"], null["text_mask"])
+    batch = next(pipeline.make_batches(source, batch_size=4, seed=0, process_index=0, process_count=1))
+    assert batch["text_states"].shape == (4, 7, 5) and batch["text_mask"].dtype == bool
+    # Token caches have no empty-prompt states; a damaged file is named, and the cache is incomplete.
+    z2, zl2, tokens, caps = _arrays(n=3)
+    latent_cache.write_arrays(str(tmp_path / "tok"), z2, zl2, tokens, caps)
+    with pytest.raises(latent_cache.CacheError, match="holds no frozen text states"):
+        latent_cache.LatentCacheSource(str(tmp_path / "tok")).null_text()
+    with open(os.path.join(out, latent_cache.NULL_TEXT), "ab") as f:
+        f.write(b"x")
+    with pytest.raises(latent_cache.CacheError, match="null_text.record"):
+        source.null_text()
+    assert not latent_cache.is_complete(out)
+    with pytest.raises(ValueError, match="empty prompt"):
+        latent_cache.write_arrays(str(tmp_path / "nonull"), z, z_last, text, captions)
+
 def test_build_resumes_after_an_interruption(tmp_path):
     z, z_last, tokens, captions = _arrays(n=12)
     out = str(tmp_path / "cache")

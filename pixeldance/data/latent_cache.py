@@ -15,8 +15,13 @@ Record format (no pickle): a little-endian uint32 header length L, L bytes of UT
 C-order bytes at their offsets (relative to the end of the header). A cache record holds
   z       float32 [T, h, w, C]  the video's latents (posterior means, unnormalised)
   z_last  float32 [J, h, w, C]  the last J frames, each encoded as an image, latest first
-  tokens  int32 [S]             the tokenised caption
+  tokens  int32 [S]             the tokenised caption (the DiT's own trained text encoder), or
+  text_states bfloat16 [S, D]   a frozen pretrained encoder's last hidden states (CLIP / T5 /
+  text_mask   bool [S]          umT5, config.text.encoder) and their padding mask, instead
   caption str
+With frozen states the cache also holds `null_text.record`: the encoder's states and mask for the
+empty prompt ([1, S, D], [1, S]; the null of classifier-free guidance), stored once, same format.
+bfloat16 arrays are stored as their 2-byte patterns with dtype name "bfloat16" (ml_dtypes).
 
 Writing (`build`) is atomic and resumable: shards are written into `<output>.partial/` (each
 shard to a temporary name, renamed when complete, with a small sidecar JSON of its record count,
@@ -50,6 +55,7 @@ import shutil
 import struct
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import ml_dtypes
 import numpy as np
 
 from pixeldance.data.buckets import shape_name
@@ -57,7 +63,23 @@ from pixeldance.data.buckets import shape_name
 FORMAT = "pixeldance.latent_cache"
 VERSION = 1
 META = "meta.json"
-FIELDS = ("z", "z_last", "tokens")
+TOKEN_FIELDS = ("z", "z_last", "tokens")
+STATE_FIELDS = ("z", "z_last", "text_states", "text_mask")
+NULL_TEXT = "null_text.record"
+
+
+def record_fields(record: dict) -> tuple[str, ...]:
+    """The fields a record stores: TOKEN_FIELDS, or STATE_FIELDS where it holds frozen text states."""
+    return STATE_FIELDS if "text_states" in record else TOKEN_FIELDS
+
+
+def _dtype_name(a: np.ndarray) -> str:
+    # numpy has no bfloat16 of its own: ml_dtypes' has no stable dtype.str ('<V2'), so it is named.
+    return "bfloat16" if a.dtype == ml_dtypes.bfloat16 else a.dtype.str
+
+
+def _dtype(name: str) -> np.dtype:
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 # One record per chunk for random access; uncompressed: latents hardly compress (zstd:3, array_record's
 # default, saved 8 %) and reading a 33 KB record took 24 us against 62 us with zstd (measured).
 _WRITER_OPTIONS = "group_size:1,uncompressed"
@@ -79,7 +101,7 @@ def encode_record(arrays: dict[str, np.ndarray], caption: str = "") -> bytes:
         a = np.ascontiguousarray(a)
         if a.dtype.hasobject:
             raise TypeError(f"record field {name!r}: object arrays cannot be stored")
-        entries.append([name, a.dtype.str, list(a.shape), offset])
+        entries.append([name, _dtype_name(a), list(a.shape), offset])
         chunks.append(a.tobytes())
         offset += a.nbytes
     header = json.dumps({"caption": caption, "arrays": entries}, separators=(",", ":")).encode("utf-8")
@@ -100,12 +122,12 @@ def decode_record(data: bytes) -> dict[str, Any]:
         header = json.loads(data[_HEADER.size:start])
         out = {"caption": header["caption"]}
         for name, dtype, shape, offset in header["arrays"]:
-            dt = np.dtype(dtype)
+            dt = _dtype(dtype)
             count = int(np.prod(shape, dtype=np.int64))
             if start + offset + count * dt.itemsize > len(data):
                 raise ValueError(f"array {name!r} overruns the record")
             out[name] = np.frombuffer(data, dt, count, start + offset).reshape(shape)
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:  # np.dtype: TypeError
         raise ValueError(f"bad record header ({type(e).__name__}: {e})") from None
     return out
 
@@ -163,12 +185,14 @@ def read_meta(path: str) -> dict | None:
 
 
 def is_complete(path: str, meta: dict | None = None) -> bool:
-    """True if `path` holds a published cache whose shards all exist with their recorded sizes."""
+    """True if `path` holds a published cache whose shards (and empty-prompt states, if any) all
+    exist with their recorded sizes."""
     meta = read_meta(path) if meta is None else meta
     if meta is None:
         return False
     try:
-        return all(os.path.getsize(os.path.join(path, s["file"])) == s["bytes"] for s in meta["shards"])
+        files = meta["shards"] + ([meta["null_text"]] if "null_text" in meta else [])
+        return all(os.path.getsize(os.path.join(path, s["file"])) == s["bytes"] for s in files)
     except (OSError, KeyError, TypeError):
         return False
 
@@ -294,15 +318,15 @@ def _shard_done(folder: str, name: str, expected_records: int) -> bool:
 
 def write_shard(path: str, records: Iterable[dict[str, Any]]) -> dict:
     """Writes one shard atomically (to `path + '.tmp'`, renamed when closed) and a sidecar
-    `path + '.json'` (num_records, bytes, moments of 'z'). records: dicts with the FIELDS
-    arrays and 'caption'. Returns the sidecar dict."""
+    `path + '.json'` (num_records, bytes, moments of 'z'). records: dicts with the arrays of
+    `record_fields` and 'caption'. Returns the sidecar dict."""
     from array_record.python import array_record_module  # only where shards are read or written
     tmp = path + ".tmp"
     writer = array_record_module.ArrayRecordWriter(tmp, _WRITER_OPTIONS)
     moments, count = Moments(), 0
     try:
         for rec in records:
-            writer.write(encode_record({k: rec[k] for k in FIELDS}, str(rec.get("caption", ""))))
+            writer.write(encode_record({k: rec[k] for k in record_fields(rec)}, str(rec.get("caption", ""))))
             moments.update(rec["z"])
             count += 1
     finally:
@@ -321,7 +345,8 @@ def _single_process_sync(_: str):
 
 def build(output: str, *, count: int, num_shards: int,
           encode_range: Callable[[int, int], Iterator[Sequence[dict[str, Any]]]],
-          info: dict | None = None, process_index: int = 0, process_count: int = 1,
+          info: dict | None = None, null_text: dict[str, np.ndarray] | None = None,
+          process_index: int = 0, process_count: int = 1,
           sync: Callable[[str], None] = _single_process_sync, log: Callable[[str], None] = print) -> dict:
     """Writes a cache of `count` records in `num_shards` shards to the folder `output`.
 
@@ -330,9 +355,11 @@ def build(output: str, *, count: int, num_shards: int,
     from (VAE step, tokenizer, source, ...), stored in meta.json; a partial build of another
     plan (count, shards or info) is discarded. This process writes the shards s with
     s % process_count == process_index; sync(name) must be a barrier across the processes.
-    `output` (a folder holding only the cache) is replaced as a whole. Returns the meta dict:
-    format, version, count, fields {name: {dtype, shape}}, shards [{file, start, num_records,
-    bytes}], latent_moments (of z over the whole cache), and info's keys.
+    `output` (a folder holding only the cache) is replaced as a whole. null_text: with frozen
+    text states, the empty prompt's dict(text_states [1, S, D], text_mask [1, S]), written to
+    NULL_TEXT by process 0. Returns the meta dict: format, version, count, fields {name: {dtype,
+    shape}}, shards [{file, start, num_records, bytes}], latent_moments (of z over the whole
+    cache), null_text {file, bytes} (with frozen states) and info's keys.
     """
     if count < 1 or not 1 <= num_shards <= count:
         raise ValueError(f"a latent cache needs count >= 1 and 1 <= num_shards <= count, got {count}, {num_shards}")
@@ -379,10 +406,17 @@ def build(output: str, *, count: int, num_shards: int,
             moments.merge(Moments.from_json(side["moments"]))
             shards.append(dict(file=name, start=start, num_records=end - start, bytes=side["bytes"]))
         first = _read_one(os.path.join(partial, shards[0]["file"]))
-        fields = {k: dict(dtype=first[k].dtype.str, shape=list(first[k].shape)) for k in FIELDS}
+        fields = {k: dict(dtype=_dtype_name(first[k]), shape=list(first[k].shape)) for k in record_fields(first)}
         meta = dict(format=FORMAT, version=VERSION, count=count, fields=fields, shards=shards,
                     latent_moments=moments.to_json(), **info)
         keep = {s["file"] for s in shards}
+        if "text_states" in fields:
+            if null_text is None:
+                raise ValueError("a cache of frozen text states needs the empty prompt's states (null_text)")
+            with open(os.path.join(partial, NULL_TEXT), "wb") as f:
+                f.write(encode_record({k: null_text[k] for k in ("text_states", "text_mask")}))
+            meta["null_text"] = dict(file=NULL_TEXT, bytes=os.path.getsize(os.path.join(partial, NULL_TEXT)))
+            keep.add(NULL_TEXT)
         for name in os.listdir(partial):  # sidecars and the plan (their facts are in meta.json now), leftovers
             if name not in keep:
                 os.remove(os.path.join(partial, name))
@@ -419,9 +453,11 @@ class LatentCacheSource:
     """Random access over a latent cache folder written by `build` (`pixeldance.trainers.cache`).
 
     Each element: z float32 [T, h, w, C] (the video's latents, unnormalised), z_last float32
-    [J, h, w, C] (the last J frames each encoded as an image, latest first), tokens int32 [S];
-    with captions=True also caption (str). A missing, incomplete or corrupt cache raises
-    CacheError (a ValueError) with one line naming the path.
+    [J, h, w, C] (the last J frames each encoded as an image, latest first), tokens int32 [S] or
+    text_states bfloat16 [S, D] and text_mask bool [S] (`fields`); with captions=True also
+    caption (str). `null_text()`: the empty prompt's states, for a cache of frozen states. A
+    missing, incomplete or corrupt cache raises CacheError (a ValueError) with one line naming
+    the path.
     """
 
     def __init__(self, path: str, captions: bool = False):
@@ -453,6 +489,7 @@ class LatentCacheSource:
             raise CacheError(f"latent cache {path}: the shards hold {len(self._data)} records, "
                              f"{META} says {meta['count']}")
         self._shapes = {k: tuple(v["shape"]) for k, v in meta["fields"].items()}
+        self.fields = tuple(meta["fields"])
 
     def __len__(self) -> int:
         return len(self._data)
@@ -464,10 +501,28 @@ class LatentCacheSource:
         except Exception as e:
             raise CacheError(f"latent cache shard corrupt: {self._shard_of(i)}: record {i} unreadable "
                              f"({_one_line(e)})") from None
-        out = {k: rec[k] for k in FIELDS}
+        out = {k: rec[k] for k in self.fields}
         if self._captions:
             out["caption"] = rec["caption"]
         return out
+
+    def null_text(self) -> dict[str, np.ndarray]:
+        """The empty prompt's dict(text_states bfloat16 [1, S, D], text_mask bool [1, S]) of a cache
+        of frozen text states (checked against meta.json's size)."""
+        entry = self.meta.get("null_text")
+        if entry is None:
+            raise CacheError(f"latent cache {self.path} holds no frozen text states (it was made with "
+                             f"tokens: rerun the 'cache' stage with config.text.encoder)")
+        f = os.path.join(self.path, entry["file"])
+        try:
+            with open(f, "rb") as fh:
+                data = fh.read()
+            if len(data) != entry["bytes"]:
+                raise ValueError(f"{len(data)} bytes, {META} says {entry['bytes']}")
+            rec = decode_record(data)
+            return {k: rec[k] for k in ("text_states", "text_mask")}
+        except (OSError, ValueError, KeyError) as e:
+            raise CacheError(f"latent cache file unreadable: {f}: {_one_line(e)}") from None
 
     def _shard_of(self, i: int) -> str:
         """The path of the shard holding record i."""
@@ -483,7 +538,7 @@ class LatentCacheSource:
         """Every record stacked: z [N, T, h, w, C], z_last [N, J, h, w, C], tokens [N, S], captions
         (str array [N]). For tests and small caches."""
         recs = [decode_record(self._data[i]) for i in range(len(self))]
-        out = {k: np.stack([r[k] for r in recs]) for k in FIELDS}
+        out = {k: np.stack([r[k] for r in recs]) for k in self.fields}
         out["captions"] = np.asarray([r["caption"] for r in recs])
         return out
 
@@ -504,11 +559,15 @@ def _one_line(e: BaseException) -> str:
     return text.splitlines()[0] if text.strip() else type(e).__name__
 
 
-def write_arrays(output: str, z: np.ndarray, z_last: np.ndarray, tokens: np.ndarray,
-                 captions: Sequence[str], *, num_shards: int = 1, info: dict | None = None) -> dict:
+def write_arrays(output: str, z: np.ndarray, z_last: np.ndarray, tokens, captions: Sequence[str], *,
+                 num_shards: int = 1, info: dict | None = None, null_text: dict | None = None) -> dict:
     """A cache from arrays already in memory (z [N, T, h, w, C], z_last [N, J, h, w, C], tokens
-    [N, S], N captions), one process. For tests and converters."""
+    [N, S] or frozen states dict(text_states [N, S, D], text_mask [N, S]) with their `null_text`,
+    N captions), one process. For tests and converters."""
+    text = tokens if isinstance(tokens, dict) else dict(tokens=tokens)
+
     def encode_range(start, end):
-        yield [dict(z=z[i], z_last=z_last[i], tokens=tokens[i], caption=captions[i]) for i in range(start, end)]
+        yield [dict(z=z[i], z_last=z_last[i], caption=captions[i], **{k: v[i] for k, v in text.items()})
+               for i in range(start, end)]
     return build(output, count=len(z), num_shards=num_shards, encode_range=encode_range, info=info,
-                 log=lambda _: None)
+                 null_text=null_text, log=lambda _: None)
