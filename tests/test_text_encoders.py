@@ -344,6 +344,18 @@ def test_xxl_variants_match_transformers_shapes():
         print(variant, sum(int(np.prod(s)) for s in theirs.values()) / 1e9, "B parameters")
 
 
+def test_config_defaults_are_transformers():
+    """A config.json that leaves fields out means transformers' defaults, which differ between
+    T5 and mT5 / umT5 (read by model_type)."""
+    for kind, config in (("t5", transformers.T5Config), ("t5", transformers.MT5Config), ("umt5", transformers.UMT5Config)):
+        full = config().to_dict()
+        assert convert_te.t5_fields(kind, {"model_type": full["model_type"]}, "") == \
+            convert_te.t5_fields(kind, full, ""), full["model_type"]
+    assert convert_te.t5_fields("t5", {"model_type": "t5"}, "")["act"] == "relu"
+    with pytest.raises(convert_te.ConversionError, match="feed_forward_proj 'gelu-gated'"):
+        convert_te.t5_fields("t5", {"feed_forward_proj": "gelu-gated"}, "x")
+
+
 def test_highest_precision_and_logical_axes():
     model = t5.from_variant("umt5-mu")
     inputs = t5.init_inputs(2, 12)

@@ -54,15 +54,15 @@ SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 MODEL_TYPES = {"clip": ("clip", "clip_text_model"), "t5": ("t5", "mt5"), "umt5": ("umt5",)}
 
-# transformers' T5Config / UMT5Config defaults (what a config.json that leaves a field out means),
-# by transformers' names, and the T5Encoder field each becomes.
-_T5_FIELDS = {  # ours: (theirs, T5 default, umT5 default)
+# transformers' T5Config / MT5Config and UMT5Config defaults (what a config.json that leaves a
+# field out means; MT5's are UMT5's), by transformers' names, and the T5Encoder field each becomes.
+_T5_FIELDS = {  # ours: (theirs, T5 default, mT5 / umT5 default)
     "vocab_size": ("vocab_size", 32128, 250112), "width": ("d_model", 512, 512),
     "layers": ("num_layers", 6, 8), "heads": ("num_heads", 8, 6), "head_width": ("d_kv", 64, 64),
     "mlp_width": ("d_ff", 2048, 1024), "num_buckets": ("relative_attention_num_buckets", 32, 32),
     "max_distance": ("relative_attention_max_distance", 128, 128), "eps": ("layer_norm_epsilon", 1e-6, 1e-6),
 }
-_FEED_FORWARD_DEFAULT = {"t5": "relu", "umt5": "gated-gelu"}
+_FEED_FORWARD_DEFAULT = {"t5": "relu", "mt5": "gated-gelu", "umt5": "gated-gelu"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +119,7 @@ class TensorFiles:
             extra = f" (only safetensors are read, not {pickled[0]})" if pickled else ""
             raise ConversionError(f"{input_dir} has no {SINGLE} or {INDEX}{extra}")
         self._handles, self.files = {}, {}
-        for path in sorted(set(files.values()) if files else {single}):
+        for path in sorted(set(files.values()) if files is not None else {single}):
             if not os.path.isfile(path):
                 raise ConversionError(f"{path}: a shard named in {INDEX} is missing")
             try:
@@ -157,10 +157,11 @@ class TensorFiles:
 
 def t5_fields(kind: str, config: dict, where: str) -> dict:
     """T5Encoder fields (less dtype and per_layer_bias, which the kind sets) from a T5Config /
-    UMT5Config dict, transformers' defaults for fields it leaves out."""
-    column = 1 if kind == "t5" else 2
+    MT5Config / UMT5Config dict, transformers' defaults (by its model_type) for fields it leaves out."""
+    model_type = config.get("model_type", kind)
+    column = 1 if model_type == "t5" else 2
     fields = {ours: config.get(spec[0], spec[column]) for ours, spec in _T5_FIELDS.items()}
-    proj = config.get("feed_forward_proj", _FEED_FORWARD_DEFAULT[kind])
+    proj = config.get("feed_forward_proj", _FEED_FORWARD_DEFAULT.get(model_type, "relu"))
     if not isinstance(proj, str) or len(proj.split("-")) > 2 or (proj.count("-") and not proj.startswith("gated-")):
         raise ConversionError(f"{where}: feed_forward_proj {proj!r} is not 'ACT' or 'gated-ACT'")
     # As transformers: 'gated-gelu' means gelu_new; a dense_act_fn in the file wins.
