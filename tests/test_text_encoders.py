@@ -6,10 +6,10 @@ umT5, texts longer than max_distance so the logarithmic buckets count) saved wit
 `save_pretrained` (umT5 sharded, T5 also as a whole T5ForConditionalGeneration), converted, loaded
 and compared with T5EncoderModel / UMT5EncoderModel / CLIPTextModel's last_hidden_state at every
 position: padded positions included, since transformers' padded queries also see only the real
-keys, as ours do (measured 1.3e-6 relative for T5 and umT5, 4.6e-7 for CLIP, in float32). The real sizes are checked by shape only
-(meta tensors, eval_shape). The T5 tokenizer is a SentencePiece unigram model trained here,
-compared with transformers' T5Tokenizer built from it (tokenizer.json) and read from it
-(spiece.model).
+keys, as ours do (measured 1.3e-6 relative for T5 and umT5, 4.6e-7 for CLIP, in float32). The
+real sizes are checked by shape only (meta tensors, eval_shape). The T5 tokenizer is a
+SentencePiece unigram model trained here, compared with transformers' T5Tokenizer built from it
+(tokenizer.json) and read from it (spiece.model).
 """
 import json
 import os
@@ -347,7 +347,8 @@ def test_xxl_variants_match_transformers_shapes():
 def test_config_defaults_are_transformers():
     """A config.json that leaves fields out means transformers' defaults, which differ between
     T5 and mT5 / umT5 (read by model_type)."""
-    for kind, config in (("t5", transformers.T5Config), ("t5", transformers.MT5Config), ("umt5", transformers.UMT5Config)):
+    for kind, config in (("t5", transformers.T5Config), ("t5", transformers.MT5Config),
+                         ("umt5", transformers.UMT5Config)):
         full = config().to_dict()
         assert convert_te.t5_fields(kind, {"model_type": full["model_type"]}, "") == \
             convert_te.t5_fields(kind, full, ""), full["model_type"]
@@ -368,7 +369,8 @@ def test_highest_precision_and_logical_axes():
     spec = nn.get_partition_spec(boxed)["params"]
     layer = spec["layers_1"]
     assert spec["token_embedding"] == P("vocab", "embed") and spec["final_norm"]["scale"] == P("norm")
-    assert layer["attn"]["k"]["kernel"] == P("embed", "heads", "kv") and layer["attn"]["o"]["kernel"] == P("heads", "kv", "embed")
+    assert layer["attn"]["k"]["kernel"] == P("embed", "heads", "kv")
+    assert layer["attn"]["o"]["kernel"] == P("heads", "kv", "embed")
     assert layer["mlp"]["wi_1"]["kernel"] == P("embed", "mlp") and layer["mlp"]["wo"]["kernel"] == P("mlp", "embed")
     assert layer["attn"]["relative_bias"] == P(None, "heads") and layer["attn_norm"]["scale"] == P("norm")
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))

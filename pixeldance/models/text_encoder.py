@@ -90,7 +90,8 @@ class T5Tokenizer:
             try:
                 self._spm = sentencepiece.SentencePieceProcessor(model_file=spm_path)
             except Exception as e:  # sentencepiece raises OSError / RuntimeError with its own text
-                raise weights.WeightsError(f"{spm_path}: not a readable SentencePiece model ({_first_line(e)})") from None
+                raise weights.WeightsError(f"{spm_path}: not a readable SentencePiece model "
+                                           f"({_first_line(e)})") from None
             self.vocab_size = self._spm.get_piece_size()
             # piece_to_id maps an unknown piece to <unk>'s id: look the piece back up.
             self.pad_id, self.eos_id = (i if self._spm.id_to_piece(i) == t else None
@@ -253,7 +254,8 @@ def load_text_encoder(directory: str, dtype=None, *, param_dtype=None, max_lengt
     if not os.path.isfile(params_path):
         raise weights.WeightsError(f"{directory}: no {weights.PARAMS} ({ORIGIN})")
     if verify and config.get("sha256") != weights.sha256(params_path):
-        raise weights.WeightsError(f"{params_path}: sha256 differs from {weights.CONFIG}'s (a damaged or replaced file)")
+        raise weights.WeightsError(f"{params_path}: sha256 differs from {weights.CONFIG}'s "
+                                   f"(a damaged or replaced file)")
     tokenizer = make_tokenizer(kind, directory, config.get("tokenizer") or {})
     check_vocabulary(tokenizer, model, directory)
 
