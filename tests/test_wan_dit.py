@@ -6,7 +6,8 @@ included, so none is a no-op; eps 1e-3 so that one not read from config.json sho
 with `save_pretrained`, once whole and once sharded inside a Wan-repository-like root
 (transformer/), converted (the sharded root through the command line), loaded and compared with
 diffusers' forward pass on a non-square latent grid, T > 1, B = 2 with two different timesteps:
-measured 2.8e-7 relative (max |ours - theirs| / max |theirs|) in float32. diffusers' model takes
+measured 2.8e-7 to 3.7e-7 relative (max |ours - theirs| / max |theirs|) in float32; bfloat16
+compute and parameters 4.5e-3 from float32. diffusers' model takes
 no text mask (Wan's pipeline zero-pads the states instead); a masked batch is compared with
 diffusers run per example on its unpadded text. The released sizes are checked by shape only:
 diffusers' 1.3B and 14B models built on the meta device against our converter's expectations.
@@ -163,7 +164,7 @@ def test_bfloat16_close_to_float32(setup):
     out = dit.predict(latents, timesteps, text)
     error = _relative(out, reference)
     print("bfloat16 relative error against float32:", error)
-    assert out.dtype == jnp.float32 and 0 < error < 5e-2
+    assert out.dtype == jnp.float32 and 0 < error < 2e-2  # measured 4.5e-3
     assert dit.params["blocks"]["attn1"]["to_q"]["kernel"].dtype == jnp.bfloat16
 
 
@@ -197,6 +198,16 @@ def test_released_configs_match_diffusers(name):
     theirs = {n: tuple(t.shape) for n, t in hf.state_dict().items()}
     ours = {n: shape for n, (_, _, shape) in convert_wan.expected_tensors(fields).items()}
     assert ours == theirs
+
+    # Preset 'fsdp_tensor' on a 4 x 2 mesh leaves each device about an eighth of the parameters
+    # (measured 6.67 of 53.2 GiB for the 14B; 0.03 % replicated over fsdp: biases, tables).
+    boxed = wan_dit.boxed_params(wan_dit.model_from_config(wan_dit.config(name)))
+    mesh = sharding.make_mesh((1, 4, 1, 2))
+    shardings, abstract = sharding.tree_shardings(mesh, boxed, "fsdp_tensor"), nn.unbox(boxed)
+    sharding.check_fsdp(abstract, shardings, mesh, "fsdp_tensor")
+    sizes = [(np.prod(s.shard_shape(x.shape)), np.prod(x.shape)) for s, x in
+             zip(jax.tree.leaves(shardings), jax.tree.leaves(abstract))]
+    assert sum(a for a, _ in sizes) < sum(b for _, b in sizes) / 7.5
 
 
 def test_logical_axis_names():
