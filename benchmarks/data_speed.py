@@ -207,12 +207,12 @@ def measure_dit(config, root: str, batch: int, tmp: str) -> dict:
     vae_model = build.vae(config)
     vae_params = nn.unbox(build.vae_init_fn(vae_model, 1, d.resolution, d.resolution)(jax.random.key(0)))
     vae = VideoVAE(vae_model, vae_params)
-    tokenizer = build.tokenizer(config)
+    text = build.text_conditioner(config)
     source = folder_source(config, root)
 
     # The cache: n clips of the folder, written as the cache stage writes them (the DiT cycles over them).
     n = max(batch * 4, _NUM_VIDEOS.value)
-    encode_range = cache_stage.batch_encoder(vae, tokenizer, source, config.cache.batch_size, K)
+    encode_range = cache_stage.batch_encoder(vae, text, source, config.cache.batch_size, K)
     cache_dir = os.path.join(tmp, "cache")
     t0 = time.perf_counter()
     latent_cache.build(cache_dir, count=n, num_shards=latent_cache.num_shards_for(n, 0, max(n // 2, 1)),
@@ -246,7 +246,7 @@ def measure_dit(config, root: str, batch: int, tmp: str) -> dict:
             z = vae.encode(videos)
             lasts = np.ascontiguousarray(videos[:, ::-1][:, :K]).reshape(-1, 1, *videos.shape[2:])
             z_last = vae.encode(lasts)[:, 0].reshape(len(videos), K, h, w, C)
-            return dict(z=z, z_last=z_last, tokens=tokenizer([str(c) for c in b["caption"]]))
+            return dict(z=z, z_last=z_last, **text.record([str(c) for c in b["caption"]]))
         return it, encode, _burst(_FLY_WORKERS.value) if _FLY_WORKERS.value else 0
 
     # Warm-up: compile the train step (and the VAE encode) on a batch of each feed.

@@ -5,7 +5,8 @@ means the same thing everywhere:
 
   vae(config, spec)          the CausalVAE of config.vae (or of a saved spec, or the converted
                              Wan 2.1 VAE when config.vae.family == 'wan')
-  tokenizer(config)          config.text's tokenizer
+  tokenizer(config)          config.text's tokenizer (the encoder trained with the DiT)
+  text_conditioner(config)   captions -> the DiT's text input, per config.text.encoder
   dit(config, C)             text encoder + video DiT for latents of C channels
   latent_shape(vae, F, H, W) (T, h, w, C) of F frames of H x W pixels, from the VAE's own factors
   dit_init_fn / vae_init_fn  model.init with example inputs of the right shapes (zeros: only
@@ -19,6 +20,7 @@ from __future__ import annotations
 from typing import Callable
 
 import jax.numpy as jnp
+import numpy as np
 
 from pixeldance.data import synthetic
 from pixeldance.diffusion.task import PixelDanceTask
@@ -87,6 +89,42 @@ def tokenizer(config):
     return text_lib.WordTokenizer(words, config.text.max_length)
 
 
+TEXT_ENCODERS = ("word", "clip", "t5", "umt5")
+
+
+class TokenText:
+    """The text input of the encoder trained with the DiT (config.text.encoder = 'word'):
+    captions -> tokens int32 [B, S] (`tokenizer(config)`); the empty prompt is made from the
+    tokens' shape (`models.text.null_tokens`), so `null` is None."""
+
+    frozen = False
+    null = None
+
+    def __init__(self, tok):
+        self.tokenizer = tok
+
+    def record(self, captions) -> dict:
+        """The latent-cache fields of B captions: tokens int32 [B, S]."""
+        return dict(tokens=np.asarray(self.tokenizer(list(captions)), np.int32))
+
+    def __call__(self, captions):
+        """The DiT's text input for B captions: tokens int32 [B, S]."""
+        return jnp.asarray(self.record(captions)["tokens"])
+
+    def example(self):
+        """A text input of batch 1 (zeros) for `dit_init_fn`."""
+        return jnp.zeros((1, self.tokenizer.max_length), jnp.int32)
+
+
+def text_conditioner(config):
+    """What turns captions into the DiT's text input, per config.text.encoder: 'word' (default)
+    a `TokenText` over `tokenizer(config)`."""
+    kind = config.text.get("encoder", "word")
+    if kind not in TEXT_ENCODERS:
+        raise ValueError(f"unknown config.text.encoder {kind!r}; choose from {TEXT_ENCODERS}")
+    return TokenText(tokenizer(config))
+
+
 def dit_patch(config) -> tuple[int, int, int]:
     """The DiT's (t, h, w) patch: the variant's suffix ('B/2') or config.dit.patch_size."""
     return tuple(dit_lib.decode_variant(config.dit.variant).get("patch_size", tuple(config.dit.patch_size)))
@@ -107,13 +145,15 @@ def dit(config, latent_channels: int) -> dit_lib.PixelDanceModel:
     return dit_lib.PixelDanceModel(text, video)
 
 
-def dit_init_fn(model: dit_lib.PixelDanceModel, latent: tuple[int, int, int, int], text_length: int) -> Callable:
-    """rng -> boxed parameters, from example inputs for latents (T, h, w, C) and S = text_length
-    tokens: x, t, c_image, c_mask, tokens of one example (zeros; under `jax.eval_shape` they are
-    never allocated)."""
+def dit_init_fn(model: dit_lib.PixelDanceModel, latent: tuple[int, int, int, int], text) -> Callable:
+    """rng -> boxed parameters, from example inputs for latents (T, h, w, C) and `text`: S, the
+    token count of the encoder trained with the DiT, or a text input of one example (frozen
+    states, see models/text.py). x, t, c_image, c_mask of one example are zeros (under
+    `jax.eval_shape` they are never allocated)."""
     T, h, w, C = latent
+    text = jnp.zeros((1, text), jnp.int32) if isinstance(text, int) else text
     example = (jnp.zeros((1, T, h, w, C)), jnp.zeros((1,)), jnp.zeros((1, T, h, w, C)),
-               jnp.zeros((1, T, h, w, 1)), jnp.zeros((1, text_length), jnp.int32))
+               jnp.zeros((1, T, h, w, 1)), text)
     return lambda rng: model.init(rng, *example)
 
 

@@ -108,9 +108,9 @@ def load_vae(workdir_or_path: str, *, mesh=None) -> VideoVAE:
 
 
 def sampler_fn(task: PixelDanceTask, model, *, steps: int, sampler: str, branches: int):
-    """The Pipeline's sampler, (params, noise, z_first, z_last, has_first, has_last, tokens, rng,
-    guidance, image_guidance, tau) -> normalised latents (`PixelDanceTask.guided_sample` with the
-    model and the static settings bound): what the Pipeline jits, and the planner compiles."""
+    """The Pipeline's sampler, (params, noise, z_first, z_last, has_first, has_last, text, rng,
+    guidance, image_guidance, tau, null_text) -> normalised latents (`PixelDanceTask.guided_sample`
+    with the model and the static settings bound): what the Pipeline jits, and the planner compiles."""
     return functools.partial(task.guided_sample, model, steps=steps, sampler=sampler, branches=branches)
 
 
@@ -118,32 +118,33 @@ class Pipeline:
     """Text (+ first frame, + last frame) -> video, with classifier-free guidance and tau.
 
     config: the workdir's; vae: a `VideoVAE`; model, params: the DiT (`build.dit`) and its
-    weights; tokenizer: `build.tokenizer(config)`; stats: the `workdir.LatentStats` the DiT was
-    trained with; mesh: where the weights live (the sampler runs under its logical rules); step:
-    the DiT training step of the weights (for logs).
+    weights; text: `build.text_conditioner(config)` (captions -> the DiT's text input); stats: the
+    `workdir.LatentStats` the DiT was trained with; mesh: where the weights live (the sampler runs
+    under its logical rules); step: the DiT training step of the weights (for logs).
     """
 
-    def __init__(self, config, vae: VideoVAE, model, params, tokenizer, stats: workdir_lib.LatentStats,
+    def __init__(self, config, vae: VideoVAE, model, params, text, stats: workdir_lib.LatentStats,
                  mesh=None, step: int | None = None):
         self.config, self.vae, self.model, self.params, self.step = config, vae, model, params, step
-        self.tokenizer, self.stats = tokenizer, stats
+        self.text, self.stats = text, stats
         self.task = build.task(config)
         self.mesh = inference_mesh() if mesh is None else mesh
         self.resolution = config.data.resolution  # the default height and width
         self.num_frames = config.data.num_frames
         self._jitted = {}
 
-    def sample_latents(self, noise, z_first, z_last, has_first, has_last, tokens, rng, guidance,
+    def sample_latents(self, noise, z_first, z_last, has_first, has_last, text, rng, guidance,
                        image_guidance, tau, *, steps: int, sampler: str, branches: int):
         """Normalised latents [B, T, h, w, C] (`sampler_fn`), compiled once per static setting and
-        shape, run on this pipeline's mesh. Instruction latents are normalised."""
+        shape, run on this pipeline's mesh. Instruction latents are normalised; text: the DiT's
+        text input (`self.text(prompts)`), guided against `self.text.null`."""
         key = (steps, sampler, branches)
         if key not in self._jitted:
             self._jitted[key] = jax.jit(sampler_fn(self.task, self.model, steps=steps, sampler=sampler,
                                                    branches=branches))
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.rules(INFERENCE_PRESET)):
-            return self._jitted[key](self.params, noise, z_first, z_last, has_first, has_last, tokens, rng,
-                                     guidance, image_guidance, tau)
+            return self._jitted[key](self.params, noise, z_first, z_last, has_first, has_last, text, rng,
+                                     guidance, image_guidance, tau, self.text.null)
 
     def _check_image(self, image, name: str, height: int, width: int) -> np.ndarray:
         image = np.asarray(image)
@@ -207,10 +208,10 @@ class Pipeline:
         z_first, z_last = z_img[:B], z_img[B:]
         T, h, w, C = self.vae.latent_shape(F, H, W)
         noise = rng_lib.normal(jax.random.fold_in(key, 0), (B, T, h, w, C))
-        tokens = jnp.asarray(self.tokenizer(prompts))
+        text = self.text(prompts)
         has_first = jnp.asarray([f is not None for f in first_frames])
         has_last = jnp.asarray([f is not None for f in last_frames])
-        z = self.sample_latents(noise, jnp.asarray(z_first), jnp.asarray(z_last), has_first, has_last, tokens,
+        z = self.sample_latents(noise, jnp.asarray(z_first), jnp.asarray(z_last), has_first, has_last, text,
                                 jax.random.fold_in(key, 1), jnp.float32(guidance), jnp.float32(image_guidance),
                                 jnp.int32(tau), steps=steps, sampler=sampler,
                                 branches=guidance_lib.num_branches(image_guidance))
@@ -300,10 +301,11 @@ def load_pipeline(workdir: str, *, mesh=None) -> Pipeline:
     model = build.dit(config, stats.channels)
     R = config.data.resolution
     T, h, w, _ = vae.latent_shape(config.data.num_frames, R, R)
-    init_fn = build.dit_init_fn(model, (T, h, w, stats.channels), config.text.max_length)
+    text = build.text_conditioner(config)
+    init_fn = build.dit_init_fn(model, (T, h, w, stats.channels), text.example())
     params, step = workdir_lib.load_ema_params(os.path.join(workdir, workdir_lib.DIT_DIR), init_fn, mesh,
                                                INFERENCE_PRESET)
-    return Pipeline(config, vae, model, params, build.tokenizer(config), stats, mesh, step)
+    return Pipeline(config, vae, model, params, text, stats, mesh, step)
 
 
 def main(argv):

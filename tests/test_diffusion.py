@@ -436,7 +436,7 @@ def test_frozen_text_states_dropped_to_the_stored_null():
     mask = jnp.broadcast_to(jnp.arange(S) < 4, (B, S))
     null = dict(states=jnp.full((1, S, D), 0.5, jnp.bfloat16), mask=(jnp.arange(S) < 1)[None])
     del batch["tokens"]
-    batch["text"] = dict(states=states, mask=mask)
+    batch.update(text_states=states, text_mask=mask)  # the latent cache's field names
     model = _Recorder()
     jax.jit(lambda b, n: task.loss(model, None, b, jax.random.key(4), null_text=n))(batch, null)
     jax.effects_barrier()
@@ -447,7 +447,7 @@ def test_frozen_text_states_dropped_to_the_stored_null():
     np.testing.assert_array_equal(got["states"][~dropped], np.asarray(states)[~dropped])
     assert got["states"].dtype == np.asarray(states).dtype
     with pytest.raises(ValueError, match="empty-prompt states"):
-        task.training_inputs(batch["z"], batch["z_last"], batch["text"], jax.random.key(0))
+        task.training_inputs(batch["z"], batch["z_last"], dict(states=states, mask=mask), jax.random.key(0))
 
 
 def test_denoiser_branches_with_frozen_text():

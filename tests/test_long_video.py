@@ -71,7 +71,7 @@ def _pipeline(noise=0.0) -> Pipeline:
     config.cond.first_frame, config.cond.noise = "concat", 0.0
     # One Euler step from t = 1 lands on the model's x0; guidance 1 is the conditional prediction.
     config.sample.update(steps=1, sampler="euler", guidance=1.0, image_guidance=1.0, tau=1)
-    return Pipeline(config, _BlockVAE(), _ChainModel(noise), None, build.tokenizer(config),
+    return Pipeline(config, _BlockVAE(), _ChainModel(noise), None, build.text_conditioner(config),
                     LatentStats(np.zeros(C, np.float32), np.ones(C, np.float32)))
 
 

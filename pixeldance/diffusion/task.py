@@ -138,13 +138,12 @@ class PixelDanceTask:
 
     def loss(self, model, params, batch, rng, null_text=None):
         """(loss, dict(x0_mse)) on a batch of normalised latents: z [B, T, h, w, C], z_last
-        [B, J, h, w, C] and tokens int32 [B, S] or frozen text states `text` (see
-        `training_inputs`). The objective sets the noise
+        [B, J, h, w, C] and tokens int32 [B, S] or frozen text states (text_states [B, S, D],
+        text_mask [B, S]; `models.text.text_input`), see `training_inputs`. The objective sets the noise
         path, the training times (flow: time_sampling; eps / v: uniform over DDPM's 1000 steps)
         and the regression target."""
         z = batch["z"]
-        text = batch["text"] if "text" in batch else batch["tokens"]
-        x = self.training_inputs(z, batch["z_last"], text, rng, null_text)
+        x = self.training_inputs(z, batch["z_last"], text_lib.text_input(batch), rng, null_text)
         out = model.apply(params, x["x_t"], x["t"], x["c_image"], x["c_mask"], x["text"])
         loss, _ = objectives.loss(out, z, x["noise"], x["t"], x["loss_mask"], objective=self.objective,
                                   prediction=self.prediction, min_t=self.min_t)
@@ -184,8 +183,8 @@ class PixelDanceTask:
         return denoise
 
     def guided_sample(self, model, params, noise, z_first, z_last, has_first, has_last, text, rng,
-                      guidance, image_guidance, tau, *, steps: int, sampler: str, branches: int,
-                      null_text=None):
+                      guidance, image_guidance, tau, null_text=None, *, steps: int, sampler: str,
+                      branches: int):
         """Normalised latents [B, T, h, w, C] from `noise` [B, T, h, w, C] at t = 1.
 
         z_first, z_last [B, h, w, C] with has_first, has_last bool [B]: the image instructions

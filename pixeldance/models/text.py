@@ -40,6 +40,14 @@ def null_tokens(batch: int, length: int):
 # and batches either kind through the helpers below, so it never asks which one it holds.
 
 
+def text_input(fields: dict):
+    """The DiT's text input from latent-cache fields (a record, a batch, or the cache's empty
+    prompt): tokens [B, S], or dict(states, mask) from text_states and text_mask."""
+    if "text_states" in fields:
+        return dict(states=fields["text_states"], mask=fields["text_mask"])
+    return fields["tokens"]
+
+
 def text_batch_size(text) -> int:
     """B of a text input (tokens [B, S] or dict(states [B, S, D], mask [B, S]))."""
     return jax.tree.leaves(text)[0].shape[0]

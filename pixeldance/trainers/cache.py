@@ -10,9 +10,13 @@ ceil(num_videos / config.cache.records_per_shard)) and `<output>/meta.json`; `ou
 `config.cache.path` or `<workdir>/cache`. Record i is training item i of
 `config.data` (`sources.make_source(config, 'train')`): z float32 [T, h, w, C] (the video's
 latents), z_last float32 [J, h, w, C] (the last J = config.cond.last_from frames, each encoded
-as an image, latest first), tokens int32 [S] (config.text's tokenizer) and the caption; format
-and layout in `pixeldance/data/latent_cache.py`. meta.json records the shapes and dtypes, the
-count, the VAE step the latents came from, the tokenizer and the source.
+as an image, latest first), the text fields and the caption: tokens int32 [S] (config.text's
+tokenizer, the encoder trained with the DiT), or with a frozen pretrained encoder
+(config.text.encoder = clip / t5 / umt5) its last hidden states text_states bfloat16 [S, D] and
+text_mask bool [S], computed here once, with the empty prompt's stored once beside the shards
+for guidance. Format and layout in `pixeldance/data/latent_cache.py`. meta.json records the
+shapes and dtypes, the count, the VAE step the latents came from, the tokenizer or encoder and
+the source.
 
 Images. When `config.train.image_source` names an image source (e.g. "images", an entry of
 `config.data.sources` with name='image_folder'), the stage also writes the image cache the DiT's
@@ -103,12 +107,13 @@ def _video_batches(source, start: int, end: int, batch_size: int, num_workers: i
         yield batch["video"], [str(c) for c in batch["caption"]]
 
 
-def batch_encoder(vae, tokenizer, source, batch_size: int, last_from: int, num_workers: int = 0):
+def batch_encoder(vae, text, source, batch_size: int, last_from: int, num_workers: int = 0):
     """encode_range(start, end) for `latent_cache.build`: for source items start..end-1, in
     batches of `batch_size`, lists of records dict(z float32 [T, h, w, C], z_last float32
-    [J, h, w, C], tokens int32 [S], caption str); for one-frame items (images) z_last = z
-    [1, h, w, C]. vae.encode: uint8 [B, F, H, W, 3] -> float32
-    [B, T, h, w, C]; tokenizer: B strings -> int32 [B, S]."""
+    [J, h, w, C], the text fields, caption str); for one-frame items (images) z_last = z
+    [1, h, w, C]. vae.encode: uint8 [B, F, H, W, 3] -> float32 [B, T, h, w, C]; text:
+    `build.text_conditioner`, whose record(B captions) gives the text fields (tokens int32
+    [B, S], or a frozen encoder's text_states [B, S, D] and text_mask [B, S])."""
     J = last_from
 
     def encode_range(start: int, end: int):
@@ -123,8 +128,9 @@ def batch_encoder(vae, tokenizer, source, batch_size: int, last_from: int, num_w
                 lasts = videos[:, ::-1][:, :J]  # [batch_size, J, H, W, 3], latest first
                 z_last = vae.encode(np.ascontiguousarray(lasts).reshape(-1, 1, *lasts.shape[2:]))[:, 0]
                 z_last = z_last.reshape(batch_size, J, *z_last.shape[1:])[:B]
-            tokens = tokenizer(captions)
-            yield [dict(z=z[i], z_last=z_last[i], tokens=tokens[i], caption=captions[i]) for i in range(B)]
+            fields = text.record(captions)
+            yield [dict(z=z[i], z_last=z_last[i], caption=captions[i], **{k: v[i] for k, v in fields.items()})
+                   for i in range(B)]
     return encode_range
 
 
@@ -193,7 +199,7 @@ def cache_latents(config, workdir: str) -> str:
     source = sources.make_source(config, "train", size=n)
     # Before any encoding, so a missing image folder stops the stage at once, not after the videos.
     images = image_source(config, source)
-    tokenizer = build.tokenizer(config)  # the DiT's, for videos and images alike
+    text = build.text_conditioner(config)  # the DiT's, for videos and images alike
     vaes = []
 
     def vae():  # loaded once, and only if a cache is (re)built
@@ -203,7 +209,7 @@ def cache_latents(config, workdir: str) -> str:
 
     info = cache_info(config, workdir, source)
     info["last_from"] = J
-    meta, kept = _write_cache(config, path, source, n, info, vae, tokenizer, noun="videos", stage="cache")
+    meta, kept = _write_cache(config, path, source, n, info, vae, text, noun="videos", stage="cache")
     if pid == 0:
         _keep_or_write_stats(workdir, lambda: latent_cache.Moments.from_json(meta["latent_moments"]), n, kept,
                              "cache")
@@ -212,7 +218,7 @@ def cache_latents(config, workdir: str) -> str:
         image_config, image_src = images
         info = dict(cache_info(image_config, workdir, image_src), num_frames=1, last_from=1)
         _write_cache(config, latent_cache.image_cache_dir(config, workdir), image_src, len(image_src), info,
-                     vae, tokenizer, noun="images", stage="cache images")
+                     vae, text, noun="images", stage="cache images")
     return path
 
 
@@ -264,7 +270,7 @@ def _cache_buckets(config, workdir: str, path: str, shapes, J: int) -> str:
                   f"config.train.batch_size={batch}: the DiT never draws them")
     if pid == 0:
         latent_cache.drop_single_cache(path)  # a one-shape cache here is replaced by the buckets
-    tokenizer = build.tokenizer(config)
+    text = build.text_conditioner(config)
     vaes = []
 
     def vae():  # loaded once, and only if a bucket's cache is (re)built
@@ -282,7 +288,7 @@ def _cache_buckets(config, workdir: str, path: str, shapes, J: int) -> str:
         F, H, W = shape
         J_b = 1 if F == 1 else min(J, F)  # an image is its own last frame
         b_info = dict(cache_info(config, workdir, items), num_frames=F, resolution=[H, W], last_from=J_b)
-        meta, kept = _write_cache(config, out, items, len(items), b_info, vae, tokenizer, noun="items",
+        meta, kept = _write_cache(config, out, items, len(items), b_info, vae, text, noun="items",
                                   stage=f"cache {buckets.shape_name(shape)}", summary=False)
         moments.merge(latent_cache.Moments.from_json(meta["latent_moments"]))
         all_kept &= kept
@@ -293,12 +299,12 @@ def _cache_buckets(config, workdir: str, path: str, shapes, J: int) -> str:
     return path
 
 
-def _write_cache(config, path: str, source, n: int, info: dict, vae, tokenizer, *, noun: str, stage: str,
+def _write_cache(config, path: str, source, n: int, info: dict, vae, text, *, noun: str, stage: str,
                  summary: bool = True):
     """Writes (or keeps) the cache of items 0..n-1 of `source` in `path` with `latent_cache.build`;
     returns (meta, kept). Kept: a complete cache of n items with the same `info` (VAE step,
-    tokenizer, source, shapes). vae() -> the VAE; J = info['last_from'] last frames per record;
-    config.cache gives the batch size and shards."""
+    tokenizer or text encoder, source, shapes). vae() -> the VAE; text: `build.text_conditioner`;
+    J = info['last_from'] last frames per record; config.cache gives the batch size and shards."""
     pid, nproc = jax.process_index(), jax.process_count()
     meta = latent_cache.read_meta(path)
     if meta is not None and meta["count"] == n and latent_cache.is_complete(path, meta) and \
@@ -317,7 +323,7 @@ def _write_cache(config, path: str, source, n: int, info: dict, vae, tokenizer, 
     mine = [r for s, r in enumerate(latent_cache.shard_ranges(n, num_shards)) if s % nproc == pid]
     bar = tqdm(total=sum(-(-(end - start) // bs) for start, end in mine), desc=stage, unit="batch",
                disable=pid != 0)
-    encode = batch_encoder(vae(), tokenizer, source, bs, info["last_from"], config.data.get("num_workers", 0))
+    encode = batch_encoder(vae(), text, source, bs, info["last_from"], config.data.get("num_workers", 0))
 
     def encode_range(start, end):
         for records in encode(start, end):
@@ -326,6 +332,7 @@ def _write_cache(config, path: str, source, n: int, info: dict, vae, tokenizer, 
 
     sync = multihost_utils.sync_global_devices if nproc > 1 else (lambda name: None)
     meta = latent_cache.build(path, count=n, num_shards=num_shards, encode_range=encode_range, info=info,
+                              null_text=text.null_record() if text.frozen else None,
                               process_index=pid, process_count=nproc, sync=sync)
     bar.close()
     f = meta["fields"]

@@ -16,6 +16,7 @@ height/width, C channels, S text tokens, J candidate last frames.
 from __future__ import annotations
 
 import jax
+import numpy as np
 from absl import logging
 
 from pixeldance import build, train_lib
@@ -24,27 +25,32 @@ from pixeldance.data import buckets, latent_cache, pipeline
 from pixeldance.diffusion.task import PixelDanceTask
 from pixeldance.evaluators import common as eval_common
 from pixeldance.evaluators import registry as eval_registry
+from pixeldance.models import text as text_lib
 from pixeldance.sample import Pipeline, load_vae
 
 
-def make_loss(task: PixelDanceTask, model, stats: workdir_lib.LatentStats):
+def make_loss(task: PixelDanceTask, model, stats: workdir_lib.LatentStats, null_text=None):
     """loss_fn(params, batch, rng) -> (loss, metrics) of the DiT on a batch of cached latents:
-    z [B, T, h, w, C], z_last [B, J, h, w, C] normalised with `stats`, tokens int32 [B, S], then
-    `PixelDanceTask.loss`."""
+    z [B, T, h, w, C], z_last [B, J, h, w, C] normalised with `stats`, tokens int32 [B, S] or a
+    frozen encoder's text_states [B, S, D] and text_mask [B, S] with its empty prompt `null_text`
+    (dict(states [1, S, D], mask [1, S]), the cache's), then `PixelDanceTask.loss`."""
     def loss_fn(params, batch, rng):
         batch = dict(batch, z=stats.normalise(batch["z"]), z_last=stats.normalise(batch["z_last"]))
-        return task.loss(model, params, batch, rng)
+        return task.loss(model, params, batch, rng, null_text)
     return loss_fn
 
 
-def train_setup(config, latent: tuple[int, int, int, int], stats: workdir_lib.LatentStats):
+def train_setup(config, latent: tuple[int, int, int, int], stats: workdir_lib.LatentStats,
+                text_example=None, null_text=None):
     """(model, init_fn, tx, loss_fn): what `train_dit` trains on latents (T, h, w, C), and what the
     planner (`tools/plan.py`) compiles. The parameters do not depend on T, h, w (patches and 3D
-    RoPE are computed from the input), so one init serves every bucket shape."""
+    RoPE are computed from the input), so one init serves every bucket shape. text_example: a
+    text input of one example (default: config.text.max_length tokens); null_text: a frozen
+    encoder's empty prompt (see `make_loss`)."""
     model = build.dit(config, latent[-1])
-    init_fn = build.dit_init_fn(model, latent, config.text.max_length)
+    init_fn = build.dit_init_fn(model, latent, config.text.max_length if text_example is None else text_example)
     tx = train_lib.stage_optimizer(config.train)
-    return model, init_fn, tx, make_loss(build.task(config), model, stats)
+    return model, init_fn, tx, make_loss(build.task(config), model, stats, null_text)
 
 
 def image_source_name(config) -> str:
@@ -210,7 +216,10 @@ def train_dit(config, workdir: str):
 
     # Model, optimizer, sharded init or restore, at the shape of the first cached example (jit
     # compiles the step once per bucket shape).
-    model, init_fn, tx, loss_fn = train_setup(config, source[0]["z"].shape, stats)
+    first = source[0]
+    null_text = text_lib.text_input(source.null_text()) if "text_states" in first else None
+    example = jax.tree.map(lambda v: np.asarray(v)[None], text_lib.text_input(first))  # batch of 1
+    model, init_fn, tx, loss_fn = train_setup(config, first["z"].shape, stats, example, null_text)
     rng = jax.random.key(config.seed + 1)
     evaluate = periodic_evaluation(config, workdir, model, stats, mesh)
     return train_lib.fit(stage="dit", workdir=workdir, mesh=mesh, preset=preset, init_fn=init_fn,
@@ -228,7 +237,7 @@ def periodic_evaluation(config, workdir: str, model, stats: workdir_lib.LatentSt
     evaluators = eval_registry.make(config.evals.dit, config, "pipeline")
     if not evaluators:
         return None
-    pipe = Pipeline(config, load_vae(workdir, mesh=mesh), model, None, build.tokenizer(config), stats, mesh)
+    pipe = Pipeline(config, load_vae(workdir, mesh=mesh), model, None, build.text_conditioner(config), stats, mesh)
 
     def evaluate(state, step: int):
         pipe.params, pipe.step = state.ema_params, step
