@@ -132,6 +132,14 @@ def get_config(arg=None):
     )
 
     c.text = dict(
+        # 'word': a small encoder of config.text's tokens trained with the DiT (the synthetic
+        # world's); 'clip' / 't5' / 'umt5': a frozen pretrained encoder, the folder of
+        # `python -m pixeldance.convert.text_encoder` in encoder_path, run once by the cache stage
+        # (states stored bfloat16 in the latent cache) and by the Pipeline on prompts.
+        encoder="word",
+        encoder_path="",
+        encoder_max_length=0,      # a frozen encoder's padded length; 0: the folder's (77 CLIP, 512 T5)
+        encoder_dtype="float32",   # T5 / umT5 compute and parameter dtype ('bfloat16' halves umT5-XXL)
         max_length=12,       # word tokens incl. the leading BOS token
         tokenizer="words",   # 'words': the shapes world's closed vocabulary; for free-text
                              # captions 'hashed' (words hashed into vocab_size ids) or 'bytes'

@@ -6,7 +6,8 @@ means the same thing everywhere:
   vae(config, spec)          the CausalVAE of config.vae (or of a saved spec, or the converted
                              Wan 2.1 VAE when config.vae.family == 'wan')
   tokenizer(config)          config.text's tokenizer (the encoder trained with the DiT)
-  text_conditioner(config)   captions -> the DiT's text input, per config.text.encoder
+  text_conditioner(config)   captions -> the DiT's text input and the cache's text fields, per
+                             config.text.encoder (the word encoder, or a frozen CLIP / T5 / umT5)
   dit(config, C)             text encoder + video DiT for latents of C channels
   latent_shape(vae, F, H, W) (T, h, w, C) of F frames of H x W pixels, from the VAE's own factors
   dit_init_fn / vae_init_fn  model.init with example inputs of the right shapes (zeros: only
@@ -17,17 +18,21 @@ T latent frames, h/w latent height/width, C latent channels, S text tokens.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 
 from pixeldance.data import synthetic
 from pixeldance.diffusion.task import PixelDanceTask
 from pixeldance.models import dit as dit_lib
 from pixeldance.models import text as text_lib
+from pixeldance.models import text_encoder as text_encoder_lib
 from pixeldance.models import vae as vae_lib
-from pixeldance.models import wan_vae
+from pixeldance.models import wan_vae, weights
 
 VAE_FAMILIES = ("causal", "wan")
 
@@ -116,13 +121,94 @@ class TokenText:
         return jnp.zeros((1, self.tokenizer.max_length), jnp.int32)
 
 
+class EncoderText:
+    """The text input of a frozen pretrained encoder (config.text.encoder = clip / t5 / umt5, a
+    folder of `pixeldance.convert.text_encoder` in config.text.encoder_path): captions ->
+    dict(states bfloat16 [B, S, D], mask bool [B, S]), the encoder's last hidden states rounded
+    to bfloat16 as the latent cache stores them, so that sampling sees what training saw.
+
+    The folder's config.json alone gives the shapes (`example`, `identity`): the DiT trainer,
+    which reads the cached states, never loads the weights; the cache stage and the Pipeline load
+    them on first use. S: config.text.encoder_max_length, or the folder's (0).
+    """
+
+    frozen = True
+
+    def __init__(self, kind: str, path: str, max_length: int = 0, dtype: str = "float32"):
+        if not path:
+            raise ValueError(f"config.text.encoder={kind!r} needs config.text.encoder_path, a folder of "
+                             f"{text_encoder_lib.ORIGIN}")
+        folder = weights.read_config(path, text_encoder_lib.NETWORK, text_encoder_lib.ORIGIN)
+        where = os.path.join(path, weights.CONFIG)
+        if folder.get("kind") != kind:
+            raise ValueError(f"{where}: a {folder.get('kind')!r} text encoder, but config.text.encoder={kind!r}")
+        model = text_encoder_lib.model_from_config(kind, folder.get("encoder") or {}, where=where)
+        self.kind, self.path, self.dtype = kind, path, dtype
+        self.dim = model.text.width if kind == "clip" else model.width
+        self.max_length = int(max_length or folder.get("max_length") or text_encoder_lib.DEFAULT_MAX_LENGTH[kind])
+        self.sha256 = folder.get("sha256")
+        self._encoder, self._null = None, None
+
+    @property
+    def encoder(self) -> text_encoder_lib.TextEncoder:
+        if self._encoder is None:
+            self._encoder = text_encoder_lib.load_text_encoder(
+                self.path, None if self.kind == "clip" else self.dtype, max_length=self.max_length)
+        return self._encoder
+
+    def identity(self) -> dict:
+        """What cached states depend on (the latent cache's info): kind, weights' hash, length."""
+        return dict(kind=self.kind, sha256=self.sha256, max_length=self.max_length)
+
+    def record(self, captions) -> dict:
+        """The latent-cache fields of B captions: text_states bfloat16 [B, S, D], text_mask bool
+        [B, S]."""
+        states, mask = self.encoder(list(captions))
+        return dict(text_states=np.asarray(states.astype(jnp.bfloat16)), text_mask=np.asarray(mask, bool))
+
+    def null_record(self) -> dict:
+        """The empty prompt's fields (batch 1), stored once beside the cache for guidance."""
+        return self.record([""])
+
+    def __call__(self, captions) -> dict:
+        """The DiT's text input for B captions: dict(states bfloat16 [B, S, D], mask bool [B, S])."""
+        return jax.tree.map(jnp.asarray, text_lib.text_input(self.record(captions)))
+
+    @property
+    def null(self) -> dict:
+        """The empty prompt's text input, dict(states [1, S, D], mask [1, S])."""
+        if self._null is None:
+            self._null = self([""])
+        return self._null
+
+    def example(self) -> dict:
+        """A text input of batch 1 (zeros) for `dit_init_fn`, from the folder's config alone."""
+        return dict(states=jnp.zeros((1, self.max_length, self.dim), jnp.bfloat16),
+                    mask=jnp.zeros((1, self.max_length), bool))
+
+
 def text_conditioner(config):
     """What turns captions into the DiT's text input, per config.text.encoder: 'word' (default)
-    a `TokenText` over `tokenizer(config)`."""
+    a `TokenText` over `tokenizer(config)`, the encoder trained with the DiT; 'clip', 't5' or
+    'umt5' an `EncoderText` over the converted folder config.text.encoder_path."""
     kind = config.text.get("encoder", "word")
     if kind not in TEXT_ENCODERS:
         raise ValueError(f"unknown config.text.encoder {kind!r}; choose from {TEXT_ENCODERS}")
-    return TokenText(tokenizer(config))
+    if kind == "word":
+        return TokenText(tokenizer(config))
+    return EncoderText(kind, config.text.get("encoder_path", ""), config.text.get("encoder_max_length", 0),
+                       config.text.get("encoder_dtype", "float32"))
+
+
+def text_model(config, dtype) -> nn.Module:
+    """The DiT's text module: the `TextEncoder` trained with it ('word'), or `FrozenText`, which
+    passes a frozen encoder's cached states through (no parameters)."""
+    if config.text.get("encoder", "word") != "word":
+        return text_lib.FrozenText(dtype=dtype)
+    tok = tokenizer(config)
+    return text_lib.TextEncoder(vocab_size=tok.vocab_size, max_length=config.text.max_length,
+                                width=config.text.width, num_layers=config.text.num_layers,
+                                num_heads=config.text.num_heads, dtype=dtype)
 
 
 def dit_patch(config) -> tuple[int, int, int]:
@@ -132,11 +218,8 @@ def dit_patch(config) -> tuple[int, int, int]:
 
 def dit(config, latent_channels: int) -> dit_lib.PixelDanceModel:
     """Text encoder + video DiT of config.text / config.dit for latents of `latent_channels`."""
-    tok = tokenizer(config)
     dtype = jnp.dtype(config.dit.dtype)
-    text = text_lib.TextEncoder(vocab_size=tok.vocab_size, max_length=config.text.max_length,
-                                width=config.text.width, num_layers=config.text.num_layers,
-                                num_heads=config.text.num_heads, dtype=dtype)
+    text = text_model(config, dtype)
     kwargs = dit_lib.decode_variant(config.dit.variant)
     kwargs.setdefault("patch_size", tuple(config.dit.patch_size))
     video = dit_lib.VideoDiT(latent_channels=latent_channels, remat=config.dit.remat, dtype=dtype,

@@ -78,11 +78,14 @@ def cache_info(config, workdir: str, source) -> dict:
     """What a cache's records depend on besides the count; stored in meta.json and compared
     before a cache is kept."""
     t = config.text
-    tokenizer = dict(kind=t.get("tokenizer", "words"), max_length=t.max_length)
-    if tokenizer["kind"] == "hashed":
-        tokenizer["vocab_size"] = t.get("vocab_size", 4096)
+    if t.get("encoder", "word") == "word":
+        text = dict(tokenizer=dict(kind=t.get("tokenizer", "words"), max_length=t.max_length))
+        if text["tokenizer"]["kind"] == "hashed":
+            text["tokenizer"]["vocab_size"] = t.get("vocab_size", 4096)
+    else:  # a frozen encoder: its kind, its weights' hash and the padded length
+        text = dict(text_encoder=build.text_conditioner(config).identity())
     return dict(vae_step=workdir_lib.vae_step(workdir), vae_family=config.vae.get("family", "causal"),
-                tokenizer=tokenizer, data=config.data.name, source=repr(source),
+                **text, data=config.data.name, source=repr(source),
                 num_frames=config.data.num_frames, resolution=config.data.resolution,
                 last_from=config.cond.last_from)
 

@@ -217,7 +217,12 @@ def train_dit(config, workdir: str):
     # Model, optimizer, sharded init or restore, at the shape of the first cached example (jit
     # compiles the step once per bucket shape).
     first = source[0]
-    null_text = text_lib.text_input(source.null_text()) if "text_states" in first else None
+    frozen = config.text.get("encoder", "word") != "word"
+    if frozen != ("text_states" in first):
+        raise latent_cache.CacheError(
+            f"latent cache {source.path} holds {'frozen text states' if 'text_states' in first else 'tokens'}, "
+            f"but config.text.encoder={config.text.get('encoder', 'word')!r}: rerun the 'cache' stage")
+    null_text = text_lib.text_input(source.null_text()) if frozen else None
     example = jax.tree.map(lambda v: np.asarray(v)[None], text_lib.text_input(first))  # batch of 1
     model, init_fn, tx, loss_fn = train_setup(config, first["z"].shape, stats, example, null_text)
     rng = jax.random.key(config.seed + 1)

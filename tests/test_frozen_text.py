@@ -1,0 +1,174 @@
+"""A frozen pretrained text encoder end to end (issue 16, part 3): config.text.encoder = 'clip'
+with a tiny converted CLIP text tower; the cache stage stores its states (bfloat16) and mask
+per record and the empty prompt's once, the DiT trains from them without the encoder, and the
+Pipeline embeds prompts the same way to sample.
+
+The main job's runlocal workdir gives the VAE; the encoder is a random transformers
+CLIPTextModel (width 32) through `pixeldance.convert.text_encoder`.
+"""
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import transformers
+from flax import traverse_util
+
+from pixeldance import build, configs, sample
+from pixeldance import workdir as workdir_lib
+from pixeldance.convert import text_encoder as convert_te
+from pixeldance.data import latent_cache
+from pixeldance.models import text_encoder as te
+from pixeldance.models import weights
+from pixeldance.trainers import cache as cache_stage
+from pixeldance.trainers import dit as dit_trainer
+from feature_nets import write_clip_tokenizer
+from test_clip import _randomize
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNLOCAL = os.path.join(REPO, "experiments", "shapes.py") + ":runlocal"
+WIDTH = 32
+
+
+def _clip_folder(root, seed: int) -> str:
+    """A converted random CLIP text tower (width 32, 77 positions) in root/clip_<seed>."""
+    hf_dir, out = os.path.join(root, f"hf_{seed}"), os.path.join(root, f"clip_{seed}")
+    os.makedirs(hf_dir)
+    vocab = write_clip_tokenizer(os.path.join(hf_dir, "tokenizer.json"))
+    config = transformers.CLIPTextConfig(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64, vocab_size=vocab, max_position_embeddings=77,
+                                         bos_token_id=vocab - 2, eos_token_id=2, pad_token_id=vocab - 1)
+    hf = transformers.CLIPTextModel(config).eval()
+    _randomize(hf, seed)
+    hf.save_pretrained(hf_dir)
+    convert_te.convert("clip", hf_dir, out)
+    return out
+
+
+def _assert_bfloat16_of(stored, states):
+    """stored (bfloat16) is `states` rounded to bfloat16: within one bfloat16 step (2^-8 relative),
+    since a batch of another size may move float32 results across a rounding boundary."""
+    stored, states = np.asarray(stored, np.float32), np.asarray(states, np.float32)
+    np.testing.assert_allclose(stored, states, rtol=2 ** -8, atol=1e-6)
+    assert np.mean(stored == np.asarray(states.astype("bfloat16"), np.float32)) > 0.98  # rounded, not cut
+
+
+def _config(encoder_path, **overrides):
+    return configs.override(configs.load_config(RUNLOCAL), **{
+        "text.encoder": "clip", "text.encoder_path": encoder_path, "text.encoder_max_length": 24,
+        "mesh.shape": (2, 4, 1, 1), **overrides})
+
+
+@pytest.fixture(scope="module")
+def frozen_run(runlocal_workdir, tmp_path_factory):
+    """(config, workdir, encoder folder, DiT TrainState): the cache and train_dit stages with a
+    frozen CLIP on a copy of the main job's workdir (its VAE)."""
+    root = str(tmp_path_factory.mktemp("frozen"))
+    encoder_dir = _clip_folder(root, 3)
+    workdir = os.path.join(root, "work")
+    shutil.copytree(runlocal_workdir, workdir,
+                    ignore=shutil.ignore_patterns("dit", "cache", "samples", "tensorboard", "metrics.jsonl"))
+    config = _config(encoder_dir)
+    workdir_lib.write_config(workdir, config)
+    cache_stage.cache_latents(config, workdir)
+    state = dit_trainer.train_dit(config, workdir)
+    return config, workdir, encoder_dir, state
+
+
+def test_cache_holds_the_encoders_states(frozen_run):
+    """Records: text_states = the encoder's last hidden states of the caption rounded to
+    bfloat16 [S, D], text_mask its mask; the empty prompt's stored once; the encoder's identity
+    (kind, weights' hash, length) in meta.json, no tokens."""
+    config, workdir, encoder_dir, _ = frozen_run
+    source = latent_cache.LatentCacheSource(os.path.join(workdir, "cache"), captions=True)
+    meta = source.meta
+    assert meta["fields"]["text_states"] == dict(dtype="bfloat16", shape=[24, WIDTH])
+    assert meta["fields"]["text_mask"] == dict(dtype="|b1", shape=[24])
+    assert "tokens" not in meta["fields"] and "tokenizer" not in meta
+    with open(os.path.join(encoder_dir, weights.CONFIG)) as f:
+        sha = json.load(f)["sha256"]
+    assert meta["text_encoder"] == dict(kind="clip", sha256=sha, max_length=24)
+    encoder = te.load_text_encoder(encoder_dir, max_length=24)
+    for i in (0, len(source) - 1):
+        rec = source[i]
+        states, mask = encoder([rec["caption"]])
+        assert rec["text_states"].dtype == np.dtype("bfloat16")
+        _assert_bfloat16_of(rec["text_states"], states[0])
+        np.testing.assert_array_equal(rec["text_mask"], mask[0].astype(bool))
+        assert 2 < rec["text_mask"].sum() < 24  # start, words, end; padded
+    null = source.null_text()
+    states, mask = encoder([""])
+    _assert_bfloat16_of(null["text_states"], states)
+    np.testing.assert_array_equal(null["text_mask"], mask.astype(bool))
+    assert null["text_mask"].sum() == 2  # <|startoftext|> <|endoftext|>
+
+
+def test_dit_trains_from_cached_states_without_the_encoder(frozen_run, monkeypatch):
+    """The DiT has no text-encoder parameters (FrozenText) and projects D = 32 wide states; training ran its steps with finite losses. A second train_dit (resume,
+    nothing left) never loads the encoder."""
+    config, workdir, _, state = frozen_run
+    flat = traverse_util.flatten_dict(jax.device_get(state.params)["params"])
+    assert not any(k[0] == "text_encoder" for k in flat)
+    proj = [v for k, v in flat.items() if "text_proj" in k and k[-1] == "kernel"]
+    assert len(proj) == 1 and proj[0].shape[0] == WIDTH  # the encoder's D, projected to the DiT's
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        losses = [json.loads(line)["loss"] for line in f if json.loads(line)["stage"] == "dit"]
+    assert losses and np.all(np.isfinite(losses))
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("the DiT trainer loaded the text encoder")
+    monkeypatch.setattr(te, "load_text_encoder", no_encoder)
+    dit_trainer.train_dit(config, workdir)  # restores the last step; nothing to train
+
+
+def test_pipeline_samples_with_the_encoder(frozen_run):
+    """The Pipeline embeds prompts as the cache did (bfloat16 states) and guides
+    against the encoder's empty prompt; it generates videos of the workdir's shape."""
+    config, workdir, _, _ = frozen_run
+    pipe = sample.load_pipeline(workdir)
+    assert isinstance(pipe.text, build.EncoderText)
+    source = latent_cache.LatentCacheSource(os.path.join(workdir, "cache"), captions=True)
+    rec = source[1]
+    text = pipe.text([rec["caption"]])
+    assert text["states"].dtype == np.dtype("bfloat16")
+    _assert_bfloat16_of(rec["text_states"], text["states"][0])
+    np.testing.assert_array_equal(np.asarray(text["mask"][0]), rec["text_mask"])
+    _assert_bfloat16_of(source.null_text()["text_states"], pipe.text.null["states"])
+    videos = pipe.generate_batch([rec["caption"], "a blue square moves up"], seed=0)
+    videos = np.asarray(videos)
+    assert videos.shape == (2, config.data.num_frames, 32, 32, 3)
+    assert np.isfinite(videos.astype(np.float32)).all()
+
+
+def test_cache_rebuilt_for_other_weights_and_checked_by_the_trainer(frozen_run, tmp_path):
+    """Another encoder (other weights, same shapes) changes the cache's identity, so the cache
+    stage does not keep the old states; a word-token config on this cache is a one-line error."""
+    config, workdir, encoder_dir, _ = frozen_run
+    other = _clip_folder(str(tmp_path), 4)
+    source = object()
+    a = cache_stage.cache_info(config, workdir, source)
+    b = cache_stage.cache_info(_config(other), workdir, source)
+    assert a["text_encoder"]["sha256"] != b["text_encoder"]["sha256"]
+    assert {k: v for k, v in a.items() if k != "text_encoder"} == {k: v for k, v in b.items() if k != "text_encoder"}
+    word = configs.override(config, **{"text.encoder": "word"})
+    with pytest.raises(latent_cache.CacheError, match="holds frozen text states.*rerun the 'cache' stage") as e:
+        dit_trainer.train_dit(word, workdir)
+    assert "\n" not in str(e.value)
+
+
+def test_config_errors(tmp_path):
+    """A missing or empty encoder_path and a folder of another kind: one line naming it."""
+    with pytest.raises(ValueError, match="needs config.text.encoder_path"):
+        build.text_conditioner(_config(""))
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(weights.WeightsError, match=f"{missing}: no config.json.*convert.text_encoder"):
+        build.text_conditioner(_config(missing))
+    folder = _clip_folder(str(tmp_path), 5)
+    with pytest.raises(ValueError, match="a 'clip' text encoder, but config.text.encoder='t5'"):
+        build.text_conditioner(_config(folder, **{"text.encoder": "t5"}))
+    with pytest.raises(ValueError, match="unknown config.text.encoder 'bert'"):
+        build.text_conditioner(_config(folder, **{"text.encoder": "bert"}))
+    text = build.text_conditioner(_config(folder))
+    assert text.example()["states"].shape == (1, 24, WIDTH) and text._encoder is None  # shapes from config.json
