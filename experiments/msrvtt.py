@@ -13,18 +13,27 @@ and the official splits train 6513 / validation 497 / test 2990; no TensorFlow n
 train on it:
 
   python -m pixeldance.data.tfds_build --dataset=msrvtt --manual_dir=MANUAL --data_dir=DATA
+  python -m pixeldance.convert.text_encoder --kind=clip --input=HF_CLIP --output=CLIP
   python -m pixeldance.main --config=experiments/msrvtt.py --config.data.root=DATA \
-      --workdir=workdirs/msrvtt
+      --config.text.encoder_path=CLIP --workdir=workdirs/msrvtt
+
+The text encoder is a frozen pretrained CLIP text tower, as in the paper (which does not say
+which CLIP): HF_CLIP is a Hugging Face CLIPModel or CLIPTextModel folder with its tokenizer.json,
+e.g. openai/clip-vit-large-patch14 (width 768, Stable Diffusion's) or the evaluation suite's
+ViT-B/16 (width 512). The cache stage embeds each caption once (77 tokens, bfloat16 states in the
+latent cache) and the DiT trains from the cached states; `--config.text.encoder=word` trains
+the small hashed-word encoder with the DiT instead.
 
 Smoke test (a few steps of every stage on a CPU): `--config=experiments/msrvtt.py:runlocal`.
 
 Clips: `data.num_frames` frames at `data.fps` (8; 0: every `data.stride`-th frame) from the
 'train' split (`data.train_split`), resized and cropped (`data.crop`) to `data.resolution`
 square; held-out clips and samples come from 'test' (`data.heldout_split`; or 'validation').
-Each item's caption is one of its video's captions, drawn per item; captions are tokenized by
-hashed words. Corrupt, truncated or too-short videos are logged, counted and skipped
-(`--config.data.on_error=raise` stops at the first). The sample stage writes samples for the
-captions of a few test clips.
+Each item's caption is one of its video's captions, drawn per item. The runlocal smoke test,
+which has no weights, tokenizes captions by hashed words (`--config.text.encoder=clip
+--config.text.encoder_path=CLIP` smoke-tests CLIP). Corrupt, truncated or too-short videos are
+logged, counted and skipped (`--config.data.on_error=raise` stops at the first). The sample
+stage writes samples for the captions of a few test clips.
 """
 from pixeldance import configs
 
@@ -42,12 +51,16 @@ def get_config(arg=None):
     c.data.heldout_split = "test"
     c.data.fps = 8.0  # MSR-VTT videos are 10-30 s, mostly 30 fps: 17 frames span 2 s
     c.data.crop = "center"
+    c.text.encoder = "clip"  # required: --config.text.encoder_path=CLIP (see above)
+    c.text.encoder_path = ""
+    # With --config.text.encoder=word: hashed words, trained with the DiT.
     c.text.tokenizer = "hashed"
     c.text.max_length = 32
     c.text.vocab_size = 16384
     if not runlocal:
         c.cache.num_videos = 6513  # one clip per training video
     else:
+        c.text.encoder = "word"  # no weights in a smoke test
         c.data.fps = 0.0
         c.data.stride = 1
         c.text.max_length = 12

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from pixeldance import build, xla_flags
 from pixeldance import workdir as workdir_lib
-from pixeldance import xla_flags
 from pixeldance.evaluators import common as eval_common
 from pixeldance.evaluators import registry as eval_registry
 from pixeldance.sample import load_pipeline
@@ -76,6 +77,14 @@ def main(argv):
     for stage in stages:
         if stage not in STAGES:
             raise app.UsageError(f"unknown mode {config.mode!r}; choose train or one of {STAGES}")
+    if config.text.get("encoder", "word") != "word" and ("cache" in stages or "sample" in stages):
+        # A frozen encoder's folder is read by the cache and sample stages: check it before the
+        # VAE stage spends hours (its config.json only; the weights load where they are used).
+        try:
+            build.text_conditioner(config)
+        except ValueError as e:
+            print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+            sys.exit(2)
     workdir_lib.write_config(workdir, config)
     timing_path = os.path.join(workdir, workdir_lib.TIMING)
     timing = json.load(open(timing_path)) if os.path.exists(timing_path) else {}

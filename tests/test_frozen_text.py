@@ -172,3 +172,19 @@ def test_config_errors(tmp_path):
         build.text_conditioner(_config(folder, **{"text.encoder": "bert"}))
     text = build.text_conditioner(_config(folder))
     assert text.example()["states"].shape == (1, 24, WIDTH) and text._encoder is None  # shapes from config.json
+
+
+def test_main_job_checks_the_encoder_first(tmp_path, python_runner):
+    """experiments/msrvtt.py conditions on CLIP: without --config.text.encoder_path, or with a
+    folder that holds no converted encoder, the main job stops before its VAE stage with one line
+    naming the field or path (exit 2) and writes nothing."""
+    config = os.path.join(REPO, "experiments", "msrvtt.py")
+    workdir = str(tmp_path / "work")
+    for flag, named in (("--config.seed=0", "needs config.text.encoder_path"),
+                        (f"--config.text.encoder_path={tmp_path}", f"{tmp_path}: no config.json")):
+        proc = python_runner("-m", "pixeldance.main", f"--config={config}", f"--workdir={workdir}",
+                             f"--config.data.root={tmp_path}", flag)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and named in lines[0], lines
+        assert not os.path.exists(workdir)
