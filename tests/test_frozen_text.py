@@ -188,3 +188,30 @@ def test_main_job_checks_the_encoder_first(tmp_path, python_runner):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and named in lines[0], lines
         assert not os.path.exists(workdir)
+
+
+def test_planner_compiles_with_frozen_states(tmp_path):
+    """The compile-ahead planner takes the text shapes from the encoder's folder: the train step
+    on cached states [B, 24, 32] and the sampler with the empty prompt compile; no text-encoder
+    parameters are counted; FLOPs count 24 text tokens."""
+    from pixeldance.models.dit import dit_flops_per_sample
+    from pixeldance.tools import plan
+
+    folder = _clip_folder(str(tmp_path), 6)
+    word = plan.plan(configs.override(configs.load_config(RUNLOCAL), **{
+        "dit.variant": "mu", "mesh.shape": (2, -1, 1, 1), "plan.num_devices": 8, "plan.sample": False}))
+    report = plan.plan(_config(folder, **{"dit.variant": "mu", "mesh.shape": (2, -1, 1, 1),
+                                          "plan.num_devices": 8, "plan.sample": True}))
+    for part in ("train", "sample"):  # compiled: no out-of-memory message, a memory analysis
+        assert report[part]["out_of_memory"] is None and report[part]["memory"]["arguments"] > 0
+    # The word encoder's parameters are gone (runlocal's is 32 wide, as this CLIP: the text
+    # projection keeps its size).
+    text_params = sum(np.prod(x.shape) for x in jax.tree.leaves(
+        build.dit(configs.load_config(RUNLOCAL), 16).init(jax.random.key(0), *[
+            np.zeros(s, d) for s, d in (((1, 3, 2, 2, 16), np.float32), ((1,), np.float32),
+                                        ((1, 3, 2, 2, 16), np.float32), ((1, 3, 2, 2, 1), np.float32),
+                                        ((1, 12), np.int32))])["params"]["text_encoder"]))
+    assert text_params > 0 and report["num_params"] == word["num_params"] - text_params
+    forward = dit_flops_per_sample(num_tokens=3 * 2 * 2, text_len=24, width=32, depth=2, mlp_ratio=2,
+                                   patch_dim_in=4 * 33, patch_dim_out=4 * 16)
+    assert report["train"]["model_flops"] == pytest.approx(3 * 8 * forward)

@@ -115,13 +115,14 @@ def shard_bytes(tree, shardings) -> int:
     return total
 
 
-def model_flops(config, latent, batch: int) -> float:
-    """Analytic forward FLOPs of the DiT for `batch` samples of latents (T, h, w, C)."""
+def model_flops(config, latent, batch: int, text_len: int | None = None) -> float:
+    """Analytic forward FLOPs of the DiT for `batch` samples of latents (T, h, w, C) and
+    `text_len` text tokens (default config.text.max_length)."""
     kw = dit_lib.decode_variant(config.dit.variant)
     pt, ph, pw = build.dit_patch(config)
     T, h, w, C = latent
     per_sample = dit_lib.dit_flops_per_sample(
-        num_tokens=(T // pt) * (h // ph) * (w // pw), text_len=config.text.max_length, width=kw["width"],
+        num_tokens=(T // pt) * (h // ph) * (w // pw), text_len=text_len or config.text.max_length, width=kw["width"],
         depth=kw["depth"], mlp_ratio=kw["mlp_ratio"], patch_dim_in=pt * ph * pw * (2 * C + 1),
         patch_dim_out=pt * ph * pw * C, attention=config.dit.attention, num_frames=T // pt)
     return batch * per_sample
@@ -164,9 +165,15 @@ def plan(config) -> dict:
     mesh = sharding.make_mesh(tuple(config.mesh.shape), devices, dcn_shape=None if dcn is None else tuple(dcn))
     preset = config.mesh.preset
     T, h, w, C = latent = build.data_latent_shape(config)
-    S, J = config.text.max_length, config.cond.last_from
+    J = config.cond.last_from
     stats = workdir_lib.LatentStats(np.zeros(C, np.float32), np.ones(C, np.float32))
-    model, init_fn, tx, loss_fn = dit_trainer.train_setup(config, latent, stats)
+    # The text input: tokens, or a frozen encoder's states (shapes from its folder's config.json)
+    # with its empty prompt (zeros stand in: only shapes matter).
+    text = build.text_conditioner(config)
+    example = text.example()
+    null = jax.tree.map(jnp.zeros_like, example) if text.frozen else None
+    S = jax.tree.leaves(example)[0].shape[1]
+    model, init_fn, tx, loss_fn = dit_trainer.train_setup(config, latent, stats, example, null)
     key = jax.eval_shape(lambda: jax.random.key(0))
     report = dict(target=target, num_devices=len(devices), mesh=dict(mesh.shape), preset=preset,
                   variant=config.dit.variant, latent=list(latent), memory_limit=memory_limit(p, devices[0]))
@@ -193,19 +200,19 @@ def plan(config) -> dict:
         batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
         batch = dict(z=jax.ShapeDtypeStruct((B, T, h, w, C), jnp.float32, sharding=batch_sh),
                      z_last=jax.ShapeDtypeStruct((B, J, h, w, C), jnp.float32, sharding=batch_sh),
-                     tokens=jax.ShapeDtypeStruct((B, S), jnp.int32, sharding=batch_sh))
+                     **_text_fields(example, B, batch_sh))
         step = train_lib.compile_step(train_lib.make_train_step(loss_fn, tx, config.train.ema_decay),
                                       state_sh, batch_sh, mesh)
         t0 = time.time()
         compiled, oom = _compile(step.lower(_placed(abstract, state_sh), batch, _placed(key, repl)))
-        flops = 3 * model_flops(config, latent, B)
+        flops = 3 * model_flops(config, latent, B, S)
         report["train"] = dict(batch=B, compile_seconds=time.time() - t0, out_of_memory=oom,
                                memory=compiled and _memory(compiled), model_flops=flops,
                                model_flops_per_device=flops / len(devices),
                                xla_flops_per_device=compiled and _xla_flops(compiled))
         if p.sample:
             report["sample"] = _plan_sampler(config, sampler, abstract.ema_params, state_sh.ema_params, mesh,
-                                             latent, key, len(devices))
+                                             latent, key, len(devices), example, null)
     limit = report["memory_limit"]
     for part in ("train", "sample"):
         if part in report:
@@ -214,27 +221,39 @@ def plan(config) -> dict:
     return report
 
 
+def _text_fields(example, B: int, sh) -> dict:
+    """The latent-cache text fields of a batch of B, abstract: tokens int32 [B, S], or
+    text_states [B, S, D] and text_mask [B, S] (`build.text_conditioner(config).example()`)."""
+    batched = lambda x: jax.ShapeDtypeStruct((B,) + x.shape[1:], x.dtype, sharding=sh)
+    if isinstance(example, dict):
+        return dict(text_states=batched(example["states"]), text_mask=batched(example["mask"]))
+    return dict(tokens=batched(example))
+
+
 def _placed(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def _plan_sampler(config, fn, params, params_sh, mesh, latent, key, num_devices) -> dict:
-    """Compiles the sampler `fn` (`sample.sampler_fn`) on the EMA parameters."""
+def _plan_sampler(config, fn, params, params_sh, mesh, latent, key, num_devices, example, null) -> dict:
+    """Compiles the sampler `fn` (`sample.sampler_fn`) on the EMA parameters, for text inputs of
+    `example`'s structure (batch 1) and a frozen encoder's empty prompt `null` (or None)."""
     s = config.sample
     T, h, w, C = latent
-    B, S = s.batch_size, config.text.max_length
+    B, S = s.batch_size, jax.tree.leaves(example)[0].shape[1]
     branches = fn.keywords["branches"]
     bsh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     if B % (mesh.shape["data"] * mesh.shape["fsdp"]):  # a small sampling batch: every device samples it all
         bsh = repl
     sds = lambda shape, dtype, sh=bsh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
     args = (_placed(params, params_sh), sds((B, T, h, w, C), jnp.float32), sds((B, h, w, C), jnp.float32),
-            sds((B, h, w, C), jnp.float32), sds((B,), jnp.bool_), sds((B,), jnp.bool_), sds((B, S), jnp.int32),
-            _placed(key, repl), sds((), jnp.float32, repl), sds((), jnp.float32, repl), sds((), jnp.int32, repl))
+            sds((B, h, w, C), jnp.float32), sds((B,), jnp.bool_), sds((B,), jnp.bool_),
+            jax.tree.map(lambda x: sds((B,) + x.shape[1:], x.dtype), example),
+            _placed(key, repl), sds((), jnp.float32, repl), sds((), jnp.float32, repl), sds((), jnp.int32, repl),
+            jax.tree.map(lambda x: sds(x.shape, x.dtype, repl), null))
     t0 = time.time()
     compiled, oom = _compile(jax.jit(fn, out_shardings=bsh).lower(*args))
     calls = s.steps * (2 if s.sampler == "heun" else 1)
-    flops = calls * model_flops(config, latent, branches * B)
+    flops = calls * model_flops(config, latent, branches * B, S)
     return dict(batch=B, steps=s.steps, sampler=s.sampler, branches=branches,
                 compile_seconds=time.time() - t0, out_of_memory=oom, memory=compiled and _memory(compiled),
                 model_flops=flops, model_flops_per_device=flops / num_devices,
