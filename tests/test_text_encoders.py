@@ -26,6 +26,7 @@ from flax import linen as nn
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
+import pixeldance
 from pixeldance import sharding
 from pixeldance.convert import text_encoder as convert_te
 from pixeldance.models import t5, weights
@@ -230,7 +231,7 @@ def test_clip_kind(tmp_path):
     hf.save_pretrained(str(hf_dir))
     written = convert_te.convert("clip", str(hf_dir), str(tmp_path / "ours"))
     assert written["max_length"] == 77 and written["encoder"]["width"] == 32
-    encoder = te.load_text_encoder(str(tmp_path / "ours"))
+    encoder = pixeldance.load_text_encoder(str(tmp_path / "ours"))  # the public entry point
     assert encoder.kind == "clip" and encoder.dim == 32
     ids, mask = encoder.tokenize(TEXTS)
     ref = transformers.CLIPTokenizerFast.from_pretrained(str(hf_dir))(

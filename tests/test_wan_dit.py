@@ -24,6 +24,7 @@ from diffusers import WanTransformer3DModel
 from flax import linen as nn
 from safetensors.numpy import load_file, save_file
 
+import pixeldance
 from pixeldance import sharding
 from pixeldance.convert import wan_dit as convert_wan
 from pixeldance.convert.common import ConversionError
@@ -106,7 +107,7 @@ def setup(tmp_path_factory, python_runner):
 # Against diffusers.
 
 def test_parity_with_diffusers(setup):
-    dit = wan_dit.load_dit(setup["ours"], verify=True)
+    dit = pixeldance.load_dit(setup["ours"], verify=True)  # the public entry point
     latents, timesteps, text = _inputs()
     ours = dit.predict(latents, timesteps, text)
     assert ours.dtype == jnp.float32 and ours.shape == (2, 3, 4, 6, 4)
