@@ -10,7 +10,7 @@ For each targeted kernel W [*lead, *in, *out] the adapter is a pair
 and the merged kernel is W + (alpha / R) * (A @ B) with the `in` axes and the `out` axes each
 flattened for the product and the result reshaped to W's shape. R is the rank (axis letters:
 pixeldance/models/__init__.py, R added here for it); `lead` are the stacked axes of scanned
-blocks, each of A and B keeps its own copy per layer.
+blocks: every layer gets its own pair of factors.
 
 Which axes are `lead`, `in` and `out` is read from the kernel's logical axis names (the
 `nn.Partitioned` boxes every parameter is created in; `split_kernel_axes`):
@@ -27,7 +27,10 @@ checks each one); a kernel the rule cannot split is a ValueError naming it.
 
 The adapters are boxed with logical names derived from the kernel's: A keeps the names of the
 lead and input axes, B those of the lead and output axes, and the rank axis is unnamed
-(replicated: R is small), so `sharding.tree_shardings` places them by the base's rules.
+(replicated: R is small), so `sharding.tree_shardings` places them by the base's rules:
+  make = lambda rng: init(rng, boxed_params, rank=16, targets=...)
+  shardings = sharding.tree_shardings(mesh, jax.eval_shape(make, rng), preset)
+  lora = jax.jit(lambda rng: nn.unbox(make(rng)), out_shardings=shardings)(rng)
 
 Targets are regular expressions searched (`re.search`) in the '/'-joined path of every leaf
 named 'kernel' (e.g. 'blocks/attn1/to_q/kernel'): 'attn1/to_q', 'attn2/to_.*', 'ffn/proj_in',
