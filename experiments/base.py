@@ -150,6 +150,14 @@ def get_config(arg=None):
     )
 
     c.dit = dict(
+        # 'pixeldance': this codebase's VideoDiT (variant, patch_size, attention below); 'wan': the
+        # Wan 2.1 DiT (pixeldance/models/wan_dit.py), from the converted folder init_from (its
+        # architecture and weights) or, with init_from empty, the named wan_config at random.
+        family="pixeldance",
+        init_from="",
+        wan_config="",
+        widen=True,          # wan: [x, c_image, c_mask] in, zero-initialised (False: text-to-video)
+        mask_text=False,     # wan: False zeroes padded text states (Wan's own way); True masks them
         variant=arg.dit,
         patch_size=(1, 2, 2),
         attention="full",    # 'full' space-time attention
@@ -205,6 +213,7 @@ def get_config(arg=None):
         image_guidance=1.5,        # image-instruction guidance (1: off, 2 branches per model call;
                                    # 1.5: I2V direction 0.797 -> 0.813 held-out, see README)
         tau=10,                    # last frame used for the first `tau` steps only
+        shift=1.0,                 # time-grid shift t' = s t / (1 + (s - 1) t) (Wan 2.1: 3 at 480p, 5 at 720p)
         batch_size=16,
     )
 

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from flax import traverse_util
 
 from pixeldance.data import synthetic
 from pixeldance.diffusion.task import PixelDanceTask
@@ -32,7 +33,7 @@ from pixeldance.models import dit as dit_lib
 from pixeldance.models import text as text_lib
 from pixeldance.models import text_encoder as text_encoder_lib
 from pixeldance.models import vae as vae_lib
-from pixeldance.models import wan_vae, weights
+from pixeldance.models import wan_dit, wan_vae, weights
 
 VAE_FAMILIES = ("causal", "wan")
 
@@ -212,14 +213,57 @@ def text_model(config, dtype) -> nn.Module:
 
 
 def dit_patch(config) -> tuple[int, int, int]:
-    """The DiT's (t, h, w) patch: the variant's suffix ('B/2') or config.dit.patch_size."""
+    """The DiT's (t, h, w) patch: the variant's suffix ('B/2') or config.dit.patch_size; a Wan
+    DiT's own."""
+    if config.dit.get("family", "pixeldance") == "wan":
+        return tuple(wan_fields(config)["patch_size"])
     return tuple(dit_lib.decode_variant(config.dit.variant).get("patch_size", tuple(config.dit.patch_size)))
 
 
+DIT_FAMILIES = ("pixeldance", "wan")
+
+
+def wan_fields(config) -> dict:
+    """The Wan DiT architecture of config.dit: the converted folder init_from's (its config.json),
+    else the named config.dit.wan_config (`wan_dit.WAN_DIT_CONFIGS`)."""
+    d = config.dit
+    if d.get("init_from"):
+        return dict(weights.read_config(d.init_from, wan_dit.NETWORK, wan_dit.ORIGIN).get("dit") or {})
+    if not d.get("wan_config"):
+        raise ValueError("config.dit.family='wan' needs config.dit.init_from (a converted Wan DiT folder) "
+                         f"or config.dit.wan_config (one of {sorted(wan_dit.WAN_DIT_CONFIGS)})")
+    return wan_dit.config(d.wan_config)
+
+
+def wan_video(config, latent_channels: int, dtype) -> wan_dit.WanVideo:
+    """The Wan 2.1 DiT as the video DiT (config.dit.family = 'wan'): `wan_fields` with the input
+    widened to 2C + 1 channels for [x, c_image, c_mask] (config.dit.widen) and C outputs."""
+    d, C = config.dit, latent_channels
+    fields = wan_fields(config)
+    if fields["out_channels"] != C:
+        raise ValueError(f"the Wan DiT of config.dit outputs {fields['out_channels']} latent channels, the VAE's "
+                         f"latents have {C}")
+    fields = dict(fields, in_channels=2 * C + 1 if d.get("widen", True) else C)
+    transformer = wan_dit.model_from_config(fields, dtype=dtype, remat=d.remat,
+                                            context_parallel=d.get("context_parallel", "ulysses"),
+                                            where="config.dit")
+    return wan_dit.WanVideo(transformer, widen=d.get("widen", True), mask_text=d.get("mask_text", False))
+
+
 def dit(config, latent_channels: int) -> dit_lib.PixelDanceModel:
-    """Text encoder + video DiT of config.text / config.dit for latents of `latent_channels`."""
+    """Text encoder + video DiT of config.text / config.dit for latents of `latent_channels`:
+    this codebase's VideoDiT, or the Wan 2.1 DiT (config.dit.family = 'wan', which needs a frozen
+    text encoder whose width is the DiT's text_dim)."""
     dtype = jnp.dtype(config.dit.dtype)
     text = text_model(config, dtype)
+    family = config.dit.get("family", "pixeldance")
+    if family not in DIT_FAMILIES:
+        raise ValueError(f"unknown config.dit.family {family!r}; choose from {DIT_FAMILIES}")
+    if family == "wan":
+        if config.text.get("encoder", "word") == "word":
+            raise ValueError("config.dit.family='wan' conditions on a frozen text encoder: set config.text.encoder "
+                             "(umt5 for Wan 2.1) and config.text.encoder_path")
+        return dit_lib.PixelDanceModel(text, wan_video(config, latent_channels, dtype))
     kwargs = dit_lib.decode_variant(config.dit.variant)
     kwargs.setdefault("patch_size", tuple(config.dit.patch_size))
     video = dit_lib.VideoDiT(latent_channels=latent_channels, remat=config.dit.remat, dtype=dtype,
@@ -244,3 +288,31 @@ def vae_init_fn(model, num_frames: int, height: int, width: int) -> Callable:
     """rng -> boxed parameters of a VAE, from one float32 video [1, F, H, W, 3] of zeros."""
     example = jnp.zeros((1, num_frames, height, width, 3), jnp.float32)
     return lambda rng: model.init(rng, example)
+
+
+def pretrained_dit_params(config):
+    """(abstract params, their shardings) -> placed params, when the DiT starts from converted
+    weights (config.dit.family = 'wan' with config.dit.init_from: the Wan 2.1 DiT, its input
+    widened with zero weights for PixelDance's instructions), else None (random init). The DiT
+    trainer's `train_lib.fit(initial_params=...)`, and the Pipeline of a
+    workdir with no DiT checkpoint yet."""
+    if config.dit.get("family", "pixeldance") != "wan" or not config.dit.get("init_from"):
+        return None
+
+    def initial_params(abstract, shardings):
+        return {"params": {"dit": {"transformer": wan_params(config.dit.init_from, abstract, shardings)}}}
+    return initial_params
+
+
+def wan_params(directory: str, abstract, shardings) -> dict:
+    """The transformer subtree of a Wan-family PixelDanceModel's params, read from a converted
+    Wan DiT folder into `shardings` (`wan_dit.read_params`). abstract, shardings: the model's
+    whole {'params': ...} trees, which hold nothing else (FrozenText has no parameters)."""
+    tree = abstract["params"]
+    if set(tree) != {"dit"} or set(tree["dit"]) != {"transformer"}:
+        raise ValueError(f"a Wan-family DiT holds only dit/transformer parameters, not {sorted(tree)}")
+    flat_abstract = traverse_util.flatten_dict(tree["dit"]["transformer"])
+    flat_sh = traverse_util.flatten_dict(shardings["params"]["dit"]["transformer"])
+    flat = wan_dit.read_params(directory, flat_abstract, lambda path, value: jax.device_put(value, flat_sh[path]))
+    return traverse_util.unflatten_dict(flat)
+

@@ -107,11 +107,12 @@ def load_vae(workdir_or_path: str, *, mesh=None) -> VideoVAE:
     return VideoVAE(model, params)
 
 
-def sampler_fn(task: PixelDanceTask, model, *, steps: int, sampler: str, branches: int):
+def sampler_fn(task: PixelDanceTask, model, *, steps: int, sampler: str, branches: int, shift: float = 1.0):
     """The Pipeline's sampler, (params, noise, z_first, z_last, has_first, has_last, text, rng,
     guidance, image_guidance, tau, null_text) -> normalised latents (`PixelDanceTask.guided_sample`
     with the model and the static settings bound): what the Pipeline jits, and the planner compiles."""
-    return functools.partial(task.guided_sample, model, steps=steps, sampler=sampler, branches=branches)
+    return functools.partial(task.guided_sample, model, steps=steps, sampler=sampler, branches=branches,
+                             shift=shift)
 
 
 class Pipeline:
@@ -141,7 +142,7 @@ class Pipeline:
         key = (steps, sampler, branches)
         if key not in self._jitted:
             self._jitted[key] = jax.jit(sampler_fn(self.task, self.model, steps=steps, sampler=sampler,
-                                                   branches=branches))
+                                                   branches=branches, shift=self.config.sample.get("shift", 1.0)))
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.rules(INFERENCE_PRESET)):
             return self._jitted[key](self.params, noise, z_first, z_last, has_first, has_last, text, rng,
                                      guidance, image_guidance, tau, self.text.null)
@@ -293,7 +294,9 @@ class Pipeline:
 
 def load_pipeline(workdir: str, *, mesh=None) -> Pipeline:
     """The trained pipeline of a workdir: the EMA weights of the newest VAE and DiT checkpoints
-    (nothing else of their train states), placed on `mesh` (default `inference_mesh()`)."""
+    (nothing else of their train states), placed on `mesh` (default `inference_mesh()`). A
+    workdir whose DiT starts from converted weights (config.dit.init_from) and has no DiT
+    checkpoint yet samples from those weights (step 0)."""
     config = workdir_lib.read_config(workdir)
     mesh = inference_mesh() if mesh is None else mesh
     vae = load_vae(workdir, mesh=mesh)
@@ -303,8 +306,13 @@ def load_pipeline(workdir: str, *, mesh=None) -> Pipeline:
     T, h, w, _ = vae.latent_shape(config.data.num_frames, R, R)
     text = build.text_conditioner(config)
     init_fn = build.dit_init_fn(model, (T, h, w, stats.channels), text.example())
-    params, step = workdir_lib.load_ema_params(os.path.join(workdir, workdir_lib.DIT_DIR), init_fn, mesh,
-                                               INFERENCE_PRESET)
+    dit_dir, pretrained = os.path.join(workdir, workdir_lib.DIT_DIR), build.pretrained_dit_params(config)
+    if pretrained is not None and workdir_lib.latest_step(dit_dir) is None:
+        # Not fine-tuned yet: the converted weights themselves (e.g. Wan 2.1 text-to-video).
+        abstract, shardings = workdir_lib.abstract_params(init_fn, mesh, INFERENCE_PRESET)
+        params, step = pretrained(abstract, shardings), 0
+    else:
+        params, step = workdir_lib.load_ema_params(dit_dir, init_fn, mesh, INFERENCE_PRESET)
     return Pipeline(config, vae, model, params, text, stats, mesh, step)
 
 

@@ -85,6 +85,15 @@ def init_state(init_fn: Callable, tx, shardings: TrainState, rng) -> TrainState:
     return jax.jit(make, out_shardings=shardings)(rng)
 
 
+def state_from_params(params, tx, shardings: TrainState) -> TrainState:
+    """The step-0 TrainState of given (pretrained, already placed) params: fresh optimizer
+    state, EMA = params, all in `shardings`."""
+    def make(params):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          ema_params=params)
+    return jax.jit(make, out_shardings=shardings)(params)
+
+
 def ema_decay_at(step, decay: float):
     """EMA decay warmed up as (1 + step) / (10 + step), capped at `decay`: short runs get a useful EMA."""
     step = step.astype(jnp.float32)
@@ -325,16 +334,23 @@ def mesh_from_config(mesh_config):
     return mesh, mesh_config.preset
 
 
-def restore_or_init(checkpointer: Checkpointer, init_fn: Callable, tx, abstract, shardings, rng):
-    """(state, data_state): the newest checkpoint if there is one, else a fresh sharded init."""
+def restore_or_init(checkpointer: Checkpointer, init_fn: Callable, tx, abstract, shardings, rng,
+                    initial_params: Callable | None = None):
+    """(state, data_state): the newest checkpoint if there is one, else a fresh sharded init, or
+    with `initial_params` (abstract params, their shardings) -> placed params, e.g. pretrained
+    weights, a state starting from those."""
     if checkpointer.latest_step() is not None:
         return checkpointer.restore(abstract_like(abstract, shardings))
+    if initial_params is not None:
+        return state_from_params(initial_params(abstract.params, shardings.params), tx, shardings), {}
     return init_state(init_fn, tx, shardings, rng), {}
 
 
 def fit(*, stage: str, workdir: str, mesh, preset: str, init_fn: Callable, loss_fn: Callable, tx,
-        batches, stage_config, rng, evaluate: Callable | None = None, eval_every: int = 0) -> TrainState:
-    """The part every trainer shares: sharded init or restore, then `train_loop`, then close.
+        batches, stage_config, rng, evaluate: Callable | None = None, eval_every: int = 0,
+        initial_params: Callable | None = None) -> TrainState:
+    """The part every trainer shares: sharded init (from `initial_params` where given, see
+    `restore_or_init`) or restore, then `train_loop`, then close.
 
     Checkpoints go to `<workdir>/<stage>/`; stage_config supplies ema_decay, num_steps,
     log_every, ckpt_every and keep_checkpoints. Refuses an fsdp run whose parameters would
@@ -347,7 +363,7 @@ def fit(*, stage: str, workdir: str, mesh, preset: str, init_fn: Callable, loss_
         ckpt = Checkpointer(os.path.join(workdir, stage), keep=c.keep_checkpoints, cleanup_tmp=True)
         writer = None
         try:
-            state, data_state = restore_or_init(ckpt, init_fn, tx, abstract, state_sh, rng)
+            state, data_state = restore_or_init(ckpt, init_fn, tx, abstract, state_sh, rng, initial_params)
             pending = ckpt.restore_metrics() if ckpt.latest_step() is not None else []
             batches.set_state(data_state)
             writer = MetricWriter(workdir, stage)

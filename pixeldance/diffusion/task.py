@@ -184,13 +184,14 @@ class PixelDanceTask:
 
     def guided_sample(self, model, params, noise, z_first, z_last, has_first, has_last, text, rng,
                       guidance, image_guidance, tau, null_text=None, *, steps: int, sampler: str,
-                      branches: int):
+                      branches: int, shift: float = 1.0):
         """Normalised latents [B, T, h, w, C] from `noise` [B, T, h, w, C] at t = 1.
 
         z_first, z_last [B, h, w, C] with has_first, has_last bool [B]: the image instructions
         (noised like training's, from `rng`); text, null_text: see `training_inputs`; guidance, image_guidance:
         float32 scalars; tau: int32 scalar (see `denoiser`); steps, sampler, branches
-        (`guidance.num_branches(image_guidance)`) are static. With first_frame='replace' the
+        (`guidance.num_branches(image_guidance)`) and shift (of the time grid,
+        `schedules.shift_time`; Wan 2.1 samples with 3 to 5) are static. With first_frame='replace' the
         clean first latent is put back after every step where it is given.
         """
         T = noise.shape[1]
@@ -199,4 +200,5 @@ class PixelDanceTask:
         denoise = self.denoiser(model, params, c_full, m_full, text, guidance, image_guidance, tau,
                                 branches=branches, null_text=null_text)
         project = (lambda x: conditioning.replace_first(x, z_first, has_first)) if self.replace else None
-        return samplers.solve(denoise, noise, steps=steps, sampler=sampler, path=self.path, project=project)
+        return samplers.solve(denoise, noise, steps=steps, sampler=sampler, path=self.path, shift=shift,
+                              project=project)

@@ -360,6 +360,43 @@ class WanTransformer(nn.Module):
         return x.reshape(B, T, h, w, self.out_channels).astype(f32)
 
 
+class WanVideo(nn.Module):
+    """A WanTransformer as the video DiT of `dit.PixelDanceModel` (config.dit.family = 'wan'):
+    (x, t, c_image, c_mask, text, text_mask) -> the velocity [B, T, h, w, C], as `dit.VideoDiT`.
+
+    x, c_image [B, T, h, w, C]; c_mask [B, T, h, w, 1]; t [B] flow time in [0, 1] (Wan's
+    x_t = (1 - t) x0 + t eps and velocity eps - x0, the 'flow' objective here), passed as
+    1000 t; text [B, S, D_text] a frozen encoder's states, text_mask bool [B, S].
+
+    widen: PixelDance's image instructions enter by channel concatenation, [x, c_image, c_mask]:
+    the transformer's in_channels is then 2C + 1, and a text-to-video checkpoint is widened with
+    zero input weights (`widen_params`) so that it computes exactly what it did. False: the
+    text-to-video network, which ignores c_image and c_mask.
+    mask_text: False (Wan's own convention, which its checkpoints were trained with) zeroes the
+    states past each prompt's end and attends to every position; True hides them with a key mask.
+    """
+    transformer: WanTransformer
+    widen: bool = True
+    mask_text: bool = False
+
+    def __call__(self, x, t, c_image, c_mask, text, text_mask):
+        inputs = jnp.concatenate([x, c_image, c_mask.astype(x.dtype)], axis=-1) if self.widen else x
+        if not self.mask_text:
+            text = text * text_mask[..., None].astype(text.dtype)
+        return self.transformer(inputs, 1000.0 * t, text, text_mask if self.mask_text else None)
+
+
+def widen_params(params: dict, extra: int) -> dict:
+    """A text-to-video WanTransformer's parameters with `extra` more input channels whose
+    patch-embedding weights are zero (the conditioning channels of `WanVideo(widen=True)`): the
+    widened network's output equals the original's for any values in them. params: the
+    transformer's {'patch_embedding': {'kernel' [pt, ph, pw, C, D], ...}, ...}."""
+    kernel = params["patch_embedding"]["kernel"]
+    zeros = jnp.zeros(kernel.shape[:3] + (extra,) + kernel.shape[4:], kernel.dtype)
+    embedding = dict(params["patch_embedding"], kernel=jnp.concatenate([kernel, zeros], axis=3))
+    return dict(params, patch_embedding=embedding)
+
+
 def model_from_config(fields: dict, *, dtype=jnp.float32, remat: str = "none", attention_impl: str | None = None,
                       context_parallel: str = "ulysses", where: str = "") -> WanTransformer:
     """The `WanTransformer` of architecture `fields` (a named config's or a folder's "dit" entry)."""
@@ -486,3 +523,49 @@ def load_dit(directory: str, dtype=None, *, param_dtype=None, remat: str = "none
         raise weights.WeightsError(f"cannot read {params_path} as safetensors: "
                                    f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return WanDiT(model, traverse_util.unflatten_dict(flat), cfg, mesh=mesh, preset=preset)
+
+
+def read_params(directory: str, abstract: dict, place, *, verify: bool = False) -> dict:
+    """A converted folder's parameters into a WanTransformer of architecture `abstract` (flat
+    {path: ShapeDtypeStruct}, paths below 'params', e.g. ('blocks', 'attn1', 'to_q', 'kernel')),
+    each array read, fitted and placed one at a time (`place(path, numpy array) -> array`, e.g. a
+    device_put with the training state's sharding): host memory holds one stacked array.
+
+    A network widened for PixelDance's instructions (`WanVideo(widen=True)`: more input channels
+    than the folder's) gets the folder's patch embedding with zero weights for the extra
+    channels (`widen_params`' rule). Any other difference from the folder is a WeightsError (one
+    line naming the path), as a missing folder or file is.
+    """
+    from safetensors import SafetensorError, safe_open  # only loaders read
+
+    cfg = weights.read_config(directory, NETWORK, ORIGIN)
+    params_path = os.path.join(directory, weights.PARAMS)
+    if not os.path.isfile(params_path):
+        raise weights.WeightsError(f"{directory}: no {weights.PARAMS} ({ORIGIN})")
+    if verify and cfg.get("sha256") != weights.sha256(params_path):
+        raise weights.WeightsError(f"{params_path}: sha256 differs from {weights.CONFIG}'s "
+                                   f"(a damaged or replaced file)")
+    out = {}
+    try:
+        with safe_open(params_path, framework="numpy") as f:
+            stored = {tuple(k.split("/"))[1:]: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            if set(stored) != set(abstract):
+                odd = sorted(set(stored) ^ set(abstract))[0]
+                raise weights.WeightsError(f"{params_path}: {'/'.join(odd)} is "
+                                           f"{'not in the network' if odd in stored else 'missing'}")
+            for path, want in abstract.items():
+                shape = stored[path]
+                widened = path == ("patch_embedding", "kernel") and len(shape) == 5 and \
+                    shape[:3] + shape[4:] == want.shape[:3] + want.shape[4:] and shape[3] < want.shape[3]
+                if shape != want.shape and not widened:
+                    raise weights.WeightsError(f"{params_path}: {'/'.join(path)} is {list(shape)}, the network's "
+                                               f"{list(want.shape)}")
+                value = np.asarray(f.get_tensor("/".join(("params",) + path)), np.float32)
+                if widened:  # zero weights for the instruction channels: the output is unchanged
+                    value = np.concatenate([value, np.zeros(shape[:3] + (want.shape[3] - shape[3],) + shape[4:],
+                                                            np.float32)], axis=3)
+                out[path] = place(path, value.astype(want.dtype))
+    except SafetensorError as e:
+        raise weights.WeightsError(f"cannot read {params_path} as safetensors: "
+                                   f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return out

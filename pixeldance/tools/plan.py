@@ -192,7 +192,8 @@ def plan(config) -> dict:
     report["replicated_over_fsdp"] = rep[0] / rep[1]
     s = config.sample
     sampler = sample_lib.sampler_fn(build.task(config), model, steps=s.steps, sampler=s.sampler,
-                                    branches=guidance_lib.num_branches(s.get("image_guidance", 1.0)))
+                                    branches=guidance_lib.num_branches(s.get("image_guidance", 1.0)),
+                                    shift=s.get("shift", 1.0))
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(preset)):
         # Train step: exactly the trainer's (dit_loss, AdamW, EMA, donated state).

@@ -229,7 +229,8 @@ def train_dit(config, workdir: str):
     evaluate = periodic_evaluation(config, workdir, model, stats, mesh)
     return train_lib.fit(stage="dit", workdir=workdir, mesh=mesh, preset=preset, init_fn=init_fn,
                          loss_fn=loss_fn, tx=tx, batches=batches, stage_config=c, rng=rng,
-                         evaluate=evaluate, eval_every=config.evals.every)
+                         evaluate=evaluate, eval_every=config.evals.every,
+                         initial_params=build.pretrained_dit_params(config))
 
 
 def periodic_evaluation(config, workdir: str, model, stats: workdir_lib.LatentStats, mesh):

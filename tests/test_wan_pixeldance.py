@@ -1,0 +1,173 @@
+"""PixelDance on the Wan 2.1 DiT (issue 16, parts 4-5): config.dit.family = 'wan' starts from a
+converted Wan DiT folder, widens its input for [x, c_image, c_mask] with zero weights, samples
+from the converted weights before any fine-tuning, and fine-tunes from them.
+
+A tiny random diffusers WanTransformer3DModel (16 latent channels as the runlocal VAE's, text
+width 32 as the tiny CLIP text tower of tests/test_frozen_text.py) converted with
+`pixeldance.convert.wan_dit`; the main job's runlocal workdir gives the VAE.
+"""
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+from flax import linen as nn
+from flax import traverse_util
+from safetensors.numpy import load_file
+
+from pixeldance import build, configs, sample
+from pixeldance import workdir as workdir_lib
+from pixeldance.convert import wan_dit as convert_wan
+from pixeldance.models import wan_dit, weights
+from pixeldance.trainers import cache as cache_stage
+from pixeldance.trainers import dit as dit_trainer
+from test_frozen_text import WIDTH, _clip_folder
+from test_wan_dit import _relative, _randomize
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNLOCAL = os.path.join(REPO, "experiments", "shapes.py") + ":runlocal"
+C = 16
+HF = dict(patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=16, in_channels=C, out_channels=C,
+          text_dim=WIDTH, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32, eps=1e-6)
+
+
+def _config(dit_dir, clip_dir, **overrides):
+    return configs.override(configs.load_config(RUNLOCAL), **{
+        "dit.family": "wan", "dit.init_from": dit_dir, "diffusion.prediction": "velocity",
+        "text.encoder": "clip", "text.encoder_path": clip_dir, "text.encoder_max_length": 24,
+        "mesh.shape": (2, 4, 1, 1), "sample.shift": 3.0, **overrides})
+
+
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory):
+    """dict(hf: the diffusers model, dit: its converted folder, clip: a converted tiny CLIP)."""
+    root = str(tmp_path_factory.mktemp("wan_pd"))
+    torch.manual_seed(0)
+    hf = WanTransformer3DModel(**HF).eval()
+    _randomize(hf, 1)
+    hf.save_pretrained(os.path.join(root, "hf"), safe_serialization=True)
+    convert_wan.convert(os.path.join(root, "hf"), os.path.join(root, "dit"))
+    return dict(hf=hf, dit=os.path.join(root, "dit"), clip=_clip_folder(root, 7), root=root)
+
+
+def _workdir(runlocal_workdir, root, name):
+    workdir = os.path.join(root, name)
+    shutil.copytree(runlocal_workdir, workdir,
+                    ignore=shutil.ignore_patterns("dit", "cache", "samples", "tensorboard", "metrics.jsonl"))
+    return workdir
+
+
+def test_widened_network_equals_text_to_video():
+    """Zero input weights for the instruction channels: WanVideo(widen=True) computes what the
+    text-to-video network does, whatever c_image and c_mask hold; with those weights non-zero it
+    reads them. Padded text states are zeroed (Wan's convention), so their values do not matter."""
+    fields = wan_dit.config("tiny")
+    t2v = wan_dit.WanVideo(wan_dit.model_from_config(fields), widen=False)
+    wide = wan_dit.WanVideo(wan_dit.model_from_config(dict(fields, in_channels=2 * fields["in_channels"] + 1)))
+    rng = np.random.default_rng(0)
+    x, c_image = (jnp.asarray(rng.standard_normal((2, 3, 4, 4, 4)), jnp.float32) for _ in range(2))
+    c_mask = jnp.asarray(rng.random((2, 3, 4, 4, 1)) < 0.5, jnp.float32)
+    t = jnp.asarray([0.9, 0.2])
+    text = jnp.asarray(rng.standard_normal((2, 5, 32)), jnp.float32)
+    mask = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+    params = nn.unbox(t2v.init(jax.random.key(0), x, t, c_image, c_mask, text, mask))["params"]
+    widened = {"transformer": wan_dit.widen_params(params["transformer"], fields["in_channels"] + 1)}
+    want = t2v.apply({"params": params}, x, t, c_image, c_mask, text, mask)
+    got = wide.apply({"params": widened}, x, t, c_image, c_mask, text, mask)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    noisy = text.at[0, 3:].set(100.0)  # padded positions of example 0
+    np.testing.assert_array_equal(np.asarray(wide.apply({"params": widened}, x, t, c_image, c_mask, noisy, mask)),
+                                  np.asarray(want))
+    kernel = widened["transformer"]["patch_embedding"]["kernel"]
+    # Random (not constant: a constant across D would vanish in the blocks' LayerNorms).
+    kernel = kernel.at[:, :, :, 4:].set(jnp.asarray(rng.standard_normal(kernel[:, :, :, 4:].shape), jnp.float32))
+    read = {"transformer": dict(widened["transformer"], patch_embedding=dict(
+        widened["transformer"]["patch_embedding"], kernel=kernel))}
+    assert np.abs(np.asarray(wide.apply({"params": read}, x, t, c_image, c_mask, text, mask) - want)).max() > 1e-3
+
+
+def test_pipeline_samples_from_converted_weights(wan, runlocal_workdir):
+    """Before any fine-tuning the Pipeline holds the converted weights, widened (the input
+    kernel's instruction channels zero), and its network is diffusers' at 1000 t with the padded
+    text states zeroed; it samples text-to-video and from a first frame."""
+    workdir = _workdir(runlocal_workdir, wan["root"], "pretrained")
+    config = _config(wan["dit"], wan["clip"])
+    workdir_lib.write_config(workdir, config)
+    pipe = sample.load_pipeline(workdir)
+    assert pipe.step == 0
+    stored = load_file(os.path.join(wan["dit"], weights.PARAMS))
+    flat = traverse_util.flatten_dict(jax.device_get(pipe.params)["params"]["dit"]["transformer"])
+    kernel = np.asarray(flat[("patch_embedding", "kernel")])
+    assert kernel.shape[3] == 2 * C + 1
+    np.testing.assert_array_equal(kernel[:, :, :, :C], stored["params/patch_embedding/kernel"])
+    assert not kernel[:, :, :, C:].any()
+    np.testing.assert_array_equal(np.asarray(flat[("blocks", "attn1", "to_q", "kernel")]),
+                                  stored["params/blocks/attn1/to_q/kernel"])
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, 3, 4, 4, C)).astype(np.float32)
+    text = pipe.text(["a red circle moves left"])
+    states = np.asarray(text["states"], np.float32) * np.asarray(text["mask"])[..., None]
+    with jax.default_matmul_precision("highest"):
+        ours = pipe.model.apply(pipe.params, x, jnp.asarray([0.3]), np.zeros_like(x), np.zeros((1, 3, 4, 4, 1)),
+                                text)
+    with torch.no_grad():
+        theirs = wan["hf"](torch.from_numpy(x).permute(0, 4, 1, 2, 3), torch.tensor([300.0]),
+                           torch.from_numpy(states)).sample.permute(0, 2, 3, 4, 1).numpy()
+    assert _relative(ours, theirs) < 1e-5
+
+    first = np.zeros((32, 32, 3), np.uint8)
+    first[8:16, 8:16] = 255
+    videos = np.asarray(pipe.generate_batch(["a red circle moves left", "a blue square moves up"],
+                                            first_frames=[None, first], seed=0, steps=2))
+    assert videos.shape == (2, config.data.num_frames, 32, 32, 3)
+
+
+def test_finetunes_from_converted_weights(wan, runlocal_workdir):
+    """Full fine-tuning: the DiT starts from the converted weights (after 4 AdamW steps every
+    weight is still within a few learning rates of them, not at a random init), trains with
+    PixelDance's conditioning on cached frozen text states, and the Pipeline then loads the
+    fine-tuned step."""
+    workdir = _workdir(runlocal_workdir, wan["root"], "finetune")
+    config = _config(wan["dit"], wan["clip"])
+    workdir_lib.write_config(workdir, config)
+    cache_stage.cache_latents(config, workdir)
+    state = dit_trainer.train_dit(config, workdir)
+    assert int(state.step) == config.train.num_steps
+    stored = load_file(os.path.join(wan["dit"], weights.PARAMS))
+    flat = traverse_util.flatten_dict(jax.device_get(state.params)["params"]["dit"]["transformer"])
+    lr = config.train.lr
+    moved = 0.0
+    for path, value in flat.items():
+        base = stored["params/" + "/".join(path)]
+        value = np.asarray(value)[:, :, :, :C] if path == ("patch_embedding", "kernel") else np.asarray(value)
+        moved = max(moved, float(np.abs(value - base).max()))
+    assert 0 < moved <= 2 * config.train.num_steps * lr, (moved, lr)
+    instruction = np.asarray(flat[("patch_embedding", "kernel")])[:, :, :, C:]
+    assert instruction.any() and np.abs(instruction).max() <= 2 * config.train.num_steps * lr  # learning to read them
+    pipe = sample.load_pipeline(workdir)
+    assert pipe.step == config.train.num_steps
+
+
+def test_config_errors(wan, tmp_path):
+    """One line each: a Wan DiT without a frozen text encoder, with neither a folder nor a named
+    config, of other latent channels, and a folder holding another network."""
+    def dit_of(**overrides):
+        return build.dit(_config(wan["dit"], wan["clip"], **overrides), C)
+
+    with pytest.raises(ValueError, match="conditions on a frozen text encoder"):
+        dit_of(**{"text.encoder": "word"})
+    with pytest.raises(ValueError, match="needs config.dit.init_from .* or config.dit.wan_config"):
+        dit_of(**{"dit.init_from": ""})
+    with pytest.raises(ValueError, match="outputs 16 latent channels, the VAE's latents have 8"):
+        build.dit(_config(wan["dit"], wan["clip"]), 8)
+    with pytest.raises(weights.WeightsError, match="holds 'text_encoder' weights, not 'wan_dit'"):
+        dit_of(**{"dit.init_from": wan["clip"]})
+    with pytest.raises(ValueError, match="unknown config.dit.family 'unet'"):
+        dit_of(**{"dit.family": "unet"})
+    tiny = build.dit(_config("", wan["clip"], **{"dit.wan_config": "tiny"}), 4)  # the named config's 4 channels
+    assert isinstance(tiny.dit, wan_dit.WanVideo) and tiny.dit.transformer.in_channels == 9
