@@ -204,6 +204,11 @@ def get_config(arg=None):
                                    # cached clips; or a source of data.sources (e.g. "images", an
                                    # image_folder of the videos' resolution), encoded by the cache
                                    # stage into the image cache (cache.image_path)
+        lora_rank=0,               # > 0: LoRA adapters of this rank over config.dit.init_from's
+                                   # frozen weights, instead of training every weight
+        lora_targets="",           # comma-separated regexes of kernel paths ("": build.LORA_TARGETS,
+                                   # attention, FFN and the widened patch embedding)
+        lora_alpha=0.0,            # update scale alpha / rank (0: alpha = rank)
     )
 
     c.sample = dict(

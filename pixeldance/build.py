@@ -30,6 +30,7 @@ from flax import traverse_util
 from pixeldance.data import synthetic
 from pixeldance.diffusion.task import PixelDanceTask
 from pixeldance.models import dit as dit_lib
+from pixeldance.models import lora as lora_lib
 from pixeldance.models import text as text_lib
 from pixeldance.models import text_encoder as text_encoder_lib
 from pixeldance.models import vae as vae_lib
@@ -316,3 +317,54 @@ def wan_params(directory: str, abstract, shardings) -> dict:
     flat = wan_dit.read_params(directory, flat_abstract, lambda path, value: jax.device_put(value, flat_sh[path]))
     return traverse_util.unflatten_dict(flat)
 
+
+
+# LoRA fine-tuning of a pretrained DiT (config.train.lora_rank > 0): the Wan family's attention,
+# feed-forward and patch-embedding kernels. The patch embedding is a target because its widened
+# instruction channels start at zero: without an adapter there, c_image and c_mask would never
+# be read.
+LORA_TARGETS = "blocks/attn1/to_.*,blocks/attn2/to_.*,blocks/ffn/proj_.*,patch_embedding"
+
+
+def dit_lora(config) -> dict | None:
+    """{'rank', 'targets', 'alpha'} of config.train.lora_rank / lora_targets / lora_alpha, or None
+    for full fine-tuning (rank 0). LoRA trains adapters over converted weights
+    (`pretrained_dit_params`): a rank without them is a config error (one line). alpha 0 means
+    alpha = rank (the update W + (alpha / R) A @ B at scale 1)."""
+    c = config.train
+    rank = c.get("lora_rank", 0)
+    if not rank:
+        return None
+    if isinstance(rank, bool) or int(rank) != rank or rank < 0:
+        raise ValueError(f"config.train.lora_rank must be a non-negative integer, got {rank!r}")
+    if pretrained_dit_params(config) is None:
+        raise ValueError(f"config.train.lora_rank={rank} trains adapters over pretrained weights: set "
+                         f"config.dit.family='wan' and config.dit.init_from (a converted Wan DiT folder), "
+                         f"or lora_rank=0 to train every weight")
+    alpha = float(c.get("lora_alpha", 0.0) or rank)
+    # Prefixed by 'params/dit/transformer/' in the model's tree: targets are searched in the whole path.
+    return dict(rank=int(rank), targets=c.get("lora_targets", "") or LORA_TARGETS, alpha=alpha)
+
+
+def lora_init_fn(init_fn: Callable, lora: dict) -> Callable:
+    """rng -> boxed LoRA adapters (`models/lora.py`) for the kernels of the model whose boxed
+    params init_fn(rng) makes (only their shapes and logical names are read), per `dit_lora`'s
+    spec; a tree {'params': ...} like the model's, so merging is by path."""
+    def make(rng):
+        boxed = jax.eval_shape(init_fn, jax.random.key(0))
+        return lora_lib.init(rng, boxed, rank=lora["rank"], targets=lora["targets"])
+    return make
+
+
+def lora_loss(loss_fn: Callable, lora: dict) -> Callable:
+    """loss_fn(params, batch, rng) -> loss(adapters, batch, rng, base) on the merged weights, the
+    base frozen (`train_lib.fit(frozen=...)` passes it as the fourth argument)."""
+    merged_loss = lora_lib.make_loss(loss_fn, alpha=lora["alpha"])
+    return lambda adapters, batch, rng, base: merged_loss(adapters, base, batch, rng)
+
+
+def merge_lora(base, adapters, lora: dict, shardings=None):
+    """The base params with the adapters merged in (`lora.merge`), jitted into `shardings` (the
+    base's, default: as the inputs'); what sampling, periodic evaluation and export use."""
+    merge = lambda b, a: lora_lib.merge(b, a, alpha=lora["alpha"])
+    return jax.jit(merge, out_shardings=shardings)(base, adapters)

@@ -306,14 +306,28 @@ def load_pipeline(workdir: str, *, mesh=None) -> Pipeline:
     T, h, w, _ = vae.latent_shape(config.data.num_frames, R, R)
     text = build.text_conditioner(config)
     init_fn = build.dit_init_fn(model, (T, h, w, stats.channels), text.example())
-    dit_dir, pretrained = os.path.join(workdir, workdir_lib.DIT_DIR), build.pretrained_dit_params(config)
-    if pretrained is not None and workdir_lib.latest_step(dit_dir) is None:
-        # Not fine-tuned yet: the converted weights themselves (e.g. Wan 2.1 text-to-video).
-        abstract, shardings = workdir_lib.abstract_params(init_fn, mesh, INFERENCE_PRESET)
-        params, step = pretrained(abstract, shardings), 0
+    dit_dir, lora = os.path.join(workdir, workdir_lib.DIT_DIR), build.dit_lora(config)
+    trained = workdir_lib.latest_step(dit_dir) is not None
+    if build.pretrained_dit_params(config) is not None and (lora is not None or not trained):
+        # The converted weights (e.g. Wan 2.1 text-to-video, widened): as they are before any
+        # fine-tuning, and under LoRA the frozen base the EMA adapters are merged into.
+        params, shardings = pretrained_dit(config, init_fn, mesh, INFERENCE_PRESET)
+        step = 0
+        if lora is not None and trained:
+            adapters, step = workdir_lib.load_ema_params(dit_dir, build.lora_init_fn(init_fn, lora), mesh,
+                                                         INFERENCE_PRESET)
+            params = build.merge_lora(params, adapters, lora, shardings)
     else:
         params, step = workdir_lib.load_ema_params(dit_dir, init_fn, mesh, INFERENCE_PRESET)
     return Pipeline(config, vae, model, params, text, stats, mesh, step)
+
+
+def pretrained_dit(config, init_fn, mesh, preset: str):
+    """(params, shardings): config.dit.init_from's converted weights (`build.pretrained_dit_params`,
+    widened for the instructions), read straight into their shards on `mesh` under `preset`'s
+    rules. The Pipeline's weights before fine-tuning, and LoRA's frozen base."""
+    abstract, shardings = workdir_lib.abstract_params(init_fn, mesh, preset)
+    return build.pretrained_dit_params(config)(abstract, shardings), shardings
 
 
 def main(argv):

@@ -5,6 +5,7 @@ model + optimizer -> sharded init -> restore -> `train_loop`. Only the loss diff
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -101,14 +102,16 @@ def ema_decay_at(step, decay: float):
 
 
 def make_train_step(loss_fn: Callable, tx, ema_decay: float):
-    """Pure step (state, batch, rng) -> (state, metrics).
+    """Pure step (state, batch, rng, *frozen) -> (state, metrics).
 
-    loss_fn(params, batch, rng) -> (loss, dict of scalar metrics). rng is folded with the step,
-    so a resumed run draws the same randomness as an uninterrupted one.
+    loss_fn(params, batch, rng, *frozen) -> (loss, dict of scalar metrics); frozen: arrays the
+    loss reads but nothing trains (e.g. the base weights under LoRA adapters), passed through
+    unchanged. rng is folded with the step, so a resumed run draws the same randomness as an
+    uninterrupted one.
     """
-    def step(state: TrainState, batch, rng):
+    def step(state: TrainState, batch, rng, *frozen):
         rng = jax.random.fold_in(rng, state.step)
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng, *frozen)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         d = ema_decay_at(state.step, ema_decay)
@@ -121,9 +124,12 @@ def make_train_step(loss_fn: Callable, tx, ema_decay: float):
     return step
 
 
-def compile_step(step_fn, state_sh, batch_sh, mesh):
-    """jit with explicit shardings and the state donated (updated in place)."""
-    return jax.jit(step_fn, in_shardings=(state_sh, batch_sh, sharding.replicated(mesh)),
+def compile_step(step_fn, state_sh, batch_sh, mesh, frozen_sh=None):
+    """jit with explicit shardings and the state donated (updated in place); with `frozen_sh`
+    (the shardings of a frozen tree, see `make_train_step`) the step takes that tree as a fourth
+    argument, not donated: it is read again by every step."""
+    extra = () if frozen_sh is None else (frozen_sh,)
+    return jax.jit(step_fn, in_shardings=(state_sh, batch_sh, sharding.replicated(mesh)) + extra,
                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
 
 
@@ -334,6 +340,10 @@ def mesh_from_config(mesh_config):
     return mesh, mesh_config.preset
 
 
+def _with_frozen(step_fn, frozen, state, batch, rng):
+    return step_fn(state, batch, rng, frozen)
+
+
 def restore_or_init(checkpointer: Checkpointer, init_fn: Callable, tx, abstract, shardings, rng,
                     initial_params: Callable | None = None):
     """(state, data_state): the newest checkpoint if there is one, else a fresh sharded init, or
@@ -348,18 +358,24 @@ def restore_or_init(checkpointer: Checkpointer, init_fn: Callable, tx, abstract,
 
 def fit(*, stage: str, workdir: str, mesh, preset: str, init_fn: Callable, loss_fn: Callable, tx,
         batches, stage_config, rng, evaluate: Callable | None = None, eval_every: int = 0,
-        initial_params: Callable | None = None) -> TrainState:
+        initial_params: Callable | None = None, frozen: tuple | None = None) -> TrainState:
     """The part every trainer shares: sharded init (from `initial_params` where given, see
     `restore_or_init`) or restore, then `train_loop`, then close.
 
     Checkpoints go to `<workdir>/<stage>/`; stage_config supplies ema_decay, num_steps,
     log_every, ckpt_every and keep_checkpoints. Refuses an fsdp run whose parameters would
     mostly be replicated (`sharding.check_fsdp`). evaluate, eval_every: see `train_loop`.
+    frozen: (placed tree, its shardings) that loss_fn reads as its fourth argument and nothing
+    trains or checkpoints (LoRA's base weights; the state then holds only what trains, and the
+    fsdp check applies to the frozen tree, the big one).
     """
     c = stage_config
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(preset)):
         abstract, state_sh = state_shardings(init_fn, tx, mesh, preset, rng)
-        sharding.check_fsdp(abstract.params, state_sh.params, mesh, preset)
+        if frozen is None:
+            sharding.check_fsdp(abstract.params, state_sh.params, mesh, preset)
+        else:
+            sharding.check_fsdp(frozen[0], frozen[1], mesh, preset)
         ckpt = Checkpointer(os.path.join(workdir, stage), keep=c.keep_checkpoints, cleanup_tmp=True)
         writer = None
         try:
@@ -369,7 +385,10 @@ def fit(*, stage: str, workdir: str, mesh, preset: str, init_fn: Callable, loss_
             writer = MetricWriter(workdir, stage)
             writer.truncate_after(int(jax.device_get(state.step)))
             batch_sh = sharding.batch_sharding(mesh)
-            step_fn = compile_step(make_train_step(loss_fn, tx, c.ema_decay), state_sh, batch_sh, mesh)
+            step_fn = compile_step(make_train_step(loss_fn, tx, c.ema_decay), state_sh, batch_sh, mesh,
+                                   None if frozen is None else frozen[1])
+            if frozen is not None:
+                step_fn = functools.partial(_with_frozen, step_fn, frozen[0])
             state = train_loop(
                 stage=stage, state=state, step_fn=step_fn, batches=batches,
                 to_device=lambda b: to_global(b, batch_sh), checkpointer=ckpt, writer=writer,

@@ -20,6 +20,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file
 
 from pixeldance import build, configs, sample
+from pixeldance import main as main_lib
 from pixeldance import workdir as workdir_lib
 from pixeldance.convert import wan_dit as convert_wan
 from pixeldance.models import wan_dit, weights
@@ -151,6 +152,97 @@ def test_finetunes_from_converted_weights(wan, runlocal_workdir):
     assert instruction.any() and np.abs(instruction).max() <= 2 * config.train.num_steps * lr  # learning to read them
     pipe = sample.load_pipeline(workdir)
     assert pipe.step == config.train.num_steps
+
+
+def _flat(tree) -> dict:
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(jax.device_get(nn.unbox(tree))).items()}
+
+
+def test_lora_finetune_resume_and_sample(wan, runlocal_workdir):
+    """LoRA: the train state and its checkpoints hold only the adapters (the converted weights
+    stay frozen); a run resumed from its step-2 checkpoint ends bit-identical to the
+    uninterrupted one; the Pipeline merges the EMA adapters into the base, so only targeted
+    kernels differ from the converted weights and the widened instruction channels are read;
+    the sample stage generates T2V, I2V and FLF2V (tau) and writes mp4s."""
+    workdir = _workdir(runlocal_workdir, wan["root"], "lora")
+    config = _config(wan["dit"], wan["clip"], **{"train.lora_rank": 2, "train.lora_alpha": 4.0,
+                                                  "train.ckpt_every": 2, "train.lr": 1e-2})
+    workdir_lib.write_config(workdir, config)
+    cache_stage.cache_latents(config, workdir)
+    state = dit_trainer.train_dit(config, workdir)
+    assert int(state.step) == config.train.num_steps == 4
+    adapters = _flat(state.params)
+    assert adapters and all(k[-1] in ("lora_a", "lora_b") for k in adapters)
+    targeted = {k[:-1] for k in adapters}
+    assert ("params", "dit", "transformer", "patch_embedding", "kernel") in targeted
+    assert ("params", "dit", "transformer", "blocks", "ffn", "proj_out", "kernel") in targeted
+    assert not any("time_embedder" in k or k[-2] == "proj_out" and "blocks" not in k for k in targeted)
+    assert any(v.any() for k, v in adapters.items() if k[-1] == "lora_b")  # B left zero: nothing learnt
+    # The checkpoint holds no copy of the base: it restores as adapters, not as the model's weights.
+    model = build.dit(config, C)
+    init_fn = build.dit_init_fn(model, (3, 4, 4, C), build.text_conditioner(config).example())
+    mesh = sample.inference_mesh()
+    ema, _ = workdir_lib.load_ema_params(os.path.join(workdir, "dit"), build.lora_init_fn(init_fn, build.dit_lora(config)),
+                                         mesh, "fsdp")
+    assert set(_flat(ema)) == set(adapters)
+    with pytest.raises(Exception):
+        workdir_lib.load_ema_params(os.path.join(workdir, "dit"), init_fn, mesh, "fsdp")
+
+    # Exact resume: drop the last checkpoint, train again from step 2.
+    shutil.rmtree(os.path.join(workdir, "dit", "4"))
+    resumed = dit_trainer.train_dit(config, workdir)
+    for k, v in _flat(resumed.params).items():
+        np.testing.assert_array_equal(v, adapters[k], err_msg=str(k))
+
+    pipe = sample.load_pipeline(workdir)
+    assert pipe.step == 4
+    stored = load_file(os.path.join(wan["dit"], weights.PARAMS))
+    merged = _flat(pipe.params["params"]["dit"]["transformer"])
+    ema = _flat(resumed.ema_params)
+    for path, value in merged.items():
+        base = stored["params/" + "/".join(path)]
+        if path == ("patch_embedding", "kernel"):
+            assert np.abs(value[..., C:, :]).max() > 0  # the instruction channels are read
+            value = value[..., :C, :]
+        a = ema.get(("params", "dit", "transformer") + path + ("lora_a",))
+        if a is None:
+            np.testing.assert_array_equal(value, base, err_msg=str(path))  # untouched: bitwise the base
+        else:
+            b = ema[("params", "dit", "transformer") + path + ("lora_b",)]
+            lead = a.ndim + b.ndim - 2 - value.ndim
+            n_in = a.ndim - 1 - lead
+            a2 = a.reshape(a.shape[:lead] + (-1, a.shape[-1]))
+            b2 = b.reshape(b.shape[:lead + 1] + (-1,))
+            delta = (4.0 / 2) * np.matmul(a2, b2).reshape(a.shape[:-1] + b.shape[lead + 1:])
+            if path == ("patch_embedding", "kernel"):
+                delta = delta[..., :C, :]
+            assert n_in >= 1 and np.abs(delta).max() > 0
+            np.testing.assert_allclose(value, base + delta, rtol=1e-5, atol=1e-6, err_msg=str(path))
+
+    assert config.sample.tau > 0 and config.evals.dit == ("faithfulness",) or "faithfulness" in config.evals.dit
+    report = main_lib.sample_stage(config, workdir)["faithfulness"].report
+    assert set(report) == {"T2V", "I2V", "FLF2V"}
+    videos = sorted(os.listdir(os.path.join(workdir, "samples")))
+    for mode in ("T2V", "I2V", "FLF2V"):
+        mp4 = [f for f in videos if f.startswith(mode + "_") and f.endswith(".mp4")]
+        assert mp4 and os.path.getsize(os.path.join(workdir, "samples", mp4[0])) > 0
+
+
+def test_lora_config_errors(wan):
+    """One line each: a LoRA rank without converted weights to adapt, a negative rank, and a
+    target that matches no kernel."""
+    clip = wan["clip"]
+    with pytest.raises(ValueError, match="trains adapters over pretrained weights"):
+        build.dit_lora(_config("", clip, **{"dit.wan_config": "tiny", "train.lora_rank": 4}))
+    with pytest.raises(ValueError, match="lora_rank must be a non-negative integer"):
+        build.dit_lora(_config(wan["dit"], clip, **{"train.lora_rank": -1}))
+    assert build.dit_lora(_config(wan["dit"], clip)) is None
+    spec = build.dit_lora(_config(wan["dit"], clip, **{"train.lora_rank": 3, "train.lora_targets": "attn9/to_q"}))
+    assert spec == dict(rank=3, targets="attn9/to_q", alpha=3.0)
+    model = build.dit(_config(wan["dit"], clip), C)
+    init_fn = build.dit_init_fn(model, (3, 4, 4, C), build.text_conditioner(_config(wan["dit"], clip)).example())
+    with pytest.raises(ValueError, match="LoRA target 'attn9/to_q' matches no kernel"):
+        build.lora_init_fn(init_fn, spec)(jax.random.key(0))
 
 
 def test_config_errors(wan, tmp_path):

@@ -26,7 +26,7 @@ from pixeldance.diffusion.task import PixelDanceTask
 from pixeldance.evaluators import common as eval_common
 from pixeldance.evaluators import registry as eval_registry
 from pixeldance.models import text as text_lib
-from pixeldance.sample import Pipeline, load_vae
+from pixeldance.sample import Pipeline, load_vae, pretrained_dit
 
 
 def make_loss(task: PixelDanceTask, model, stats: workdir_lib.LatentStats, null_text=None):
@@ -227,10 +227,24 @@ def train_dit(config, workdir: str):
     model, init_fn, tx, loss_fn = train_setup(config, first["z"].shape, stats, example, null_text)
     rng = jax.random.key(config.seed + 1)
     evaluate = periodic_evaluation(config, workdir, model, stats, mesh)
-    return train_lib.fit(stage="dit", workdir=workdir, mesh=mesh, preset=preset, init_fn=init_fn,
-                         loss_fn=loss_fn, tx=tx, batches=batches, stage_config=c, rng=rng,
-                         evaluate=evaluate, eval_every=config.evals.every,
-                         initial_params=build.pretrained_dit_params(config))
+    lora = build.dit_lora(config)
+    if lora is None:  # every weight trains, from a random init or from config.dit.init_from's
+        return train_lib.fit(stage="dit", workdir=workdir, mesh=mesh, preset=preset, init_fn=init_fn,
+                             loss_fn=loss_fn, tx=tx, batches=batches, stage_config=c, rng=rng,
+                             evaluate=evaluate, eval_every=config.evals.every,
+                             initial_params=build.pretrained_dit_params(config))
+    # LoRA: the converted weights stay frozen on the mesh, outside the train state; the state (and
+    # every checkpoint) holds the adapters, their optimizer state and their EMA.
+    base, base_sh = pretrained_dit(config, init_fn, mesh, preset)
+    print(f"dit: LoRA rank {lora['rank']} (alpha {lora['alpha']:g}) on {lora['targets']}", flush=True)
+    if evaluate is not None:
+        inner = evaluate
+        evaluate = lambda state, step: inner(state.replace(
+            ema_params=build.merge_lora(base, state.ema_params, lora, base_sh)), step)
+    return train_lib.fit(stage="dit", workdir=workdir, mesh=mesh, preset=preset,
+                         init_fn=build.lora_init_fn(init_fn, lora), loss_fn=build.lora_loss(loss_fn, lora),
+                         tx=tx, batches=batches, stage_config=c, rng=rng, evaluate=evaluate,
+                         eval_every=config.evals.every, frozen=(base, base_sh))
 
 
 def periodic_evaluation(config, workdir: str, model, stats: workdir_lib.LatentStats, mesh):
