@@ -217,6 +217,18 @@ class LatentStats:
         d = _read_json(os.path.join(workdir, LATENT_STATS), "latent statistics")
         return d.get("source") == "train_vae" and d.get("vae_step") == step
 
+    CONVERTED = "latents_mean/latents_std of "  # source prefix of a converter's (convert/wan_vae.py)
+
+    @staticmethod
+    def from_converter(workdir: str) -> bool:
+        """Whether latent_stats.json holds a converted VAE's own normalisation (diffusers'
+        latents_mean / latents_std, source CONVERTED + the input path): what a pretrained DiT on
+        that VAE was trained with, so the cache stage keeps them."""
+        path = os.path.join(workdir, LATENT_STATS)
+        if not os.path.exists(path):
+            return False
+        return str(_read_json(path, "latent statistics").get("source", "")).startswith(LatentStats.CONVERTED)
+
     @property
     def channels(self) -> int:
         return len(self.mean)

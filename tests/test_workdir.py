@@ -71,6 +71,25 @@ def test_stats_from_the_vae_stage_are_fresh_only_for_the_newest_vae(tmp_path):
     assert not LatentStats.from_vae_stage(workdir)
 
 
+def test_cache_stage_keeps_a_converted_vaes_statistics(tmp_path):
+    """A converted VAE's latents_mean / latents_std (what a pretrained DiT was trained with)
+    survive the cache stage; statistics of other origins are recomputed from the cache."""
+    from pixeldance.trainers import cache as cache_stage
+
+    workdir = str(tmp_path)
+    moments = lambda: type("M", (), dict(mean=np.full(C, 5.0), std=np.full(C, 2.0)))()
+    converted = LatentStats(np.arange(C, dtype=np.float32), np.ones(C, np.float32),
+                            source=LatentStats.CONVERTED + "/models/Wan2.1/vae")
+    converted.write(workdir)
+    assert LatentStats.from_converter(workdir) and not LatentStats.from_vae_stage(workdir)
+    cache_stage._keep_or_write_stats(workdir, moments, 8, kept=False, what="cache")
+    np.testing.assert_array_equal(LatentStats.read(workdir).mean, converted.mean)
+    _stats().write(workdir)  # the cache stage's own: rewritten from the new cache
+    assert not LatentStats.from_converter(workdir)
+    cache_stage._keep_or_write_stats(workdir, moments, 8, kept=False, what="cache")
+    assert LatentStats.read(workdir).source == "cache" and LatentStats.read(workdir).mean[0] == 5.0
+
+
 def test_config_and_model_spec(tmp_path):
     config = configs.load_config("experiments/base.py:runlocal")
     workdir_lib.write_config(str(tmp_path), config)

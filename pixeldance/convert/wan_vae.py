@@ -187,7 +187,7 @@ def convert(input_path: str, output_dir: str) -> wan_vae.WanVAE:
     workdir_lib.write_model_spec(output_dir, model)
     if stats["mean"] and stats["std"]:
         workdir_lib.LatentStats(np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32),
-                                source=f"latents_mean/latents_std of {os.path.abspath(input_path)}").write(output_dir)
+                                source=workdir_lib.LatentStats.CONVERTED + os.path.abspath(input_path)).write(output_dir)
     # Written last: a folder with config.json is a complete conversion.
     with open(os.path.join(output_dir, workdir_lib.CONFIG), "w") as f:
         json.dump({"vae": {"family": "wan", "source": os.path.abspath(input_path)}}, f, indent=1)

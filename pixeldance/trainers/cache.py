@@ -48,7 +48,9 @@ Latent statistics. The DiT normalises latents with the per-channel mean and std 
 `<workdir>/latent_stats.json` (`workdir.LatentStats`). The VAE stage writes them with its
 checkpoint (source 'train_vae', computed on `config.vae.stats_videos` training clips, tagged with
 the VAE step); this stage keeps them while that step is the newest VAE checkpoint
-(`LatentStats.from_vae_stage`), and otherwise (no file, an older VAE, or statistics of another
+(`LatentStats.from_vae_stage`); a converted VAE's own statistics (`pixeldance.convert.wan_vae`:
+diffusers' latents_mean / latents_std, which a pretrained DiT expects) are always kept; and
+otherwise (no file, an older VAE, or statistics of another
 origin) computes them over the cache it writes (source 'cache': mean and std over every latent
 of z per channel, std at least 1e-3).
 
@@ -144,8 +146,8 @@ def _write_stats(workdir: str, moments, n: int):
 
 def _keep_or_write_stats(workdir: str, moments_fn, n: int, kept: bool, what: str):
     """The cache stage's latent statistics: with a kept cache, written only if missing; with a new
-    one, the VAE stage's are kept while they belong to the newest VAE checkpoint, else written
-    from the cache's moments (moments_fn() -> `latent_cache.Moments`)."""
+    one, the VAE stage's are kept while they belong to the newest VAE checkpoint, a converted
+    VAE's (`LatentStats.from_converter`) always, else written from the cache's moments (moments_fn() -> `latent_cache.Moments`)."""
     stats_path = os.path.join(workdir, workdir_lib.LATENT_STATS)
     if kept:
         if not os.path.exists(stats_path):
@@ -153,6 +155,9 @@ def _keep_or_write_stats(workdir: str, moments_fn, n: int, kept: bool, what: str
             print(f"latent cache: wrote {stats_path} from the kept {what}")
     elif workdir_lib.LatentStats.from_vae_stage(workdir):
         print(f"latent cache: keeping the VAE stage's {workdir_lib.LATENT_STATS}")
+    elif workdir_lib.LatentStats.from_converter(workdir):
+        # A converted VAE's own normalisation: a pretrained DiT (e.g. Wan 2.1) expects exactly it.
+        print(f"latent cache: keeping the converted VAE's {workdir_lib.LATENT_STATS}")
     else:
         _write_stats(workdir, moments_fn(), n)
 
