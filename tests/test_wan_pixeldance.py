@@ -12,6 +12,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pixeldance
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
@@ -21,6 +22,7 @@ from safetensors.numpy import load_file
 
 from pixeldance import build, configs, sample
 from pixeldance import main as main_lib
+from pixeldance.tools import export_dit
 from pixeldance import workdir as workdir_lib
 from pixeldance.convert import wan_dit as convert_wan
 from pixeldance.models import wan_dit, weights
@@ -128,6 +130,44 @@ def test_pipeline_samples_from_converted_weights(wan, runlocal_workdir):
     assert videos.shape == (2, config.data.num_frames, 32, 32, 3)
 
 
+def test_text_to_video_equals_diffusers_wan_pipeline(wan, runlocal_workdir):
+    """Sampling end to end: our Pipeline on the converted (not widened) weights, Euler with
+    Wan's shift and text guidance, against diffusers' `WanPipeline` with the same transformer,
+    the same text states (ours, given as prompt_embeds), the same noise and the same time grid
+    (diffusers' default grid stops at sigma 1/1000 instead of 0: the test hands it ours)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    workdir = _workdir(runlocal_workdir, wan["root"], "t2v")
+    config = _config(wan["dit"], wan["clip"], **{"dit.widen": False})
+    workdir_lib.write_config(workdir, config)
+    pipe = sample.load_pipeline(workdir)
+    steps, guidance, shift = 3, 5.0, config.sample.shift
+    prompts = ["a red circle moves left", "a blue square moves up"]
+    text = pipe.text(prompts)
+    noise = np.random.default_rng(3).standard_normal((2, 3, 4, 4, C)).astype(np.float32)
+    zeros = np.zeros((2, 4, 4, C), np.float32)
+    no = np.zeros((2,), bool)
+    with jax.default_matmul_precision("highest"):
+        ours = np.asarray(pipe.sample_latents(noise, zeros, zeros, no, no, text, jax.random.key(0),
+                                              jnp.float32(guidance), jnp.float32(1.0), jnp.int32(0),
+                                              steps=steps, sampler="euler", branches=2))
+
+    def embeds(t):
+        return torch.from_numpy(np.asarray(t["states"], np.float32) * np.asarray(t["mask"])[..., None])
+    null = jax.tree.map(lambda v: np.repeat(np.asarray(v), 2, axis=0), pipe.text.null)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    set_timesteps = scheduler.set_timesteps
+    grid = np.linspace(1.0, 0.0, steps + 1)[:-1]  # shifted by the scheduler as by our sampler
+    scheduler.set_timesteps = lambda n=None, device=None, **kw: set_timesteps(sigmas=grid, device=device)
+    hf = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=wan["hf"], scheduler=scheduler)
+    with torch.no_grad():
+        theirs = hf(prompt_embeds=embeds(text), negative_prompt_embeds=embeds(null), latents=torch.from_numpy(
+            noise).permute(0, 4, 1, 2, 3), num_inference_steps=steps, guidance_scale=guidance, height=32, width=32,
+            num_frames=config.data.num_frames, output_type="latent").frames
+    theirs = theirs.permute(0, 2, 3, 4, 1).numpy()
+    assert _relative(ours, theirs) < 1e-4, _relative(ours, theirs)
+
+
 def test_finetunes_from_converted_weights(wan, runlocal_workdir):
     """Full fine-tuning: the DiT starts from the converted weights (after 4 AdamW steps every
     weight is still within a few learning rates of them, not at a random init), trains with
@@ -227,6 +267,23 @@ def test_lora_finetune_resume_and_sample(wan, runlocal_workdir):
         mp4 = [f for f in videos if f.startswith(mode + "_") and f.endswith(".mp4")]
         assert mp4 and os.path.getsize(os.path.join(workdir, "samples", mp4[0])) > 0
 
+    # Export: the merged weights as a converted Wan DiT folder, widened, loadable, a new init_from.
+    out = os.path.join(wan["root"], "lora_export")
+    meta = export_dit.export(workdir, out)
+    assert meta["step"] == 4 and meta["lora_merged"] and meta["dit"]["in_channels"] == 2 * C + 1
+    exported = load_file(os.path.join(out, weights.PARAMS))
+    assert set(exported) == {"params/" + "/".join(k) for k in merged}
+    for path, value in merged.items():
+        np.testing.assert_array_equal(exported["params/" + "/".join(path)], value)
+    dit = pixeldance.load_dit(out)
+    x = np.random.default_rng(2).standard_normal((1, 3, 4, 4, 2 * C + 1)).astype(np.float32)
+    assert np.asarray(dit.predict(x, np.asarray([500.0]), np.zeros((1, 4, WIDTH), np.float32))).shape == (1, 3, 4, 4, C)
+    assert build.wan_fields(_config(out, wan["clip"]))["in_channels"] == 2 * C + 1
+    with pytest.raises(ValueError, match="is not empty"):
+        export_dit.export(workdir, out)
+    with pytest.raises(ValueError, match="export_dit writes Wan-family DiTs"):
+        export_dit.export(runlocal_workdir, os.path.join(wan["root"], "never"))
+
 
 def test_lora_config_errors(wan):
     """One line each: a LoRA rank without converted weights to adapt, a negative rank, and a
@@ -243,6 +300,23 @@ def test_lora_config_errors(wan):
     init_fn = build.dit_init_fn(model, (3, 4, 4, C), build.text_conditioner(_config(wan["dit"], clip)).example())
     with pytest.raises(ValueError, match="LoRA target 'attn9/to_q' matches no kernel"):
         build.lora_init_fn(init_fn, spec)(jax.random.key(0))
+
+
+def test_experiment_builds_on_converted_folders(wan):
+    """experiments/wan_pixeldance.py with converted folders: the Wan family widened for the
+    instructions, velocity prediction, shifted sampling; ':lora' adds adapters of its rank."""
+    paths = {"dit.init_from": wan["dit"], "text.encoder": "clip", "text.encoder_path": wan["clip"]}
+    full = configs.override(configs.load_config(os.path.join(REPO, "experiments", "wan_pixeldance.py:runlocal")),
+                            **paths)
+    model = build.dit(full, C)
+    assert isinstance(model.dit, wan_dit.WanVideo) and model.dit.transformer.in_channels == 2 * C + 1
+    assert full.diffusion.prediction == "velocity" and full.sample.shift == 3.0 and full.vae.family == "wan"
+    assert build.dit_lora(full) is None
+    build.task(full)
+    lora = configs.override(configs.load_config(os.path.join(REPO, "experiments", "wan_pixeldance.py:lora,rank=4")),
+                            **paths)
+    assert build.dit_lora(lora) == dict(rank=4, targets=build.LORA_TARGETS, alpha=4.0)
+    assert lora.train.lr > full.train.lr
 
 
 def test_config_errors(wan, tmp_path):
