@@ -168,6 +168,51 @@ def test_text_to_video_equals_diffusers_wan_pipeline(wan, runlocal_workdir):
     assert _relative(ours, theirs) < 1e-4, _relative(ours, theirs)
 
 
+def test_whole_wan_folder_converts_and_loads_as_a_pipeline(wan, tmp_path):
+    """`convert.wan` on a tiny diffusers Wan 2.1 repository (VAE, umT5 + sentencepiece tokenizer,
+    transformer, scheduler): one folder that `pixeldance.load_pipeline` opens as text-to-video
+    Wan (its weights, the scheduler's shift, the VAE's own latent statistics) and generates from;
+    a bad repository is one line."""
+    import transformers
+    from diffusers import AutoencoderKLWan
+    from pixeldance.convert import wan as convert_wan_all
+    from test_text_encoders import UMT5_CONFIG, _train_spiece
+    from test_wan_vae import SMALL
+
+    repo = tmp_path / "Wan2.1-T2V-tiny-Diffusers"
+    shutil.copytree(os.path.join(wan["root"], "hf"), repo / "transformer")
+    torch.manual_seed(0)
+    AutoencoderKLWan(**SMALL).eval().save_pretrained(str(repo / "vae"), safe_serialization=True)
+    transformers.UMT5EncoderModel(transformers.UMT5Config(**UMT5_CONFIG)).eval().save_pretrained(
+        str(repo / "text_encoder"))
+    _train_spiece(str(tmp_path / "spm"))
+    transformers.T5Tokenizer.from_pretrained(str(tmp_path / "spm")).save_pretrained(str(repo / "tokenizer"))
+    os.makedirs(repo / "scheduler")
+    with open(repo / "scheduler" / "scheduler_config.json", "w") as f:
+        f.write('{"_class_name": "UniPCMultistepScheduler", "flow_shift": 5.0}')
+
+    out = str(tmp_path / "wan21")
+    config = convert_wan_all.convert(str(repo), out)
+    assert config["sample"]["shift"] == 5.0 and not config["dit"]["widen"]
+    assert sorted(os.listdir(out)) == ["config.json", "latent_stats.json", "umt5", "vae", "vae_model.json", "wan_dit"]
+    pipe = pixeldance.load_pipeline(out)
+    assert pipe.step == 0 and pipe.config.sample.shift == 5.0
+    assert workdir_lib.LatentStats.from_converter(out)
+    stored = load_file(os.path.join(out, "wan_dit", weights.PARAMS))
+    flat = traverse_util.flatten_dict(jax.device_get(pipe.params)["params"]["dit"]["transformer"])
+    np.testing.assert_array_equal(np.asarray(flat[("patch_embedding", "kernel")]),
+                                  stored["params/patch_embedding/kernel"])
+    video = pipe.generate("a red circle moves left", num_frames=5, height=32, width=32, steps=2)
+    assert video.shape == (5, 32, 32, 3) and video.dtype == np.uint8
+
+    with pytest.raises(ValueError, match="is not empty"):
+        convert_wan_all.convert(str(repo), out)
+    shutil.rmtree(repo / "tokenizer")
+    with pytest.raises(ValueError, match="no tokenizer/"):
+        convert_wan_all.convert(str(repo), str(tmp_path / "again"))
+    assert not os.path.exists(tmp_path / "again")
+
+
 def test_finetunes_from_converted_weights(wan, runlocal_workdir):
     """Full fine-tuning: the DiT starts from the converted weights (after 4 AdamW steps every
     weight is still within a few learning rates of them, not at a random init), trains with
