@@ -34,8 +34,13 @@ from pixeldance.trainers.cache import cache_latents
 from pixeldance.trainers.dit import train_dit
 from pixeldance.trainers.vae import train_vae
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and samples.")
+
+def define_flags():
+    """--config and --workdir, defined only when run as a program: importing this module (tests,
+    notebooks call run_stage / sample_stage) must not claim flag names that pixeldance.sample or
+    pixeldance.tools.metrics define for their own command lines in the same process."""
+    config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and samples.")
 
 STAGES = ("train_vae", "cache", "train_dit", "sample")
 
@@ -64,7 +69,7 @@ def sample_stage(config, workdir: str) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config, workdir = _CONFIG.value, _WORKDIR.value
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     if config is None or not workdir:
         raise app.UsageError("--config and --workdir are required")
     if config.mode == "plan":  # first: it may set the number of host devices (see tools/plan.py)
@@ -100,6 +105,7 @@ def main(argv):
 
 def run():
     """Console script `pixeldance`."""
+    define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)
 

@@ -113,3 +113,13 @@ def test_entry_point_rejects_unknown_config_argument(python_runner, tmp_path):
     assert proc.returncode != 0
     assert "runlocl" in proc.stderr
     assert not workdir.exists()
+
+
+def test_importing_entry_points_defines_no_flags(python_runner):
+    """Importing pixeldance.main (as tests and notebooks do, for run_stage / sample_stage) leaves the
+    flag names free for pixeldance.sample's and tools.metrics' command lines in the same process."""
+    proc = python_runner("-c", "import pixeldance.main; from absl import flags; "
+                         "assert 'workdir' not in flags.FLAGS and 'config' not in flags.FLAGS; "
+                         "from pixeldance import sample; sample.define_flags(); print('free')")
+    assert proc.returncode == 0, proc.stderr
+    assert "free" in proc.stdout
