@@ -6,15 +6,162 @@ the trainer's next run deletes such leftovers. Saves are asynchronous: `save` re
 arrays are copied off the devices, and the write overlaps the next training steps. Restore
 takes an abstract state whose leaves carry shardings, so a checkpoint written on one mesh
 restores onto another.
+
+Integrity: once a save has finished, `MANIFEST` is written into its folder (atomically, last):
+the size and SHA-256 of every file in it. Restores use the newest checkpoint that verifies
+against its manifest (`usable_step`); each newer one passed over is named in one log line with
+the reason (a file changed, missing or truncated; no manifest; not a checkpoint at all). A
+checkpoint without a manifest is trusted only in a folder where none has one (written before
+manifests existed). The trainer (the one writer, `cleanup_tmp=True`) also renames the rejected
+ones to `<step>.rejected` so that Orbax, which orders saves by the numbered folders, neither
+skips new saves below a junk `99/` nor deletes good ones to keep it; nothing is deleted.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
+import json
 import os
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+
+MANIFEST = "pixeldance_manifest.json"
+_CHUNK = 8 << 20
+_VERIFIED: dict = {}  # (step folder, manifest mtime_ns) -> reason or None: each is hashed once per process
+
+
+def _file_digest(path: str) -> tuple[int, str]:
+    """(size, SHA-256 hex) of a file; hashlib releases the GIL on big buffers, so threads scale."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def _files(step_dir: str) -> list[str]:
+    """Paths of every file under `step_dir` relative to it (the manifest left out), sorted."""
+    out = []
+    for root, _, names in os.walk(step_dir):
+        out += [os.path.relpath(os.path.join(root, n), step_dir) for n in names]
+    return sorted(p for p in out if p != MANIFEST and not p.endswith(MANIFEST + ".tmp"))
+
+
+def _digests(step_dir: str, rels: list[str]) -> list[tuple[int, str]]:
+    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda r: _file_digest(os.path.join(step_dir, r)), rels))
+
+
+def write_manifest(step_dir: str) -> dict:
+    """Hashes a finished checkpoint folder and writes its MANIFEST (tmp file, fsync, rename)."""
+    rels = _files(step_dir)
+    files = {r: [size, digest] for r, (size, digest) in zip(rels, _digests(step_dir, rels))}
+    manifest = dict(version=1, algorithm="sha256", bytes=sum(v[0] for v in files.values()), files=files)
+    tmp = os.path.join(step_dir, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=0)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(step_dir, MANIFEST))
+    return manifest
+
+
+def verify(step_dir: str) -> str | None:
+    """None if every file listed in the folder's MANIFEST is there with its size and SHA-256,
+    else the first reason it is not (one line). A folder without a manifest gets 'no manifest'."""
+    path = os.path.join(step_dir, MANIFEST)
+    if not os.path.isfile(path):
+        return "no manifest"
+    key = (os.path.abspath(step_dir), os.stat(path).st_mtime_ns)
+    if key not in _VERIFIED:
+        _VERIFIED[key] = _check_manifest(step_dir, path)
+    return _VERIFIED[key]
+
+
+def _check_manifest(step_dir: str, path: str) -> str | None:
+    try:
+        with open(path) as f:
+            files = json.load(f)["files"]
+        rels = sorted(files)
+        expected = [(int(files[r][0]), str(files[r][1])) for r in rels]
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        return f"unreadable manifest ({type(e).__name__})"
+    present = [r for r in rels if os.path.isfile(os.path.join(step_dir, r))]
+    if len(present) < len(rels):
+        return f"missing file {sorted(set(rels) - set(present))[0]}"
+    for r, (size, _) in zip(rels, expected):  # sizes first: a truncated file costs no hashing
+        actual = os.path.getsize(os.path.join(step_dir, r))
+        if actual != size:
+            return f"{r} has {actual} bytes, its manifest {size}"
+    for r, (_, digest), (_, actual) in zip(rels, expected, _digests(step_dir, rels)):
+        if actual != digest:
+            return f"{r} does not match its checksum"
+    return None
+
+
+def _numbered(directory: str) -> list[int]:
+    if not os.path.isdir(directory):
+        return []
+    return sorted((int(d) for d in os.listdir(directory)
+                   if d.isdigit() and os.path.isdir(os.path.join(directory, d))), reverse=True)
+
+
+def _is_legacy(step_dir: str) -> bool:
+    """An Orbax checkpoint written before manifests existed (Orbax's own metadata file is there)."""
+    return os.path.isfile(os.path.join(step_dir, "_CHECKPOINT_METADATA"))
+
+
+def scan(directory: str) -> tuple[int | None, list[tuple[int, str]]]:
+    """(newest usable step or None, [(step, reason)] for each newer one passed over), newest
+    first; stops at the first usable one, so older checkpoints are not read."""
+    steps = _numbered(directory)
+    sealed = any(os.path.isfile(os.path.join(directory, str(s), MANIFEST)) for s in steps)
+    rejected = []
+    for step in steps:
+        step_dir = os.path.join(directory, str(step))
+        reason = verify(step_dir)
+        if reason == "no manifest" and not sealed and _is_legacy(step_dir):
+            logging.warning("checkpoint %s has no manifest (written before manifests): used unverified", step_dir)
+            return step, rejected
+        if reason == "no manifest":
+            reason = ("no manifest (a run that ended before sealing it)" if _is_legacy(step_dir)
+                      else "not a checkpoint (no Orbax metadata, no manifest)")
+        if reason is None:
+            return step, rejected
+        rejected.append((step, reason))
+    return None, rejected
+
+
+def usable_step(directory: str, *, log: bool = True) -> int | None:
+    """The newest checkpoint step in `directory` that verifies (see `scan`); None if none."""
+    step, rejected = scan(directory)
+    if log:
+        for bad, reason in rejected:
+            logging.warning("skipping checkpoint %s: %s", os.path.join(directory, str(bad)), reason)
+    return step
+
+
+def no_usable_message(directory: str) -> str:
+    """One line: why `directory` has no usable checkpoint (none at all, or each one's reason)."""
+    _, rejected = scan(directory)
+    if not rejected:
+        return f"no checkpoint in {directory}"
+    return f"no usable checkpoint in {directory}: " + "; ".join(f"step {s}: {r}" for s, r in rejected)
+
+
+def _set_aside(directory: str, step: int) -> str:
+    """Renames `<step>` to `<step>.rejected` (or .rejected.N): kept for inspection, out of Orbax's way."""
+    target = os.path.join(directory, f"{step}.rejected")
+    n = 1
+    while os.path.exists(target):
+        target, n = os.path.join(directory, f"{step}.rejected.{n}"), n + 1
+    os.rename(os.path.join(directory, str(step)), target)
+    return target
 
 
 class Checkpointer:
@@ -29,6 +176,18 @@ class Checkpointer:
         """cleanup_tmp: delete the unfinished saves of a killed run. Only for the one process
         (group) that writes `directory`: a reader would delete the saves in flight of a trainer."""
         self.directory = os.path.abspath(directory)
+        self._async = use_async
+        self._unsealed: list[int] = []
+        self._usable = None  # (step,) once scanned: the folders only change through this object
+        if cleanup_tmp and jax.process_index() == 0:
+            step, rejected = scan(self.directory)
+            for bad, reason in rejected:
+                logging.warning("checkpoint %s failed verification (%s): renamed to %s",
+                                os.path.join(self.directory, str(bad)), reason, _set_aside(self.directory, bad))
+            self._usable = (step,)
+        if cleanup_tmp and jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("pixeldance_checkpoint_scan")
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -37,10 +196,35 @@ class Checkpointer:
         )
 
     def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+        """The newest checkpoint that verifies (see the module docstring); None if none does."""
+        if self._unsealed:  # this object's own saves: finish and seal them first
+            self.wait()
+        if self._usable is None:
+            self._usable = (usable_step(self.directory),)
+        return self._usable[0]
 
     def all_steps(self) -> list[int]:
+        """Every checkpoint folder Orbax sees, verified or not."""
         return list(self._manager.all_steps())
+
+    def poll(self):
+        """Seals this object's saves that have finished since the last call, without waiting for
+        one in flight: the training loop calls it after each step, so a kill -9 soon after a
+        save finds it sealed (the time a checkpoint is complete but not yet trusted is short)."""
+        if self._unsealed and not self._manager.is_saving_in_progress():
+            self._manager.wait_until_finished()  # returns at once; surfaces a failed write's error
+            self._seal()
+
+    def _seal(self):
+        """Writes the manifests of this object's finished saves (Orbax's retention may have
+        deleted some already). Called once no save is in flight."""
+        for step in self._unsealed:
+            step_dir = os.path.join(self.directory, str(step))
+            if jax.process_index() == 0 and os.path.isdir(step_dir):
+                write_manifest(step_dir)
+        if self._unsealed:
+            self._usable = (self._unsealed[-1],)
+        self._unsealed = []
 
     def save(self, step: int, state: Any, data_state: dict | None = None, *,
              metrics: list[dict] | None = None, force: bool = False) -> bool:
@@ -49,13 +233,20 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=ocp.args.JsonSave(data_state or {}),
                                   metrics=ocp.args.JsonSave({"pending": pending}))
-        return self._manager.save(int(step), args=args, force=force)
+        self._manager.wait_until_finished()  # Orbax waits for the previous save anyway; then seal it
+        self._seal()
+        saved = self._manager.save(int(step), args=args, force=force)
+        if saved:
+            self._unsealed.append(int(step))
+            if not self._async:
+                self._seal()
+        return saved
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
         """abstract_state: pytree of jax.ShapeDtypeStruct with `.sharding` (see `abstract_like`)."""
         step = self.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+            raise FileNotFoundError(no_usable_message(self.directory))
         out = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         return out["state"], dict(out["data"] or {})
@@ -67,7 +258,7 @@ class Checkpointer:
         with `.sharding` (each leaf is read straight into its shards)."""
         step = self.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+            raise FileNotFoundError(no_usable_message(self.directory))
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_part)
         out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item=abstract_part, restore_args=restore_args, partial_restore=True)))
@@ -84,9 +275,11 @@ class Checkpointer:
 
     def wait(self):
         self._manager.wait_until_finished()
+        self._seal()
 
     def close(self):
         self._manager.wait_until_finished()
+        self._seal()
         self._manager.close()
 
 

@@ -220,8 +220,8 @@ PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 class Preempted(SystemExit):
     """Raised once the preemption checkpoint is complete; ends the program with PREEMPTED_EXIT_CODE."""
 
-    def __init__(self, message: str):
-        super().__init__(PREEMPTED_EXIT_CODE)
+    def __init__(self, message: str, code: int = PREEMPTED_EXIT_CODE):
+        super().__init__(code)
         self.message = message
 
     def __str__(self) -> str:
@@ -229,27 +229,41 @@ class Preempted(SystemExit):
 
 
 class PreemptionWatcher:
-    """Turns SIGTERM into a step at which to save and stop.
+    """Turns SIGTERM, and SIGINT (Ctrl-C), into a step at which to save and stop.
 
     One process: a handler that only sets a flag (the loop checks it between steps, so a
-    signal never lands inside a step or a save). Several processes: JAX's preemption sync
+    signal never lands inside a step or a save); a second Ctrl-C interrupts at once, as
+    Python's default does, for someone who does not want to wait for the save. Several processes: JAX's preemption sync
     manager (started by `jax.distributed.initialize`) catches the signal and agrees on one
     step for every host, since a checkpoint save is collective.
     """
 
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
     def __init__(self):
         self._flag = threading.Event()
-        self._previous = None
+        self._previous: dict = {}
+        self.signum = signal.SIGTERM  # the signal that asked to stop (multi-process: SIGTERM)
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self._flag.is_set() and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C
+        self.signum = signum
+        self._flag.set()
 
     def __enter__(self):
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: self._flag.set())
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+        self._previous = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
 
     def reached(self, step: int) -> bool:
         if jax.process_count() > 1:
@@ -311,17 +325,20 @@ def train_loop(*, stage: str, state: TrainState, step_fn: Callable, batches: Ite
                 check(host, step)
                 checkpointer.save(step, state, data_state_fn(), metrics=host, force=preempted)
                 last_good = step
+            checkpointer.poll()  # seals a finished asynchronous save (see Checkpointer.poll)
             bar.update(1)
             if evaluate is not None and eval_every and step % eval_every == 0 and step < num_steps and not preempted:
                 evaluate(state, step)
             if preempted and step < num_steps:
                 checkpointer.wait()
                 bar.close()
-                message = (f"{stage}: preempted (SIGTERM) after step {step}; checkpoint {step} saved in "
-                           f"{checkpointer.directory}; exiting with status {PREEMPTED_EXIT_CODE}")
+                code = 128 + preemption.signum  # 143 (SIGTERM) or 130 (SIGINT), as if the signal had ended it
+                message = (f"{stage}: {'preempted' if preemption.signum == signal.SIGTERM else 'interrupted'} "
+                           f"({preemption.name}) after step {step}; checkpoint {step} saved in "
+                           f"{checkpointer.directory}; exiting with status {code}")
                 if jax.process_index() == 0:
                     print(message, file=sys.stderr, flush=True)
-                raise Preempted(message)
+                raise Preempted(message, code)
     bar.close()
     checkpointer.wait()
     return state

@@ -24,7 +24,7 @@ import numpy as np
 from flax import linen as nn
 
 from pixeldance import sharding
-from pixeldance.checkpoint import Checkpointer, abstract_like
+from pixeldance.checkpoint import Checkpointer, abstract_like, no_usable_message, usable_step
 
 CONFIG = "config.json"
 MODEL_SPEC = "vae_model.json"
@@ -97,11 +97,9 @@ def read_model_spec(workdir: str) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 
 def latest_step(directory: str) -> int | None:
-    """The newest checkpoint step in `directory` (its numbered folders), None if there is none."""
-    if not os.path.isdir(directory):
-        return None
-    steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
-    return max(steps) if steps else None
+    """The newest checkpoint step in `directory` that verifies against its manifest (each newer
+    one skipped is logged; see `pixeldance.checkpoint`), None if there is none."""
+    return usable_step(directory)
 
 
 def vae_step(workdir: str) -> int | None:
@@ -150,8 +148,8 @@ def load_params(directory: str, init_fn, mesh, preset: str = "fsdp"):
 
 
 def _open(directory: str) -> Checkpointer:
-    if latest_step(directory) is None:
-        raise FileNotFoundError(f"no checkpoint in {directory}")
+    if usable_step(directory) is None:
+        raise FileNotFoundError(no_usable_message(directory))
     return Checkpointer(directory, use_async=False)
 
 

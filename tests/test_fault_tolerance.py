@@ -191,6 +191,21 @@ def test_killed_and_preempted_run_equals_uninterrupted_run(uninterrupted, tmp_pa
     assert _steps(workdir) == _steps(full_dir) == [NUM_STEPS - CKPT_EVERY, NUM_STEPS]  # newest KEEP
 
 
+def test_ctrl_c_saves_like_sigterm(tmp_path):
+    """SIGINT (Ctrl-C) saves after the current step and exits 130, as SIGTERM does with 143."""
+    from pixeldance import checkpoint as ckpt_lib
+    workdir = str(tmp_path)
+    proc = _start(workdir, sleep=0.05)
+    _wait_for(proc, lambda: _metrics(workdir)[-1]["step"] >= CKPT_EVERY + 2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "interrupted (SIGINT) after step" in stderr and "Traceback" not in stderr, stderr[-3000:]
+    stopped_at = _steps(workdir)[-1]
+    assert f"after step {stopped_at};" in stderr and stopped_at > CKPT_EVERY
+    assert ckpt_lib.verify(os.path.join(workdir, "toy", str(stopped_at))) is None
+
+
 def test_torn_log_line_is_dropped_on_resume(tmp_path):
     """A kill mid-write leaves half a line at the end of metrics.jsonl; the restart drops it."""
     path = tmp_path / "metrics.jsonl"

@@ -58,16 +58,24 @@ def test_latent_stats_missing_says_which_stage(tmp_path):
         LatentStats.read(str(tmp_path))
 
 
+def _fake_checkpoint(step_dir):
+    """A sealed folder that verifies (the workdir only reads its step number here)."""
+    from pixeldance.checkpoint import write_manifest
+    os.makedirs(step_dir)
+    open(os.path.join(step_dir, "_CHECKPOINT_METADATA"), "w").write("{}")
+    write_manifest(step_dir)
+
+
 def test_stats_from_the_vae_stage_are_fresh_only_for_the_newest_vae(tmp_path):
     workdir = str(tmp_path)
-    os.makedirs(os.path.join(workdir, "vae", "4"))
+    _fake_checkpoint(os.path.join(workdir, "vae", "4"))
     assert not LatentStats.from_vae_stage(workdir)  # no file yet
     _stats(vae_step=4).write(workdir)
     assert not LatentStats.from_vae_stage(workdir)  # the cache stage's, whatever the step
     LatentStats.from_moments(np.zeros(C), np.ones(C), source="train_vae", num_videos=8, vae_step=4).write(workdir)
     assert LatentStats.from_vae_stage(workdir) and LatentStats.from_vae_stage(workdir, 4)
     assert not LatentStats.from_vae_stage(workdir, 2)
-    os.makedirs(os.path.join(workdir, "vae", "6"))  # a newer VAE: the statistics are stale
+    _fake_checkpoint(os.path.join(workdir, "vae", "6"))  # a newer VAE: the statistics are stale
     assert not LatentStats.from_vae_stage(workdir)
 
 

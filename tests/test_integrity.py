@@ -1,0 +1,239 @@
+"""Issue 17's attack suite, checkpoints: damaged, truncated, unsealed and junk checkpoint folders.
+
+Every checkpoint carries a manifest of its files' sizes and SHA-256 (`pixeldance.checkpoint`);
+restores use the newest one that verifies and name each one passed over; the trainer renames
+rejected folders to `<step>.rejected`. Unit tests on a toy state, then the main job's workdir
+sampled and resumed with its newest DiT checkpoint damaged.
+"""
+import json
+import logging
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pixeldance import checkpoint as ckpt_lib
+from pixeldance import train_lib
+from pixeldance.checkpoint import MANIFEST, Checkpointer, abstract_like
+
+STATE = {"w": jnp.arange(4096, dtype=jnp.float32), "b": {"c": jnp.ones((8, 8))}}
+
+
+def _save(directory, *steps, use_async=True, keep=5):
+    ckpt = Checkpointer(directory, keep=keep, use_async=use_async)
+    for step in steps:
+        ckpt.save(step, jax.tree.map(lambda x: x + step, STATE), {"next_index": step})
+    ckpt.close()
+
+
+def _restore(directory, *, writer=False):
+    ckpt = Checkpointer(directory, use_async=False, cleanup_tmp=writer)
+    try:
+        state, data = ckpt.restore(abstract_like(STATE, jax.tree.map(lambda x: x.sharding, STATE)))
+        return float(state["w"][0]), data, ckpt.latest_step()
+    finally:
+        ckpt.close()
+
+
+def _largest_file(step_dir):
+    files = [os.path.join(r, n) for r, _, ns in os.walk(step_dir) for n in ns if n != MANIFEST]
+    return max(files, key=os.path.getsize)
+
+
+def _flip_middle(path, nbytes=4096):
+    size = os.path.getsize(path)
+    start = max(0, size // 2 - nbytes // 2)
+    with open(path, "r+b") as f:
+        f.seek(start)
+        data = f.read(min(nbytes, size))
+        f.seek(start)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+def _skipped(caplog):
+    return [r.getMessage() for r in caplog.records if "skipping checkpoint" in r.getMessage()
+            or "failed verification" in r.getMessage()]
+
+
+def test_every_save_is_sealed_with_its_files_checksums(tmp_path):
+    _save(str(tmp_path), 1, 2)
+    for step in (1, 2):
+        step_dir = str(tmp_path / str(step))
+        manifest = json.load(open(os.path.join(step_dir, MANIFEST)))
+        listed = set(manifest["files"])
+        on_disk = {os.path.relpath(os.path.join(r, n), step_dir) for r, _, ns in os.walk(step_dir) for n in ns}
+        assert listed == on_disk - {MANIFEST} and len(listed) > 5
+        assert manifest["bytes"] == sum(os.path.getsize(os.path.join(step_dir, p)) for p in listed)
+        assert ckpt_lib.verify(step_dir) is None
+    assert not [n for n in os.listdir(tmp_path / "2") if n.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "manifest"])
+def test_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path, caplog, damage):
+    directory = str(tmp_path)
+    _save(directory, 1, 2)
+    target = _largest_file(os.path.join(directory, "2"))
+    if damage == "flip":
+        _flip_middle(target)
+    elif damage == "truncate":
+        os.truncate(target, os.path.getsize(target) // 2)
+    elif damage == "delete":
+        os.remove(target)
+    else:  # the manifest itself garbled
+        with open(os.path.join(directory, "2", MANIFEST), "w") as f:
+            f.write("{not json")
+    with caplog.at_level(logging.WARNING):
+        first, data, step = _restore(directory)
+    assert (first, data, step) == (1.0, {"next_index": 1}, 1)
+    reason = {"flip": "does not match its checksum", "truncate": "bytes, its manifest",
+              "delete": "missing file", "manifest": "unreadable manifest"}[damage]
+    lines = _skipped(caplog)
+    assert len(lines) == 1 and os.path.join(directory, "2") in lines[0] and reason in lines[0], lines
+
+
+def test_junk_folder_is_set_aside_by_the_trainer_and_saves_go_on(tmp_path, caplog):
+    """A junk `99/` would make Orbax skip every later save (it orders by folder number)."""
+    directory = str(tmp_path)
+    _save(directory, 1, 2)
+    os.makedirs(os.path.join(directory, "99"))
+    open(os.path.join(directory, "99", "notes.txt"), "w").write("mine")
+    with caplog.at_level(logging.WARNING):
+        assert _restore(directory)[2] == 2  # a reader skips it, touching nothing
+    assert "not a checkpoint" in _skipped(caplog)[0] and os.path.isdir(os.path.join(directory, "99"))
+    writer = Checkpointer(directory, keep=5, cleanup_tmp=True)
+    assert writer.latest_step() == 2
+    assert writer.save(3, STATE, {"next_index": 3})
+    writer.close()
+    assert sorted(os.listdir(directory)) == ["1", "2", "3", "99.rejected"]
+    assert open(os.path.join(directory, "99.rejected", "notes.txt")).read() == "mine"  # nothing lost
+    assert _restore(directory)[2] == 3
+
+
+def test_unsealed_newest_checkpoint_is_not_trusted(tmp_path, caplog):
+    """A run killed after Orbax finished a save but before its manifest: the older sealed one is
+    used; in a folder where no checkpoint has a manifest (written before manifests) the newest is."""
+    directory = str(tmp_path)
+    _save(directory, 1, 2)
+    os.remove(os.path.join(directory, "2", MANIFEST))
+    with caplog.at_level(logging.WARNING):
+        assert _restore(directory)[2] == 1
+    assert "no manifest (a run that ended before sealing it)" in _skipped(caplog)[0]
+    os.remove(os.path.join(directory, "1", MANIFEST))
+    assert _restore(directory)[2] == 2  # legacy folder: used, with a warning
+
+
+def test_no_usable_checkpoint_is_one_line_naming_each(tmp_path):
+    directory = str(tmp_path)
+    _save(directory, 1, 2)
+    for step in (1, 2):
+        _flip_middle(_largest_file(os.path.join(directory, str(step))))
+    with pytest.raises(FileNotFoundError) as err:
+        _restore(directory)
+    message = str(err.value)
+    assert "\n" not in message and "no usable checkpoint" in message
+    assert "step 2: " in message and "step 1: " in message and "checksum" in message
+
+
+def test_async_saves_are_sealed_when_the_next_one_starts(tmp_path):
+    directory = str(tmp_path)
+    ckpt = Checkpointer(directory, keep=5)
+    assert ckpt.latest_step() is None
+    ckpt.save(1, STATE, {})
+    ckpt.save(2, STATE, {})  # waits for save 1, then seals it
+    assert os.path.isfile(os.path.join(directory, "1", MANIFEST))
+    ckpt.wait()
+    assert os.path.isfile(os.path.join(directory, "2", MANIFEST)) and ckpt.latest_step() == 2
+    ckpt.close()
+
+
+def test_training_seals_a_finished_save_before_the_next_one(tmp_path):
+    """The loop seals an asynchronous save as soon as it has finished (Checkpointer.poll), so a
+    kill between two saves finds the newest one trusted."""
+    import time
+    directory = str(tmp_path / "ckpt")
+    tx = train_lib.make_optimizer(lr=1e-2, warmup_steps=1, num_steps=8)
+    params = {"w": jnp.ones((4,))}
+    state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                                 ema_params=params)
+    step_fn = jax.jit(train_lib.make_train_step(lambda p, b, r: (jnp.sum(p["w"] ** 2), {}), tx, 0.9))
+    seen = []
+
+    def slow_step(state, batch, rng):
+        time.sleep(0.3)  # the async write of step 2 finishes during steps 3-4
+        seen.append(os.path.isfile(os.path.join(directory, "2", MANIFEST)))
+        return step_fn(state, batch, rng)
+
+    ckpt = Checkpointer(directory)
+    writer = train_lib.MetricWriter(str(tmp_path), "toy")
+    train_lib.train_loop(stage="toy", state=state, step_fn=slow_step, batches=iter([{}] * 5),
+                         to_device=lambda b: b, checkpointer=ckpt, writer=writer, num_steps=5,
+                         log_every=5, ckpt_every=2, rng=jax.random.key(0))
+    writer.close()
+    ckpt.close()
+    assert seen[3] and not seen[1], seen  # step 4 (before the save of step 4) saw step 2 sealed
+
+
+def test_non_finite_stop_names_a_checkpoint_that_verifies(tmp_path):
+    """The damaged newest checkpoint (4) is not named as the last good one: step 2 is."""
+    directory = str(tmp_path / "ckpt")
+    tx = train_lib.make_optimizer(lr=1e-2, warmup_steps=1, num_steps=8)
+    params = {"w": jnp.ones((4,))}
+    state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                                 ema_params=params)
+    ckpt = Checkpointer(directory, use_async=False)
+    for step in (2, 4):
+        ckpt.save(step, state.replace(step=jnp.asarray(step, jnp.int32)), {})
+    ckpt.close()
+    _flip_middle(os.path.join(directory, "4", "_CHECKPOINT_METADATA"), 8)
+
+    def loss_fn(p, batch, rng):
+        return jnp.sum(p["w"]) * batch["x"], {}
+
+    reader = Checkpointer(directory, use_async=False)
+    writer = train_lib.MetricWriter(str(tmp_path), "toy")
+    with pytest.raises(train_lib.NonFiniteError) as err:
+        train_lib.train_loop(stage="toy", state=state.replace(step=jnp.asarray(4, jnp.int32)),
+                             step_fn=jax.jit(train_lib.make_train_step(loss_fn, tx, 0.9)),
+                             batches=iter([{"x": np.float32(np.nan)}] * 4), to_device=lambda b: b,
+                             checkpointer=reader, writer=writer, num_steps=8, log_every=1, ckpt_every=2,
+                             rng=jax.random.key(0))
+    writer.close()
+    reader.close()
+    assert "Last good checkpoint: step 2 in" in str(err.value), str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The main job's workdir: sampling and resuming with the newest DiT checkpoint damaged.
+# ---------------------------------------------------------------------------------------------
+
+def test_main_job_samples_and_resumes_past_a_damaged_checkpoint(runlocal_workdir, python_runner,
+                                                                main_job_runner, tmp_path):
+    workdir = str(tmp_path / "workdir")
+    shutil.copytree(runlocal_workdir, workdir)
+    dit = os.path.join(workdir, "dit")
+    steps = sorted(int(d) for d in os.listdir(dit) if d.isdigit())
+    newest, older = steps[-1], steps[-2]
+    _flip_middle(_largest_file(os.path.join(dit, str(newest))))
+
+    out = str(tmp_path / "video.mp4")
+    proc = python_runner("-m", "pixeldance.sample", f"--workdir={workdir}", "--prompt=a red circle",
+                         "--steps=2", f"--output={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    skipped = [line for line in proc.stderr.splitlines() if "skipping checkpoint" in line]
+    assert skipped and f"{os.path.join(dit, str(newest))}:" in skipped[0] and "checksum" in skipped[0]
+    assert os.path.exists(out)
+
+    os.makedirs(os.path.join(dit, "99"))  # and a junk folder above everything
+    proc = main_job_runner(workdir, "--config.mode=train_dit")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "renamed to" in proc.stderr and "99.rejected" in proc.stderr
+    names = sorted(os.listdir(dit))
+    assert f"{newest}.rejected" in names and "99.rejected" in names, names
+    assert sorted(int(d) for d in names if d.isdigit()) == [older, newest]  # retrained from `older`
+    assert ckpt_lib.verify(os.path.join(dit, str(newest))) is None
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        dit_steps = [json.loads(line)["step"] for line in f if '"stage": "dit"' in line]
+    assert dit_steps[-2:] == [older, newest] and dit_steps.count(newest) == 1  # its old line replaced
