@@ -19,9 +19,12 @@ skips new saves below a junk `99/` nor deletes good ones to keep it; nothing is 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import glob
 import hashlib
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -32,6 +35,29 @@ from absl import logging
 MANIFEST = "pixeldance_manifest.json"
 _CHUNK = 8 << 20
 _VERIFIED: dict = {}  # (step folder, manifest mtime_ns) -> reason or None: each is hashed once per process
+
+
+class CheckpointWriteError(OSError):
+    """A save failed (disk full, read-only or vanished folder, ...): one line naming the step,
+    the folder and the cause. The half-written folder is already removed."""
+
+
+def _cause(error: BaseException) -> str:
+    """The useful line of an Orbax / TensorStore write error (its last line: the OS error)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    line = lines[-1] if lines else type(error).__name__
+    return line[line.rindex("Failed writing: "):] if "Failed writing: " in line else line
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """ENOSPC (or EDQUOT, a quota), as Python's OSError or as TensorStore's text."""
+    text = str(error)
+    return (isinstance(error, OSError) and error.errno in (28, 122)) or "os_error_code='28'" in text \
+        or "os_error_code='122'" in text or "No space left on device" in text
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"
 
 
 def _file_digest(path: str) -> tuple[int, str]:
@@ -179,6 +205,8 @@ class Checkpointer:
         self._async = use_async
         self._unsealed: list[int] = []
         self._usable = None  # (step,) once scanned: the folders only change through this object
+        self._bytes = 0  # size of the newest save's arrays, for the disk-full message
+        self._failed = False
         if cleanup_tmp and jax.process_index() == 0:
             step, rejected = scan(self.directory)
             for bad, reason in rejected:
@@ -207,12 +235,33 @@ class Checkpointer:
         """Every checkpoint folder Orbax sees, verified or not."""
         return list(self._manager.all_steps())
 
+    @contextlib.contextmanager
+    def _writing(self, step: int | None):
+        """Turns a failed write (raised by Orbax at the save or at the wait after it) into one
+        CheckpointWriteError, after removing the unfinished `*.orbax-checkpoint-tmp*` folders."""
+        try:
+            yield
+        except Exception as e:  # Orbax and TensorStore raise ValueError, OSError, RuntimeError, ...
+            self._failed = True
+            if jax.process_index() == 0:
+                for tmp in glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*")):
+                    shutil.rmtree(tmp, ignore_errors=True)
+            which = f"step {step}" if step is not None else f"step {self._unsealed[-1]}" if self._unsealed else "a step"
+            if _is_disk_full(e):
+                free = shutil.disk_usage(self.directory).free if os.path.isdir(self.directory) else 0
+                cause = (f"disk full ({_size(free)} free, the checkpoint needs about {_size(self._bytes)}; "
+                         f"{_cause(e)})")
+            else:
+                cause = _cause(e)
+            raise CheckpointWriteError(f"checkpoint {which} could not be written to {self.directory}: {cause}") from None
+
     def poll(self):
         """Seals this object's saves that have finished since the last call, without waiting for
         one in flight: the training loop calls it after each step, so a kill -9 soon after a
         save finds it sealed (the time a checkpoint is complete but not yet trusted is short)."""
         if self._unsealed and not self._manager.is_saving_in_progress():
-            self._manager.wait_until_finished()  # returns at once; surfaces a failed write's error
+            with self._writing(None):
+                self._manager.wait_until_finished()  # returns at once; surfaces a failed write's error
             self._seal()
 
     def _seal(self):
@@ -233,9 +282,12 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=ocp.args.JsonSave(data_state or {}),
                                   metrics=ocp.args.JsonSave({"pending": pending}))
-        self._manager.wait_until_finished()  # Orbax waits for the previous save anyway; then seal it
+        with self._writing(None):
+            self._manager.wait_until_finished()  # Orbax waits for the previous save anyway; then seal it
         self._seal()
-        saved = self._manager.save(int(step), args=args, force=force)
+        self._bytes = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state))
+        with self._writing(int(step)):
+            saved = self._manager.save(int(step), args=args, force=force)
         if saved:
             self._unsealed.append(int(step))
             if not self._async:
@@ -274,13 +326,22 @@ class Checkpointer:
         return [{k: np.float32(v) for k, v in m.items()} for m in out["metrics"]["pending"]]
 
     def wait(self):
-        self._manager.wait_until_finished()
+        with self._writing(None):
+            self._manager.wait_until_finished()
         self._seal()
 
     def close(self):
-        self._manager.wait_until_finished()
-        self._seal()
-        self._manager.close()
+        """Waits for the save in flight and seals it; after a failed save, only releases Orbax
+        (the error was raised already: a second one would hide it)."""
+        if self._failed:
+            with contextlib.suppress(Exception):
+                self._manager.close()
+            return
+        try:
+            self.wait()
+        finally:
+            with contextlib.suppress(Exception):
+                self._manager.close()
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

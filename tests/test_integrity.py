@@ -237,3 +237,77 @@ def test_main_job_samples_and_resumes_past_a_damaged_checkpoint(runlocal_workdir
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         dit_steps = [json.loads(line)["step"] for line in f if '"stage": "dit"' in line]
     assert dit_steps[-2:] == [older, newest] and dit_steps.count(newest) == 1  # its old line replaced
+
+
+# ---------------------------------------------------------------------------------------------
+# Failed writes and the main job's one-line errors.
+# ---------------------------------------------------------------------------------------------
+
+def test_disk_full_is_one_error_naming_the_space(tmp_path, monkeypatch):
+    ckpt = Checkpointer(str(tmp_path), use_async=False)
+
+    def full(*args, **kwargs):
+        os.makedirs(tmp_path / "3.orbax-checkpoint-tmp-123" / "state")  # what Orbax leaves behind
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt._manager, "save", full)
+    with pytest.raises(ckpt_lib.CheckpointWriteError) as err:
+        ckpt.save(3, STATE, {})
+    message = str(err.value)
+    assert message.startswith(f"checkpoint step 3 could not be written to {tmp_path}: disk full (")
+    assert "GB free, the checkpoint needs about 0.02 MB" in message and "\n" not in message
+    assert os.listdir(tmp_path) == []
+    ckpt.close()  # after a failure: releases Orbax, raises nothing more
+
+
+# A 200 kB file-size limit (SIGXFSZ ignored: writes past it fail with EFBIG), so the DiT
+# checkpoint's data files cannot be written: a write error injected without mounting a disk. Set
+# in a fresh interpreter that then execs the job (no fork of this multithreaded process).
+LIMITED = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+           "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); "
+           "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
+
+
+def test_failed_checkpoint_write_stops_training_with_the_cause_last(runlocal_workdir, python_runner, tmp_path):
+    from conftest import RUNLOCAL
+    workdir = str(tmp_path / "workdir")
+    shutil.copytree(runlocal_workdir, workdir)
+    dit = os.path.join(workdir, "dit")
+    before = sorted(os.listdir(dit))
+    proc = python_runner("-c", LIMITED, "-m", "pixeldance.main", f"--config={RUNLOCAL}", f"--workdir={workdir}",
+                         "--config.mode=train_dit", "--config.train.num_steps=8")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.rstrip().splitlines()[-1]
+    assert last.startswith(f"error: checkpoint step 6 could not be written to {dit}: ") and "File too large" in last, last
+    assert sorted(os.listdir(dit)) == before  # no temporary folder left, nothing else touched
+    assert all(ckpt_lib.verify(os.path.join(dit, d)) is None for d in before)
+
+
+@pytest.mark.parametrize("flag, line", [
+    ("--config.train.num_stepz=1", "error: --config.train.num_stepz: 'num_stepz' Did you mean \"num_steps\""),
+    ("--config.trian.num_steps=3", "error: --config.trian.num_steps: 'trian' Did you mean \"train\""),
+    ("--config.train.num_steps=abc", "error: flag --config.train.num_steps=abc: invalid literal for int()"),
+    ("--config=experiments/nope.py", "error: --config=experiments/nope.py: no such config file experiments/nope.py"),
+    ("--config=experiments/shapes.py:runlocl", "error: flag --config=experiments/shapes.py:runlocl: Error whilst "
+     "parsing config file: ValueError: unknown config argument 'runlocl'"),
+])
+def test_main_config_errors_are_one_line(python_runner, tmp_path, flag, line):
+    from conftest import RUNLOCAL
+    workdir = tmp_path / "wd"
+    config = [] if flag.startswith("--config=") else [f"--config={RUNLOCAL}"]
+    proc = python_runner("-m", "pixeldance.main", *config, f"--workdir={workdir}", flag)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(line), proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and not workdir.exists()
+
+
+def test_main_names_a_garbled_workdir_file(runlocal_workdir, main_job_runner, tmp_path):
+    workdir = str(tmp_path / "workdir")
+    shutil.copytree(runlocal_workdir, workdir, ignore=shutil.ignore_patterns("dit"))
+    path = os.path.join(workdir, "latent_stats.json")
+    with open(path, "w") as f:
+        f.write('{"mean": [0.0, 1')
+    proc = main_job_runner(workdir, "--config.mode=train_dit")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.rstrip().splitlines()[-1]
+    assert last.startswith(f"error: latent statistics {path} is unreadable (JSONDecodeError"), last
+    assert "Traceback" not in proc.stderr
