@@ -18,10 +18,8 @@ skips new saves below a junk `99/` nor deletes good ones to keep it; nothing is 
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -32,8 +30,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from pixeldance import checksums
+
 MANIFEST = "pixeldance_manifest.json"
-_CHUNK = 8 << 20
 _VERIFIED: dict = {}  # (step folder, manifest mtime_ns) -> reason or None: each is hashed once per process
 
 
@@ -60,16 +59,6 @@ def _size(nbytes: float) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"
 
 
-def _file_digest(path: str) -> tuple[int, str]:
-    """(size, SHA-256 hex) of a file; hashlib releases the GIL on big buffers, so threads scale."""
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return size, h.hexdigest()
-
-
 def _files(step_dir: str) -> list[str]:
     """Paths of every file under `step_dir` relative to it (the manifest left out), sorted."""
     out = []
@@ -79,8 +68,7 @@ def _files(step_dir: str) -> list[str]:
 
 
 def _digests(step_dir: str, rels: list[str]) -> list[tuple[int, str]]:
-    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        return list(pool.map(lambda r: _file_digest(os.path.join(step_dir, r)), rels))
+    return checksums.digests([os.path.join(step_dir, r) for r in rels])
 
 
 def write_manifest(step_dir: str) -> dict:

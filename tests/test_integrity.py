@@ -311,3 +311,56 @@ def test_main_names_a_garbled_workdir_file(runlocal_workdir, main_job_runner, tm
     last = proc.stderr.rstrip().splitlines()[-1]
     assert last.startswith(f"error: latent statistics {path} is unreadable (JSONDecodeError"), last
     assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Latent caches: per-shard checksums, checked when the cache stage decides to keep a cache.
+# ---------------------------------------------------------------------------------------------
+
+def test_damaged_cache_shard_is_found_and_only_it_is_rewritten(tmp_path):
+    from pixeldance.data import latent_cache
+    from test_latent_cache import _arrays, _records
+    z, z_last, tokens, captions = _arrays(n=12)
+    full = _records(z, z_last, tokens, captions)
+    out, info = str(tmp_path / "cache"), dict(vae_step=1)
+    meta = latent_cache.build(out, count=12, num_shards=4, encode_range=full, info=info)
+    assert all(len(s["sha256"]) == 64 for s in meta["shards"])
+    original = {s["file"]: open(os.path.join(out, s["file"]), "rb").read() for s in meta["shards"]}
+    assert latent_cache.verify(out, meta) == []
+
+    damaged = meta["shards"][2]["file"]
+    _flip_middle(os.path.join(out, damaged), 64)  # same size: only the checksum can tell
+    assert latent_cache.verify(out, meta) == [(damaged, "does not match its checksum")]
+    assert latent_cache.salvage(out, meta, info, [damaged]) == 3
+    encoded = []
+
+    def counting(start, end):
+        encoded.append((start, end))
+        yield from full(start, end)
+
+    rebuilt = latent_cache.build(out, count=12, num_shards=4, encode_range=counting, info=info)
+    assert encoded == [(6, 9)]  # the damaged shard's records only
+    assert rebuilt == meta and latent_cache.verify(out, rebuilt) == []
+    assert {f: open(os.path.join(out, f), "rb").read() for f in original} == original
+    assert not os.path.exists(out + ".partial")
+
+    os.truncate(os.path.join(out, damaged), 10)
+    assert latent_cache.verify(out, meta) == [(damaged, f"10 bytes, meta.json says {meta['shards'][2]['bytes']}")]
+
+
+def test_cache_stage_rewrites_a_garbled_shard_and_names_it(runlocal_workdir, main_job_runner, tmp_path):
+    """Before: the cache stage kept a garbled shard ('keeping cache') and the DiT stopped on every rerun."""
+    from pixeldance.data import latent_cache
+    workdir = str(tmp_path / "workdir")
+    shutil.copytree(runlocal_workdir, workdir, ignore=shutil.ignore_patterns("dit"))
+    cache = os.path.join(workdir, "cache")
+    meta = latent_cache.read_meta(cache)
+    shard = os.path.join(cache, meta["shards"][0]["file"])
+    original = open(shard, "rb").read()
+    _flip_middle(shard, 256)
+    proc = main_job_runner(workdir, "--config.mode=cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"latent cache: {shard}: does not match its checksum" in proc.stdout, proc.stdout[-2000:]
+    assert "latent cache: rewriting 1 damaged file(s)" in proc.stdout
+    assert latent_cache.verify(cache, latent_cache.read_meta(cache)) == []
+    assert open(shard, "rb").read() == original  # encoded again, bit for bit

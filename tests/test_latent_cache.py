@@ -12,6 +12,7 @@ import pytest
 from pixeldance import build, configs
 from pixeldance.data import latent_cache, pipeline
 from pixeldance.trainers import cache as tool
+from test_workdir import _fake_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNLOCAL = os.path.join(REPO, "experiments", "shapes.py") + ":runlocal"
@@ -257,7 +258,7 @@ def _stage_config(**overrides):
 @pytest.fixture
 def fake_workdir(tmp_path, monkeypatch):
     workdir = tmp_path / "work"
-    os.makedirs(workdir / "vae" / "4")
+    _fake_checkpoint(str(workdir / "vae" / "4"))  # a sealed folder: only its step is read
     vaes = []
 
     def load_vae(path):
@@ -312,7 +313,7 @@ def test_cache_stage_keeps_rebuilds_and_resumes(fake_workdir, capsys):
     assert len(vaes) == 1 and _mtimes(path) == before
 
     # The VAE stage's statistics for the newest VAE step are kept; a newer VAE rebuilds the cache.
-    os.makedirs(os.path.join(workdir, "vae", "6"))
+    _fake_checkpoint(os.path.join(workdir, "vae", "6"))
     vae_stats = dict(mean=[0.5] * 16, std=[2.0] * 16, source="train_vae", vae_step=6)
     with open(os.path.join(workdir, "latent_stats.json"), "w") as f:
         json.dump(vae_stats, f)

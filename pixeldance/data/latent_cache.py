@@ -58,6 +58,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import ml_dtypes
 import numpy as np
 
+from pixeldance import checksums
 from pixeldance.data.buckets import shape_name
 
 FORMAT = "pixeldance.latent_cache"
@@ -197,6 +198,55 @@ def is_complete(path: str, meta: dict | None = None) -> bool:
         return False
 
 
+def verify(path: str, meta: dict) -> list[tuple[str, str]]:
+    """[(file, reason)] for each shard (and the empty-prompt record) of the published cache in
+    `path` that does not match the size and SHA-256 in its meta.json; [] if all do. Entries of a
+    cache written before checksums are checked by size only."""
+    entries = meta["shards"] + ([meta["null_text"]] if "null_text" in meta else [])
+    bad, hashed = [], []
+    for e in entries:
+        f = os.path.join(path, e["file"])
+        if not os.path.isfile(f):
+            bad.append((e["file"], "missing"))
+        elif os.path.getsize(f) != e["bytes"]:
+            bad.append((e["file"], f"{os.path.getsize(f)} bytes, {META} says {e['bytes']}"))
+        elif e.get("sha256"):
+            hashed.append(e)
+    for e, (_, digest) in zip(hashed, checksums.digests([os.path.join(path, e["file"]) for e in hashed])):
+        if digest != e["sha256"]:
+            bad.append((e["file"], "does not match its checksum"))
+    return sorted(bad)
+
+
+def salvage(path: str, meta: dict, plan_info: dict, bad: Sequence[str]) -> int:
+    """Prepares `build` to rewrite only the shards named in `bad`: `<path>.partial/` gets the
+    plan of `meta` (its count, shards and `plan_info`) and hard links (copies where links fail)
+    of every other shard with its sidecar, so `build` resumes with the bad ones left to write.
+    Returns how many shards it kept; 0 (nothing prepared) for a cache written before per-shard
+    checksums and moments were stored, or with a bad empty-prompt record (rebuilt whole)."""
+    shards = meta["shards"]
+    if NULL_TEXT in bad or not all(s.get("sha256") and s.get("moments") for s in shards):
+        return 0
+    partial = os.path.normpath(path) + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    kept = 0
+    for s in shards:
+        if s["file"] in bad:
+            continue
+        src, dst = os.path.join(path, s["file"]), os.path.join(partial, s["file"])
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+        _write_json(_sidecar(partial, s["file"]), dict(num_records=s["num_records"], bytes=s["bytes"],
+                                                       sha256=s["sha256"], moments=s["moments"]))
+        kept += 1
+    _write_json(os.path.join(partial, "plan.json"), dict(format=FORMAT, version=VERSION, count=meta["count"],
+                                                         num_shards=len(shards), info=dict(plan_info)))
+    return kept
+
+
 class Moments:
     """Per-channel count, mean and sum of squared deviations (float64), mergeable (Chan et al.),
     for the latent statistics of a cache written in pieces. update(x): x [..., C]."""
@@ -331,7 +381,8 @@ def write_shard(path: str, records: Iterable[dict[str, Any]]) -> dict:
             count += 1
     finally:
         writer.close()
-    side = dict(num_records=count, bytes=os.path.getsize(tmp), moments=moments.to_json())
+    size, digest = checksums.file_digest(tmp)
+    side = dict(num_records=count, bytes=size, sha256=digest, moments=moments.to_json())
     folder, name = os.path.split(path)
     _write_json(_sidecar(folder, name) + ".pending", side)
     os.replace(tmp, path)
@@ -404,7 +455,8 @@ def build(output: str, *, count: int, num_shards: int,
             with open(_sidecar(partial, name)) as f:
                 side = json.load(f)
             moments.merge(Moments.from_json(side["moments"]))
-            shards.append(dict(file=name, start=start, num_records=end - start, bytes=side["bytes"]))
+            shards.append(dict(file=name, start=start, num_records=end - start, bytes=side["bytes"],
+                               sha256=side.get("sha256"), moments=side["moments"]))
         first = _read_one(os.path.join(partial, shards[0]["file"]))
         fields = {k: dict(dtype=_dtype_name(first[k]), shape=list(first[k].shape)) for k in record_fields(first)}
         meta = dict(format=FORMAT, version=VERSION, count=count, fields=fields, shards=shards,
@@ -415,7 +467,8 @@ def build(output: str, *, count: int, num_shards: int,
                 raise ValueError("a cache of frozen text states needs the empty prompt's states (null_text)")
             with open(os.path.join(partial, NULL_TEXT), "wb") as f:
                 f.write(encode_record({k: null_text[k] for k in ("text_states", "text_mask")}))
-            meta["null_text"] = dict(file=NULL_TEXT, bytes=os.path.getsize(os.path.join(partial, NULL_TEXT)))
+            size, digest = checksums.file_digest(os.path.join(partial, NULL_TEXT))
+            meta["null_text"] = dict(file=NULL_TEXT, bytes=size, sha256=digest)
             keep.add(NULL_TEXT)
         for name in os.listdir(partial):  # sidecars and the plan (their facts are in meta.json now), leftovers
             if name not in keep:

@@ -315,11 +315,19 @@ def _write_cache(config, path: str, source, n: int, info: dict, vae, text, *, no
     J = info['last_from'] last frames per record; config.cache gives the batch size and shards."""
     pid, nproc = jax.process_index(), jax.process_count()
     meta = latent_cache.read_meta(path)
-    if meta is not None and meta["count"] == n and latent_cache.is_complete(path, meta) and \
-            _same({k: meta.get(k) for k in info}, info):
+    same_plan = meta is not None and meta["count"] == n and _same({k: meta.get(k) for k in info}, info)
+    bad = latent_cache.verify(path, meta) if same_plan else []
+    if same_plan and not bad:
         print(f"latent cache: keeping {path} ({n} {noun}, VAE step {info['vae_step']})")
         return meta, True
-    if meta is not None:
+    if bad:
+        # Damaged shards are named and rewritten; the ones that verify are kept (`salvage`).
+        for name, reason in bad:
+            print(f"latent cache: {os.path.join(path, name)}: {reason}")
+        kept = latent_cache.salvage(path, meta, info, [name for name, _ in bad]) if pid == 0 else 0
+        print(f"latent cache: rewriting {len(bad)} damaged file(s) of {path}"
+              + (f", keeping its {kept} other shard(s)" if kept else " (the whole cache)"))
+    elif meta is not None:
         print(f"latent cache: rebuilding {path} (made for {meta.get('count')} {noun}, "
               f"VAE step {meta.get('vae_step')}; now {n}, VAE step {info['vae_step']})")
     elif os.path.exists(os.path.join(path, "latents.npz")):
