@@ -364,3 +364,16 @@ def test_cache_stage_rewrites_a_garbled_shard_and_names_it(runlocal_workdir, mai
     assert "latent cache: rewriting 1 damaged file(s)" in proc.stdout
     assert latent_cache.verify(cache, latent_cache.read_meta(cache)) == []
     assert open(shard, "rb").read() == original  # encoded again, bit for bit
+
+
+def test_damaged_converted_weights_are_refused_by_default(tmp_path):
+    from pixeldance.models import weights
+    directory = str(tmp_path / "net")
+    weights.save(directory, {"network": "toy"}, {"params": {"w": np.arange(4096, dtype=np.float32)}})
+    weights.load(directory, "toy", "made here")  # verifies
+    _flip_middle(os.path.join(directory, weights.PARAMS), 16)  # same size, still valid safetensors
+    with pytest.raises(weights.WeightsError) as err:
+        weights.load(directory, "toy", "made here")
+    assert str(err.value).startswith(f"{os.path.join(directory, weights.PARAMS)}: sha256 differs")
+    assert "\n" not in str(err.value)
+    weights.load(directory, "toy", "made here", verify=False)  # an explicit opt-out still reads it

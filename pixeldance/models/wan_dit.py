@@ -476,7 +476,7 @@ class WanDiT:
 
 def load_dit(directory: str, dtype=None, *, param_dtype=None, remat: str = "none",
              attention_impl: str | None = None, context_parallel: str = "ulysses", mesh=None,
-             preset: str = "fsdp_tensor", verify: bool = False) -> WanDiT:
+             preset: str = "fsdp_tensor", verify: bool = True) -> WanDiT:
     """The WanDiT of a folder written by `pixeldance.convert.wan_dit`.
 
     dtype: compute dtype ('float32', 'bfloat16' or a jnp dtype; None: the folder's, i.e. the
@@ -487,7 +487,7 @@ def load_dit(directory: str, dtype=None, *, param_dtype=None, remat: str = "none
     mesh, preset: shard the parameters over `mesh` by their logical names under `preset`'s rules
       (pixeldance/sharding.py; 'fsdp_tensor' splits D over fsdp and heads / E over tensor), each
       array read and placed one at a time (host memory: one stacked array); None: default device.
-    verify: re-hash params.safetensors against config.json's sha256 first.
+    verify: re-hash params.safetensors against config.json's sha256 first (`weights.check_sha256`).
 
     WeightsError (one line naming the path and, for a missing folder or file, the converter
     command) if the folder or its weights are missing or do not fit.
@@ -503,9 +503,8 @@ def load_dit(directory: str, dtype=None, *, param_dtype=None, remat: str = "none
     params_path = os.path.join(directory, weights.PARAMS)
     if not os.path.isfile(params_path):
         raise weights.WeightsError(f"{directory}: no {weights.PARAMS} ({ORIGIN})")
-    if verify and cfg.get("sha256") != weights.sha256(params_path):
-        raise weights.WeightsError(f"{params_path}: sha256 differs from {weights.CONFIG}'s "
-                                   f"(a damaged or replaced file)")
+    if verify:
+        weights.check_sha256(params_path, cfg)
     boxed = boxed_params(model)
     if mesh is not None:
         shardings = traverse_util.flatten_dict(sharding.tree_shardings(mesh, boxed, preset))
@@ -525,7 +524,7 @@ def load_dit(directory: str, dtype=None, *, param_dtype=None, remat: str = "none
     return WanDiT(model, traverse_util.unflatten_dict(flat), cfg, mesh=mesh, preset=preset)
 
 
-def read_params(directory: str, abstract: dict, place, *, verify: bool = False) -> dict:
+def read_params(directory: str, abstract: dict, place, *, verify: bool = True) -> dict:
     """A converted folder's parameters into a WanTransformer of architecture `abstract` (flat
     {path: ShapeDtypeStruct}, paths below 'params', e.g. ('blocks', 'attn1', 'to_q', 'kernel')),
     each array read, fitted and placed one at a time (`place(path, numpy array) -> array`, e.g. a
@@ -542,9 +541,8 @@ def read_params(directory: str, abstract: dict, place, *, verify: bool = False) 
     params_path = os.path.join(directory, weights.PARAMS)
     if not os.path.isfile(params_path):
         raise weights.WeightsError(f"{directory}: no {weights.PARAMS} ({ORIGIN})")
-    if verify and cfg.get("sha256") != weights.sha256(params_path):
-        raise weights.WeightsError(f"{params_path}: sha256 differs from {weights.CONFIG}'s "
-                                   f"(a damaged or replaced file)")
+    if verify:
+        weights.check_sha256(params_path, cfg)
     out = {}
     try:
         with safe_open(params_path, framework="numpy") as f:

@@ -39,6 +39,27 @@ def sha256(path: str) -> str:
     return h.hexdigest()
 
 
+_VERIFIED: set = set()  # (path, size, mtime_ns) of files that matched: each is hashed once per process
+
+
+def check_sha256(params_path: str, config: dict):
+    """WeightsError unless `params_path` hashes to config['sha256'] (written by the converter).
+    Every loader runs it by default (one read of the file, ~1 s/GB: benchmarks/README.md), so a
+    damaged or replaced weights file is never used; a folder without a recorded hash (written by
+    hand) is refused only if it claims one."""
+    expected = config.get("sha256")
+    if expected is None:
+        return
+    st = os.stat(params_path)
+    key = (os.path.abspath(params_path), st.st_size, st.st_mtime_ns)
+    if key in _VERIFIED:
+        return
+    if sha256(params_path) != expected:
+        raise WeightsError(f"{params_path}: sha256 differs from {CONFIG}'s (a damaged or replaced file; "
+                           f"convert the weights again)")
+    _VERIFIED.add(key)
+
+
 def save(directory: str, config: dict, variables: dict) -> dict:
     """Writes ``variables`` (a nested dict of arrays) and ``config`` to DIRECTORY; returns the config.
 
@@ -79,10 +100,10 @@ def read_config(directory: str, network: str, origin: str) -> dict:
     return config
 
 
-def load(directory: str, network: str, origin: str, *, verify: bool = False) -> tuple[dict, dict]:
+def load(directory: str, network: str, origin: str, *, verify: bool = True) -> tuple[dict, dict]:
     """(config, variables) of a folder written by :func:`save`; variables as nested numpy float32.
 
-    ``verify`` re-hashes params.safetensors against the config's sha256 (one read of the file).
+    ``verify`` re-hashes params.safetensors against the config's sha256 first (`check_sha256`).
     """
     from safetensors import safe_open
 
@@ -90,8 +111,8 @@ def load(directory: str, network: str, origin: str, *, verify: bool = False) -> 
     params = os.path.join(directory, PARAMS)
     if not os.path.isfile(params):
         raise WeightsError(f"{directory}: no {PARAMS} ({origin})")
-    if verify and config.get("sha256") != sha256(params):
-        raise WeightsError(f"{params}: sha256 differs from {CONFIG}'s (a damaged or replaced file)")
+    if verify:
+        check_sha256(params, config)
     try:
         with safe_open(params, framework="numpy") as f:
             flat = {tuple(k.split("/")): f.get_tensor(k) for k in f.keys()}
