@@ -377,3 +377,26 @@ def test_damaged_converted_weights_are_refused_by_default(tmp_path):
     assert str(err.value).startswith(f"{os.path.join(directory, weights.PARAMS)}: sha256 differs")
     assert "\n" not in str(err.value)
     weights.load(directory, "toy", "made here", verify=False)  # an explicit opt-out still reads it
+
+
+@pytest.mark.parametrize("name, content, says", [
+    ("latent_stats.json", None, "'std' must be positive and every value finite"),  # std 0: black videos before
+    ("vae_model.json", '{"channels": [32, 6', "is unreadable (JSONDecodeError"),
+])
+def test_sampling_refuses_a_damaged_workdir_file_naming_it(runlocal_workdir, python_runner, tmp_path, name,
+                                                           content, says):
+    workdir = str(tmp_path / "workdir")
+    shutil.copytree(runlocal_workdir, workdir, ignore=shutil.ignore_patterns("cache*", "samples"))
+    path = os.path.join(workdir, name)
+    if content is None:
+        stats = json.load(open(path))
+        stats["std"] = [0.0] * len(stats["std"])
+        content = json.dumps(stats)
+    with open(path, "w") as f:
+        f.write(content)
+    out = str(tmp_path / "video.mp4")
+    proc = python_runner("-m", "pixeldance.sample", f"--workdir={workdir}", "--prompt=a red circle", f"--output={out}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.rstrip().splitlines()[-1]
+    assert last.startswith("error: ") and path in last and says in last, last
+    assert not os.path.exists(out) and not os.path.exists(out + ".tmp.mp4")
