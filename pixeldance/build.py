@@ -122,6 +122,15 @@ class TokenText:
         """A text input of batch 1 (zeros) for `dit_init_fn`."""
         return jnp.zeros((1, self.tokenizer.max_length), jnp.int32)
 
+    @property
+    def max_length(self) -> int:
+        """Tokens per caption (BOS included); longer captions are cut."""
+        return self.tokenizer.max_length
+
+    def num_tokens(self, captions) -> list[int]:
+        """Each caption's length in tokens before it is cut to max_length."""
+        return self.tokenizer.num_tokens(list(captions))
+
 
 class EncoderText:
     """The text input of a frozen pretrained encoder (config.text.encoder = clip / t5 / umt5, a
@@ -149,7 +158,8 @@ class EncoderText:
         self.dim = model.text.width if kind == "clip" else model.width
         self.max_length = int(max_length or folder.get("max_length") or text_encoder_lib.DEFAULT_MAX_LENGTH[kind])
         self.sha256 = folder.get("sha256")
-        self._encoder, self._null = None, None
+        self._tokenizer_config = folder.get("tokenizer") or {}
+        self._encoder, self._null, self._tokenizer = None, None, None
 
     @property
     def encoder(self) -> text_encoder_lib.TextEncoder:
@@ -157,6 +167,14 @@ class EncoderText:
             self._encoder = text_encoder_lib.load_text_encoder(
                 self.path, None if self.kind == "clip" else self.dtype, max_length=self.max_length)
         return self._encoder
+
+    def num_tokens(self, captions) -> list[int]:
+        """Each caption's length in tokens (special tokens included) before it is cut to
+        max_length; needs the folder's tokenizer only, not the weights."""
+        if self._tokenizer is None:
+            self._tokenizer = (self._encoder.tokenizer if self._encoder is not None else
+                               text_encoder_lib.make_tokenizer(self.kind, self.path, self._tokenizer_config))
+        return self._tokenizer.num_tokens(list(captions))
 
     def identity(self) -> dict:
         """What cached states depend on (the latent cache's info): kind, weights' hash, length."""

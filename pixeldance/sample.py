@@ -22,6 +22,7 @@ T latent frames, h/w latent height/width, C latent channels.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 from typing import Iterator, Sequence
@@ -115,6 +116,57 @@ def sampler_fn(task: PixelDanceTask, model, *, steps: int, sampler: str, branche
                              shift=shift)
 
 
+def _number(value) -> float | None:
+    """value as a float (Python, NumPy or JAX scalars), or None if it is not a number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _is_int(value) -> bool:
+    v = _number(value)
+    return v is not None and v.is_integer()
+
+
+def check_settings(prefix: str = "", *, steps=None, guidance=None, image_guidance=None, num_frames=None,
+                   height=None, width=None, num_clips=None, sampler=None):
+    """Refuses sampling settings that would fail late or run and make garbage (NaN or inf
+    guidance gives black videos): a one-line ValueError naming `prefix` + the setting
+    (`--guidance` on the command line) unless each given one (None: not given) is in range on
+    its own: guidance and image_guidance finite and >= 0; steps, num_frames, height, width and
+    num_clips integers >= 1; sampler one of `samplers.SAMPLERS`. tau depends on the steps
+    (`check_tau`); whether a size fits the VAE and the DiT, on the model (`Pipeline._settings`)."""
+    for name, value in (("guidance", guidance), ("image_guidance", image_guidance)):
+        if value is not None and not (_number(value) is not None and math.isfinite(_number(value)) and value >= 0):
+            raise ValueError(f"{prefix}{name} must be a finite number >= 0, got {value}")
+    for name, value in (("steps", steps), ("num_clips", num_clips), ("num_frames", num_frames),
+                        ("height", height), ("width", width)):
+        if value is not None and not (_is_int(value) and value >= 1):
+            raise ValueError(f"{prefix}{name} must be an integer >= 1, got {value}")
+    if sampler is not None and sampler not in samplers.SAMPLERS:
+        raise ValueError(f"{prefix}sampler must be one of {', '.join(samplers.SAMPLERS)}, got {sampler!r}")
+
+
+def check_tau(tau, steps, config_steps: int, prefix: str = ""):
+    """A one-line ValueError naming `prefix` + 'tau' unless a given tau (None: not given) is an
+    integer in [0, S], S the sampling steps: `steps`, or when that is None the workdir's
+    `config_steps`. (A tau from the config is not checked: one above the steps uses the last
+    frame at every step, as tau = S does.)"""
+    S = config_steps if steps is None else int(steps)
+    if tau is not None and not (_is_int(tau) and 0 <= tau <= S):
+        source = f"{prefix}steps" if steps is not None else "the workdir's config.sample.steps"
+        raise ValueError(f"{prefix}tau must be an integer in [0, {S}] (0 to {source}), got {tau}")
+
+
+def _and(names: Sequence[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class Pipeline:
     """Text (+ first frame, + last frame) -> video, with classifier-free guidance and tau.
 
@@ -155,25 +207,63 @@ class Pipeline:
         return image
 
     def _settings(self, num_frames, steps, guidance, tau, sampler, image_guidance, height=None,
-                  width=None) -> dict:
+                  width=None, *, num_clips: int = 1, prefix: str = "") -> dict:
         """The sampling settings, None filled in from the workdir's config.sample (and the
-        training clip size), checked."""
+        training clip size), checked (`check_settings`, `check_tau`, and whether the size fits
+        the VAE and the DiT): one-line ValueErrors naming `prefix` + the argument."""
+        check_settings(prefix, steps=steps, guidance=guidance, image_guidance=image_guidance, num_frames=num_frames,
+                       height=height, width=width, num_clips=num_clips, sampler=sampler)
         s = self.config.sample
+        check_tau(tau, steps, s.steps, prefix)
         sampler = s.sampler if sampler is None else sampler
         if sampler not in samplers.SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose from {samplers.SAMPLERS}")
+            raise ValueError(f"unknown sampler {sampler!r} in the workdir's config.sample; choose from "
+                             f"{samplers.SAMPLERS}")
         F = self.num_frames if num_frames is None else int(num_frames)
         H = self.resolution if height is None else int(height)
         W = self.resolution if width is None else int(width)
-        _, h, w, _ = self.vae.latent_shape(F, H, W)  # one line if the VAE cannot compress this size
+        try:
+            _, h, w, _ = self.vae.latent_shape(F, H, W)  # one line if the VAE cannot compress this size
+        except ValueError as e:
+            raise ValueError(f"{self._misfits(F, H, W, prefix)} not fit the model: {e}") from None
         patch = build.dit_patch(self.config)
         if h % patch[1] or w % patch[2]:
-            raise ValueError(f"{H}x{W} pixels give {h}x{w} latents, which the DiT's {patch[1]}x{patch[2]} "
-                             f"patches do not tile: use multiples of {(H // h) * max(patch[1:])}")
+            names = [prefix + n for n, bad in (("height", h % patch[1]), ("width", w % patch[2])) if bad]
+            raise ValueError(f"{_and(names)} {'does' if len(names) == 1 else 'do'} not fit the model: {H}x{W} "
+                             f"pixels give {h}x{w} latents, which the DiT's {patch[1]}x{patch[2]} patches do not "
+                             f"tile: use multiples of {(H // h) * max(patch[1:])}")
+        if num_clips > 1 and F < 5:
+            raise ValueError(f"{prefix}num_clips > 1 needs {prefix}num_frames >= 5 (clips share a frame), got {F}")
         return dict(num_frames=F, height=H, width=W, steps=s.steps if steps is None else int(steps),
                     guidance=s.guidance if guidance is None else float(guidance),
                     tau=s.tau if tau is None else int(tau), sampler=sampler,
                     image_guidance=s.get("image_guidance", 1.0) if image_guidance is None else float(image_guidance))
+
+    def _misfits(self, F: int, H: int, W: int, prefix: str) -> str:
+        """'<names> does' / '<names> do': which of num_frames, height, width the VAE cannot
+        compress, each tried beside the training clip's (known good) others."""
+        R, F0 = self.resolution, self.num_frames
+        names = []
+        for name, shape in (("num_frames", (F, R, R)), ("height", (F0, H, R)), ("width", (F0, R, W))):
+            try:
+                self.vae.latent_shape(*shape)
+            except ValueError:
+                names.append(prefix + name)
+        names = names or [prefix + n for n in ("num_frames", "height", "width")]
+        return f"{_and(names)} {'does' if len(names) == 1 else 'do'}"
+
+    def warn_long_prompts(self, prompts: Sequence[str]) -> list[int]:
+        """Logs one warning line for each distinct prompt longer than the text encoder's
+        max_length (in tokens, special ones included), which is cut to it, naming how many
+        tokens are dropped. Returns the dropped counts, per distinct prompt in order."""
+        distinct = list(dict.fromkeys(prompts))
+        limit = self.text.max_length
+        dropped = [max(0, n - limit) for n in self.text.num_tokens(distinct)]
+        for prompt, d in zip(distinct, dropped):
+            if d:
+                logging.warning("prompt %r has %d tokens, more than the text encoder's %d: truncated, the last %d "
+                                "dropped", _shorten(prompt), limit + d, limit, d)
+        return dropped
 
     def generate_batch(self, prompts: Sequence[str], first_frames=None, last_frames=None, *,
                        num_frames: int | None = None, height: int | None = None, width: int | None = None,
@@ -251,16 +341,16 @@ class Pipeline:
         seed: the first clip draws as `generate(..., seed=seed)` does (so num_clips=1 is the
           plain single clip); clip k > 0 draws from a key derived from (seed, k).
 
-        The arguments are checked at the call, before any clip is sampled. Clips are sampled one
-        per step of the iteration; only the current clip and the carried frame are held, and
-        every clip has the same shapes, so the jitted sampler compiles once for any num_clips.
+        The arguments are checked at the call, before any clip is sampled (one-line ValueErrors:
+        guidance scales finite and >= 0, steps >= 1, tau in [0, steps], sizes the VAE and the
+        DiT can make). A prompt longer than the text encoder's max_length is cut to it, with one
+        warning line (`warn_long_prompts`). Clips are sampled one per step of the iteration;
+        only the current clip and the carried frame are held, and every clip has the same
+        shapes, so the jitted sampler compiles once for any num_clips.
         """
-        if num_clips < 1:
-            raise ValueError(f"num_clips must be >= 1, got {num_clips}")
-        settings = self._settings(num_frames, steps, guidance, tau, sampler, image_guidance, height, width)
+        settings = self._settings(num_frames, steps, guidance, tau, sampler, image_guidance, height, width,
+                                  num_clips=num_clips)
         H, W = settings["height"], settings["width"]
-        if num_clips > 1 and settings["num_frames"] < 5:
-            raise ValueError(f"num_clips > 1 needs num_frames >= 5 (clips share a frame), got {settings['num_frames']}")
         if isinstance(prompt, str):
             prompts = [prompt] * num_clips
         elif len(prompt) != num_clips or not all(isinstance(p, str) for p in prompt):
@@ -278,6 +368,7 @@ class Pipeline:
         lasts = [None if f is None else self._check_image(f, "last_frame", H, W) for f in lasts]
         if lasts[0] is not None and first_frame is None:
             raise ValueError("a last frame needs a first frame (PixelDance's instructions are [first, ..., last])")
+        self.warn_long_prompts(prompts)
         return self._chain_clips(prompts, first_frame, lasts, seed, settings)
 
     def _chain_clips(self, prompts, first_frame, last_frames, seed, settings) -> Iterator[np.ndarray]:
@@ -330,43 +421,72 @@ def pretrained_dit(config, init_fn, mesh, preset: str):
     return build.pretrained_dit_params(config)(abstract, shardings), shardings
 
 
+def _check_output(path: str):
+    """--output: a .mp4 / .gif file path that can be written (a missing parent folder is created
+    once the video is made, as `mkdir -p` would; a folder or a file in the way is refused)."""
+    if not path:
+        raise ValueError("--output is required (a .mp4 or .gif path)")
+    if not path.endswith((".mp4", ".gif")):
+        raise ValueError(f"--output must end in .mp4 or .gif, got {path}")
+    if os.path.isdir(path):
+        raise ValueError(f"--output {path} is a folder: give a .mp4 or .gif file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(folder):  # the nearest existing ancestor: where the folders would be made
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise ValueError(f"--output {path}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {path}: {folder} is not writable")
+
+
+def _check_flags(FLAGS):
+    """Everything the command line decides on its own, before any file is read (one-line
+    ValueErrors naming the flag); returns the prompt (a str, or one per clip)."""
+    _check_output(FLAGS.output)
+    check_settings("--", steps=FLAGS.steps, guidance=FLAGS.guidance, image_guidance=FLAGS.image_guidance,
+                   num_frames=FLAGS.num_frames, height=FLAGS.height, width=FLAGS.width, num_clips=FLAGS.num_clips,
+                   sampler=FLAGS.sampler)
+    prompt = FLAGS.prompt
+    if FLAGS.prompts is not None:
+        if FLAGS.prompt:
+            raise ValueError("give --prompt or --prompts, not both")
+        prompt = [p.strip() for p in FLAGS.prompts.split("|")]
+        if len(prompt) != FLAGS.num_clips:
+            raise ValueError(f"--prompts has {len(prompt)} '|'-separated prompts, --num_clips is {FLAGS.num_clips}")
+    # With several clips the last frame ends the final clip, which starts from the previous clip's last frame.
+    if FLAGS.last_frame and not FLAGS.first_frame and FLAGS.num_clips == 1:
+        raise ValueError("--last_frame needs --first_frame (the instructions are [first, ..., last])")
+    return prompt
+
+
 def main(argv):
+    """Every input is checked before any work: the flags on their own, then against the
+    workdir's config (tau against the steps; the instruction images, read and sized), then,
+    once the pipeline is loaded, the video size against the VAE and the DiT. Each refusal is one
+    line `error: ...` on stderr naming the flag, exit status 2, and nothing written."""
     FLAGS = flags.FLAGS
     del argv
     try:
-        if not FLAGS.output:
-            raise ValueError("--output is required (a .mp4 or .gif path)")
-        if not FLAGS.output.endswith((".mp4", ".gif")):
-            raise ValueError(f"--output must end in .mp4 or .gif, got {FLAGS.output}")
-        if FLAGS.num_clips < 1:
-            raise ValueError(f"--num_clips must be >= 1, got {FLAGS.num_clips}")
-        prompt = FLAGS.prompt
-        if FLAGS.prompts is not None:
-            if FLAGS.prompt:
-                raise ValueError("give --prompt or --prompts, not both")
-            prompt = [p.strip() for p in FLAGS.prompts.split("|")]
-            if len(prompt) != FLAGS.num_clips:
-                raise ValueError(f"--prompts has {len(prompt)} '|'-separated prompts, --num_clips is {FLAGS.num_clips}")
-        # With several clips the last frame ends the final clip, which starts from the previous clip's last frame.
-        if FLAGS.last_frame and not FLAGS.first_frame and FLAGS.num_clips == 1:
-            raise ValueError("--last_frame needs --first_frame (the instructions are [first, ..., last])")
-        for name in ("height", "width"):
-            if getattr(FLAGS, name) is not None and getattr(FLAGS, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
-        pipe = load_pipeline(FLAGS.workdir)
-        H = pipe.resolution if FLAGS.height is None else FLAGS.height
-        W = pipe.resolution if FLAGS.width is None else FLAGS.width
+        prompt = _check_flags(FLAGS)
+        config = workdir_lib.read_config(FLAGS.workdir)
+        check_tau(FLAGS.tau, FLAGS.steps, config.sample.steps, "--")
+        H = config.data.resolution if FLAGS.height is None else FLAGS.height
+        W = config.data.resolution if FLAGS.width is None else FLAGS.width
         size = (H, W) if FLAGS.resize else None
-        first = video_io.read_image(FLAGS.first_frame, size) if FLAGS.first_frame else None
-        last = video_io.read_image(FLAGS.last_frame, size) if FLAGS.last_frame else None
-        for name, img in (("first_frame", first), ("last_frame", last)):
-            if img is not None and img.shape[:2] != (H, W):
-                path = getattr(FLAGS, name)
-                raise ValueError(f"--{name} {path} is {img.shape[1]}x{img.shape[0]}, the videos are "
-                                 f"{W}x{H} (--width x --height; pass --resize to resize it)")
-        clips = pipe.generate_clips(prompt, first, last, num_clips=FLAGS.num_clips, num_frames=FLAGS.num_frames,
-                                    height=H, width=W, steps=FLAGS.steps, guidance=FLAGS.guidance, tau=FLAGS.tau,
-                                    seed=FLAGS.seed, sampler=FLAGS.sampler, image_guidance=FLAGS.image_guidance)
+        images = {}
+        for name in ("first_frame", "last_frame"):
+            path = getattr(FLAGS, name)
+            if path:
+                images[name] = img = video_io.read_image(path, size, name=f"--{name}")
+                if img.shape[:2] != (H, W):
+                    raise ValueError(f"--{name} {path} is {img.shape[1]}x{img.shape[0]}, the videos are "
+                                     f"{W}x{H} (--width x --height; pass --resize to resize it)")
+        pipe = load_pipeline(FLAGS.workdir)
+        kwargs = dict(num_frames=FLAGS.num_frames, height=H, width=W, steps=FLAGS.steps, guidance=FLAGS.guidance,
+                      tau=FLAGS.tau, sampler=FLAGS.sampler, image_guidance=FLAGS.image_guidance)
+        pipe._settings(prefix="--", num_clips=FLAGS.num_clips, **kwargs)  # the size against the model, by flag
+        clips = pipe.generate_clips(prompt, images.get("first_frame"), images.get("last_frame"),
+                                    num_clips=FLAGS.num_clips, seed=FLAGS.seed, **kwargs)
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
         if FLAGS.output.endswith(".mp4"):
             with video_io.Mp4Writer(FLAGS.output) as writer:  # streamed: one clip in memory at a time
@@ -378,34 +498,38 @@ def main(argv):
             video_io.write_gif(FLAGS.output, video, scale=4)
             num_frames = video.shape[0]
         print(f"wrote {FLAGS.output} ({num_frames} frames, {W}x{H})")
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # bad flags, missing or damaged files, an unwritable output
+        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
         sys.exit(2)
 
 
 def define_flags():
     """The command line's flags, on absl's global FLAGS."""
     flags.DEFINE_string("workdir", None, "Workdir of a trained pipeline.", required=True)
-    flags.DEFINE_string("prompt", "", "Text instruction.")
+    flags.DEFINE_string("prompt", "", "Text instruction; one longer than the text encoder's max_length tokens "
+                        "is cut to it, with a warning naming how many were dropped.")
     flags.DEFINE_string("prompts", None, "Per-clip text instructions, '|'-separated, one per clip "
                         "(instead of --prompt, which applies to every clip).")
     flags.DEFINE_integer("num_clips", 1, "Clips chained into one long video: each starts from the "
                          "previous clip's last frame; F + (num_clips - 1)(F - 1) frames in all.")
-    flags.DEFINE_string("first_frame", None, "First-frame instruction image (png/jpg).")
+    flags.DEFINE_string("first_frame", None, "First-frame instruction image (png/jpg, any mode Pillow reads: "
+                        "16-bit images are scaled to 8 bits; one with transparency (RGBA, LA, a palette with a "
+                        "transparent colour) is composited on black, with a warning).")
     flags.DEFINE_string("last_frame", None, "Last-frame instruction image (needs --first_frame when "
-                        "--num_clips=1); with several clips, the final clip's last frame.")
+                        "--num_clips=1); with several clips, the final clip's last frame. Read as --first_frame.")
     flags.DEFINE_integer("height", None, "Video height in pixels; default: the training resolution.")
     flags.DEFINE_integer("width", None, "Video width in pixels; default: the training resolution.")
     flags.DEFINE_boolean("resize", False, "Resize instruction images to the videos' height x width.")
     flags.DEFINE_integer("num_frames", None, "Frames per clip (1 + 4k); default: the training clip length.")
-    flags.DEFINE_integer("steps", None, "Sampling steps; default: config.sample.steps.")
-    flags.DEFINE_float("guidance", None, "Text guidance scale; default: config.sample.guidance.")
-    flags.DEFINE_float("image_guidance", None, "Image-instruction guidance scale (1: none, the faster "
-                       "2-branch batch); default: config.sample.image_guidance.")
-    flags.DEFINE_integer("tau", None, "Steps during which the last frame is used; default: config.sample.tau.")
+    flags.DEFINE_integer("steps", None, "Sampling steps (>= 1); default: config.sample.steps.")
+    flags.DEFINE_float("guidance", None, "Text guidance scale (finite, >= 0); default: config.sample.guidance.")
+    flags.DEFINE_float("image_guidance", None, "Image-instruction guidance scale (finite, >= 0; 1: none, the "
+                       "faster 2-branch batch); default: config.sample.image_guidance.")
+    flags.DEFINE_integer("tau", None, "Steps during which the last frame is used, 0 to the steps; default: "
+                         "config.sample.tau.")
     flags.DEFINE_string("sampler", None, f"One of {', '.join(samplers.SAMPLERS)}; default: config.sample.sampler.")
     flags.DEFINE_integer("seed", 0, "Random seed.")
-    flags.DEFINE_string("output", None, "Output .mp4 or .gif path.")
+    flags.DEFINE_string("output", None, "Output .mp4 or .gif file path (missing parent folders are created).")
 
 
 def run():

@@ -12,6 +12,7 @@ from absl import flags
 from PIL import Image
 
 from pixeldance import build, configs, sample
+from pixeldance import workdir as workdir_lib
 from pixeldance.data import video_io
 from pixeldance.sample import Pipeline
 from pixeldance.workdir import LatentStats
@@ -199,16 +200,19 @@ def test_mp4_writer_streams_and_removes_a_partial_file(tmp_path):
 
 
 @pytest.fixture
-def cli(monkeypatch):
-    """Runs sample.main in-process on a stand-in pipeline; returns (exit status, stdout, stderr)."""
+def cli(monkeypatch, tmp_path_factory):
+    """Runs sample.main in-process on a stand-in pipeline; returns (exit status, stdout, stderr).
+    The workdir holds the stand-in's config.json only (main checks the flags against it first)."""
     if "num_clips" not in flags.FLAGS:
         sample.define_flags()
     pipe = _pipeline()
     monkeypatch.setattr(sample, "load_pipeline", lambda workdir: pipe)
+    workdir = tmp_path_factory.mktemp("standin_workdir")
+    workdir_lib.write_config(str(workdir), pipe.config)
 
     def run(capsys, *argv):
         flags.FLAGS.unparse_flags()
-        flags.FLAGS(["sample", "--workdir=unused", *argv])
+        flags.FLAGS(["sample", f"--workdir={workdir}", *argv])
         try:
             sample.main([])
             status = 0

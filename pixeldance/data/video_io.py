@@ -9,29 +9,64 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from absl import logging
 
 from pixeldance.data.folder import BadVideoError
 
 
-def read_image(path: str, size: int | tuple[int, int] | None = None) -> np.ndarray:
+def read_image(path: str, size: int | tuple[int, int] | None = None, *, name: str = "image") -> np.ndarray:
     """An RGB image as uint8 [H, W, 3]; resized (bilinear) to `size` when given: (height, width),
     or one int for size x size.
 
-    Raises FileNotFoundError / ValueError with one line naming the file.
+    Any bit depth and mode Pillow reads (`to_rgb8`): 16-bit images are scaled to 8 bits (by
+    255/65535, not clipped), and an image with transparency (RGBA, LA, a palette or a colour key
+    with a transparent entry) is composited on black, with one warning line naming `name` and
+    the file. Raises FileNotFoundError / ValueError with one line naming the file.
     """
     from PIL import Image, UnidentifiedImageError
     if not os.path.exists(path):
         raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            if size is not None:
-                height, width = (size, size) if isinstance(size, int) else size
-                if im.size != (width, height):
-                    im = im.resize((width, height), Image.BILINEAR)
-            return np.asarray(im, np.uint8)
+            image = to_rgb8(im, f"{name} {path}")
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
+    if size is not None:
+        height, width = (size, size) if isinstance(size, int) else size
+        if image.shape[:2] != (height, width):
+            image = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR), np.uint8)
+    return image
+
+
+_SIXTEEN_BIT = 65535  # Pillow's 'I;16*' modes, and 'I' as 16-bit PNGs open in older Pillow
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def to_rgb8(im, what: str = "image") -> np.ndarray:
+    """A Pillow image as uint8 [H, W, 3], whatever its mode and bit depth.
+
+    16-bit greyscale (modes 'I;16', 'I;16B', ... and 'I', taken as 0..65535) is scaled by
+    255/65535 and rounded (Pillow's own conversion would clip every value above 255 to white);
+    48- and 64-bit RGB(A) PNGs already open as 8-bit RGB(A) in Pillow (the high byte, within one
+    level of the scaled value). An image with transparency (modes RGBA / LA / PA, or a palette /
+    colour key with a transparent entry) is composited on black: each colour times its alpha, so
+    fully transparent pixels become black; when any pixel is not fully opaque one warning line
+    says so, naming `what` (e.g. '--first_frame a.png').
+    """
+    mode = im.mode
+    if mode == "I" or mode.startswith("I;16"):
+        grey = np.asarray(im).astype(np.float64)
+        grey = np.round(np.clip(grey, 0, _SIXTEEN_BIT) * (255 / _SIXTEEN_BIT)).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if mode in _ALPHA_MODES or "transparency" in im.info:
+        rgba = np.asarray(im.convert("RGBA"))
+        alpha = rgba[..., 3:].astype(np.float32) / 255
+        see_through = float(np.mean(alpha < 1))
+        if see_through:
+            logging.warning("%s has transparency (mode %s): composited on black (%.1f %% of its pixels are "
+                            "not fully opaque)", what, mode, 100 * see_through)
+        return np.round(rgba[..., :3] * alpha).astype(np.uint8)
+    return np.asarray(im.convert("RGB"), np.uint8)
 
 
 def write_image(path: str, image: np.ndarray):
@@ -82,8 +117,12 @@ class Mp4Writer:
         finally:
             self._container.close()
         if exc_type is None and self.num_frames:
-            os.replace(self._tmp, self.path)
-            return
+            try:
+                os.replace(self._tmp, self.path)
+                return
+            except OSError:  # e.g. the path is a folder: no partial file is left either way
+                os.remove(self._tmp)
+                raise
         if os.path.exists(self._tmp):  # PyAV creates it only once it writes
             os.remove(self._tmp)
         if exc_type is None:
@@ -109,13 +148,22 @@ def read_video(path: str) -> np.ndarray:
 
 
 def write_gif(path: str, video: np.ndarray, fps: int = 8, scale: int = 1):
-    """Animated GIF, looping; `scale` repeats pixels so small videos are visible."""
+    """Animated GIF, looping; `scale` repeats pixels so small videos are visible. Written to
+    `path + '.tmp.gif'` and renamed, so a failed write leaves no partial file."""
     from PIL import Image
     video = np.asarray(video, np.uint8)
     if scale > 1:
         video = video.repeat(scale, axis=1).repeat(scale, axis=2)
     frames = [Image.fromarray(f) for f in video]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
+    tmp = path + ".tmp.gif"
+    try:
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / fps),
+                       loop=0)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def video_grid(videos: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:

@@ -409,6 +409,13 @@ class ClipTokenizer:
         mask = np.asarray([e.attention_mask for e in encodings], np.int32).reshape(len(encodings), length)
         return ids, mask
 
+    def num_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Each text's length in tokens, start and end tokens included, before `tokenize` cuts it."""
+        tok = self._tokenizer
+        tok.no_truncation()  # `tokenize` sets truncation and padding again on every call
+        tok.no_padding()
+        return [len(e.ids) for e in tok.encode_batch(list(texts), add_special_tokens=True)]
+
 
 def pad_token_of(directory: str) -> str:
     """The pad token a Hugging Face tokenizer folder names (special_tokens_map.json, then

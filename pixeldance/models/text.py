@@ -78,6 +78,15 @@ def concat_text(texts):
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *texts)
 
 
+def _pad(tokenizer, texts: Sequence[str]) -> np.ndarray:
+    """B texts -> int32 [B, max_length]: each text's `tokenizer.ids`, cut to max_length, padded."""
+    out = np.full((len(texts), tokenizer.max_length), PAD, np.int32)
+    for b, text in enumerate(texts):
+        ids = tokenizer.ids(text)[: tokenizer.max_length]
+        out[b, : len(ids)] = ids
+    return out
+
+
 class WordTokenizer:
     """Lower-cased words -> ids; id 2 (BOS) always leads, so an empty prompt is one valid token."""
 
@@ -90,14 +99,17 @@ class WordTokenizer:
     def vocab_size(self) -> int:
         return len(self.vocab)
 
+    def ids(self, text: str) -> list[int]:
+        """One text's token ids, BOS first, not cut to max_length."""
+        return [BOS] + [self.vocab.get(w, UNK) for w in re.findall(r"[a-z0-9']+", text.lower())]
+
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         """texts: B strings -> int32 [B, max_length]; words past max_length are dropped."""
-        out = np.full((len(texts), self.max_length), PAD, np.int32)
-        for b, text in enumerate(texts):
-            ids = [BOS] + [self.vocab.get(w, UNK) for w in re.findall(r"[a-z0-9']+", text.lower())]
-            ids = ids[: self.max_length]
-            out[b, : len(ids)] = ids
-        return out
+        return _pad(self, texts)
+
+    def num_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Each text's length in tokens (BOS included) before it is cut to max_length."""
+        return [len(self.ids(t)) for t in texts]
 
 
 class HashedTokenizer:
@@ -113,15 +125,19 @@ class HashedTokenizer:
     def vocab_size(self) -> int:
         return self._size
 
-    def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        out = np.full((len(texts), self.max_length), PAD, np.int32)
+    def ids(self, text: str) -> list[int]:
+        """One text's token ids, BOS first, not cut to max_length."""
         n = self._size - len(_SPECIAL)
-        for b, text in enumerate(texts):
-            words = re.findall(r"[a-z0-9']+", text.lower())
-            ids = [BOS] + [len(_SPECIAL) + zlib.crc32(w.encode("utf-8")) % n for w in words]
-            ids = ids[: self.max_length]
-            out[b, : len(ids)] = ids
-        return out
+        words = re.findall(r"[a-z0-9']+", text.lower())
+        return [BOS] + [len(_SPECIAL) + zlib.crc32(w.encode("utf-8")) % n for w in words]
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        """texts: B strings -> int32 [B, max_length]; words past max_length are dropped."""
+        return _pad(self, texts)
+
+    def num_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Each text's length in tokens (BOS included) before it is cut to max_length."""
+        return [len(self.ids(t)) for t in texts]
 
 
 class ByteTokenizer:
@@ -134,13 +150,17 @@ class ByteTokenizer:
     def vocab_size(self) -> int:
         return len(_SPECIAL) + 256
 
+    def ids(self, text: str) -> list[int]:
+        """One text's token ids, BOS first, not cut to max_length."""
+        return [BOS] + [len(_SPECIAL) + v for v in text.encode("utf-8")]
+
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        out = np.full((len(texts), self.max_length), PAD, np.int32)
-        for b, text in enumerate(texts):
-            ids = [BOS] + [len(_SPECIAL) + v for v in text.encode("utf-8")]
-            ids = ids[: self.max_length]
-            out[b, : len(ids)] = ids
-        return out
+        """texts: B strings -> int32 [B, max_length]; bytes past max_length are dropped."""
+        return _pad(self, texts)
+
+    def num_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Each text's length in tokens (BOS included) before it is cut to max_length."""
+        return [len(self.ids(t)) for t in texts]
 
 
 class FrozenText(nn.Module):

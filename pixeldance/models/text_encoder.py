@@ -122,6 +122,15 @@ class T5Tokenizer:
             ids[b, :len(row)], mask[b, :len(row)] = row, 1
         return ids, mask
 
+    def num_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Each text's length in tokens, the appended </s> included, before `tokenize` cuts it."""
+        if self._json is not None:
+            tok = self._json
+            tok.no_truncation()  # `tokenize` sets truncation and padding again on every call
+            tok.no_padding()
+            return [len(e.ids) for e in tok.encode_batch(list(texts), add_special_tokens=True)]
+        return [len(pieces) + 1 for pieces in self._spm.encode(list(texts))]
+
 
 def _first_line(e: BaseException) -> str:
     text = str(e)
@@ -201,6 +210,10 @@ class TextEncoder:
         """B strings -> (ids int32 [B, max_length], mask int32 [B, max_length], 1 for real tokens)."""
         return self.tokenizer.tokenize(texts, self.max_length)
 
+    def num_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Each text's length in tokens before `tokenize` cuts it to max_length."""
+        return self.tokenizer.num_tokens(texts)
+
     def embed(self, ids, mask) -> jax.Array:
         """ids: int32 [B, S]; mask: int32/bool [B, S] -> float32 [B, S, D] (last_hidden_state)."""
         ids, mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask)
@@ -226,7 +239,7 @@ def _dtype(value, where: str):
 
 
 def load_text_encoder(directory: str, dtype=None, *, param_dtype=None, max_length: int | None = None,
-                      mesh=None, preset: str = "fsdp_tensor", verify: bool = False) -> TextEncoder:
+                      mesh=None, preset: str = "fsdp_tensor", verify: bool = True) -> TextEncoder:
     """The TextEncoder of a folder written by `pixeldance.convert.text_encoder`.
 
     dtype: compute dtype ('float32', 'bfloat16' or a jnp dtype; None: the folder's, i.e. the
@@ -237,7 +250,7 @@ def load_text_encoder(directory: str, dtype=None, *, param_dtype=None, max_lengt
     mesh, preset: shard the parameters over `mesh` by their logical names under `preset`'s rules
       (pixeldance/sharding.py; e.g. 'fsdp_tensor'), each array read and placed one at a time; None:
       the default device.
-    verify: re-hash params.safetensors against config.json's sha256 first.
+    verify: re-hash params.safetensors against config.json's sha256 first (`weights.check_sha256`).
 
     WeightsError (one line naming the path and, for a missing folder or file, the converter
     command) if the folder, its weights or its tokenizer are missing or do not fit.
@@ -253,9 +266,8 @@ def load_text_encoder(directory: str, dtype=None, *, param_dtype=None, max_lengt
     params_path = os.path.join(directory, weights.PARAMS)
     if not os.path.isfile(params_path):
         raise weights.WeightsError(f"{directory}: no {weights.PARAMS} ({ORIGIN})")
-    if verify and config.get("sha256") != weights.sha256(params_path):
-        raise weights.WeightsError(f"{params_path}: sha256 differs from {weights.CONFIG}'s "
-                                   f"(a damaged or replaced file)")
+    if verify:
+        weights.check_sha256(params_path, config)
     tokenizer = make_tokenizer(kind, directory, config.get("tokenizer") or {})
     check_vocabulary(tokenizer, model, directory)
 
