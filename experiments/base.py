@@ -80,6 +80,14 @@ def get_config(arg=None):
         # Where the headers read for buckets (frame counts, sizes) are kept: "" next to the
         # captions file (<captions>.meta-<kind>.json), a folder, or "memory" (not written).
         meta_cache="",
+        # Data roots are boundaries (pixeldance/data/paths.py): a path in a captions file (and a
+        # file a latent cache's meta.json or buckets.json names) must resolve inside its folder
+        # (`root`, the cache folder) after following symlinks. A `../` row, an absolute path or
+        # a symlink pointing out of the folder is refused before it is opened (named with its
+        # file:line; skipped and counted with on_error='skip', an error with 'raise'), so a
+        # captions file from elsewhere cannot make training read arbitrary files. True: read
+        # them anyway (data spread over several disks on purpose, linked from one root).
+        allow_outside_root=False,
     )
 
     c.vae = dict(

@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+import shutil
 
 import ml_collections
 import numpy as np
@@ -17,6 +18,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _write_csv(root, rows, name="captions.csv"):
     with open(os.path.join(root, name), "w") as f:
         f.write("path,caption\n" + "".join(r + "\n" for r in rows))
+
+
+def _place(src, dst):
+    """A copy of file or folder `src` at `dst` (a symlink to it would point outside the data
+    root, which the folder sources refuse: pixeldance/data/paths.py)."""
+    (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, dst)
 
 
 def _ramp(h, w, blue=0):
@@ -146,7 +153,7 @@ def test_bad_images_and_rows_skipped_counted_logged(image_dir, caplog):
                                        ("missing.png", "missing")])
 def test_raise_names_the_file(image_dir, tmp_path, name, kind):
     if name != "missing.png":
-        os.symlink(os.path.join(image_dir, name), tmp_path / name)
+        _place(os.path.join(image_dir, name), tmp_path / name)
     _write_csv(tmp_path, [f"{name},x"])
     src = image_folder.ImageFolderSource(str(tmp_path), resolution=8, on_error="raise")
     with pytest.raises(image_folder.BadImageError) as e:

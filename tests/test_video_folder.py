@@ -44,6 +44,12 @@ def _write_csv(root, rows, name="captions.csv"):
         f.write("path,caption\n" + "".join(r + "\n" for r in rows))
 
 
+def _place(src, dst):
+    """A copy of file or folder `src` at `dst` (a symlink to it would point outside the data
+    root, which the folder sources refuse: pixeldance/data/paths.py)."""
+    (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, dst)
+
+
 @pytest.fixture(scope="module")
 def clean_dir(tmp_path_factory):
     """Two good videos (blue 0 and 200) and a CSV with quoted free-text captions."""
@@ -66,7 +72,7 @@ def messy_dir(tmp_path_factory, clean_dir):
     (root / "noise.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 5000, np.uint8).tobytes())
     video_io.write_mp4(str(root / "short.mp4"), _frames(num=3), fps=FPS_SRC)
     for name in ("carphone_pristine.mp4", "bikes.mp4"):
-        os.symlink(os.path.join(sample_video_dir(), name), root / name)
+        _place(os.path.join(sample_video_dir(), name), root / name)
     _write_csv(root, [
         "good.mp4,good one",             # entry 0 (line 2)
         "empty.mp4,zero bytes",          # 1
@@ -143,7 +149,7 @@ def test_captions_map_to_their_videos(clean_dir, tmp_path):
     assert src[1]["caption"] == 'bright "quoted" one' and src[1]["video"][..., 2].mean() > 170
     # The same folder described by JSONL (one malformed line, reported with its number).
     for name in ("a.mp4", "sub"):
-        os.symlink(os.path.join(clean_dir, name), tmp_path / name)
+        _place(os.path.join(clean_dir, name), tmp_path / name)
     with open(tmp_path / "captions.jsonl", "w") as f:
         f.write(json.dumps(dict(path="sub/b.mp4", caption="bright")) + "\n{not json\n"
                 + json.dumps(dict(path="a.mp4", caption="dark")) + "\n")
@@ -189,7 +195,7 @@ def test_bad_inputs_are_skipped_counted_and_logged(messy_dir, caplog):
                                        ("missing.mp4", "missing")])
 def test_raise_names_the_file(messy_dir, tmp_path, name, kind):
     if name != "missing.mp4":
-        os.symlink(os.path.join(messy_dir, name), tmp_path / name)
+        _place(os.path.join(messy_dir, name), tmp_path / name)
     _write_csv(tmp_path, [f"{name},x"])
     src = video_folder.VideoFolderSource(str(tmp_path), num_frames=9, resolution=16, on_error="raise")
     with pytest.raises(folder.BadVideoError) as e:
@@ -265,9 +271,9 @@ def test_main_job_on_a_video_folder(clean_dir, messy_dir, tmp_path, python_runne
     root = tmp_path / "videos"
     os.makedirs(root)
     for name in ("a.mp4", "sub"):
-        os.symlink(os.path.join(clean_dir, name), root / name)
+        _place(os.path.join(clean_dir, name), root / name)
     for name in ("noise.mp4", "carphone_pristine.mp4"):
-        os.symlink(os.path.join(messy_dir, name), root / name)
+        _place(os.path.join(messy_dir, name), root / name)
     _write_csv(root, ['a.mp4,"a dark clip"', "noise.mp4,broken", "sub/b.mp4,a bright clip",
                       "carphone_pristine.mp4,a man on the phone", "oops"])
     workdir = tmp_path / "work"

@@ -9,7 +9,10 @@ good one and, for buckets, gives each entry's native shape.
       ...
 
 Bad input. Malformed caption rows are found when the index is built (their line numbers are
-logged and counted); missing, empty, corrupt, truncated or too-short files when an item is
+logged and counted), and so are rows whose path resolves outside ROOT (`../x.png`, an absolute
+path, a symlink in ROOT pointing out of it: refused before anything is opened, see
+pixeldance/data/paths.py; allow_outside_root=True, config.data.allow_outside_root, lets them
+through); missing, empty, corrupt, truncated or too-short files when an item is
 read. With on_error='skip' a bad entry is logged once and counted, and the item is replaced by
 the next good entry (i + 1, i + 2, ... modulo the entries; a clip's position still comes from
 item i), so batches keep their shape and stay deterministic; with on_error='raise' the first bad
@@ -28,7 +31,9 @@ import zlib
 import numpy as np
 from absl import logging
 
-REASONS = ("malformed_row", "missing", "empty", "corrupt", "too_short")
+from pixeldance.data.paths import OutsideRootError, resolve_inside
+
+REASONS = ("malformed_row", "outside_root", "missing", "empty", "corrupt", "too_short")
 SPLITS = ("train", "heldout")
 _EXAMPLES = 5  # paths kept per reason in summary()
 
@@ -41,21 +46,43 @@ class BadVideoError(ValueError):
         super().__init__(f"{reason.replace('_', ' ')}: {path}" + (f" ({detail})" if detail else ""))
 
 
-def read_captions(path: str, on_error: str = "skip"):
+def read_captions(path: str, on_error: str = "skip", *, root: str | None = None,
+                  allow_outside_root: bool = False, name: str | None = None):
     """The (relative path, caption) rows of a CSV (header path,caption) or JSONL captions file.
 
     Returns (rows, bad): bad lists "file:line: why" for each malformed row (on_error='skip'); with
     on_error='raise' the first one raises ValueError.
+
+    root: when given, each row's path must resolve inside it (`paths.resolve_inside`; nothing is
+    opened): a row that does not is refused, with on_error='skip' listed in bad as the
+    OutsideRootError (its message one line: "NAME:LINE: 'PATH' resolves outside the data root
+    ROOT (...)"), with on_error='raise' raised; allow_outside_root=True keeps it. name: the
+    captions file as rows are named in those messages (default: path).
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"captions file not found: {path}")
     rows, bad = [], []
+    name = path if name is None else name
 
     def reject(line: int, why: str):
         msg = f"{path}:{line}: {why}"
         if on_error == "raise":
             raise ValueError(f"malformed caption row {msg}")
         bad.append(msg)
+
+    def add(line: int, rel: str, caption: str):
+        if "\0" in rel:  # os.path refuses it; no file has such a name
+            reject(line, "the path holds a NUL character")
+            return
+        if root is not None:
+            try:
+                resolve_inside(root, rel, where=f"{name}:{line}", allow_outside=allow_outside_root)
+            except OutsideRootError as e:
+                if on_error == "raise":
+                    raise
+                bad.append(e)
+                return
+        rows.append((rel, caption))
 
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
         if path.endswith((".jsonl", ".json")):
@@ -71,7 +98,7 @@ def read_captions(path: str, on_error: str = "skip"):
                         or not isinstance(row.get("caption"), str)):
                     reject(line_no, "needs string fields 'path' and 'caption'")
                     continue
-                rows.append((row["path"], row["caption"]))
+                add(line_no, row["path"], row["caption"])
         else:
             reader = csv.reader(f)
             header = next(reader, None)
@@ -84,7 +111,7 @@ def read_captions(path: str, on_error: str = "skip"):
                 if len(fields) != 2 or not fields[0].strip():
                     reject(reader.line_num, f"expected 2 fields (path, caption), got {len(fields)}")
                     continue
-                rows.append((fields[0].strip(), fields[1]))
+                add(reader.line_num, fields[0].strip(), fields[1])
     return rows, bad
 
 
@@ -157,6 +184,8 @@ class FolderSource:
     KIND = "folder"           # the name in log lines and summaries
     NOUN = "file"
     meta_cache = ""
+    # Rows whose path resolves outside root are refused unless True (config.data.allow_outside_root).
+    allow_outside_root = False
     _shape = None             # (F, H, W) in a view made by `read` for a bucket
     _native_table = None
 
@@ -175,15 +204,21 @@ class FolderSource:
         self._bad: dict[int, str] = {}  # entry -> reason, once found (per process)
 
     def _index_folder(self, root: str, captions: str, size: int | None):
-        """Reads the captions file of `root` into _entries (malformed rows counted, or raised
-        with on_error='raise'), sets root, captions, size (default: one item per entry) and the
-        digest that pins the entries down for grain's checkpoint check (which compares reprs)."""
+        """Reads the captions file of `root` into _entries (malformed rows, and rows whose path
+        resolves outside root unless allow_outside_root, counted, or raised with
+        on_error='raise'; an outside path is never opened), sets root, captions, size (default:
+        one item per entry) and the digest that pins the entries down for grain's checkpoint
+        check (which compares reprs)."""
         if not os.path.isdir(root):
             raise FileNotFoundError(f"{self.KIND.replace('_', ' ')} not found: {root}")
         self.root, self.captions = root, captions
-        self._entries, bad = read_captions(os.path.join(root, captions), self.on_error)
+        self._entries, bad = read_captions(os.path.join(root, captions), self.on_error, root=root,
+                                           allow_outside_root=self.allow_outside_root, name=captions)
         for msg in bad:
-            self._record("malformed_row", msg)
+            if isinstance(msg, OutsideRootError):
+                self._record("outside_root", msg.row, str(msg))
+            else:
+                self._record("malformed_row", msg)
         if not self._entries:
             raise ValueError(f"no usable rows in {os.path.join(root, captions)}")
         self.size = len(self._entries) if size is None else int(size)

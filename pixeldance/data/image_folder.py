@@ -12,7 +12,9 @@ a bucket's height x width: area average when shrinking, bilinear when enlarging)
 (centre, or at an offset drawn from (seed, split, i)).
 
 Bad input, as in VideoFolderSource (and with its code, pixeldance/data/folder.py): malformed
-caption rows are found when the index is built; missing, empty or corrupt (unreadable,
+caption rows, and rows whose path resolves outside ROOT (`../x.png`, an absolute path, a symlink
+pointing out of ROOT; allowed only with allow_outside_root=True), are found when the index is
+built, before any image is opened; missing, empty or corrupt (unreadable,
 truncated) images when an item is read. With on_error='skip' a bad entry is logged once and
 counted, and the item is replaced by the next good entry (i + 1, i + 2, ... modulo the
 entries), so batches keep their shape and stay deterministic; with on_error='raise' the first
@@ -29,7 +31,7 @@ import numpy as np
 from pixeldance.data.folder import BadVideoError, FolderSource
 from pixeldance.data.transforms import resize_crop
 
-REASONS = ("malformed_row", "missing", "empty", "corrupt")
+REASONS = ("malformed_row", "outside_root", "missing", "empty", "corrupt")
 _ORIENTATION = 0x0112  # EXIF tag; values 5-8 are rotated by 90 or 270 degrees
 _READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, MemoryError)
 
@@ -48,6 +50,8 @@ class ImageFolderSource(FolderSource):
     size: the number of items (default: the number of well-formed rows); item i is entry i % entries.
     on_error: 'skip' (log, count, use the next good entry) or 'raise'.
     meta_cache: where image sizes read for buckets are kept (see `FolderSource`).
+    allow_outside_root: read rows whose path resolves outside root (symlinks followed) instead
+        of refusing them (config.data.allow_outside_root).
     """
 
     KIND = "image_folder"
@@ -55,8 +59,9 @@ class ImageFolderSource(FolderSource):
 
     def __init__(self, root: str, captions: str = "captions.csv", *, resolution: int = 64,
                  crop: str = "center", seed: int = 0, split: str = "train", size: int | None = None,
-                 on_error: str = "skip", meta_cache: str = ""):
+                 on_error: str = "skip", meta_cache: str = "", allow_outside_root: bool = False):
         self._init_settings(crop=crop, seed=seed, split=split, on_error=on_error, reasons=REASONS)
+        self.allow_outside_root = bool(allow_outside_root)
         if resolution < 1:
             raise ValueError(f"bad image settings: resolution={resolution}")
         self.meta_cache = meta_cache

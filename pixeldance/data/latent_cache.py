@@ -45,6 +45,12 @@ z_last = z).
 
 Reading: `LatentCacheSource(path)`, a grain random-access source over the shards via
 array_record's `ArrayRecordDataSource` (batched by `pipeline.make_batches`).
+
+The folder is a boundary (pixeldance/data/paths.py): every file meta.json names (shards, the
+empty-prompt record) and every bucket folder buckets.json names must resolve inside the cache
+folder after following symlinks; one that does not is refused before it is opened, with one line
+naming the entry (`meta.json shards[0]: '../x.array_record' resolves outside the latent cache
+folder ...`), unless allow_outside_root=True (config.data.allow_outside_root).
 """
 from __future__ import annotations
 
@@ -60,6 +66,7 @@ import numpy as np
 
 from pixeldance import checksums
 from pixeldance.data.buckets import shape_name
+from pixeldance.data.paths import OutsideRootError, resolve_inside
 
 FORMAT = "pixeldance.latent_cache"
 VERSION = 1
@@ -89,6 +96,27 @@ _HEADER = struct.Struct("<I")
 
 class CacheError(ValueError):
     """A latent cache that is missing, incomplete or corrupt (the message names the path)."""
+
+
+def _cache_file(path: str, name: str, where: str, allow_outside_root: bool = False) -> str:
+    """`path`/`name` for a file name read from the cache's own metadata (`where`: 'meta.json
+    shards[0]'), checked to resolve inside the cache folder `path` (OutsideRootError, one line,
+    unless allow_outside_root); nothing is opened."""
+    if not isinstance(name, str):
+        raise CacheError(f"latent cache {path}: {where} is {name!r}, not a file name")
+    resolve_inside(path, name, where=where, allow_outside=allow_outside_root, root_name="latent cache folder")
+    return os.path.join(path, name)
+
+
+def _meta_files(path: str, meta: dict, allow_outside_root: bool = False) -> list[tuple[dict, str]]:
+    """[(entry, full path)] of the shards and the empty-prompt record named in `meta`, each
+    checked by `_cache_file` (OutsideRootError for one outside the folder)."""
+    out = [(s, _cache_file(path, s["file"], f"{META} shards[{k}]", allow_outside_root))
+           for k, s in enumerate(meta["shards"])]
+    if "null_text" in meta:
+        out.append((meta["null_text"], _cache_file(path, meta["null_text"]["file"], f"{META} null_text",
+                                                   allow_outside_root)))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,27 +213,32 @@ def read_meta(path: str) -> dict | None:
     return _read_tagged_json(os.path.join(path, META), FORMAT, VERSION)
 
 
-def is_complete(path: str, meta: dict | None = None) -> bool:
+def is_complete(path: str, meta: dict | None = None, allow_outside_root: bool = False) -> bool:
     """True if `path` holds a published cache whose shards (and empty-prompt states, if any) all
-    exist with their recorded sizes."""
+    exist with their recorded sizes (and inside `path`, unless allow_outside_root)."""
     meta = read_meta(path) if meta is None else meta
     if meta is None:
         return False
     try:
-        files = meta["shards"] + ([meta["null_text"]] if "null_text" in meta else [])
-        return all(os.path.getsize(os.path.join(path, s["file"])) == s["bytes"] for s in files)
-    except (OSError, KeyError, TypeError):
+        return all(os.path.getsize(f) == s["bytes"] for s, f in _meta_files(path, meta, allow_outside_root))
+    except (OSError, KeyError, TypeError, ValueError):  # ValueError: OutsideRootError, CacheError
         return False
 
 
-def verify(path: str, meta: dict) -> list[tuple[str, str]]:
+def verify(path: str, meta: dict, allow_outside_root: bool = False) -> list[tuple[str, str]]:
     """[(file, reason)] for each shard (and the empty-prompt record) of the published cache in
-    `path` that does not match the size and SHA-256 in its meta.json; [] if all do. Entries of a
-    cache written before checksums are checked by size only."""
+    `path` that does not match the size and SHA-256 in its meta.json, or (unless
+    allow_outside_root) whose name resolves outside `path` (not opened); [] if all do. Entries of
+    a cache written before checksums are checked by size only."""
     entries = meta["shards"] + ([meta["null_text"]] if "null_text" in meta else [])
     bad, hashed = [], []
-    for e in entries:
-        f = os.path.join(path, e["file"])
+    for k, e in enumerate(entries):
+        where = f"{META} shards[{k}]" if k < len(meta["shards"]) else f"{META} null_text"
+        try:
+            f = _cache_file(path, e["file"], where, allow_outside_root)
+        except OutsideRootError as err:
+            bad.append((e["file"], str(err)))
+            continue
         if not os.path.isfile(f):
             bad.append((e["file"], "missing"))
         elif os.path.getsize(f) != e["bytes"]:
@@ -218,12 +251,13 @@ def verify(path: str, meta: dict) -> list[tuple[str, str]]:
     return sorted(bad)
 
 
-def salvage(path: str, meta: dict, plan_info: dict, bad: Sequence[str]) -> int:
+def salvage(path: str, meta: dict, plan_info: dict, bad: Sequence[str], allow_outside_root: bool = False) -> int:
     """Prepares `build` to rewrite only the shards named in `bad`: `<path>.partial/` gets the
     plan of `meta` (its count, shards and `plan_info`) and hard links (copies where links fail)
     of every other shard with its sidecar, so `build` resumes with the bad ones left to write.
     Returns how many shards it kept; 0 (nothing prepared) for a cache written before per-shard
-    checksums and moments were stored, or with a bad empty-prompt record (rebuilt whole)."""
+    checksums and moments were stored, or with a bad empty-prompt record (rebuilt whole). A shard
+    whose name resolves outside `path` is never kept (unless allow_outside_root)."""
     shards = meta["shards"]
     if NULL_TEXT in bad or not all(s.get("sha256") and s.get("moments") for s in shards):
         return 0
@@ -231,16 +265,21 @@ def salvage(path: str, meta: dict, plan_info: dict, bad: Sequence[str]) -> int:
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
     kept = 0
-    for s in shards:
+    for k, s in enumerate(shards):
         if s["file"] in bad:
             continue
-        src, dst = os.path.join(path, s["file"]), os.path.join(partial, s["file"])
+        try:
+            src = _cache_file(path, s["file"], f"{META} shards[{k}]", allow_outside_root)
+        except OutsideRootError:
+            continue  # rewritten under its own name by `build`
+        name = shard_name(k, len(shards))  # the name `build` looks for
+        dst = os.path.join(partial, name)
         try:
             os.link(src, dst)
         except OSError:
             shutil.copyfile(src, dst)
-        _write_json(_sidecar(partial, s["file"]), dict(num_records=s["num_records"], bytes=s["bytes"],
-                                                       sha256=s["sha256"], moments=s["moments"]))
+        _write_json(_sidecar(partial, name), dict(num_records=s["num_records"], bytes=s["bytes"],
+                                                  sha256=s["sha256"], moments=s["moments"]))
         kept += 1
     _write_json(os.path.join(partial, "plan.json"), dict(format=FORMAT, version=VERSION, count=meta["count"],
                                                          num_shards=len(shards), info=dict(plan_info)))
@@ -323,10 +362,12 @@ def drop_single_cache(path: str):
             os.remove(os.path.join(path, name))
 
 
-def open_bucket_caches(path: str, shapes, field: str = "config.data.buckets") -> list:
+def open_bucket_caches(path: str, shapes, field: str = "config.data.buckets", *,
+                       allow_outside_root: bool = False) -> list:
     """One `LatentCacheSource` per bucket of `shapes` ((F, H, W) triples, in order) from the bucketed
     cache in `path`; `[]` for a bucket no item landed in. A missing index, or one written for
-    other buckets, is a one-line error naming `field` (rerun the cache stage)."""
+    other buckets, is a one-line error naming `field` (rerun the cache stage); a bucket folder
+    the index names outside `path` one naming the entry (unless allow_outside_root)."""
     index = read_bucket_index(path)
     if index is None:
         hint = " (it holds a one-shape cache)" if read_meta(path) is not None else ""
@@ -338,7 +379,17 @@ def open_bucket_caches(path: str, shapes, field: str = "config.data.buckets") ->
         name = lambda ss: ",".join(shape_name(s) for s in ss)
         raise CacheError(f"bucketed latent cache {path} was written for buckets {name(listed)}, but "
                          f"{field}={name(want)!r}: run the 'cache' stage again")
-    return [LatentCacheSource(os.path.join(path, b["dir"])) if b["count"] else [] for b in index["buckets"]]
+    out = []
+    for k, b in enumerate(index["buckets"]):
+        if not b["count"]:
+            out.append([])
+            continue
+        try:
+            folder = _cache_file(path, b["dir"], f"{BUCKET_INDEX} buckets[{k}].dir", allow_outside_root)
+        except OutsideRootError as e:
+            raise CacheError(str(e)) from None
+        out.append(LatentCacheSource(folder, allow_outside_root=allow_outside_root))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,12 +561,14 @@ class LatentCacheSource:
     text_states bfloat16 [S, D] and text_mask bool [S] (`fields`); with captions=True also
     caption (str). `null_text()`: the empty prompt's states, for a cache of frozen states. A
     missing, incomplete or corrupt cache raises CacheError (a ValueError) with one line naming
-    the path.
+    the path; so does a meta.json naming a file outside `path` (before it is opened), unless
+    allow_outside_root (config.data.allow_outside_root).
     """
 
-    def __init__(self, path: str, captions: bool = False):
+    def __init__(self, path: str, captions: bool = False, *, allow_outside_root: bool = False):
         from array_record.python import array_record_data_source  # only where shards are read
         self.path, self._captions = path, captions
+        self.allow_outside_root = bool(allow_outside_root)
         if not os.path.isdir(path):
             hint = " (a cache of the old format)" if path.endswith(".npz") else ""
             raise FileNotFoundError(f"latent cache not found: {path}{hint} (run the 'cache' stage first)")
@@ -525,8 +578,11 @@ class LatentCacheSource:
                              f"run the 'cache' stage again)")
         self.meta = meta
         files = []
-        for s in meta["shards"]:
-            f = os.path.join(path, s["file"])
+        for k, s in enumerate(meta["shards"]):
+            try:
+                f = _cache_file(path, s["file"], f"{META} shards[{k}]", self.allow_outside_root)
+            except OutsideRootError as e:
+                raise CacheError(str(e)) from None
             if not os.path.exists(f):
                 raise CacheError(f"latent cache shard missing: {f}")
             if os.path.getsize(f) != s["bytes"]:
@@ -566,7 +622,10 @@ class LatentCacheSource:
         if entry is None:
             raise CacheError(f"latent cache {self.path} holds no frozen text states (it was made with "
                              f"tokens: rerun the 'cache' stage with config.text.encoder)")
-        f = os.path.join(self.path, entry["file"])
+        try:
+            f = _cache_file(self.path, entry["file"], f"{META} null_text", self.allow_outside_root)
+        except OutsideRootError as e:
+            raise CacheError(str(e)) from None
         try:
             with open(f, "rb") as fh:
                 data = fh.read()

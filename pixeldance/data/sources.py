@@ -65,19 +65,19 @@ def _video_folder(config, split: str = "train", size: int | None = None) -> vide
         d.root, d.get("captions", "captions.csv"), num_frames=d.num_frames, resolution=d.resolution,
         fps=d.get("fps", 0.0), stride=d.get("stride", 1), crop=d.get("crop", "center"),
         seed=d.get("world_seed", 0), split=split, size=size, on_error=d.get("on_error", "skip"),
-        meta_cache=d.get("meta_cache", ""))
+        meta_cache=d.get("meta_cache", ""), allow_outside_root=d.get("allow_outside_root", False))
 
 
 def _image_folder(config, split: str = "train", size: int | None = None) -> image_folder.ImageFolderSource:
     """The ImageFolderSource of config.data (root, captions, resolution, crop, on_error,
-    meta_cache; world_seed seeds the random crops)."""
+    meta_cache, allow_outside_root; world_seed seeds the random crops)."""
     d = config.data
     if not d.get("root"):
         raise ValueError("config.data.root must name the image folder (config.data.name='image_folder')")
     return image_folder.ImageFolderSource(
         d.root, d.get("captions", "captions.csv"), resolution=d.resolution, crop=d.get("crop", "center"),
         seed=d.get("world_seed", 0), split=split, size=size, on_error=d.get("on_error", "skip"),
-        meta_cache=d.get("meta_cache", ""))
+        meta_cache=d.get("meta_cache", ""), allow_outside_root=d.get("allow_outside_root", False))
 
 
 def _tfds(config, split: str = "train", size: int | None = None) -> tfds_source.TfdsVideoSource:

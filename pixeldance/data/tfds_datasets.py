@@ -37,6 +37,18 @@ MSR-VTT (MANUAL holds any of):
   video_id ('video0'), captions (all of the video's captions, 20 in the official data), category
   (0-19, -1 where unknown).
 
+Boundaries (pixeldance/data/paths.py): the archives and folders the builders look for by name in
+the manual folder (UCF101.zip, UCF-101/, ucfTrainTestlist/, the .zip files, ...) are opened
+wherever they link to, but every file then read from a folder (the videos the split lists or
+annotations select, the lists and annotation files found in it) must resolve inside that folder
+(UCF-101/, ucfTrainTestlist/, the extracted UCF101.rar, or for MSR-VTT the manual folder itself)
+after following symlinks. A video that does not is refused before it is opened with one line
+naming its row ('trainlist01.txt:4: 'YoYo/v_YoYo_g08_c01.avi' resolves outside the manual folder
+...'; skipped and counted as 'outside_root', or raised with on_error='raise'); an annotation or
+list file that does not stops the build. allow_outside_root=True (tfds_build
+--allow_outside_root) reads them anyway. Members of a .zip are read from the archive, not from
+the file system, and need no check.
+
 Bad input: a missing manual folder, archive or annotation file stops the build with one line
 naming it. A video listed in the annotations but absent from the archives, empty, or unreadable
 from its archive is skipped, counted and logged (on_error='skip', the default; the counts are
@@ -54,6 +66,8 @@ import zipfile
 
 import numpy as np
 from absl import logging
+
+from pixeldance.data.paths import BUILD_HINT, OutsideRootError, resolve_inside
 
 # tensorflow-datasets without TensorFlow: only numpy-backed features are used.
 import tensorflow_datasets as tfds
@@ -75,10 +89,14 @@ class ManualDataError(FileNotFoundError):
 
 class FileTree:
     """Read access to the files of a folder or a .zip: `names()` (posix paths relative to it)
-    and `read(name)` -> bytes. Use as a context manager (closes the zip)."""
+    and `read(name)` -> bytes. Use as a context manager (closes the zip).
 
-    def __init__(self, path: str):
-        self.path = path
+    A folder is a boundary: `read(name, where)` refuses a name that resolves outside it (symlinks
+    followed) with OutsideRootError naming `where` (the row that selected it) before opening
+    anything, unless allow_outside_root."""
+
+    def __init__(self, path: str, allow_outside_root: bool = False):
+        self.path, self.allow_outside_root = path, allow_outside_root
         self._zip = None
         if os.path.isdir(path):
             return
@@ -97,9 +115,11 @@ class FileTree:
             out += [f if rel == "." else f"{rel}/{f}".replace(os.sep, "/") for f in sorted(files)]
         return out
 
-    def read(self, name: str) -> bytes:
+    def read(self, name: str, where: str | None = None) -> bytes:
         if self._zip is not None:
             return self._zip.read(name)
+        resolve_inside(self.path, name, where=where or self.path, allow_outside=self.allow_outside_root,
+                       root_name="manual folder", hint=BUILD_HINT)
         with open(os.path.join(self.path, name), "rb") as f:
             return f.read()
 
@@ -131,6 +151,16 @@ class _SkipCounter:
         self.counts = collections.Counter()
         self.examples = collections.defaultdict(list)
 
+    def refuse(self, error: OutsideRootError):
+        """A video whose file resolves outside its folder (never opened): counted as
+        'outside_root' under its row, or raised with on_error='raise'."""
+        if self.on_error == "raise":
+            raise error
+        self.counts["outside_root"] += 1
+        if len(self.examples["outside_root"]) < _EXAMPLES:
+            self.examples["outside_root"].append(error.row)
+        logging.warning("tfds build: skipping %s", error)
+
     def skip(self, reason: str, name: str, detail: str = ""):
         msg = f"{reason}: {name}" + (f" ({detail})" if detail else "")
         if self.on_error == "raise":
@@ -147,10 +177,14 @@ class _SkipCounter:
                                                for r, c in sorted(self.counts.items()))
 
 
-def _read_member(tree: FileTree, member: str, name: str, skips: _SkipCounter) -> bytes | None:
-    """The bytes of `member`, or None (counted) when it is empty or cannot be read."""
+def _read_member(tree: FileTree, member: str, name: str, skips: _SkipCounter, where: str) -> bytes | None:
+    """The bytes of `member`, or None (counted) when it is empty, cannot be read or (not opened)
+    resolves outside its folder; `where` names the row that selected it."""
     try:
-        data = tree.read(member)
+        data = tree.read(member, where)
+    except OutsideRootError as e:
+        skips.refuse(e)
+        return None
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         skips.skip("unreadable", name, f"{type(e).__name__}: {e}".splitlines()[0])
         return None
@@ -189,18 +223,18 @@ def _extract_rar(path: str, dest: str) -> str:
     return dest
 
 
-def _ucf_video_tree(manual_dir: str, extract_dir: str) -> FileTree:
+def _ucf_video_tree(manual_dir: str, extract_dir: str, allow_outside_root: bool = False) -> FileTree:
     for name in UCF_VIDEOS:
         path = os.path.join(manual_dir, name)
         if os.path.exists(path):
             if name.endswith(".rar"):
-                return FileTree(_extract_rar(path, extract_dir))
-            return FileTree(path)
+                return FileTree(_extract_rar(path, extract_dir), allow_outside_root)
+            return FileTree(path, allow_outside_root)
     raise ManualDataError(f"UCF-101 videos not found in {manual_dir}: expected UCF101.rar, the "
                           f"extracted UCF-101/ folder or UCF101.zip")
 
 
-def _ucf_split_files(manual_dir: str, split_number: int) -> dict[str, list[str]]:
+def _ucf_split_files(manual_dir: str, split_number: int, allow_outside_root: bool = False) -> dict[str, list[str]]:
     """{'classInd.txt': lines, 'trainlist0N.txt': lines, 'testlist0N.txt': lines}."""
     for name in UCF_SPLITS:
         path = os.path.join(manual_dir, name)
@@ -211,22 +245,23 @@ def _ucf_split_files(manual_dir: str, split_number: int) -> dict[str, list[str]]
                               f"{UCF_SPLITS[0]} or its extracted {UCF_SPLITS[1]}/ folder")
     wanted = ("classInd.txt", f"trainlist0{split_number}.txt", f"testlist0{split_number}.txt")
     out = {}
-    with FileTree(path) as tree:
+    with FileTree(path, allow_outside_root) as tree:
         members = {n.rsplit("/", 1)[-1]: n for n in tree.names()}
         for w in wanted:
             if w not in members:
                 raise ManualDataError(f"{w} not found in {path}")
-            text = tree.read(members[w]).decode("utf-8", errors="replace")
+            text = tree.read(members[w], f"UCF-101 split list {w}").decode("utf-8", errors="replace")
             out[w] = [line.strip() for line in text.splitlines()]
     return out
 
 
-def read_ucf_lists(manual_dir: str, split_number: int = 1):
-    """The UCF-101 class names (classInd.txt order) and {'train'|'test': [(path, label)]} of
-    official split `split_number` (1, 2 or 3); path is '<Class>/v_....avi', label 0-based."""
+def read_ucf_lists(manual_dir: str, split_number: int = 1, allow_outside_root: bool = False):
+    """The UCF-101 class names (classInd.txt order) and {'train'|'test': [(path, label, row)]}
+    of official split `split_number` (1, 2 or 3); path is '<Class>/v_....avi', label 0-based,
+    row the list line naming it ('trainlist01.txt:4')."""
     if split_number not in (1, 2, 3):
         raise ValueError(f"UCF-101 split number must be 1, 2 or 3, got {split_number}")
-    files = _ucf_split_files(_require_manual_dir(manual_dir), split_number)
+    files = _ucf_split_files(_require_manual_dir(manual_dir), split_number, allow_outside_root)
     names = []
     for line_no, line in enumerate(files["classInd.txt"], 1):
         if not line:
@@ -252,7 +287,7 @@ def read_ucf_lists(manual_dir: str, split_number: int = 1):
             if len(fields) == 2 and fields[1] != str(label + 1):
                 raise ValueError(f"malformed line {list_name}:{line_no}: label {fields[1]} is not "
                                  f"class {names[label]} ({label + 1}) of classInd.txt")
-            rows.append((path, label))
+            rows.append((path, label, f"{list_name}:{line_no}"))
         splits[split] = rows
     return names, splits
 
@@ -275,8 +310,9 @@ class Ucf101(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         "Put UCF101.rar (or the extracted UCF-101/ folder, or UCF101.zip) and "
         "UCF101TrainTestSplits-RecognitionTask.zip in the manual folder.")
 
-    def __init__(self, *, on_error: str = "skip", **kwargs):
+    def __init__(self, *, on_error: str = "skip", allow_outside_root: bool = False, **kwargs):
         self.skips = _SkipCounter(on_error)
+        self.allow_outside_root = allow_outside_root  # files of the manual folders linked from elsewhere
         super().__init__(**kwargs)
 
     def _info(self):
@@ -293,7 +329,7 @@ class Ucf101(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _split_generators(self, dl_manager):
         manual_dir = _require_manual_dir(dl_manager.manual_dir)
-        names, splits = read_ucf_lists(manual_dir, self.builder_config.split_number)
+        names, splits = read_ucf_lists(manual_dir, self.builder_config.split_number, self.allow_outside_root)
         self.info.features["label"].names = names
         # Fail on a missing video archive before any split is generated.
         extract_dir = os.path.join(os.fspath(dl_manager.download_dir), "extracted", "UCF101_rar")
@@ -301,19 +337,19 @@ class Ucf101(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return {split: self._generate_examples(manual_dir, extract_dir, rows) for split, rows in splits.items()}
 
     def _generate_examples(self, manual_dir, extract_dir, rows):
-        with _ucf_video_tree(manual_dir, extract_dir) as tree:
+        with _ucf_video_tree(manual_dir, extract_dir, self.allow_outside_root) as tree:
             # By file name, ignoring case: the lists and folders differ in case for some classes
             # (HandstandPushups/v_HandStandPushups_...).
             members = {}
             for m in tree.names():
                 if m.lower().endswith(".avi"):
                     members.setdefault(m.rsplit("/", 1)[-1].lower(), m)
-            for path, label in rows:
+            for path, label, row in rows:
                 member = members.get(path.rsplit("/", 1)[-1].lower())
                 if member is None:
                     self.skips.skip("missing", path, f"not in {tree.path}")
                     continue
-                data = _read_member(tree, member, path, self.skips)
+                data = _read_member(tree, member, path, self.skips, row)
                 if data is not None:
                     yield path, dict(video=data, label=label, path=path)
 
@@ -334,7 +370,7 @@ def _manual_trees(manual_dir: str) -> list[str]:
 
 
 def _msrvtt_index(manual_dir: str):
-    """({video number: (tree path, member)}, {json file name: (tree path, member)})."""
+    """({video number: (tree path, member)}, {json file name: (tree path, member)}) (nothing read)."""
     videos, jsons = {}, {}
     json_names = {n for group in _MSRVTT_OFFICIAL for n in group}
     for tree_path in _manual_trees(manual_dir):
@@ -353,9 +389,11 @@ def _official_split(number: int) -> str:
     return "train" if number < 6513 else "validation" if number < 7010 else "test"
 
 
-def read_msrvtt_annotations(manual_dir: str, jsons: dict | None = None):
-    """{video number: dict(split, captions [str], category int)} from the annotation files in
-    `manual_dir` (the official pair or videodatainfo_2017.json, else MSR_VTT.json)."""
+def read_msrvtt_annotations(manual_dir: str, jsons: dict | None = None, allow_outside_root: bool = False):
+    """{video number: dict(split, captions [str], category int, listed_in: the annotation file
+    naming it)} from the annotation files in `manual_dir` (the official pair or
+    videodatainfo_2017.json, else MSR_VTT.json); a loose one that resolves outside `manual_dir`
+    stops with OutsideRootError (unless allow_outside_root)."""
     manual_dir = _require_manual_dir(manual_dir)
     if jsons is None:
         jsons = _msrvtt_index(manual_dir)[1]
@@ -372,9 +410,11 @@ def read_msrvtt_annotations(manual_dir: str, jsons: dict | None = None):
     for name in group:
         tree_path, member = jsons[name]
         where = member if tree_path == manual_dir else f"{tree_path}:{member}"
-        with FileTree(tree_path) as tree:
+        with FileTree(tree_path, allow_outside_root) as tree:
             try:
-                doc = json.loads(tree.read(member).decode("utf-8"))
+                doc = json.loads(tree.read(member, "MSR-VTT annotation file").decode("utf-8"))
+            except OutsideRootError:
+                raise
             except (ValueError, OSError, zipfile.BadZipFile) as e:
                 raise ManualDataError(f"unreadable annotation file {where} ({type(e).__name__}: {e})".splitlines()[0]) from None
         if not isinstance(doc, dict) or not isinstance(doc.get("videos", doc.get("images")), list):
@@ -391,7 +431,8 @@ def read_msrvtt_annotations(manual_dir: str, jsons: dict | None = None):
             if split not in MSRVTT_SPLITS:
                 raise ManualDataError(f"annotation file {where}: unknown split {v.get('split')!r} of {vid}")
             category = v.get("category", -1)
-            info.setdefault(number, dict(split=split, captions=[], category=int(category if category is not None else -1)))
+            info.setdefault(number, dict(split=split, captions=[], category=int(category if category is not None else -1),
+                                         listed_in=where))
         sentences = doc.get("sentences", doc.get("annotations", []))
         for s in sentences:
             vid = s.get("video_id", s.get("image_id")) if isinstance(s, dict) else None
@@ -413,8 +454,9 @@ class Msrvtt(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         "Put MSRVTT.zip (videos/all/videoN.mp4, annotation/MSR_VTT.json), or the videos and "
         "train_val_videodatainfo.json + test_videodatainfo.json, in the manual folder.")
 
-    def __init__(self, *, on_error: str = "skip", **kwargs):
+    def __init__(self, *, on_error: str = "skip", allow_outside_root: bool = False, **kwargs):
         self.skips = _SkipCounter(on_error)
+        self.allow_outside_root = allow_outside_root  # files of the manual folder linked from elsewhere
         super().__init__(**kwargs)
 
     def _info(self):
@@ -433,7 +475,7 @@ class Msrvtt(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _split_generators(self, dl_manager):
         manual_dir = _require_manual_dir(dl_manager.manual_dir)
         videos, jsons = _msrvtt_index(manual_dir)
-        info = read_msrvtt_annotations(manual_dir, jsons)
+        info = read_msrvtt_annotations(manual_dir, jsons, self.allow_outside_root)
         if not videos:
             raise ManualDataError(f"no MSR-VTT videos (videoN.mp4) in {manual_dir} or in the .zip files in it")
         by_split = {s: sorted(n for n, v in info.items() if v["split"] == s) for s in MSRVTT_SPLITS}
@@ -449,8 +491,9 @@ class Msrvtt(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     continue
                 tree_path, member = videos[number]
                 if tree_path not in trees:
-                    trees[tree_path] = FileTree(tree_path)
-                data = _read_member(trees[tree_path], member, name, self.skips)
+                    trees[tree_path] = FileTree(tree_path, self.allow_outside_root)
+                data = _read_member(trees[tree_path], member, name, self.skips,
+                                    f"{info[number]['listed_in']}[video{number}]")
                 if data is None:
                     continue
                 v = info[number]
@@ -479,21 +522,26 @@ def config_name(dataset: str, ucf101_split: int = 1) -> str | None:
     return None
 
 
-def builder(dataset: str, data_dir: str, ucf101_split: int = 1, on_error: str = "skip"):
+def builder(dataset: str, data_dir: str, ucf101_split: int = 1, on_error: str = "skip",
+            allow_outside_root: bool = False):
     """The builder of `dataset` ('ucf101' | 'msrvtt') over `data_dir` (array_record files)."""
     return BUILDERS[dataset](data_dir=os.fspath(data_dir), config=config_name(dataset, ucf101_split),
-                             file_format="array_record", on_error=on_error)
+                             file_format="array_record", on_error=on_error,
+                             allow_outside_root=allow_outside_root)
 
 
-def build(dataset: str, manual_dir: str, data_dir: str, ucf101_split: int = 1, on_error: str = "skip"):
+def build(dataset: str, manual_dir: str, data_dir: str, ucf101_split: int = 1, on_error: str = "skip",
+          allow_outside_root: bool = False):
     """Builds `dataset` from the archives in `manual_dir` into `data_dir` (a no-op when built).
+    allow_outside_root: read files of the manual folders that resolve outside them (refused,
+    see the module docstring, by default).
 
     Returns the builder: `builder.skips.line(...)` summarises the videos skipped, and
     `builder.already_built` says whether the build found the dataset in place."""
     manual_dir = _require_manual_dir(manual_dir)
     if not os.listdir(manual_dir):
         raise ManualDataError(f"manual folder is empty: {manual_dir}")
-    b = builder(dataset, data_dir, ucf101_split, on_error)
+    b = builder(dataset, data_dir, ucf101_split, on_error, allow_outside_root)
     b.already_built = os.path.exists(os.path.join(b.data_path, "dataset_info.json"))
     b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
     return b

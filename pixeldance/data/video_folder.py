@@ -13,8 +13,10 @@ or at an offset drawn from the same generator). Only the frames needed are decod
 seeks to the keyframe before the clip and stops once the clip is complete
 (`video_io.decode_clip`, shared with pixeldance/data/tfds_source.py).
 
-Bad input (see pixeldance/data/folder.py). Malformed caption rows are found when the index is
-built (their line numbers are logged and counted); missing, empty, corrupt, truncated or
+Bad input (see pixeldance/data/folder.py). Malformed caption rows, and rows whose path resolves
+outside ROOT (`../x.mp4`, an absolute path, a symlink pointing out of ROOT; allowed only with
+allow_outside_root=True), are found when the index is built, before any video is opened (their
+line numbers are logged and counted); missing, empty, corrupt, truncated or
 too-short videos when an item is read. With on_error='skip' a bad entry is logged once and
 counted, and the item is replaced by the next good entry (i + 1, i + 2, ... modulo the entries;
 the clip position still comes from item i), so batches keep their shape and stay deterministic;
@@ -52,6 +54,8 @@ class VideoFolderSource(FolderSource):
         i % entries, each time at another position.
     on_error: 'skip' (log, count, use the next good entry) or 'raise'.
     meta_cache: where container metadata read for buckets is kept (see `FolderSource`).
+    allow_outside_root: read rows whose path resolves outside root (symlinks followed) instead
+        of refusing them (config.data.allow_outside_root).
     """
 
     KIND = "video_folder"
@@ -60,9 +64,10 @@ class VideoFolderSource(FolderSource):
     def __init__(self, root: str, captions: str = "captions.csv", *, num_frames: int = 17,
                  resolution: int = 64, fps: float = 0.0, stride: int = 1, crop: str = "center",
                  seed: int = 0, split: str = "train", size: int | None = None, on_error: str = "skip",
-                 meta_cache: str = ""):
+                 meta_cache: str = "", allow_outside_root: bool = False):
         self.meta_cache = meta_cache
         self._init_settings(crop=crop, seed=seed, split=split, on_error=on_error)
+        self.allow_outside_root = bool(allow_outside_root)
         video_io.check_clip_settings(num_frames, resolution, fps, stride)
         self.num_frames, self.resolution, self.fps, self.stride = num_frames, resolution, float(fps), stride
         self._index_folder(root, captions, size)

@@ -316,7 +316,8 @@ def _write_cache(config, path: str, source, n: int, info: dict, vae, text, *, no
     pid, nproc = jax.process_index(), jax.process_count()
     meta = latent_cache.read_meta(path)
     same_plan = meta is not None and meta["count"] == n and _same({k: meta.get(k) for k in info}, info)
-    bad = latent_cache.verify(path, meta) if same_plan else []
+    outside = config.data.get("allow_outside_root", False)  # files meta.json names outside `path`
+    bad = latent_cache.verify(path, meta, outside) if same_plan else []
     if same_plan and not bad:
         print(f"latent cache: keeping {path} ({n} {noun}, VAE step {info['vae_step']})")
         return meta, True
@@ -324,7 +325,7 @@ def _write_cache(config, path: str, source, n: int, info: dict, vae, text, *, no
         # Damaged shards are named and rewritten; the ones that verify are kept (`salvage`).
         for name, reason in bad:
             print(f"latent cache: {os.path.join(path, name)}: {reason}")
-        kept = latent_cache.salvage(path, meta, info, [name for name, _ in bad]) if pid == 0 else 0
+        kept = latent_cache.salvage(path, meta, info, [name for name, _ in bad], outside) if pid == 0 else 0
         print(f"latent cache: rewriting {len(bad)} damaged file(s) of {path}"
               + (f", keeping its {kept} other shard(s)" if kept else " (the whole cache)"))
     elif meta is not None:

@@ -128,7 +128,8 @@ def image_batches(config, workdir: str, video_source):
     name = image_source_name(config)
     if not name:
         return None
-    source = latent_cache.LatentCacheSource(latent_cache.image_cache_dir(config, workdir))
+    source = latent_cache.LatentCacheSource(latent_cache.image_cache_dir(config, workdir),
+                                            allow_outside_root=config.data.get("allow_outside_root", False))
     T, *hwc = source.meta["fields"]["z"]["shape"]
     video_hwc = video_source.meta["fields"]["z"]["shape"][1:]
     if T != 1 or hwc != video_hwc:
@@ -174,7 +175,8 @@ def bucketed_batches(config, workdir: str, shapes):
     config.train.batch_size, in the seed's order; resumable (the position). Batch g: z float32
     [B/P, T, h, w, C], z_last [B/P, J, h, w, C], tokens int32 [B/P, S] of one bucket."""
     path = latent_cache.cache_dir(config, workdir)
-    caches = latent_cache.open_bucket_caches(path, shapes)
+    caches = latent_cache.open_bucket_caches(path, shapes,
+                                             allow_outside_root=config.data.get("allow_outside_root", False))
     channels = {c.meta["fields"]["z"]["shape"][-1] for c in caches if len(c)}
     if len(channels) > 1:
         raise ValueError(f"bucketed latent cache {path}: buckets of {sorted(channels)} latent channels; "
@@ -206,7 +208,8 @@ def train_dit(config, workdir: str):
     if shapes:  # config.data.buckets: one cache per bucket, each batch one bucket's latent shape
         batches, source = bucketed_batches(config, workdir, shapes)
     else:
-        source = latent_cache.LatentCacheSource(latent_cache.cache_dir(config, workdir))
+        source = latent_cache.LatentCacheSource(latent_cache.cache_dir(config, workdir),
+                                                allow_outside_root=config.data.get("allow_outside_root", False))
         batches = pipeline.make_batches(source, batch_size=c.batch_size, seed=config.seed)
         if c.get("image_every", 0):
             batches = ImageVideoBatches(batches, c.image_every, image_batches(config, workdir, source))
