@@ -195,7 +195,7 @@ def test_ctrl_c_saves_like_sigterm(tmp_path):
     """SIGINT (Ctrl-C) saves after the current step and exits 130, as SIGTERM does with 143."""
     from pixeldance import checkpoint as ckpt_lib
     workdir = str(tmp_path)
-    proc = _start(workdir, sleep=0.05)
+    proc = _start(workdir, sleep=0.02)
     _wait_for(proc, lambda: _metrics(workdir)[-1]["step"] >= CKPT_EVERY + 2)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
