@@ -14,7 +14,6 @@ Every failure is a :class:`WeightsError` whose message is one line naming the pa
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Any
@@ -22,6 +21,8 @@ from typing import Any
 import jax
 import numpy as np
 from flax import traverse_util
+
+from pixeldance import checksums
 
 CONFIG = "config.json"
 PARAMS = "params.safetensors"
@@ -32,11 +33,8 @@ class WeightsError(ValueError):
 
 
 def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
+    """SHA-256 hex of a file (`checksums.file_digest`, shared with checkpoints and caches)."""
+    return checksums.file_digest(path)[1]
 
 
 _VERIFIED: set = set()  # (path, size, mtime_ns) of files that matched: each is hashed once per process
