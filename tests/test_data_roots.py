@@ -397,3 +397,41 @@ def test_bucket_index_folder_outside_the_cache(tmp_path, array_record_opens):
     assert array_record_opens == []
     caches = latent_cache.open_bucket_caches(path, [(5, 16, 16), (1, 16, 16)], allow_outside_root=True)
     assert len(caches[0]) == 4 and caches[1] == []
+
+
+def test_config_field_reaches_the_dit_and_cache_stages(tmp_path, capsys):
+    """config.data.allow_outside_root is what the DiT's readers (one-shape and bucketed caches)
+    and the cache stage's keep-or-rebuild check give the latent cache."""
+    from pixeldance.trainers import cache as cache_stage
+    from pixeldance.trainers import dit as dit_stage
+    path, meta, z = _cache(tmp_path)
+    _move_shard_out(path, str(tmp_path / "outside"), "symlink")
+    buckets = str(tmp_path / "buckets")
+    latent_cache.write_bucket_index(buckets, [dict(shape=[2, 16, 16], dir="../cache", count=4)])
+    config = configs.load_config(os.path.join(REPO, "experiments", "base.py") + ":runlocal")
+    config.cache.path, config.train.batch_size = path, 2
+    assert config.data.allow_outside_root is False
+    with pytest.raises(latent_cache.CacheError, match="resolves outside the latent cache folder"):
+        dit_stage.video_cache_source(config, str(tmp_path))
+    config.cache.path = buckets
+    with pytest.raises(latent_cache.CacheError, match="resolves outside the latent cache folder"):
+        dit_stage.bucketed_batches(config, str(tmp_path), [(2, 16, 16)])
+
+    class Rebuilt(Exception):
+        pass
+
+    def vae():
+        raise Rebuilt
+    info = {"vae_step": meta.get("vae_step")}
+    with pytest.raises(Rebuilt):  # the outside shard counts as damaged: the cache is rebuilt
+        cache_stage._write_cache(config, path, None, 4, info, vae, None, noun="videos", stage="cache")
+    assert "resolves outside the latent cache folder" in capsys.readouterr().out
+    shutil.rmtree(path + ".partial", ignore_errors=True)
+
+    config.data.allow_outside_root, config.cache.path = True, path
+    assert cache_stage._write_cache(config, path, None, 4, info, vae, None, noun="videos",
+                                    stage="cache") == (latent_cache.read_meta(path), True)
+    np.testing.assert_array_equal(dit_stage.video_cache_source(config, str(tmp_path)).read_all()["z"], z)
+    config.cache.path = buckets
+    batches, source = dit_stage.bucketed_batches(config, str(tmp_path), [(2, 16, 16)])
+    assert len(source) == 4

@@ -121,6 +121,13 @@ class ImageVideoBatches:
             self._images.set_state(state["images"])
 
 
+def video_cache_source(config, workdir: str):
+    """The one-shape latent cache of the 'cache' stage (`latent_cache.cache_dir`), its files
+    refused outside the cache folder unless config.data.allow_outside_root."""
+    return latent_cache.LatentCacheSource(latent_cache.cache_dir(config, workdir),
+                                          allow_outside_root=config.data.get("allow_outside_root", False))
+
+
 def image_batches(config, workdir: str, video_source):
     """The DiT's image batches from the image cache (`latent_cache.image_cache_dir`), or None
     when config.train.image_source is "" (first frames of the cached clips instead). Same seed
@@ -208,8 +215,7 @@ def train_dit(config, workdir: str):
     if shapes:  # config.data.buckets: one cache per bucket, each batch one bucket's latent shape
         batches, source = bucketed_batches(config, workdir, shapes)
     else:
-        source = latent_cache.LatentCacheSource(latent_cache.cache_dir(config, workdir),
-                                                allow_outside_root=config.data.get("allow_outside_root", False))
+        source = video_cache_source(config, workdir)
         batches = pipeline.make_batches(source, batch_size=c.batch_size, seed=config.seed)
         if c.get("image_every", 0):
             batches = ImageVideoBatches(batches, c.image_every, image_batches(config, workdir, source))
