@@ -348,6 +348,38 @@ def test_damaged_cache_shard_is_found_and_only_it_is_rewritten(tmp_path):
     assert latent_cache.verify(out, meta) == [(damaged, f"10 bytes, meta.json says {meta['shards'][2]['bytes']}")]
 
 
+def test_dit_names_a_damaged_shard_before_training(tmp_path):
+    """mode=train_dit on a cache whose shard was damaged after the cache stage: the DiT's reader
+    checks the checksums first and stops with one line naming the shard, not at its first bad
+    record mid-run (config.cache.verify_on_read=False: the reader's chunk hashes only)."""
+    from pixeldance import configs
+    from pixeldance.data import latent_cache
+    from pixeldance.trainers import dit as dit_stage
+    from test_latent_cache import _arrays, _records
+    z, z_last, tokens, captions = _arrays(n=8)
+    out = str(tmp_path / "cache")
+    meta = latent_cache.build(out, count=8, num_shards=2, encode_range=_records(z, z_last, tokens, captions),
+                              info=dict(vae_step=1))
+    shard = os.path.join(out, meta["shards"][1]["file"])
+    with open(shard, "r+b") as f:  # inside the first chunk's records: found only when one is read
+        f.seek(200)
+        data = f.read(16)
+        f.seek(200)
+        f.write(bytes(b ^ 0xFF for b in data))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = configs.load_config(os.path.join(repo, "experiments", "base.py") + ":runlocal")
+    config.cache.path = out
+    with pytest.raises(latent_cache.CacheError) as e:
+        dit_stage.video_cache_source(config, str(tmp_path))
+    assert str(e.value) == (f"latent cache damaged: {shard}: does not match its checksum (run the 'cache' "
+                            f"stage: it rewrites only the damaged shards)")
+    config.cache.verify_on_read = False
+    source = dit_stage.video_cache_source(config, str(tmp_path))
+    assert len(source) == 8
+    with pytest.raises(latent_cache.CacheError, match="record 4 unreadable"):
+        source[4]
+
+
 def test_cache_stage_rewrites_a_garbled_shard_and_names_it(runlocal_workdir, main_job_runner, tmp_path):
     """Before: the cache stage kept a garbled shard ('keeping cache') and the DiT stopped on every rerun."""
     from pixeldance.data import latent_cache

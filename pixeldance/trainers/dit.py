@@ -123,9 +123,11 @@ class ImageVideoBatches:
 
 def video_cache_source(config, workdir: str):
     """The one-shape latent cache of the 'cache' stage (`latent_cache.cache_dir`), its files
-    refused outside the cache folder unless config.data.allow_outside_root."""
+    refused outside the cache folder unless config.data.allow_outside_root, and checked against
+    their checksums first unless config.cache.verify_on_read is False."""
     return latent_cache.LatentCacheSource(latent_cache.cache_dir(config, workdir),
-                                          allow_outside_root=config.data.get("allow_outside_root", False))
+                                          allow_outside_root=config.data.get("allow_outside_root", False),
+                                          verify_checksums=config.cache.get("verify_on_read", True))
 
 
 def image_batches(config, workdir: str, video_source):
@@ -136,7 +138,8 @@ def image_batches(config, workdir: str, video_source):
     if not name:
         return None
     source = latent_cache.LatentCacheSource(latent_cache.image_cache_dir(config, workdir),
-                                            allow_outside_root=config.data.get("allow_outside_root", False))
+                                            allow_outside_root=config.data.get("allow_outside_root", False),
+                                            verify_checksums=config.cache.get("verify_on_read", True))
     T, *hwc = source.meta["fields"]["z"]["shape"]
     video_hwc = video_source.meta["fields"]["z"]["shape"][1:]
     if T != 1 or hwc != video_hwc:
@@ -183,7 +186,8 @@ def bucketed_batches(config, workdir: str, shapes):
     [B/P, T, h, w, C], z_last [B/P, J, h, w, C], tokens int32 [B/P, S] of one bucket."""
     path = latent_cache.cache_dir(config, workdir)
     caches = latent_cache.open_bucket_caches(path, shapes,
-                                             allow_outside_root=config.data.get("allow_outside_root", False))
+                                             allow_outside_root=config.data.get("allow_outside_root", False),
+                                             verify_checksums=config.cache.get("verify_on_read", True))
     channels = {c.meta["fields"]["z"]["shape"][-1] for c in caches if len(c)}
     if len(channels) > 1:
         raise ValueError(f"bucketed latent cache {path}: buckets of {sorted(channels)} latent channels; "
