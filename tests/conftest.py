@@ -129,3 +129,101 @@ def networks_root(tmp_path_factory) -> str:
 def pytest_collection_modifyitems(config, items):
     """Tests that need the main job go last, so xdist workers run the others while one builds it."""
     items.sort(key=lambda item: "runlocal_workdir" in getattr(item, "fixturenames", ()))
+    _mark_quick(items)
+
+
+# `python -m pytest -n 2 -m quick`: a subset that touches every area in under 2 minutes on an idle
+# 2-core machine, for a check before the full suite. One list here (not markers in the test files,
+# which several people edit), by test function: every parametrization of one is in. None may use
+# the main job (`runlocal_workdir`); tests/test_packaging.py checks that each entry still exists.
+QUICK = (
+    # models
+    "tests/test_dit_model.py::test_decode_variant",
+    "tests/test_dit_model.py::test_every_parameter_has_logical_names",
+    "tests/test_dit_model.py::test_chunked_attention_matches_reference",
+    "tests/test_dit_model.py::test_kernel_choice_on_cpu",
+    "tests/test_vae_model.py::test_bad_video_shape_raises",
+    "tests/test_vae_model.py::test_bad_latent_shape_raises",
+    "tests/test_vae_model.py::test_unknown_variant_names_valid_ones",
+    "tests/test_vae_model.py::test_bad_constructor_fields_raise",
+    "tests/test_vae_model.py::test_rearrangements_invert",
+    "tests/test_vae_model.py::test_encoder_is_causal",
+    "tests/test_vae_model.py::test_decoder_is_causal",
+    "tests/test_vae_model.py::test_every_param_is_partitioned_with_known_logical_names",
+    # diffusion and sampling
+    "tests/test_diffusion.py::test_objective_paths",
+    "tests/test_diffusion.py::test_guidance_scale_one_is_the_conditional_prediction",
+    "tests/test_diffusion.py::test_guidance_separate_scales",
+    "tests/test_diffusion.py::test_guided_sample_branches",
+    "tests/test_diffusion.py::test_tau_is_the_number_of_steps_that_see_the_last_frame",
+    "tests/test_diffusion.py::test_samplers_reject_unknown_names",
+    "tests/test_diffusion.py::test_sampler_order_on_the_flow_path",
+    "tests/test_diffusion.py::test_exact_output_gives_zero_loss_and_the_true_denoising",
+    "tests/test_diffusion.py::test_task_loss_dropout_rates",
+    "tests/test_sampling.py::test_time_grid",
+    "tests/test_sampling.py::test_make_instructions",
+    "tests/test_sampling.py::test_velocity_and_x0_are_inverses",
+    # training
+    "tests/test_train.py::test_ema_decay_warmup",
+    "tests/test_train.py::test_non_finite_loss_stops_training",
+    # data
+    "tests/test_synthetic.py::test_held_out_are_novel_combinations_of_seen_parts",
+    "tests/test_synthetic.py::test_caption_round_trip",
+    "tests/test_synthetic.py::test_source_is_deterministic_and_order_free",
+    "tests/test_synthetic.py::test_item_format",
+    "tests/test_synthetic.py::test_importable_without_jax",
+    "tests/test_synthetic.py::test_two_objects_scored_separately",
+    "tests/test_buckets.py::test_every_batch_one_shape_and_the_right_bucket",
+    "tests/test_video_folder.py::test_stride_clips_match_a_full_decode",
+    "tests/test_video_folder.py::test_raise_names_the_file",
+    "tests/test_image_folder.py::test_images_are_one_frame_videos",
+    "tests/test_image_folder.py::test_mixture_index_map_is_exact_and_deterministic",
+    "tests/test_data_roots.py::test_outside_row_raises_one_line_and_is_never_opened",
+    "tests/test_latent_cache.py::test_record_round_trip_and_bad_records",
+    "tests/test_latent_cache.py::test_missing_and_corrupt_caches_name_the_path",
+    "tests/test_workdir.py::test_latent_stats_round_trip_and_normalise",
+    "tests/test_workdir.py::test_latent_stats_bad_files_name_the_file",
+    # checkpoint integrity
+    "tests/test_integrity.py::test_every_save_is_sealed_with_its_files_checksums",
+    "tests/test_integrity.py::test_damaged_newest_checkpoint_falls_back_to_the_older_one",
+    "tests/test_integrity.py::test_unsealed_newest_checkpoint_is_not_trusted",
+    "tests/test_integrity.py::test_no_usable_checkpoint_is_one_line_naming_each",
+    "tests/test_integrity.py::test_damaged_cache_shard_is_found_and_only_it_is_rewritten",
+    # configs and command-line validation
+    "tests/test_configs.py::test_experiment_builds",
+    "tests/test_configs.py::test_override_misspelt_key",
+    "tests/test_configs.py::test_parse_arg_errors",
+    "tests/test_cli_validation.py::test_bad_setting_is_one_line_before_any_work",
+    "tests/test_cli_validation.py::test_output_naming_a_folder",
+    "tests/test_cli_validation.py::test_writers_leave_no_partial_file_when_the_path_is_a_folder",
+    "tests/test_cli_validation.py::test_over_long_prompt_is_cut_with_one_warning",
+    "tests/test_ablation_table.py::test_bad_rows_and_missing_reports",
+    "tests/test_ablation_table.py::test_cited_repository_files_exist",
+    # import layers and packaging
+    "tests/test_layers.py::test_import_contracts_are_kept",
+    "tests/test_packaging.py::test_every_entry_point_is_listed_described_and_imports",
+    "tests/test_packaging.py::test_help_lists_them_without_importing_jax",
+    "tests/test_packaging.py::test_pyproject_metadata",
+    "tests/test_packaging.py::test_wheel_has_the_package_and_its_pins",
+    "tests/test_packaging.py::test_quick_subset_names_existing_tests",
+)
+_QUICK_FILES = {entry.split("::")[0].rsplit("/", 1)[-1] for entry in QUICK}
+
+
+def _mark_quick(items):
+    quick = set(QUICK)
+    for item in items:
+        if item.nodeid.split("[")[0] in quick:
+            if "runlocal_workdir" in getattr(item, "fixturenames", ()):
+                raise pytest.UsageError(f"conftest.QUICK: {item.nodeid} needs the main job")
+            item.add_marker(pytest.mark.quick)
+
+
+def pytest_ignore_collect(collection_path, config):
+    """With exactly `-m quick`, the files without quick tests are not even imported (collecting
+    all of them, with torch and diffusers, would be a fifth of the quick run)."""
+    if (config.getoption("markexpr", "") == "quick" and collection_path.suffix == ".py"
+            and collection_path.name.startswith("test_")
+            and collection_path.name not in _QUICK_FILES):
+        return True
+    return None

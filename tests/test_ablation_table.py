@@ -1,6 +1,7 @@
 """The Table 3 printer: rows from faithfulness reports, the paper's numbers by row name, bad input."""
 import json
 import os
+import re
 
 import pytest
 
@@ -55,3 +56,14 @@ def test_command_line_writes_json(tmp_path, capsys):
     at.main([f"--rows=full={full}", f"--output={out}"])
     assert "| full (PixelDance) |" in capsys.readouterr().out
     assert json.loads(out.read_text())["rows"][0]["metrics"]["T2V colour"] == 0.9
+
+
+def test_cited_repository_files_exist():
+    """The module's text cites files of this repository only where they exist."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(at.__file__) as f:
+        text = f.read()
+    cited = re.findall(r"\b((?:benchmarks|experiments|pixeldance|tests|refs)/[\w./-]+\.(?:py|json|md))", text)
+    assert "benchmarks/results/table3_shapes.json" in cited
+    for path in cited:
+        assert os.path.exists(os.path.join(root, path)), path

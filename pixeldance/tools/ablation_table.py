@@ -2,14 +2,17 @@ r"""Our version of the paper's Table 3: ablation workdirs side by side, with the
 
   python -m pixeldance.tools.ablation_table \
       --rows=full=workdirs/shapes,t2v=workdirs/shapes_t2v,no_text=workdirs/shapes_no_text,no_last=workdirs/shapes_no_last \
-      --output=benchmarks/results/table3.json
+      --output=table3.json
+
+(The recorded run, its commands and its rows: benchmarks/results/table3_shapes.json.)
 
 Each row is `NAME=WORKDIR`, a workdir whose `sample` stage wrote `faithfulness.json` (the
 synthetic-world evaluator's report: per mode T2V / I2V / FLF2V and split seen / heldout / all,
 colour, direction and consistency accuracies in [0, 1], first- and last-frame PSNR in dB). Rows
 named after the paper's ablations (`full`, `t2v`, `no_text`, `no_last`) also show the paper's
-UCF-101 FID / FVD for that row (`PAPER_TABLE3`, from refs/PIXELDANCE.md; lower is better there,
-higher is better in ours). Other names (e.g. `eps`, `factorised`) are printed without.
+UCF-101 FID / FVD for that row (`PAPER_TABLE3`, from Table 3 of Zeng et al., "Make Pixels Dance",
+arXiv 2311.10982; lower is better there, higher is better in ours). Other names (e.g. `eps`,
+`factorised`) are printed without.
 
 Prints a Markdown table (held-out combinations, except consistency and the PSNRs, which use all
 128 videos per mode) and, with --output, writes the rows and the full reports as JSON.

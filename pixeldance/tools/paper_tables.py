@@ -24,7 +24,8 @@ from pixeldance.tools.ablation_table import PAPER_TABLE3
 
 FLAGS = flags.FLAGS
 
-# Published numbers (refs/PIXELDANCE.md). None: not reported.
+# Published numbers (Zeng et al., "Make Pixels Dance", arXiv 2311.10982, Tables 1-2; Table 3 is
+# ablation_table.PAPER_TABLE3). None: not reported.
 PAPER_TABLE1 = (  # MSR-VTT zero-shot: (method, CLIPSIM, FVD)
     ("CogVideo (En)", 0.2631, 1294), ("MagicVideo", None, 1290), ("LVDM", 0.2381, 742),
     ("Video-LDM", 0.2929, None), ("InternVid", 0.2951, None), ("ModelScope", 0.2939, 550),
