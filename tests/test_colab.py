@@ -1,15 +1,24 @@
-"""The notebooks run top to bottom against a real workdir (the runlocal main job's)."""
+"""Every notebook runs top to bottom on a tiny configuration: 01 trains `:runlocal` inside the
+notebook, 02, 04 and 05 read the runlocal main job's workdir, 03 builds a tiny random Wan
+repository. Any cell that raises fails its test."""
 import json
 import os
 import shutil
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "colabs", "01_quickstart.ipynb")
 EVALUATE = os.path.join(REPO, "colabs", "02_evaluate.ipynb")
 PRETRAINED = os.path.join(REPO, "colabs", "03_pretrained.ipynb")
+VAE = os.path.join(REPO, "colabs", "04_vae.ipynb")
+LONG_VIDEO = os.path.join(REPO, "colabs", "05_long_video.ipynb")
+NOTEBOOKS = sorted(os.path.join(REPO, "colabs", n) for n in os.listdir(os.path.join(REPO, "colabs"))
+                   if n.endswith(".ipynb"))
+RUNLOCAL = "experiments/shapes.py:runlocal"
 MODES = ("text", "first frame + text", "first + last frame + text")
 
 
@@ -31,21 +40,89 @@ def _text(cell):
     return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
 
 
-def test_quickstart(runlocal_workdir, child_env):
-    nb = run_notebook(QUICKSTART, runlocal_workdir, child_env)
+def _videos(code) -> list[str]:
+    """The inline videos shown (notebook.show_videos: HTML <video> tags), one entry each."""
+    html = [o["data"]["text/html"] for c in code for o in c.outputs
+            if o.output_type == "display_data" and "text/html" in o.get("data", {})]
+    return [v for h in html for v in h.split("<video ")[1:]]
+
+
+def _checked(nb):
+    """The code cells of an executed notebook, after checking that each ran without an error."""
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.execution_count is not None for c in code)
     for cell in code:
         assert not [o for o in cell.outputs if o.output_type == "error"]
         assert "Traceback" not in _text(cell)
+    return code
+
+
+def test_quickstart(child_env, tmp_path):
+    """01_quickstart trains `:runlocal` in the notebook (VAE, cache, DiT), then generates."""
+    workdir = str(tmp_path / "quickstart")
+    nb = run_notebook(QUICKSTART, workdir, child_env, CONFIG=RUNLOCAL)
+    code = _checked(nb)
     text = "\n".join(_text(c) for c in code)
-    assert "9 frames of 32x32 pixels" in text
+    assert "seconds per stage: train_vae " in text and os.path.isdir(os.path.join(workdir, "dit", "4"))
+    assert "9 frames of 32x32 pixels, DiT step 4" in text
     for mode in MODES:
         assert f"{mode}: uint8 (9, 32, 32, 3)" in text.splitlines(), text
         assert any(line.startswith(mode + " {") and "'colour_correct'" in line for line in text.splitlines()), mode
-    gifs = [o for c in code for o in c.outputs
-            if o.output_type == "display_data" and "image/gif" in o.get("data", {})]
-    assert len(gifs) == 1 + len(MODES)  # the real clip and the three generated videos
+    videos = _videos(code)
+    assert len(videos) == 1 + len(MODES) + 2  # the real clip, the three modes, two own prompts
+    assert all('src="data:video/mp4;base64,' in v for v in videos)
+
+
+def test_vae_notebook(runlocal_workdir, child_env, tmp_path):
+    """04_vae on the runlocal VAE (not retrained) and a tiny random Wan VAE."""
+    nb = run_notebook(VAE, runlocal_workdir, child_env, LONG_FRAMES=33, WAN_CONVERTED=str(tmp_path / "wan_vae"))
+    code = _checked(nb)
+    text = "\n".join(_text(c) for c in code)
+    assert f"{runlocal_workdir} is trained: train_vae step 4" in text
+    assert "clip 3: PSNR" in text and "SSIM" in text
+    assert "video (1, 9, 32, 32, 3) -> latents (1, 3, 4, 4, 16), float32" in text
+    assert "33 frames -> latents (1, 9, 4, 4, 16) -> chunked decode (1, 33, 32, 32, 3)" in text
+    assert "Wan VAE latents (1, 3, 4, 4, 16); PSNR" in text
+    assert os.path.exists(tmp_path / "wan_vae" / "config.json")
+    assert len(_videos(code)) == 4 + 2 + 2 + 2
+
+
+def test_long_video_notebook(runlocal_workdir, child_env):
+    """05_long_video: three clips with a prompt each, then with a last frame each."""
+    nb = run_notebook(LONG_VIDEO, runlocal_workdir, child_env, NUM_CLIPS=3)
+    code = _checked(nb)
+    lines = "\n".join(_text(c) for c in code).splitlines()
+    assert "3 clips of 9 frames -> 25 frames" in lines
+    assert [line.split(":")[0] for line in lines if " new frames, moves " in line] == ["clip 0", "clip 1", "clip 2"]
+    assert "prompt per clip: uint8 (25, 32, 32, 3)" in lines
+    assert len([line for line in lines if "dB from its keyframe" in line]) == 3
+    assert len(_videos(code)) == 3 + 1 + 2
+
+
+def test_every_notebook_starts_with_the_same_set_up():
+    """One set-up cell everywhere: installs the project in Colab (from REPO_URL), prints the
+    devices; and one cell tagged 'parameters' that the tests override."""
+    setups = []
+    for path in NOTEBOOKS:
+        code = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+        setups.append(code[0].source)
+        assert 'REPO_URL = "https://github.com/' in code[0].source and '"google.colab" in sys.modules' in code[0].source
+        assert "notebook.describe_devices()" in code[0].source
+        assert len([c for c in code if "parameters" in c.metadata.get("tags", [])]) == 1, path
+    assert len(set(setups)) == 1
+    assert len(NOTEBOOKS) == 5
+
+
+def test_a_failing_cell_fails_the_run(child_env, tmp_path):
+    """run_notebook does not let an error pass (the notebook tests rely on it)."""
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("WORKDIR = None", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("raise ValueError('broken cell')"),
+        nbformat.v4.new_code_cell("print('after')")])
+    path = tmp_path / "broken.ipynb"
+    nbformat.write(nb, path)
+    with pytest.raises(CellExecutionError, match="broken cell"):
+        run_notebook(str(path), None, child_env)
 
 
 def test_evaluate_notebook(runlocal_workdir, networks_root, child_env, tmp_path):
