@@ -20,18 +20,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from pixeldance import sample
+from pixeldance import cli, sample
 from pixeldance import workdir as workdir_lib
 from pixeldance.evaluators import common
 from pixeldance.evaluators.metrics import ProtocolMetrics
 from pixeldance.metrics import protocols
-from pixeldance.metrics.stats import StatsError
-from pixeldance.metrics.videos import VideoSetError
-from pixeldance.models.weights import WeightsError
 
 FLAGS = flags.FLAGS
 EVAL_DIR = "eval"
@@ -67,14 +63,10 @@ def evaluate(workdir: str, protocol: str | None = None, *, root: str | None = No
 
 def main(argv):
     del argv
-    try:
-        if FLAGS.num_generated is not None and FLAGS.num_generated < 2:
-            raise ValueError(f"--num_generated must be >= 2, got {FLAGS.num_generated}")
-        report = evaluate(FLAGS.workdir, FLAGS.protocol, root=FLAGS.networks, stats_dir=FLAGS.stats_dir,
-                          num_generated=FLAGS.num_generated, metrics=FLAGS.metrics, mode=FLAGS.mode)
-    except (ValueError, FileNotFoundError, WeightsError, StatsError, VideoSetError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+    if FLAGS.num_generated is not None and FLAGS.num_generated < 2:
+        raise ValueError(f"--num_generated must be >= 2, got {FLAGS.num_generated}")
+    report = evaluate(FLAGS.workdir, FLAGS.protocol, root=FLAGS.networks, stats_dir=FLAGS.stats_dir,
+                      num_generated=FLAGS.num_generated, metrics=FLAGS.metrics, mode=FLAGS.mode)
     print(json.dumps(report))
     print(f"wrote {result_path(FLAGS.workdir, report['name'])}")
 
@@ -91,7 +83,7 @@ def run():
                       "protocol's (results in eval/<protocol>-<mode>.json).")
     flags.DEFINE_integer("num_generated", None, "Generate this many videos instead of the protocol's "
                          "count (recorded in the result's warnings).")
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

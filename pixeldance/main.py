@@ -16,18 +16,15 @@ checkpoint of the stage it was in. Single fields: `--config.train.num_steps=100`
 """
 from __future__ import annotations
 
-import ast
-import contextlib
 import json
 import os
-import sys
 import threading
 import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pixeldance import build, xla_flags
+from pixeldance import build, cli, xla_flags
 from pixeldance.checkpoint import CheckpointWriteError
 from pixeldance import workdir as workdir_lib
 from pixeldance.evaluators import common as eval_common
@@ -72,64 +69,21 @@ def sample_stage(config, workdir: str) -> dict:
 
 def main(argv):
     """The stages, with every user error (bad config values, missing or damaged files, a full or
-    read-only disk, a failed checkpoint write) as one line `error: ...` and exit code 2;
-    `--verbosity=1` shows the traceback instead."""
+    read-only disk, a failed checkpoint write) as one line `error: ...` and exit code 2
+    (pixeldance/cli.py); `--verbosity=1` shows the traceback instead."""
     try:
         _main(argv)
-    except (ValueError, OSError) as e:  # the project's input errors are ValueError / OSError subclasses
-        if flags.FLAGS.verbosity >= 1:
+    except CheckpointWriteError as e:
+        if cli.debug(argv):
             raise
-        if isinstance(e, CheckpointWriteError):
-            # Orbax's writer threads of the failed save print their tracebacks as they end: let
-            # them (a few seconds at most), so that this line comes last.
-            deadline = time.time() + 5
-            for thread in threading.enumerate():
-                if thread is not threading.current_thread():
-                    thread.join(max(0.0, deadline - time.time()))
-        print(f"error: {_first_line(e)}", file=sys.stderr)
-        if isinstance(e, CheckpointWriteError):
-            # ... and none while the interpreter shuts down; the logs and metrics are closed already.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(2)
-        sys.exit(2)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _parse_flags(argv):
-    """absl's parsing, with a config file's errors (a missing file, a misspelt field, a bad value
-    or argument) as one line naming the flag and exit code 2 instead of a traceback."""
-    for arg in argv[1:]:
-        if arg.startswith("--config="):
-            path = arg.split("=", 1)[1].split(":", 1)[0]
-            if not os.path.isfile(path):
-                _usage_error(f"{arg}: no such config file {path}")
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:  # the config file raised: its traceback is inside the message
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        _usage_error(lines[0] + (f" {lines[-1]}" if "Traceback" in str(e) else ""), e, argv)
-    except (AttributeError, KeyError, TypeError, ValueError) as e:  # ml_collections' override errors
-        text = str(e.args[0] if e.args else e)
-        if text[:1] in "'\"" and text[-1:] == text[:1]:  # a KeyError's repr inside an AttributeError
-            with contextlib.suppress(ValueError, SyntaxError):
-                text = ast.literal_eval(text)
-        text = " ".join(text.split())
-        key = text.split("'")[1] if text.count("'") >= 2 else None
-        named = [a.split("=")[0] for a in argv[1:] if key and a.startswith("--config.")
-                 and f".{key}." in a.split("=")[0] + "."]
-        _usage_error(f"{named[0] if named else '--config'}: {text}", e, argv)
-
-
-def _usage_error(message: str, error: BaseException | None = None, argv=()):
-    if error is not None and "--verbosity=1" in argv:
-        raise error
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+        # Orbax's writer threads of the failed save end within seconds: wait for them, so that this
+        # line comes last, then exit at once (nothing prints while the interpreter shuts down;
+        # the logs and metrics are closed already).
+        deadline = time.time() + 5
+        for thread in threading.enumerate():
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.time()))
+        cli.fail(cli.first_line(e), hard=True)
 
 
 def _main(argv):
@@ -151,11 +105,7 @@ def _main(argv):
     if config.text.get("encoder", "word") != "word" and ("cache" in stages or "sample" in stages):
         # A frozen encoder's folder is read by the cache and sample stages: check it before the
         # VAE stage spends hours (its config.json only; the weights load where they are used).
-        try:
-            build.text_conditioner(config)
-        except ValueError as e:
-            print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-            sys.exit(2)
+        build.text_conditioner(config)
     workdir_lib.write_config(workdir, config)
     timing_path = os.path.join(workdir, workdir_lib.TIMING)
     timing = json.load(open(timing_path)) if os.path.exists(timing_path) else {}
@@ -173,7 +123,7 @@ def run():
     """Console script `pixeldance`."""
     define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, flags_parser=_parse_flags)
+    cli.run(main)
 
 
 if __name__ == "__main__":

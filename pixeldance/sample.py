@@ -24,16 +24,16 @@ from __future__ import annotations
 import functools
 import math
 import os
-import sys
+import tempfile
 from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import linen as nn
 
-from pixeldance import build, sharding, workdir as workdir_lib
+from pixeldance import build, cli, sharding, workdir as workdir_lib
 from pixeldance import rng as rng_lib
 from pixeldance.data import video_io
 from pixeldance.diffusion import guidance as guidance_lib
@@ -383,12 +383,26 @@ class Pipeline:
             yield video if k == 0 else video[1:]
 
 
+def read_pipeline_config(workdir: str):
+    """The workdir's config (`workdir.read_config`), refused in one line unless it describes a
+    pipeline: a converted VAE's folder, say, has a config.json with only its 'vae' section."""
+    config = workdir_lib.read_config(workdir)
+    missing = [k for k in ("data", "text", "dit", "sample") if k not in config]
+    if missing:
+        what = ("a converted VAE (its config.json holds only 'vae': load it with pixeldance.load_vae)"
+                if "vae" in config and "dit" not in config else
+                f"not a pipeline (its {workdir_lib.CONFIG} has no {', '.join(missing)})")
+        raise ValueError(f"{workdir} is {what}; load_pipeline expects a trained workdir or a folder of "
+                         f"python -m pixeldance.convert.wan")
+    return config
+
+
 def load_pipeline(workdir: str, *, mesh=None) -> Pipeline:
     """The trained pipeline of a workdir: the EMA weights of the newest VAE and DiT checkpoints
     (nothing else of their train states), placed on `mesh` (default `inference_mesh()`). A
     workdir whose DiT starts from converted weights (config.dit.init_from) and has no DiT
     checkpoint yet samples from those weights (step 0)."""
-    config = workdir_lib.read_config(workdir)
+    config = read_pipeline_config(workdir)
     mesh = inference_mesh() if mesh is None else mesh
     vae = load_vae(workdir, mesh=mesh)
     stats = workdir_lib.LatentStats.read(workdir)
@@ -435,8 +449,11 @@ def _check_output(path: str):
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
         raise ValueError(f"--output {path}: {folder} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"--output {path}: {folder} is not writable")
+    try:  # a file made and removed there: access() can say yes where writing fails (root, network disks)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ValueError(f"--output {path}: {folder} is not writable ({e.strerror or e})") from None
 
 
 def _check_flags(FLAGS):
@@ -459,6 +476,7 @@ def _check_flags(FLAGS):
     return prompt
 
 
+@cli.one_line_errors  # bad flags, missing or damaged files, an unwritable output: one line
 def main(argv):
     """Every input is checked before any work: the flags on their own, then against the
     workdir's config (tau against the steps; the instruction images, read and sized), then,
@@ -466,41 +484,37 @@ def main(argv):
     line `error: ...` on stderr naming the flag, exit status 2, and nothing written."""
     FLAGS = flags.FLAGS
     del argv
-    try:
-        prompt = _check_flags(FLAGS)
-        config = workdir_lib.read_config(FLAGS.workdir)
-        check_tau(FLAGS.tau, FLAGS.steps, config.sample.steps, "--")
-        H = config.data.resolution if FLAGS.height is None else FLAGS.height
-        W = config.data.resolution if FLAGS.width is None else FLAGS.width
-        size = (H, W) if FLAGS.resize else None
-        images = {}
-        for name in ("first_frame", "last_frame"):
-            path = getattr(FLAGS, name)
-            if path:
-                images[name] = img = video_io.read_image(path, size, name=f"--{name}")
-                if img.shape[:2] != (H, W):
-                    raise ValueError(f"--{name} {path} is {img.shape[1]}x{img.shape[0]}, the videos are "
-                                     f"{W}x{H} (--width x --height; pass --resize to resize it)")
-        pipe = load_pipeline(FLAGS.workdir)
-        kwargs = dict(num_frames=FLAGS.num_frames, height=H, width=W, steps=FLAGS.steps, guidance=FLAGS.guidance,
-                      tau=FLAGS.tau, sampler=FLAGS.sampler, image_guidance=FLAGS.image_guidance)
-        pipe._settings(prefix="--", num_clips=FLAGS.num_clips, **kwargs)  # the size against the model, by flag
-        clips = pipe.generate_clips(prompt, images.get("first_frame"), images.get("last_frame"),
-                                    num_clips=FLAGS.num_clips, seed=FLAGS.seed, **kwargs)
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-        if FLAGS.output.endswith(".mp4"):
-            with video_io.Mp4Writer(FLAGS.output) as writer:  # streamed: one clip in memory at a time
-                for frames in clips:
-                    writer.write(frames)
-            num_frames = writer.num_frames
-        else:  # Pillow writes a GIF from all its frames at once
-            video = np.concatenate(list(clips))
-            video_io.write_gif(FLAGS.output, video, scale=4)
-            num_frames = video.shape[0]
-        print(f"wrote {FLAGS.output} ({num_frames} frames, {W}x{H})")
-    except (ValueError, OSError) as e:  # bad flags, missing or damaged files, an unwritable output
-        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
-        sys.exit(2)
+    prompt = _check_flags(FLAGS)
+    config = read_pipeline_config(FLAGS.workdir)
+    check_tau(FLAGS.tau, FLAGS.steps, config.sample.steps, "--")
+    H = config.data.resolution if FLAGS.height is None else FLAGS.height
+    W = config.data.resolution if FLAGS.width is None else FLAGS.width
+    size = (H, W) if FLAGS.resize else None
+    images = {}
+    for name in ("first_frame", "last_frame"):
+        path = getattr(FLAGS, name)
+        if path:
+            images[name] = img = video_io.read_image(path, size, name=f"--{name}")
+            if img.shape[:2] != (H, W):
+                raise ValueError(f"--{name} {path} is {img.shape[1]}x{img.shape[0]}, the videos are "
+                                 f"{W}x{H} (--width x --height; pass --resize to resize it)")
+    pipe = load_pipeline(FLAGS.workdir)
+    kwargs = dict(num_frames=FLAGS.num_frames, height=H, width=W, steps=FLAGS.steps, guidance=FLAGS.guidance,
+                  tau=FLAGS.tau, sampler=FLAGS.sampler, image_guidance=FLAGS.image_guidance)
+    pipe._settings(prefix="--", num_clips=FLAGS.num_clips, **kwargs)  # the size against the model, by flag
+    clips = pipe.generate_clips(prompt, images.get("first_frame"), images.get("last_frame"),
+                                num_clips=FLAGS.num_clips, seed=FLAGS.seed, **kwargs)
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+    if FLAGS.output.endswith(".mp4"):
+        with video_io.Mp4Writer(FLAGS.output) as writer:  # streamed: one clip in memory at a time
+            for frames in clips:
+                writer.write(frames)
+        num_frames = writer.num_frames
+    else:  # Pillow writes a GIF from all its frames at once
+        video = np.concatenate(list(clips))
+        video_io.write_gif(FLAGS.output, video, scale=4)
+        num_frames = video.shape[0]
+    print(f"wrote {FLAGS.output} ({num_frames} frames, {W}x{H})")
 
 
 def define_flags():
@@ -535,7 +549,7 @@ def define_flags():
 def run():
     logging.set_verbosity(logging.WARNING)  # keep Orbax's INFO lines out of the one-line errors
     define_flags()
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

@@ -423,8 +423,8 @@ def test_build_command(ucf_files, tmp_path, python_runner):
     os.symlink(ucf_files / "UCF101.zip", manual / "UCF101.zip")
     proc = python_runner("-m", "pixeldance.data.tfds_build", "--dataset=ucf101", f"--manual_dir={manual}",
                          f"--data_dir={tmp_path / 'data'}", timeout=120)
-    assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines()[-1].startswith("tfds_build: UCF-101 split lists not found in ")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: UCF-101 split lists not found in ")
     os.symlink(ucf_files / "ucfTrainTestlist", manual / "ucfTrainTestlist")
     args = ("-m", "pixeldance.data.tfds_build", "--dataset=ucf101", f"--manual_dir={manual}",
             f"--data_dir={tmp_path / 'data'}", "--ucf101_split=1")

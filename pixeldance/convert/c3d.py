@@ -44,10 +44,11 @@ import os
 import zipfile
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import traverse_util
 
-from pixeldance.convert.common import ConversionError, first_line, or_exit
+from pixeldance import cli
+from pixeldance.convert.common import ConversionError, first_line
 from pixeldance.models import c3d, weights
 
 _RELEASE = "conv3d_deepnetA_ucf.npz and mean2.npz of the tgan2 v1.0 release (github.com/rezoo/tgan2/releases)"
@@ -202,7 +203,7 @@ def convert(input_path: str, output_dir: str, mean_path: str | None = None) -> d
 def main(argv):
     del argv
     FLAGS = flags.FLAGS
-    or_exit(lambda: convert(FLAGS.input, FLAGS.output, FLAGS.mean))
+    convert(FLAGS.input, FLAGS.output, FLAGS.mean)
     print(f"wrote {FLAGS.output} (TGAN-v2's UCF-101 C3D for the video IS); load it with "
           f"pixeldance.models.c3d.load_c3d({FLAGS.output!r})")
 
@@ -214,7 +215,7 @@ def run():
     flags.DEFINE_string("mean", None, "mean2.npz of TGAN-v2 (the mean clip); not needed when --input "
                         "holds a tensor 'mean'.")
     flags.DEFINE_string("output", None, "New (or empty) output folder.", required=True)
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

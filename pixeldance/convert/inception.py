@@ -26,10 +26,11 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import traverse_util
 
-from pixeldance.convert.common import ConversionError, or_exit
+from pixeldance import cli
+from pixeldance.convert.common import ConversionError
 from pixeldance.models import inception, weights
 
 _PTH = "weights-inception-2015-12-05-6726825d.pth (torch-fidelity) or pt_inception-2015-12-05-6726825d.pth (pytorch-fid)"
@@ -151,7 +152,7 @@ def convert(input_path: str, output_dir: str) -> dict:
 def main(argv):
     del argv
     FLAGS = flags.FLAGS
-    or_exit(lambda: convert(FLAGS.input, FLAGS.output))
+    convert(FLAGS.input, FLAGS.output)
     print(f"wrote {FLAGS.output} (InceptionV3 for FID and IS); load it with "
           f"pixeldance.models.inception.load_inception({FLAGS.output!r})")
 
@@ -161,7 +162,7 @@ def run():
     flags.DEFINE_string("input", None, "The FID InceptionV3 state dict as .safetensors "
                         "(see the module docstring for the one-off command from the .pth).", required=True)
     flags.DEFINE_string("output", None, "New (or empty) output folder.", required=True)
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

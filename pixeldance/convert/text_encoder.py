@@ -42,10 +42,11 @@ from typing import Callable, Iterator
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from pixeldance import cli
 from pixeldance.convert import clip as convert_clip
-from pixeldance.convert.common import ConversionError, first_line, or_exit
+from pixeldance.convert.common import ConversionError, first_line
 from pixeldance.models import clip, t5, weights
 from pixeldance.models import text_encoder as te
 
@@ -406,8 +407,8 @@ def convert(kind: str, input_dir: str, output_dir: str, *, tokenizer_dir: str | 
 def main(argv):
     del argv
     FLAGS = flags.FLAGS
-    config = or_exit(lambda: convert(FLAGS.kind, FLAGS.input, FLAGS.output, tokenizer_dir=FLAGS.tokenizer,
-                                     dtype=FLAGS.dtype, max_length=FLAGS.max_length), (weights.WeightsError,))
+    config = convert(FLAGS.kind, FLAGS.input, FLAGS.output, tokenizer_dir=FLAGS.tokenizer,
+                     dtype=FLAGS.dtype, max_length=FLAGS.max_length)
     n = sum(int(np.prod(s.shape)) for s in te.abstract_params(config["kind"], config["encoder"]).values())
     print(f"wrote {FLAGS.output} ({config['kind']} text encoder, {n / 1e6:.1f}M parameters, width "
           f"{config['encoder']['width']}, texts of {config['max_length']} tokens); load it with "
@@ -422,7 +423,7 @@ def run():
     flags.DEFINE_string("tokenizer", None, "Folder of the tokenizer files, where --input has none.")
     flags.DEFINE_enum("dtype", "float32", sorted(te.DTYPES), "Default compute dtype of the loaded encoder.")
     flags.DEFINE_integer("max_length", None, "Texts' padded length (default: 77 CLIP, 512 T5 / umT5).")
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

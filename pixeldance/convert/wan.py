@@ -27,15 +27,14 @@ import json
 import os
 import shutil
 
-from absl import app, flags
+from absl import flags
 
-from pixeldance import configs
+from pixeldance import cli, configs
 from pixeldance import workdir as workdir_lib
 from pixeldance.convert import text_encoder as convert_text
 from pixeldance.convert import wan_dit as convert_dit
 from pixeldance.convert import wan_vae as convert_vae
-from pixeldance.convert.common import ConversionError, or_exit
-from pixeldance.models import weights
+from pixeldance.convert.common import ConversionError
 
 DIT, TEXT = "wan_dit", "umt5"
 PARTS = ("vae", "text_encoder", "tokenizer", "transformer")
@@ -103,8 +102,7 @@ def convert(input_dir: str, output_dir: str, *, dtype: str = "float32", config_p
 def main(argv):
     del argv
     FLAGS = flags.FLAGS
-    config = or_exit(lambda: convert(FLAGS.input, FLAGS.output, dtype=FLAGS.dtype, config_path=FLAGS.config),
-                     (weights.WeightsError, ValueError))
+    config = convert(FLAGS.input, FLAGS.output, dtype=FLAGS.dtype, config_path=FLAGS.config)
     print(f"wrote {FLAGS.output} (Wan 2.1 text-to-video: VAE, umT5 in {TEXT}/, DiT in {DIT}/, sampling shift "
           f"{config['sample']['shift']:g}); load it with pixeldance.load_pipeline({FLAGS.output!r})")
 
@@ -115,7 +113,7 @@ def run():
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of the encoder and the DiT.")
     flags.DEFINE_string("config", None, "Experiment config of the folder (default: this repository's "
                         "experiments/wan_pixeldance.py).")
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

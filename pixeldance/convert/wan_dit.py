@@ -36,9 +36,10 @@ from typing import Callable, Iterator
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from pixeldance.convert.common import ConversionError, first_line, or_exit
+from pixeldance import cli
+from pixeldance.convert.common import ConversionError, first_line
 from pixeldance.models import wan_dit, weights
 
 CLASS = "WanTransformer3DModel"
@@ -345,7 +346,7 @@ def convert(input_path: str, output_dir: str, *, dtype: str = "float32") -> dict
 def main(argv):
     del argv
     FLAGS = flags.FLAGS
-    config = or_exit(lambda: convert(FLAGS.input, FLAGS.output, dtype=FLAGS.dtype), (weights.WeightsError,))
+    config = convert(FLAGS.input, FLAGS.output, dtype=FLAGS.dtype)
     fields = config["dit"]
     n = sum(math.prod(a.shape) for a in wan_dit.abstract_params(fields).values())
     print(f"wrote {FLAGS.output} (Wan DiT, {n / 1e9:.2f}B parameters, {fields['num_layers']} layers, width "
@@ -358,7 +359,7 @@ def run():
                         f"(its {REPO_SUBFOLDER}/).", required=True)
     flags.DEFINE_string("output", None, "New (or empty) output folder.", required=True)
     flags.DEFINE_enum("dtype", "float32", sorted(wan_dit.DTYPES), "Default compute dtype of the loaded DiT.")
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

@@ -25,14 +25,14 @@ import re
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import traverse_util
 from safetensors import safe_open
 
-from pixeldance.convert.common import ConversionError, or_exit
-from pixeldance import build, sharding, train_lib
+from pixeldance import build, cli, sharding, train_lib
 from pixeldance import workdir as workdir_lib
 from pixeldance.checkpoint import Checkpointer
+from pixeldance.convert.common import ConversionError, first_line
 from pixeldance.models import wan_vae
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -63,8 +63,13 @@ def read_input(path: str) -> tuple[dict[str, np.ndarray], dict]:
     config = {}
     config_path = os.path.join(os.path.dirname(weights), DIFFUSERS_CONFIG)
     if os.path.exists(config_path):
-        with open(config_path) as f:
-            config = json.load(f)
+        try:
+            with open(config_path) as f:
+                config = json.load(f)
+        except (OSError, ValueError) as e:  # truncated, garbled, not UTF-8
+            raise ConversionError(f"{config_path}: not a readable JSON file ({first_line(e)})") from None
+        if not isinstance(config, dict):
+            raise ConversionError(f"{config_path}: not a JSON object")
     tensors = {}
     try:
         # framework='flax' because numpy has no bfloat16, in which some copies are stored.
@@ -197,7 +202,7 @@ def convert(input_path: str, output_dir: str) -> wan_vae.WanVAE:
 def main(argv):
     del argv
     FLAGS = flags.FLAGS
-    model = or_exit(lambda: convert(FLAGS.input, FLAGS.output))
+    model = convert(FLAGS.input, FLAGS.output)
     n = sum(x.size for x in jax.tree.leaves(abstract_params(model)))
     print(f"wrote {FLAGS.output} (Wan VAE, {n / 1e6:.1f}M parameters, z_dim {model.z_dim}); "
           f"load it with pixeldance.load_vae({FLAGS.output!r})")
@@ -207,7 +212,7 @@ def run():
     logging.set_verbosity(logging.WARNING)  # keep Orbax's INFO lines out of the output
     flags.DEFINE_string("input", None, "diffusers AutoencoderKLWan folder or .safetensors file.", required=True)
     flags.DEFINE_string("output", None, "New (or empty) output folder.", required=True)
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ points elsewhere is refused before it is opened, counted as outside_root (or sto
 """
 from __future__ import annotations
 
-import sys
+from absl import flags
 
-from absl import app, flags
+from pixeldance import cli
 
 _DATASET = flags.DEFINE_enum("dataset", None, ["ucf101", "msrvtt"], "Dataset to build.")
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Folder holding the official archives.")
@@ -35,12 +35,8 @@ _ALLOW_OUTSIDE = flags.DEFINE_boolean(
 def main(argv):
     del argv
     from pixeldance.data import tfds_datasets  # tensorflow_datasets after flag parsing: --help stays fast
-    try:
-        b = tfds_datasets.build(_DATASET.value, _MANUAL_DIR.value, _DATA_DIR.value,
-                                ucf101_split=_UCF101_SPLIT.value, on_error=_ON_ERROR.value,
-                                allow_outside_root=_ALLOW_OUTSIDE.value)
-    except (tfds_datasets.ManualDataError, ValueError) as e:
-        sys.exit(f"tfds_build: {e}")
+    b = tfds_datasets.build(_DATASET.value, _MANUAL_DIR.value, _DATA_DIR.value, ucf101_split=_UCF101_SPLIT.value,
+                            on_error=_ON_ERROR.value, allow_outside_root=_ALLOW_OUTSIDE.value)
     counts = ", ".join(f"{s} {info.num_examples}" for s, info in sorted(b.info.splits.items()))
     print(f"{b.name}/{b.builder_config.name if b.builder_config else ''} in {b.data_path}: {counts}")
     print(f"{b.name}: already built, left as it is" if b.already_built else b.skips.line(b.name))
@@ -48,4 +44,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["dataset", "manual_dir", "data_dir"])
-    app.run(main)
+    cli.run(main)

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 
+from pixeldance import cli
 from pixeldance.evaluators import samples
 
 # The paper's ablation on UCF-101 (FID, FVD; lower is better), by our experiment names.
@@ -70,8 +71,14 @@ def load_report(workdir: str) -> dict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist: run the sample stage of that workdir first "
                                 f"(--config.mode=sample)")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except ValueError as e:  # truncated or garbled
+        raise ValueError(f"{path} is not a faithfulness report: {cli.first_line(e)}") from None
+    if not isinstance(report, dict):
+        raise ValueError(f"{path} is not a faithfulness report: not a JSON object")
+    return report
 
 
 def table_rows(rows: list[tuple[str, str]]) -> list[dict]:
@@ -103,9 +110,10 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@cli.one_line_errors
 def main(argv=None):
     # argparse, not absl flags: absl's flags are global, and other modules define --output too.
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", required=True, help="NAME=WORKDIR,NAME=WORKDIR,... (each with faithfulness.json)")
     p.add_argument("--output", default=None, help="also write the table as JSON here")
     args = p.parse_args(argv)

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from pixeldance import build
+from pixeldance import build, cli
 from pixeldance import workdir as workdir_lib
 from pixeldance.models import wan_dit, weights
 
@@ -61,11 +60,7 @@ def export(workdir: str, output: str) -> dict:
 def main(argv):
     del argv
     FLAGS = flags.FLAGS
-    try:
-        meta = export(FLAGS.workdir, FLAGS.output)
-    except (ValueError, OSError) as e:  # WeightsError is a ValueError
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+    meta = export(FLAGS.workdir, FLAGS.output)
     print(f"wrote {FLAGS.output} (Wan DiT, {meta['num_params'] / 1e9:.3f}B parameters, step {meta['step']}"
           f"{', LoRA merged' if meta['lora_merged'] else ''}, {meta['dit']['in_channels']} input channels); "
           f"load it with pixeldance.load_dit({FLAGS.output!r}) or set config.dit.init_from={FLAGS.output!r}")
@@ -75,7 +70,7 @@ def run():
     flags.DEFINE_string("workdir", None, "Workdir of a Wan-family fine-tune (config.dit.family='wan').",
                         required=True)
     flags.DEFINE_string("output", None, "New (or empty) output folder.", required=True)
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

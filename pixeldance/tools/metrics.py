@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
+from pixeldance import cli
 from pixeldance.metrics import networks, protocols, suite
-from pixeldance.metrics.stats import StatsError
-from pixeldance.metrics.videos import VideoSetError
-from pixeldance.models.weights import WeightsError
 
 FLAGS = flags.FLAGS
 
@@ -51,17 +48,17 @@ def write_json(path: str, result: dict):
 
 def main(argv):
     del argv
-    try:
-        protocol = protocols.get(FLAGS.protocol)
-        if FLAGS.batch_size < 1:
-            raise ValueError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
-        result = suite.evaluate_folders(
-            protocol, generated=FLAGS.generated, real=FLAGS.real,
-            metrics=FLAGS.metrics or protocol.metrics, root=FLAGS.networks or networks.default_root(),
-            captions=FLAGS.captions, stats_dir=FLAGS.stats_dir, batch_size=FLAGS.batch_size)
-    except (ValueError, FileNotFoundError, WeightsError, StatsError, VideoSetError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+    protocol = protocols.get(FLAGS.protocol)
+    if FLAGS.batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
+    for name in ("generated", "real"):  # before the networks are looked for
+        folder = getattr(FLAGS, name)
+        if folder and not os.path.isdir(folder):
+            raise FileNotFoundError(f"--{name} {folder} is not a folder")
+    result = suite.evaluate_folders(
+        protocol, generated=FLAGS.generated, real=FLAGS.real,
+        metrics=FLAGS.metrics or protocol.metrics, root=FLAGS.networks or networks.default_root(),
+        captions=FLAGS.captions, stats_dir=FLAGS.stats_dir, batch_size=FLAGS.batch_size)
     write_json(FLAGS.output, result)
     print(json.dumps(result))
 
@@ -69,7 +66,7 @@ def main(argv):
 def run():
     logging.set_verbosity(logging.WARNING)
     define_flags()
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,10 @@ from __future__ import annotations
 import glob
 import json
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
 
+from pixeldance import cli
 from pixeldance.metrics import protocols
 from pixeldance.tools.ablation_table import PAPER_TABLE3
 
@@ -113,18 +113,14 @@ def tables(results: list[tuple[str, dict]]) -> str:
 
 def main(argv):
     del argv
-    try:
-        results = read_results([d for d in FLAGS.workdirs or [] if d], [f for f in FLAGS.results or [] if f])
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    results = read_results([d for d in FLAGS.workdirs or [] if d], [f for f in FLAGS.results or [] if f])
     print(tables(results))
 
 
 def run():
     flags.DEFINE_list("workdirs", [], "Workdirs evaluated with python -m pixeldance.evaluate.")
     flags.DEFINE_list("results", [], "JSON results of python -m pixeldance.tools.metrics.")
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

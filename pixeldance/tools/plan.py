@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 
 import jax
@@ -44,7 +43,7 @@ from jax._src import xla_bridge  # backends_are_initialized: the one check JAX o
 from jax.experimental import topologies
 from ml_collections import config_flags
 
-from pixeldance import build, sharding, train_lib
+from pixeldance import build, cli, sharding, train_lib
 from pixeldance import sample as sample_lib
 from pixeldance import workdir as workdir_lib
 from pixeldance.diffusion import guidance as guidance_lib
@@ -314,14 +313,10 @@ def main(argv):
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required")
-    try:
-        run(config)
-    except (ValueError, RuntimeError) as e:  # bad targets and meshes: one line, no traceback
-        print(f"plan: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(config)
 
 
 if __name__ == "__main__":
     # Flags only when run as a program: `pixeldance.main` imports this module and has its own.
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-    app.run(main)
+    cli.run(main, errors=(RuntimeError,))  # RuntimeError: a mesh the target cannot make

@@ -21,6 +21,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from pixeldance import cli
 from pixeldance import workdir as workdir_lib
 from pixeldance.evaluators import samples
 from pixeldance.sample import load_pipeline
@@ -92,7 +93,7 @@ def run():
     flags.DEFINE_string("workdir", None, "A trained workdir (read only).")
     flags.DEFINE_string("output", None, "Append one JSON line per setting here.")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":
