@@ -16,6 +16,7 @@ checkpoint of the stage it was in. Single fields: `--config.train.num_steps=100`
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import threading
@@ -24,7 +25,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pixeldance import build, cli, xla_flags
+from pixeldance import build, cli, logs, train_lib, xla_flags
 from pixeldance.checkpoint import CheckpointWriteError
 from pixeldance import workdir as workdir_lib
 from pixeldance.evaluators import common as eval_common
@@ -61,10 +62,17 @@ def run_stage(stage: str, config, workdir: str):
 
 def sample_stage(config, workdir: str) -> dict:
     """The last stage: the evaluators of config.evals.dit on the workdir's trained pipeline, with
-    their files in the workdir (samples/, faithfulness.json) and scalars as stage 'dit_eval'."""
+    their files in the workdir (samples/, faithfulness.json) and scalars as stage 'dit_eval'; the
+    stage's own (seconds, of which loading the pipeline; videos written) as stage 'sample'."""
+    t0 = time.time()
     pipe = load_pipeline(workdir)
+    load_seconds = time.time() - t0
     evaluators = eval_registry.make(config.evals.dit, config, "pipeline")
-    return eval_common.run(evaluators, pipe, workdir=workdir, step=pipe.step, out_dir=workdir)
+    results = eval_common.run(evaluators, pipe, workdir=workdir, step=pipe.step, out_dir=workdir)
+    videos = [p for p in glob.glob(os.path.join(workdir, "samples", "*.mp4")) if os.path.getmtime(p) >= t0]
+    train_lib.log_stage(workdir, "sample", pipe.step,
+                        dict(seconds=time.time() - t0, load_seconds=load_seconds, videos=len(videos)))
+    return results
 
 
 def main(argv):
@@ -87,6 +95,7 @@ def main(argv):
 
 
 def _main(argv):
+    logs.setup()  # the libraries' INFO lines only with --verbosity=1; lines around the progress bars
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
@@ -111,8 +120,8 @@ def _main(argv):
     timing = json.load(open(timing_path)) if os.path.exists(timing_path) else {}
     for stage in stages:
         t0 = time.time()
-        logging.info("stage %s", stage)
-        run_stage(stage, config, workdir)
+        with logs.stage(stage, workdir_lib.stage_outputs(config, workdir, stage)):
+            run_stage(stage, config, workdir)
         timing[stage] = timing.get(stage, 0.0) + time.time() - t0
         with open(timing_path, "w") as f:
             json.dump(timing, f, indent=1)

@@ -33,7 +33,7 @@ import numpy as np
 from absl import flags, logging
 from flax import linen as nn
 
-from pixeldance import build, cli, sharding, workdir as workdir_lib
+from pixeldance import build, cli, logs, sharding, workdir as workdir_lib
 from pixeldance import rng as rng_lib
 from pixeldance.data import video_io
 from pixeldance.diffusion import guidance as guidance_lib
@@ -547,7 +547,7 @@ def define_flags():
 
 
 def run():
-    logging.set_verbosity(logging.WARNING)  # keep Orbax's INFO lines out of the one-line errors
+    logs.setup()  # the libraries' INFO lines (Orbax) only with --verbosity=1, not among the one-line errors
     define_flags()
     cli.run(main)
 

@@ -6,6 +6,7 @@ model + optimizer -> sharded init -> restore -> `train_loop`. Only the loss diff
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -141,14 +142,29 @@ def to_global(batch: dict, batch_sh) -> dict:
 METRICS_FILE = "metrics.jsonl"
 
 
+_open_boards: set[str] = set()  # TensorBoard folders with a MetricWriter open in this process
+_writer_count = itertools.count()
+
+
 class MetricWriter:
-    """Scalars to TensorBoard and to `metrics.jsonl` ({"stage", "step", name: value}) in workdir."""
+    """Scalars to TensorBoard and to `metrics.jsonl` ({"stage", "step", name: value}) in workdir.
+
+    TensorBoard: `<workdir>/tensorboard/<stage>/`, tags `<stage>/<name>`. One writer per folder at
+    a time (a second one raises), and each writer its own event file: tensorboardX names a file by
+    the second it opened it and truncates a file of that name, so two writers of one folder in one
+    second (a periodic evaluation, then the final one) lost the first one's events; the file name
+    also carries the process id and a count."""
 
     def __init__(self, workdir: str, stage: str):
         from tensorboardX import SummaryWriter  # imported here: heavy, and only trainers need it
         self.stage = stage
         self.path = os.path.join(workdir, METRICS_FILE)
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard", stage)) if jax.process_index() == 0 else None
+        self._tb, self._board = None, os.path.abspath(os.path.join(workdir, "tensorboard", stage))
+        if jax.process_index() == 0:
+            if self._board in _open_boards:
+                raise RuntimeError(f"a MetricWriter of {self._board} is open already: close it first")
+            self._tb = SummaryWriter(self._board, filename_suffix=f".{os.getpid()}.{next(_writer_count)}")
+            _open_boards.add(self._board)
 
     def truncate_after(self, step: int):
         """On resume: drop this stage's lines past the restored step, so the log reads like one run."""
@@ -176,9 +192,31 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.add_image(f"{self.stage}/{tag}", image, step, dataformats="HWC")
 
+    def gif(self, tag: str, data: bytes, height: int, width: int, step: int):
+        """An animated GIF (encoded: `video_io.encode_gif`) to TensorBoard as the image `<stage>/<tag>`
+        (its images tab plays it). tensorboardX's add_video would need moviepy for the encoding."""
+        if self._tb is not None:
+            from tensorboardX.proto.summary_pb2 import Summary
+            image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=data)
+            self._tb._get_file_writer().add_summary(  # what add_video does with its encoded GIF
+                Summary(value=[Summary.Value(tag=f"{self.stage}/{tag}", image=image)]), step)
+
     def close(self):
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+            _open_boards.discard(self._board)
+
+
+def log_stage(workdir: str, stage: str, step: int, scalars: dict):
+    """One step of a stage that is not a training loop (the cache and sample stages): `scalars` to
+    metrics.jsonl and TensorBoard at `step`, replacing that step's line of an earlier run."""
+    writer = MetricWriter(workdir, stage)
+    try:
+        writer.truncate_after(step - 1)
+        writer.write(step, scalars)
+    finally:
+        writer.close()
 
 
 def logged(workdir: str, stage: str, step: int) -> bool:

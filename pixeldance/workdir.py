@@ -8,6 +8,7 @@
     cache/ cache_images/ latent caches (`pixeldance.data.latent_cache`)
     dit/<step>/          DiT train states
     metrics.jsonl tensorboard/ timing.json samples/ faithfulness.json   logs and results
+                         (tensorboard/<stage>/: `TENSORBOARD_TAGS`)
 
 A folder written by a converter (`python -m pixeldance.convert.wan_vae`) has the same layout for
 what it holds (config.json, vae_model.json, latent_stats.json, vae/0 with bare parameters).
@@ -32,6 +33,25 @@ LATENT_STATS = "latent_stats.json"
 TIMING = "timing.json"
 VAE_DIR = "vae"
 DIT_DIR = "dit"
+
+# The main job's TensorBoard: <workdir>/tensorboard/<stage>/, one folder per stage and evaluator,
+# tags `<stage>/<name>`; {stage: {"scalars": names, "images": names}} (a video is an animated GIF
+# among the images). Written with the default evaluators and losses of experiments/shapes.py;
+# tests/test_tensorboard.py reads a `:runlocal` run's event files for each, the README lists them.
+_FAITHFULNESS = tuple(
+    f"{mode}/{group}/{name}" for mode in ("T2V", "I2V", "FLF2V") for group in ("seen", "heldout", "all")
+    for name in ("colour_acc", "direction_acc", "consistency_acc")
+    + {"T2V": (), "I2V": ("first_psnr",), "FLF2V": ("first_psnr", "last_psnr")}[mode])
+TENSORBOARD_TAGS = {
+    "vae": dict(scalars=("loss", "l1", "l2", "kl", "psnr", "grad_norm", "param_norm", "update_norm",
+                         "steps_per_sec"), images=()),
+    "vae_eval": dict(scalars=("psnr", "ssim", "psnr_min", "num_videos"),
+                     images=("reconstructions", "reconstruction_videos")),
+    "cache": dict(scalars=("records", "latent_mean", "latent_std", "seconds", "records_per_sec"), images=()),
+    "dit": dict(scalars=("loss", "x0_mse", "grad_norm", "param_norm", "update_norm", "steps_per_sec"), images=()),
+    "dit_eval": dict(scalars=_FAITHFULNESS, images=("samples",)),
+    "sample": dict(scalars=("seconds", "load_seconds", "videos"), images=()),
+}
 
 
 def _read_json(path: str, what: str):
@@ -105,6 +125,18 @@ def latest_step(directory: str) -> int | None:
 def vae_step(workdir: str) -> int | None:
     """The newest VAE checkpoint step of a workdir (None: none, e.g. converted weights)."""
     return latest_step(os.path.join(workdir, VAE_DIR))
+
+
+def stage_outputs(config, workdir: str, stage: str) -> list[str]:
+    """The paths the main job's `stage` (pixeldance.main.STAGES) writes, for its start and end log
+    lines: checkpoints and files, then its TensorBoard folders (`tensorboard/<name>/`, the names
+    of train_lib.TENSORBOARD_TAGS)."""
+    cache = config.cache.get("path", "") or os.path.join(workdir, "cache")  # as latent_cache.cache_dir
+    files = {"train_vae": [VAE_DIR, MODEL_SPEC, LATENT_STATS], "cache": [cache, LATENT_STATS],
+             "train_dit": [DIT_DIR], "sample": ["samples", "faithfulness.json"]}[stage]
+    boards = {"train_vae": ["vae", "vae_eval"], "cache": ["cache"], "train_dit": ["dit", "dit_eval"],
+              "sample": ["sample", "dit_eval"]}[stage]
+    return [os.path.join(workdir, f) for f in files] + [os.path.join(workdir, "tensorboard", b) for b in boards]
 
 
 def abstract_params(init_fn, mesh, preset: str):

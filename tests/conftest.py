@@ -94,6 +94,9 @@ def runlocal_workdir(tmp_path_factory) -> str:
             if not os.path.exists(done) and not os.path.exists(failed):
                 shutil.rmtree(workdir, ignore_errors=True)
                 proc = run_main_job(workdir)
+                for name in ("stdout", "stderr"):  # beside the workdir: `runlocal_output`
+                    with open(f"{workdir}.{name}", "w") as f:
+                        f.write(getattr(proc, name))
                 marker = done if proc.returncode == 0 else failed
                 with open(marker, "w") as f:
                     f.write(f"exit {proc.returncode}\n{proc.stderr[-5000:]}")
@@ -103,6 +106,12 @@ def runlocal_workdir(tmp_path_factory) -> str:
         with open(failed) as f:
             raise RuntimeError(f"the runlocal main job failed: {f.read()}")
     return workdir
+
+
+@pytest.fixture(scope="session")
+def runlocal_output(runlocal_workdir) -> tuple[str, str]:
+    """(stdout, stderr) of the `runlocal_workdir` main job, as it printed them."""
+    return tuple(open(f"{runlocal_workdir}.{name}").read() for name in ("stdout", "stderr"))
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import pixeldance
 from pixeldance import workdir as workdir_lib
@@ -125,8 +126,8 @@ def test_rerun_resumes(runlocal_workdir, main_job_runner, tmp_path):
     after = _lines(workdir)
     assert after[:len(before)] == before  # nothing retrained: the old lines are untouched ...
     new = after[len(before):]
-    # ... and only step 6 is new, with its evaluation
-    assert [(line["stage"], line["step"]) for line in new] == [("dit", 6), ("dit_eval", 6)]
+    # ... and only step 6 is new, with its evaluation and the sample stage's line
+    assert [(line["stage"], line["step"]) for line in new] == [("dit", 6), ("dit_eval", 6), ("sample", 6)]
     assert math.isfinite(new[0]["loss"])
     assert {p: os.path.getmtime(p) for p in glob.glob(os.path.join(workdir, "vae", "[0-9]*"))} == vae_ckpts
     assert _checkpoint_steps(os.path.join(workdir, "dit")) == [4, 6]
@@ -150,6 +151,11 @@ def test_evaluators_run_during_training(runlocal_workdir, main_job_runner, tmp_p
     assert proc.returncode == 0, proc.stderr[-5000:]
     lines = _lines(workdir)
     assert [line["step"] for line in lines if line["stage"] == "vae_eval"] == [4, 5, 7]
+    # ... and in TensorBoard, where two writers of one folder within one second (5 and 7 may be)
+    # once lost the first one's events.
+    events = EventAccumulator(os.path.join(workdir, "tensorboard", "vae_eval"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("vae_eval/psnr")] == [4, 5, 7]
     assert [line["step"] for line in lines if line["stage"] == "dit_eval"] == [4, 5]  # 4: the sample stage's
     (at5,) = [line for line in lines if line["stage"] == "dit_eval" and line["step"] == 5]
     assert {"T2V/heldout/colour_acc", "I2V/all/first_psnr", "FLF2V/all/last_psnr"} <= set(at5)

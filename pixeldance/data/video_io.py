@@ -6,6 +6,7 @@ functions that use them, so importing this module (and the sources) stays cheap.
 """
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -147,18 +148,27 @@ def read_video(path: str) -> np.ndarray:
     return np.stack(frames)
 
 
-def write_gif(path: str, video: np.ndarray, fps: int = 8, scale: int = 1):
-    """Animated GIF, looping; `scale` repeats pixels so small videos are visible. Written to
-    `path + '.tmp.gif'` and renamed, so a failed write leaves no partial file."""
+def encode_gif(video: np.ndarray, fps: int = 8, scale: int = 1) -> bytes:
+    """uint8 [F, H, W, 3] -> an animated GIF, looping; `scale` repeats pixels so small videos are
+    visible (TensorBoard shows it as an image: `train_lib.MetricWriter.gif`)."""
     from PIL import Image
     video = np.asarray(video, np.uint8)
     if scale > 1:
         video = video.repeat(scale, axis=1).repeat(scale, axis=2)
     frames = [Image.fromarray(f) for f in video]
+    out = io.BytesIO()
+    frames[0].save(out, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
+    return out.getvalue()
+
+
+def write_gif(path: str, video: np.ndarray, fps: int = 8, scale: int = 1):
+    """`encode_gif` to `path`, written to `path + '.tmp.gif'` and renamed, so a failed write leaves
+    no partial file."""
     tmp = path + ".tmp.gif"
     try:
-        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / fps),
-                       loop=0)
+        data = encode_gif(video, fps, scale)
+        with open(tmp, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

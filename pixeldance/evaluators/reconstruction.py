@@ -118,10 +118,11 @@ class Reconstruction(Evaluator):
                        psnr_min=float(out["psnr"].min()), num_videos=n)
         shown = min(n, 4)
         image = recon_image(videos[:shown], out["recon"][:shown])
+        pairs = np.concatenate([videos[:shown], out["recon"][:shown]], axis=3)  # clip | reconstruction
+        pairs = video_io.video_grid(pairs, columns=1)
         if out_dir:
             video_io.write_image(os.path.join(out_dir, RECON_IMAGE), image)
-            pairs = np.concatenate([videos[:shown], out["recon"][:shown]], axis=3)  # clip | reconstruction
-            video_io.write_gif(os.path.join(out_dir, RECON_GIF), video_io.video_grid(pairs, columns=1), scale=2)
+            video_io.write_gif(os.path.join(out_dir, RECON_GIF), pairs, scale=2)
         print(f"vae eval (step {step}, {n} held-out clips, EMA): PSNR {scalars['psnr']:.2f} dB, "
               f"SSIM {scalars['ssim']:.4f}" + (f"; {os.path.join(out_dir, RECON_IMAGE)}" if out_dir else ""))
-        return Result(scalars, images=dict(reconstructions=image))
+        return Result(scalars, images=dict(reconstructions=image), videos=dict(reconstruction_videos=pairs))

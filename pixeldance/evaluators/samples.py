@@ -10,6 +10,8 @@
 'samples'       any other data: samples for the captions of the first config.evals.num_mp4
                 held-out clips, text only and first frame + text (`samples/folder_*.mp4`); no
                 score (the paper's metrics plug in here as evaluators of their own).
+Both return their samples as one grid video, TensorBoard's `dit_eval/samples` (a row per mode;
+'faithfulness' puts the ground truth first, as grid.gif), at every evaluation.
 
 Settings: config.evals (num_per_mode, heldout_fraction, num_mp4) and config.sample.batch_size.
 """
@@ -60,6 +62,11 @@ class Faithfulness(Evaluator):
     def report(self, pipe, out_dir: str | None = None) -> dict:
         """The faithfulness report (`synthetic.faithfulness_report`) of the pipeline's samples;
         with out_dir, also the files of the module docstring there."""
+        return self._sample_and_score(pipe, out_dir)[0]
+
+    def _sample_and_score(self, pipe, out_dir: str | None) -> tuple[dict, np.ndarray]:
+        """(`report`, the grid video uint8 [F, H', W', 3] of samples/grid.gif: ground truth, then a
+        row per mode, up to 8 columns)."""
         items = self.items()
         evaluator = scoring.SyntheticFaithfulness()
         grid_rows = []
@@ -85,21 +92,21 @@ class Faithfulness(Evaluator):
                     video_io.write_mp4(os.path.join(sample_dir, f"{mode}_{k}.mp4"), videos[k])
             grid_rows.append(videos[:8])
         report = evaluator.result()
+        truth = np.stack([it["video"] for it, _ in items[:8]])
+        grid = video_io.video_grid(np.concatenate([truth] + grid_rows), columns=len(truth))
         if out_dir:
-            truth = np.stack([it["video"] for it, _ in items[:8]])
-            grid = video_io.video_grid(np.concatenate([truth] + grid_rows), columns=len(truth))
             video_io.write_gif(os.path.join(sample_dir, "grid.gif"), grid, scale=2)
             with open(os.path.join(sample_dir, "captions.txt"), "w") as f:
                 f.write("\n".join(it["caption"] + ("  [held out]" if held else "") for it, held in items[:8]) + "\n")
             with open(os.path.join(out_dir, REPORT), "w") as f:
                 json.dump(report, f, indent=1)
             print(scoring.format_report(report))
-        return report
+        return report, grid
 
     def evaluate(self, pipe, *, step: int, out_dir: str | None = None) -> Result:
-        report = self.report(pipe, out_dir)
+        report, grid = self._sample_and_score(pipe, out_dir)
         scalars = {k: v for k, v in flatten(report).items() if not k.endswith("/n")}
-        return Result(scalars, report=report)
+        return Result(scalars, videos=dict(samples=grid), report=report)
 
 
 class FolderSamples(Evaluator):
@@ -119,9 +126,10 @@ class FolderSamples(Evaluator):
         source = sources.make_source(self.config, "heldout", size=self.num)
         items = [source[i] for i in range(self.num)]
         prompts = [it["caption"] for it in items]
-        paths = []
+        paths, rows = [], []
         for mode, firsts in (("T2V", None), ("I2V", [it["video"][0] for it in items])):
             videos = pipe.generate_batch(prompts, firsts, None, seed=0)
+            rows.append(videos[:8])
             if out_dir:
                 os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
                 for k, video in enumerate(videos):
@@ -131,4 +139,5 @@ class FolderSamples(Evaluator):
             with open(os.path.join(out_dir, "samples", "folder_captions.txt"), "w") as f:
                 f.write("\n".join(prompts) + "\n")
         sources.log_summary(source, "samples")
-        return Result({}, report=dict(paths=paths))
+        grid = video_io.video_grid(np.concatenate(rows), columns=len(rows[0]))  # a row per mode
+        return Result({}, videos=dict(samples=grid), report=dict(paths=paths))

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import zlib
 
 import grain
@@ -69,7 +70,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from pixeldance import build, sharding
+from pixeldance import build, sharding, train_lib
 from pixeldance import workdir as workdir_lib
 from pixeldance.data import buckets, latent_cache, mixture, sources
 from pixeldance.sample import load_vae
@@ -217,10 +218,13 @@ def cache_latents(config, workdir: str) -> str:
 
     info = cache_info(config, workdir, source)
     info["last_from"] = J
+    t0 = time.time()
     meta, kept = _write_cache(config, path, source, n, info, vae, text, noun="videos", stage="cache")
+    moments = lambda: latent_cache.Moments.from_json(meta["latent_moments"])
     if pid == 0:
-        _keep_or_write_stats(workdir, lambda: latent_cache.Moments.from_json(meta["latent_moments"]), n, kept,
-                             "cache")
+        _keep_or_write_stats(workdir, moments, n, kept, "cache")
+    if not kept:
+        log_cache(workdir, info["vae_step"], n, moments(), time.time() - t0)
     if images is not None:
         # Images normalise with the videos' statistics (one VAE latent space): none written here.
         image_config, image_src = images
@@ -286,7 +290,7 @@ def _cache_buckets(config, workdir: str, path: str, shapes, J: int) -> str:
             vaes.append(load_vae(workdir))
         return vaes[0]
 
-    entries, moments, all_kept = [], latent_cache.Moments(), True
+    entries, moments, all_kept, t0 = [], latent_cache.Moments(), True, time.time()
     for b, shape in enumerate(shapes):
         out = latent_cache.bucket_dir(path, shape)
         entries.append(dict(shape=list(shape), dir=os.path.basename(out), count=counts[b]))
@@ -304,7 +308,20 @@ def _cache_buckets(config, workdir: str, path: str, shapes, J: int) -> str:
     if pid == 0:
         latent_cache.write_bucket_index(path, entries, num_items=n, left_out=left_out)
         _keep_or_write_stats(workdir, lambda: moments, sum(counts), all_kept, "caches")
+    if not all_kept:
+        log_cache(workdir, b_info["vae_step"], sum(counts), moments, time.time() - t0)
     return path
+
+
+def log_cache(workdir: str, vae_step: int | None, records: int, moments: latent_cache.Moments,
+              seconds: float):
+    """The cache stage's line of metrics.jsonl and TensorBoard (`tensorboard/cache/`), at the VAE
+    step its latents come from (0 for converted weights): records, the mean over channels of the
+    latents' per-channel mean and std (what latent_stats.json normalises with), seconds, records
+    per second. Written when a cache is built, not when one is kept."""
+    train_lib.log_stage(workdir, "cache", vae_step or 0, dict(
+        records=records, latent_mean=float(np.mean(moments.mean)), latent_std=float(np.mean(moments.std)),
+        seconds=seconds, records_per_sec=records / max(seconds, 1e-9)))
 
 
 def _write_cache(config, path: str, source, n: int, info: dict, vae, text, *, noun: str, stage: str,
