@@ -273,6 +273,10 @@ def get_config(arg=None):
         memory_gib=0.0,            # per-device memory to fit (0: the target's own, where known)
         sample=True,               # also compile the sampler (config.sample)
         output="",                 # also write the report here as JSON
+        part="dit",                # 'dit': train step (+ sampler); 'text_encoder': the frozen encoder's forward
+        text_arch="",              # a frozen encoder by name instead of its folder, e.g. 'umt5-xxl'
+        height=0,                  # frame height and width in pixels (0: config.data.resolution),
+        width=0,                   # e.g. Wan's 480 x 832
     )
 
     if arg.runlocal:

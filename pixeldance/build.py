@@ -344,18 +344,20 @@ def wan_params(directory: str, abstract, shardings) -> dict:
 LORA_TARGETS = "blocks/attn1/to_.*,blocks/attn2/to_.*,blocks/ffn/proj_.*,patch_embedding"
 
 
-def dit_lora(config) -> dict | None:
+def dit_lora(config, need_weights: bool = True) -> dict | None:
     """{'rank', 'targets', 'alpha'} of config.train.lora_rank / lora_targets / lora_alpha, or None
     for full fine-tuning (rank 0). LoRA trains adapters over converted weights
-    (`pretrained_dit_params`): a rank without them is a config error (one line). alpha 0 means
-    alpha = rank (the update W + (alpha / R) A @ B at scale 1)."""
+    (`pretrained_dit_params`): a rank without them is a config error (one line), unless
+    need_weights is False (the planner: a Wan DiT named by config.dit.wan_config, no weights).
+    alpha 0 means alpha = rank (the update W + (alpha / R) A @ B at scale 1)."""
     c = config.train
     rank = c.get("lora_rank", 0)
     if not rank:
         return None
     if isinstance(rank, bool) or int(rank) != rank or rank < 0:
         raise ValueError(f"config.train.lora_rank must be a non-negative integer, got {rank!r}")
-    if pretrained_dit_params(config) is None:
+    wan = config.dit.get("family", "pixeldance") == "wan"
+    if pretrained_dit_params(config) is None and (need_weights or not wan):
         raise ValueError(f"config.train.lora_rank={rank} trains adapters over pretrained weights: set "
                          f"config.dit.family='wan' and config.dit.init_from (a converted Wan DiT folder), "
                          f"or lora_rank=0 to train every weight")

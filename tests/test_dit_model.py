@@ -240,6 +240,27 @@ def test_splash_attention_in_interpreter():
     np.testing.assert_allclose(np.asarray(out), _reference_attention(q, k, v, mask), atol=1e-5)
 
 
+def test_splash_attention_pads_other_lengths():
+    """Lengths that are not multiples of 128 (self-attention over 200 tokens, cross-attention of
+    those to 77 masked text tokens): zero-padded to the kernel's blocks, padded keys masked out and
+    padded queries cut; values and gradients equal unpadded attention's."""
+    r = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(r.normal(size=(2, 200, 2, 32)), jnp.float32) for _ in range(3))
+    text = jnp.asarray(r.normal(size=(2, 77, 2, 32)), jnp.float32)
+    mask = jnp.asarray(r.uniform(size=(2, 77)) < 0.5).at[:, 0].set(True)
+    out = kernels.splash_attention(q, k, v, None, interpret=True)
+    np.testing.assert_allclose(np.asarray(out), _reference_attention(q, k, v, np.ones((2, 200), bool)), atol=1e-5)
+    out = kernels.splash_attention(q, text, text, mask, interpret=True)
+    np.testing.assert_allclose(np.asarray(out), _reference_attention(q, text, text, mask), atol=1e-5)
+    g = jnp.asarray(r.normal(size=q.shape), jnp.float32)
+    loss = lambda f: lambda *a: jnp.sum(f(*a) * g)
+    splash = jax.grad(loss(lambda q, k, v: kernels.splash_attention(q, k, v, mask, interpret=True)), (0, 1, 2))
+    xla = jax.grad(loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :])),
+                   (0, 1, 2))
+    for a, b in zip(splash(q, text, text), xla(q, text, text)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)
+
+
 def test_splash_kernel_per_device_under_a_mesh():
     """The TPU kernel as the model runs it on a mesh: per device under shard_map (interpreted)."""
     import functools
@@ -281,7 +302,8 @@ def test_kernel_choice_follows_the_mesh_platform(monkeypatch):
     assert kernels.target_platform() == "tpu"
     want = "splash" if kernels._splash is not None else "xla"
     assert kernels.pick_implementation((1, 31744, 3, 128), (1, 31744, 3, 128), jnp.bfloat16) == want
-    assert kernels.pick_implementation((1, 1000, 3, 128), (1, 1000, 3, 128), jnp.bfloat16) == "xla"
+    # Any length: splash pads to its 128-blocks (Wan 2.1's 480 x 832 x 81 frames: 32,760 tokens).
+    assert kernels.pick_implementation((1, 32760, 3, 128), (1, 512, 3, 128), jnp.bfloat16, masked=True) == want
 
 
 # ----------------------------------------------------------------------------------------------

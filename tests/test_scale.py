@@ -13,6 +13,7 @@ with a coordinator on 127.0.0.1.
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import socket
 import subprocess
@@ -26,7 +27,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # test_train's helpers, also when this file runs as a script
 
-from pixeldance import configs, sharding, train_lib  # noqa: E402
+from pixeldance import build, configs, sharding, train_lib  # noqa: E402
 from pixeldance import workdir as workdir_lib  # noqa: E402
 from pixeldance.tools import plan  # noqa: E402
 from pixeldance.trainers import dit as dit_trainer  # noqa: E402
@@ -262,6 +263,79 @@ def test_plan_on_forced_host_devices():
     assert "train step (global batch 8)" in text and "fits in 1.00 GiB" in text
     with pytest.raises(RuntimeError, match="needs a fresh process"):
         plan.plan(_plan_config(**{"plan.num_devices": 64}))
+
+
+WAN_RUNLOCAL = os.path.join(os.path.dirname(HERE), "experiments", "wan_pixeldance.py") + ":runlocal"
+
+
+def _wan_plan_config(tmp_path, **overrides):
+    """experiments/wan_pixeldance.py:runlocal on a tiny Wan DiT given by a converted folder's
+    config.json alone (no weights: the planner must not read them) and a tiny umT5 by name."""
+    from pixeldance.models import wan_dit
+    folder = tmp_path / "wan_dit"
+    folder.mkdir(exist_ok=True)
+    fields = dict(wan_dit.config("tiny"), in_channels=16, out_channels=16)  # the Wan VAE's 16 channels
+    (folder / "config.json").write_text(json.dumps(dict(network=wan_dit.NETWORK, dit=fields, dtype="float32")))
+    return configs.override(configs.load_config(WAN_RUNLOCAL), **{
+        "dit.init_from": str(folder), "plan.text_arch": "umt5-mu", "plan.num_devices": 8,
+        "plan.memory_gib": 1.0, "plan.sample": False, **overrides})
+
+
+def test_plan_wan_fine_tunes_full_and_lora_without_weights(tmp_path):
+    """The trainer's two Wan fine-tunes, planned from architectures only: full (every weight in
+    the train state) and LoRA (adapters, their AdamW state and EMA in the state; the base a
+    frozen, non-donated fourth argument, sharded like the full fine-tune's parameters)."""
+    full = plan.plan(_wan_plan_config(tmp_path))
+    lora = plan.plan(_wan_plan_config(tmp_path, **{"train.lora_rank": 2}))
+    assert full["mode"] == "full" and lora["mode"] == "lora rank 2"
+    assert full["latent"] == lora["latent"] == [3, 4, 4, 16]  # 9 frames of 32 x 32, the Wan VAE's 4x8x8
+    f, l = full["per_device"], lora["per_device"]
+    assert full["num_frozen_params"] == 0 and f["frozen"] == 0
+    # The frozen base is the full model, held as the full fine-tune holds its parameters.
+    assert lora["num_frozen_params"] == full["num_params"] and l["frozen"] == f["params"]
+    # What trains is the adapters only: a small fraction of the full fine-tune's bytes.
+    assert lora["num_params"] < full["num_params"] / 10
+    assert l["params"] + l["opt_state"] + l["ema"] < (f["params"] + f["opt_state"] + f["ema"]) / 4
+    assert l["opt_state"] == pytest.approx(2 * l["params"], rel=0.01) and l["ema"] == l["params"]
+    fm, lm = full["train"]["memory"], lora["train"]["memory"]
+    # The base is an argument of the LoRA step, and not donated: only the state is updated in place.
+    assert lm["arguments"] >= l["frozen"] + l["params"] + l["opt_state"] + l["ema"]
+    assert lm["aliased"] < l["frozen"] and lm["aliased"] < fm["aliased"] / 4
+    assert lora["train"]["model_flops"] == pytest.approx(2 / 3 * full["train"]["model_flops"])
+    assert full["train"]["fits"] is True and lora["train"]["fits"] is True
+    text = plan.format_report(lora)
+    assert "lora rank 2" in text and "frozen base" in text
+    # A named architecture plans LoRA without any folder; the trainer still needs the weights.
+    named = configs.override(configs.load_config(WAN_RUNLOCAL), **{"dit.wan_config": "wan2.1-t2v-1.3b",
+                                                                   "train.lora_rank": 64})
+    assert build.dit_lora(named, need_weights=False)["rank"] == 64
+    with pytest.raises(ValueError, match="trains adapters over pretrained weights"):
+        build.dit_lora(named)
+    assert plan.latent_shape(configs.override(named, **{"plan.height": 480, "plan.width": 832,
+                                                        "data.num_frames": 81})) == (21, 60, 104, 16)
+
+
+@pytest.mark.parametrize("arch,dtype", [("t5-mu", "bfloat16"), ("umt5-mu", "float32"), ("clip-mu", "float32")])
+def test_plan_text_encoder_by_name(arch, dtype):
+    """config.plan.part='text_encoder': the frozen encoder's forward (TextEncoder.embed) on the
+    cache stage's batch of prompts, its parameters sharded over fsdp x tensor by logical names."""
+    from pixeldance.models import text_encoder as text_encoder_lib
+    config = configs.override(configs.load_config(test_train.RUNLOCAL), **{
+        "plan.part": "text_encoder", "plan.text_arch": arch, "plan.num_devices": 8, "plan.memory_gib": 1.0,
+        "mesh.shape": (1, 4, 1, 2), "mesh.preset": "fsdp_tensor", "text.encoder_dtype": dtype})
+    report = plan.plan(config)
+    kind, fields, S = plan.text_arch(config)
+    assert report["kind"] == kind == arch.split("-")[0] and S == (77 if kind == "clip" else 512)
+    assert report["dtype"] == dtype and "train" not in report
+    total = sum(math.prod(x.shape) for x in text_encoder_lib.abstract_params(kind, fields).values())
+    assert report["num_params"] == total
+    # Sharded over 8 devices: well under the float32 whole on each (small tables stay replicated).
+    assert report["per_device"]["params"] < 4 * total / 2
+    q = report["forward"]
+    assert q["batch"] == config.cache.batch_size and q["length"] == S and q["fits"] is True
+    assert q["memory"]["arguments"] >= report["per_device"]["params"]
+    assert q["model_flops"] == pytest.approx(q["batch"] * plan.text_encoder_flops(kind, fields, S))
+    assert f"forward (global batch {q['batch']} of {S} tokens)" in plan.format_report(report)
 
 
 def test_plan_mode_compiles_for_a_tpu_topology(tmp_path, python_runner):

@@ -61,8 +61,8 @@ def target_platform() -> str:
 def pick_implementation(q_shape, k_shape, dtype, masked: bool = False) -> str:
     """The kernel for this backend and shape: splash on TPU, cuDNN on GPU, chunked on CPU.
 
-    Each falls back to 'xla' where its kernel does not apply: splash needs lengths that are
-    multiples of 128; cuDNN half precision, head width <= 128 (multiple of 8) and no key mask
+    Each falls back to 'xla' where its kernel does not apply (splash takes any length: it pads
+    to multiples of 128 itself); cuDNN half precision, head width <= 128 (multiple of 8) and no key mask
     (masked attention here is cross-attention to a few dozen text tokens, whose logits are
     small: cuDNN's flash kernel gains nothing there, and its mask support varies by version);
     chunked pays off only for large logits tensors.
@@ -70,7 +70,7 @@ def pick_implementation(q_shape, k_shape, dtype, masked: bool = False) -> str:
     (B, L, N, K), M = q_shape, k_shape[1]
     backend = target_platform()
     if backend == "tpu":
-        return "splash" if _splash is not None and L % 128 == 0 and M % 128 == 0 else "xla"
+        return "splash" if _splash is not None else "xla"
     if backend == "gpu":
         half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
         return "cudnn" if half and K <= 128 and K % 8 == 0 and not masked else "xla"
@@ -258,19 +258,28 @@ def splash_attention(q, k, v, key_mask, interpret: bool = False):
 
     The kernel works per example on heads-major [N, L, K] and does not scale the logits, so q
     is scaled here. Padded keys are excluded through segment ids (query segment 1, padded keys
-    segment 0). interpret=True runs the kernel in the Pallas interpreter (any backend; tests).
+    segment 0). Lengths that are not multiples of 128 (the kernel's blocks; Wan 2.1's 480 x 832 x
+    81 frames is L = 32,760) are padded with zeros to the next one: padded keys are masked out,
+    padded queries cut from the output. interpret=True runs the kernel in the Pallas interpreter
+    (any backend; tests).
     """
     B, L, N, K = q.shape
     M = k.shape[1]
-    kernel = _splash_kernel(N, L, M, interpret)
+    Lp, Mp = -(-L // 128) * 128, -(-M // 128) * 128
+    if Mp != M:
+        key_mask = jnp.ones((B, M), bool) if key_mask is None else key_mask
+        key_mask = jnp.pad(key_mask, ((0, 0), (0, Mp - M)))  # False: padded keys
+    pad = lambda x, n: x if n == x.shape[1] else jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
+    kernel = _splash_kernel(N, Lp, Mp, interpret)
     heads = lambda x: x.transpose(0, 2, 1, 3)  # [B, N, L|M, K]
-    qh = heads(q * jnp.asarray(K ** -0.5, q.dtype))
+    qh = heads(pad(q * jnp.asarray(K ** -0.5, q.dtype), Lp))
+    kh, vh = heads(pad(k, Mp)), heads(pad(v, Mp))
     if key_mask is None:
-        out = jax.vmap(kernel)(qh, heads(k), heads(v))
+        out = jax.vmap(kernel)(qh, kh, vh)
     else:
-        seg = _splash.SegmentIds(q=jnp.ones((B, L), jnp.int32), kv=key_mask.astype(jnp.int32))
-        out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=s))(qh, heads(k), heads(v), seg)
-    return out.transpose(0, 2, 1, 3).astype(q.dtype)
+        seg = _splash.SegmentIds(q=jnp.ones((B, Lp), jnp.int32), kv=key_mask.astype(jnp.int32))
+        out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=s))(qh, kh, vh, seg)
+    return out[:, :, :L].transpose(0, 2, 1, 3).astype(q.dtype)
 
 
 @functools.lru_cache(maxsize=None)

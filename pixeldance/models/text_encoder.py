@@ -222,6 +222,13 @@ class TextEncoder:
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.rules(self.preset)):
             return self._embed(self.variables, ids, mask)
 
+    def lower(self, ids, mask):
+        """`embed`'s function lowered for ids, mask given as ShapeDtypeStructs (with shardings)
+        and the variables as this encoder holds them (arrays, or ShapeDtypeStructs with
+        shardings): what the compile-ahead planner compiles (pixeldance/tools/plan.py)."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.rules(self.preset)):
+            return self._embed.lower(self.variables, ids, mask)
+
     def __call__(self, texts: Sequence[str]) -> tuple[jax.Array, np.ndarray]:
         """B strings -> (states float32 [B, max_length, D], mask int32 [B, max_length])."""
         ids, mask = self.tokenize(texts)
