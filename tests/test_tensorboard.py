@@ -87,3 +87,37 @@ def test_videos_are_gifs_tensorboard_reads(tmp_path):
     assert (image.step, image.width, image.height) == (3, 8, 6)
     with Image.open(io.BytesIO(image.encoded_image_string)) as gif:
         assert gif.n_frames == 5
+
+
+def test_readme_lists_exactly_the_tags_written():
+    """The README's TensorBoard table (section "The main job") names each folder's tags as
+    `TENSORBOARD_TAGS` does; brace groups `{A,B}/{c,d}/{x}` expand to every combination."""
+    import itertools
+    import re
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    table = readme[readme.index("| folder | scalars | images / videos |"):]
+    table = table[:table.index("\n\n")]
+    rows = {m.group(1): (m.group(2), m.group(3)) for m in
+            re.finditer(r"^\| `(\w+)` \|\s*([^|]*?)\s*\|\s*([^|]*?)\s*\|$", table, re.M)}
+    assert set(rows) == set(workdir_lib.TENSORBOARD_TAGS)
+
+    def names(cell):
+        out = set()
+        for item in re.findall(r"`([^`]+)`|([a-z_0-9]+)(?![^(]*\))", cell):
+            text = item[0] or item[1]
+            if item[0] and "{" in text:
+                groups = [g.split(",") for g in re.findall(r"\{([^}]*)\}", text)]
+                out |= {"/".join(p) for p in itertools.product(*groups)}
+            elif text and text not in ("when", "a", "cache", "is", "built"):
+                out.add(text)
+        return out
+    for stage, (scalars, images) in rows.items():
+        want = workdir_lib.TENSORBOARD_TAGS[stage]
+        documented = names(scalars)
+        # first_psnr / last_psnr are documented once with the modes they exist for
+        for tag in ("first_psnr", "last_psnr"):
+            if tag in documented:
+                documented.discard(tag)
+                documented |= {t for t in want["scalars"] if t.endswith("/" + tag)}
+        assert documented == set(want["scalars"]), stage
+        assert names(images) - {"image"} == set(want["images"]), stage
