@@ -19,10 +19,13 @@ skips new saves below a junk `99/` nor deletes good ones to keep it; nothing is 
 from __future__ import annotations
 
 import contextlib
+import gc
 import glob
 import json
+import logging as std_logging
 import os
 import shutil
+import sys
 from typing import Any
 
 import jax
@@ -39,6 +42,70 @@ _VERIFIED: dict = {}  # (step folder, manifest mtime_ns) -> reason or None: each
 class CheckpointWriteError(OSError):
     """A save failed (disk full, read-only or vanished folder, ...): one line naming the step,
     the folder and the cause. The half-written folder is already removed."""
+
+
+class _HeldErrors(std_logging.Filter):
+    """What a failed write prints from Orbax's and TensorStore's threads while saves are in flight,
+    above the CheckpointWriteError line that names the cause: ERROR records with a traceback
+    through Orbax (its own, and asyncio's 'Task exception was never retrieved' of its write
+    tasks), and hundreds of 'Event loop is closed' tracebacks of write callbacks that outlive the
+    failed save's event loop (sys.unraisablehook). Held back until the save's outcome is known:
+    then printed if it succeeded, dropped if it failed (not held at all with --verbosity=1)."""
+
+    _ORBAX = os.path.dirname(os.path.dirname(os.path.abspath(ocp.__file__))) + os.sep
+    LOGGERS = ("absl", "asyncio")  # Orbax logs through absl
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[std_logging.LogRecord] = []
+        self.unraisable: list = []
+        self.hook = sys.unraisablehook
+        self.failed = False  # then dropped, not held
+
+    def _from_orbax(self, record: std_logging.LogRecord) -> bool:
+        if os.path.abspath(record.pathname).startswith(self._ORBAX):
+            return True
+        tb = record.exc_info[2] if record.exc_info else None
+        while tb is not None:
+            if os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(self._ORBAX):
+                return True
+            tb = tb.tb_next
+        return False
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if record.levelno >= std_logging.ERROR and self._from_orbax(record):
+            if not self.failed:
+                self.records.append(record)
+            return False
+        return True
+
+    def unraisable_hook(self, args):
+        if isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == "Event loop is closed":
+            if not self.failed:
+                self.unraisable.append(args)
+        else:
+            self.hook(args)
+
+    def install(self):
+        for name in self.LOGGERS:
+            std_logging.getLogger(name).addFilter(self)
+        self.hook, sys.unraisablehook = sys.unraisablehook, self.unraisable_hook
+
+    def remove(self, *, replay: bool):
+        """Ends holding back; after a failed save, write callbacks may still run into the closed
+        loop after Orbax has closed (TensorStore's own threads): those stay silent."""
+        if self.failed:  # the failed save's unreferenced write tasks log their errors when collected: now
+            gc.collect()
+        for name in self.LOGGERS:
+            std_logging.getLogger(name).removeFilter(self)
+        if sys.unraisablehook == self.unraisable_hook and not self.failed:
+            sys.unraisablehook = self.hook
+        if replay:
+            for record in self.records:
+                std_logging.getLogger(record.name).handle(record)
+            for args in self.unraisable:
+                self.hook(args)
+        self.records, self.unraisable = [], []
 
 
 def _cause(error: BaseException) -> str:
@@ -195,6 +262,7 @@ class Checkpointer:
         self._usable = None  # (step,) once scanned: the folders only change through this object
         self._bytes = 0  # size of the newest save's arrays, for the disk-full message
         self._failed = False
+        self._held: _HeldErrors | None = None  # what the saves in flight print if they fail
         if cleanup_tmp and jax.process_index() == 0:
             step, rejected = scan(self.directory)
             for bad, reason in rejected:
@@ -231,6 +299,8 @@ class Checkpointer:
             yield
         except Exception as e:  # Orbax and TensorStore raise ValueError, OSError, RuntimeError, ...
             self._failed = True
+            if self._held is not None:  # the error below says it: dropped from now on
+                self._held.records, self._held.unraisable, self._held.failed = [], [], True
             if jax.process_index() == 0:
                 for tmp in glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*")):
                     shutil.rmtree(tmp, ignore_errors=True)
@@ -252,9 +322,23 @@ class Checkpointer:
                 self._manager.wait_until_finished()  # returns at once; surfaces a failed write's error
             self._seal()
 
+    def _hold_errors(self):
+        """Holds back what a failed write prints (`_HeldErrors`) until the save about to start
+        has finished."""
+        if self._held is None and logging.get_verbosity() < logging.DEBUG:
+            self._held = _HeldErrors()
+            self._held.install()
+
+    def _release_errors(self):
+        """Prints what was held (no save is in flight: it was not about a failed write)."""
+        if self._held is not None:
+            held, self._held = self._held, None
+            held.remove(replay=True)
+
     def _seal(self):
         """Writes the manifests of this object's finished saves (Orbax's retention may have
         deleted some already). Called once no save is in flight."""
+        self._release_errors()
         for step in self._unsealed:
             step_dir = os.path.join(self.directory, str(step))
             if jax.process_index() == 0 and os.path.isdir(step_dir):
@@ -274,6 +358,7 @@ class Checkpointer:
             self._manager.wait_until_finished()  # Orbax waits for the previous save anyway; then seal it
         self._seal()
         self._bytes = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state))
+        self._hold_errors()
         with self._writing(int(step)):
             saved = self._manager.save(int(step), args=args, force=force)
         if saved:
@@ -324,6 +409,9 @@ class Checkpointer:
         if self._failed:
             with contextlib.suppress(Exception):
                 self._manager.close()
+            if self._held is not None:  # Orbax's threads have ended (TensorStore's callbacks may not)
+                self._held.remove(replay=False)
+                self._held = None
             return
         try:
             self.wait()
