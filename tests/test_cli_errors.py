@@ -122,12 +122,26 @@ def one_line(result, *names) -> str:
     return lines[0]
 
 
+IMPORT_TIME = ("pixeldance.data.tfds_build",)  # modules that define their flags on import
+
+
 @pytest.fixture
 def run_cli(monkeypatch, capsys):
     """run_cli(entry, *argv) -> (exit code, stdout, stderr): the command line `entry()` (a module's
-    run()) with sys.argv = [prog, *argv], in this process; its flags (and flag validators) are
-    removed afterwards."""
-    before = {name: list(flags.FLAGS[name].validators) for name in flags.FLAGS}
+    run()) with sys.argv = [prog, *argv], in this process. The flags that pixeldance's entry points
+    define when run (e.g. sample's, left by other tests) are set aside for the test and put back
+    after it; those an entry point defines (and the flag validators it adds) are removed after
+    each call."""
+    FLAGS = flags.FLAGS
+
+    def ours(name) -> str | None:
+        module = FLAGS.find_module_defining_flag(name) or ""
+        return module if module.startswith("pixeldance.") and module not in IMPORT_TIME else None
+
+    aside = {name: (ours(name), FLAGS[name]) for name in list(FLAGS) if ours(name)}
+    for name in aside:
+        delattr(FLAGS, name)
+    before = {name: list(FLAGS[name].validators) for name in FLAGS}
 
     def run(main, *, errors=()):  # cli.run without app.run's once-per-process flag registration
         cli.one_line_errors(main, errors=errors)(cli.parse_flags(sys.argv))
@@ -142,16 +156,20 @@ def run_cli(monkeypatch, capsys):
         except SystemExit as e:
             code = e.code
         finally:
-            flags.FLAGS.unparse_flags()
-            for name in set(flags.FLAGS) - set(before):
-                delattr(flags.FLAGS, name)
+            FLAGS.unparse_flags()
+            for name in set(FLAGS) - set(before):  # the entry point's, not a library's imported meanwhile
+                if ours(name):
+                    delattr(FLAGS, name)
             for name, validators in before.items():  # mark_flags_as_required adds one
-                flags.FLAGS[name].validators[:] = validators
+                FLAGS[name].validators[:] = validators
         out = capsys.readouterr()
         return code, out.out, out.err
 
     yield call
-    flags.FLAGS.unparse_flags()
+    FLAGS.unparse_flags()
+    for name, (module, flag) in aside.items():
+        FLAGS[name] = flag
+        FLAGS.register_flag_by_module(module, flag)
 
 
 def _converter(name):
