@@ -499,3 +499,23 @@ def test_save_holds_back_orbax_noise_until_its_outcome(tmp_path, monkeypatch, ca
     assert [r.getMessage() for r in caplog.records[-2:]] == ["_SignalingThread.run() raised an exception",
                                                              "Task exception was never retrieved"]
     assert seen == before + ([] if fails else ["Event loop is closed"])
+
+
+def test_full_disk_is_one_line_naming_the_file(run_cli, tmp_path, monkeypatch):
+    """A write that fails with ENOSPC (here: ablation_table's --output)."""
+    import builtins
+    from pixeldance.tools import ablation_table
+    workdir = tmp_path / "full"
+    workdir.mkdir()
+    (workdir / "faithfulness.json").write_text("{}")
+    out = tmp_path / "table.json"
+    real_open = builtins.open
+
+    def full(file, mode="r", *args, **kwargs):
+        if os.fspath(file) == str(out) and "w" in mode:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full)
+    line = one_line(run_cli(ablation_table.main, f"--rows=full={workdir}", f"--output={out}"), out)
+    assert line == f"error: {out}: No space left on device"
