@@ -21,9 +21,9 @@ from __future__ import annotations
 import json
 import os
 
-from absl import flags, logging
+from absl import flags
 
-from pixeldance import cli, sample
+from pixeldance import cli, logs, sample
 from pixeldance import workdir as workdir_lib
 from pixeldance.evaluators import common
 from pixeldance.evaluators.metrics import ProtocolMetrics
@@ -63,6 +63,7 @@ def evaluate(workdir: str, protocol: str | None = None, *, root: str | None = No
 
 def main(argv):
     del argv
+    logs.setup()  # the libraries' INFO lines off unless --verbosity=1
     if FLAGS.num_generated is not None and FLAGS.num_generated < 2:
         raise ValueError(f"--num_generated must be >= 2, got {FLAGS.num_generated}")
     report = evaluate(FLAGS.workdir, FLAGS.protocol, root=FLAGS.networks, stats_dir=FLAGS.stats_dir,
@@ -72,7 +73,6 @@ def main(argv):
 
 
 def run():
-    logging.set_verbosity(logging.WARNING)
     flags.DEFINE_string("workdir", None, "Workdir of a trained pipeline.", required=True)
     flags.DEFINE_string("protocol", None, "Protocol name (default: the workdir's config.evals.protocol).")
     flags.DEFINE_string("networks", None, "Root of the converted feature networks.")

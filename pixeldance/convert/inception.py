@@ -26,10 +26,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from absl import flags, logging
+from absl import flags
 from flax import traverse_util
 
-from pixeldance import cli
+from pixeldance import cli, logs
 from pixeldance.convert.common import ConversionError
 from pixeldance.models import inception, weights
 
@@ -151,6 +151,7 @@ def convert(input_path: str, output_dir: str) -> dict:
 
 def main(argv):
     del argv
+    logs.setup()  # the libraries' INFO lines off unless --verbosity=1
     FLAGS = flags.FLAGS
     convert(FLAGS.input, FLAGS.output)
     print(f"wrote {FLAGS.output} (InceptionV3 for FID and IS); load it with "
@@ -158,7 +159,6 @@ def main(argv):
 
 
 def run():
-    logging.set_verbosity(logging.WARNING)  # keep JAX's backend INFO lines off stderr
     flags.DEFINE_string("input", None, "The FID InceptionV3 state dict as .safetensors "
                         "(see the module docstring for the one-off command from the .pth).", required=True)
     flags.DEFINE_string("output", None, "New (or empty) output folder.", required=True)

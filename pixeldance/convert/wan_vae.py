@@ -25,11 +25,11 @@ import re
 
 import jax
 import numpy as np
-from absl import flags, logging
+from absl import flags
 from flax import traverse_util
 from safetensors import safe_open
 
-from pixeldance import build, cli, sharding, train_lib
+from pixeldance import build, cli, logs, sharding, train_lib
 from pixeldance import workdir as workdir_lib
 from pixeldance.checkpoint import Checkpointer
 from pixeldance.convert.common import ConversionError, first_line
@@ -201,6 +201,7 @@ def convert(input_path: str, output_dir: str) -> wan_vae.WanVAE:
 
 def main(argv):
     del argv
+    logs.setup()  # the libraries' INFO lines off unless --verbosity=1
     FLAGS = flags.FLAGS
     model = convert(FLAGS.input, FLAGS.output)
     n = sum(x.size for x in jax.tree.leaves(abstract_params(model)))
@@ -209,7 +210,6 @@ def main(argv):
 
 
 def run():
-    logging.set_verbosity(logging.WARNING)  # keep Orbax's INFO lines out of the output
     flags.DEFINE_string("input", None, "diffusers AutoencoderKLWan folder or .safetensors file.", required=True)
     flags.DEFINE_string("output", None, "New (or empty) output folder.", required=True)
     cli.run(main)

@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 import os
 
-from absl import flags, logging
+from absl import flags
 
-from pixeldance import cli
+from pixeldance import cli, logs
 from pixeldance.metrics import networks, protocols, suite
 
 FLAGS = flags.FLAGS
@@ -48,6 +48,7 @@ def write_json(path: str, result: dict):
 
 def main(argv):
     del argv
+    logs.setup()  # the libraries' INFO lines off unless --verbosity=1
     protocol = protocols.get(FLAGS.protocol)
     if FLAGS.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
@@ -64,7 +65,6 @@ def main(argv):
 
 
 def run():
-    logging.set_verbosity(logging.WARNING)
     define_flags()
     cli.run(main)
 
