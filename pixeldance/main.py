@@ -1,4 +1,6 @@
-r"""Entry point: `python -m pixeldance.main --config=experiments/x.py[:args] --workdir=DIR`.
+r"""Train and sample an experiment, stage by stage, in one workdir.
+
+  python -m pixeldance.main --config=experiments/x.py[:args] --workdir=DIR
 
 Dispatches on `config.mode`:
   train      every stage in order: train_vae -> cache -> train_dit -> sample (evaluate)
