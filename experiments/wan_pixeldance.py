@@ -24,7 +24,7 @@ velocity objective on the flow path. Text: umT5-XXL states computed once by the 
 (512 tokens, bfloat16). Sampling: Euler on a time grid shifted by 3 (Wan's 480p setting; 5 at
 720p), guidance 5, tau as the paper.
 
-  --config=experiments/wan_pixeldance.py            full fine-tuning (every weight; 14B: a v5p-64-class slice)
+  --config=experiments/wan_pixeldance.py            full fine-tuning (every weight; 14B: a v5p-32)
   --config=experiments/wan_pixeldance.py:lora       LoRA rank 32 on attention, FFN and the patch
                                                     embedding (the base frozen; checkpoints hold
                                                     the adapters; sampling and export merge them)
@@ -34,7 +34,7 @@ velocity objective on the flow path. Text: umT5-XXL states computed once by the 
 
 Export the fine-tuned DiT as a converted folder (LoRA merged): `python -m
 pixeldance.tools.export_dit --workdir=W --output=DIR`. What each fine-tune needs per chip on v5e
-and v5p slices: README "PixelDance on Wan 2.1".
+and v5p slices: README "Compile-ahead planning".
 """
 from pixeldance import configs
 
