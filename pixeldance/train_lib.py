@@ -163,7 +163,7 @@ class MetricWriter:
         if jax.process_index() == 0:
             if self._board in _open_boards:
                 raise RuntimeError(f"a MetricWriter of {self._board} is open already: close it first")
-            self._tb = SummaryWriter(self._board, filename_suffix=f".{os.getpid()}.{next(_writer_count)}")
+            self._tb = SummaryWriter(self._board, filename_suffix=f".{os.getpid()}.{next(_writer_count):06d}")
             _open_boards.add(self._board)
 
     def truncate_after(self, step: int):
