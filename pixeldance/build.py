@@ -140,12 +140,17 @@ class EncoderText:
 
     The folder's config.json alone gives the shapes (`example`, `identity`): the DiT trainer,
     which reads the cached states, never loads the weights; the cache stage and the Pipeline load
-    them on first use. S: config.text.encoder_max_length, or the folder's (0).
+    them on first use. S: config.text.encoder_max_length, or the folder's (0). dtype: T5 / umT5
+    compute and parameter dtype (CLIP: float32): 'bfloat16' holds umT5-XXL in 11.4 GB, not 22.7.
+    mesh: where the weights are placed, sharded by their logical names under the 'fsdp_tensor'
+    rules (None: the default device), one array at a time (`load_text_encoder`): the cache stage
+    and the Pipeline pass their mesh of this process's devices, so no chip holds the whole encoder.
     """
 
     frozen = True
+    PRESET = "fsdp_tensor"
 
-    def __init__(self, kind: str, path: str, max_length: int = 0, dtype: str = "float32"):
+    def __init__(self, kind: str, path: str, max_length: int = 0, dtype: str = "float32", mesh=None):
         if not path:
             raise ValueError(f"config.text.encoder={kind!r} needs config.text.encoder_path, a folder of "
                              f"{text_encoder_lib.ORIGIN}")
@@ -154,7 +159,7 @@ class EncoderText:
         if folder.get("kind") != kind:
             raise ValueError(f"{where}: a {folder.get('kind')!r} text encoder, but config.text.encoder={kind!r}")
         model = text_encoder_lib.model_from_config(kind, folder.get("encoder") or {}, where=where)
-        self.kind, self.path, self.dtype = kind, path, dtype
+        self.kind, self.path, self.dtype, self.mesh = kind, path, dtype, mesh
         self.dim = model.text.width if kind == "clip" else model.width
         self.max_length = int(max_length or folder.get("max_length") or text_encoder_lib.DEFAULT_MAX_LENGTH[kind])
         self.sha256 = folder.get("sha256")
@@ -164,8 +169,10 @@ class EncoderText:
     @property
     def encoder(self) -> text_encoder_lib.TextEncoder:
         if self._encoder is None:
+            dtype = None if self.kind == "clip" else self.dtype
             self._encoder = text_encoder_lib.load_text_encoder(
-                self.path, None if self.kind == "clip" else self.dtype, max_length=self.max_length)
+                self.path, dtype, param_dtype=dtype, max_length=self.max_length, mesh=self.mesh,
+                preset=self.PRESET)
         return self._encoder
 
     def num_tokens(self, captions) -> list[int]:
@@ -207,17 +214,18 @@ class EncoderText:
                     mask=jnp.zeros((1, self.max_length), bool))
 
 
-def text_conditioner(config):
+def text_conditioner(config, mesh=None):
     """What turns captions into the DiT's text input, per config.text.encoder: 'word' (default)
     a `TokenText` over `tokenizer(config)`, the encoder trained with the DiT; 'clip', 't5' or
-    'umt5' an `EncoderText` over the converted folder config.text.encoder_path."""
+    'umt5' an `EncoderText` over the converted folder config.text.encoder_path, its weights
+    placed on `mesh` when they are loaded (None: the default device)."""
     kind = config.text.get("encoder", "word")
     if kind not in TEXT_ENCODERS:
         raise ValueError(f"unknown config.text.encoder {kind!r}; choose from {TEXT_ENCODERS}")
     if kind == "word":
         return TokenText(tokenizer(config))
     return EncoderText(kind, config.text.get("encoder_path", ""), config.text.get("encoder_max_length", 0),
-                       config.text.get("encoder_dtype", "float32"))
+                       config.text.get("encoder_dtype", "float32"), mesh=mesh)
 
 
 def text_model(config, dtype) -> nn.Module:
@@ -344,12 +352,16 @@ def wan_params(directory: str, abstract, shardings) -> dict:
 LORA_TARGETS = "blocks/attn1/to_.*,blocks/attn2/to_.*,blocks/ffn/proj_.*,patch_embedding"
 
 
+LORA_BASE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 def dit_lora(config, need_weights: bool = True) -> dict | None:
-    """{'rank', 'targets', 'alpha'} of config.train.lora_rank / lora_targets / lora_alpha, or None
-    for full fine-tuning (rank 0). LoRA trains adapters over converted weights
-    (`pretrained_dit_params`): a rank without them is a config error (one line), unless
-    need_weights is False (the planner: a Wan DiT named by config.dit.wan_config, no weights).
-    alpha 0 means alpha = rank (the update W + (alpha / R) A @ B at scale 1)."""
+    """{'rank', 'targets', 'alpha', 'base_dtype'} of config.train.lora_rank / lora_targets /
+    lora_alpha / lora_base_dtype, or None for full fine-tuning (rank 0). LoRA trains adapters over
+    converted weights (`pretrained_dit_params`): a rank without them is a config error (one line),
+    unless need_weights is False (the planner: a Wan DiT named by config.dit.wan_config, no
+    weights). alpha 0 means alpha = rank (the update W + (alpha / R) A @ B at scale 1).
+    base_dtype: the jnp dtype the frozen base is held in, in training and sampling alike."""
     c = config.train
     rank = c.get("lora_rank", 0)
     if not rank:
@@ -363,7 +375,12 @@ def dit_lora(config, need_weights: bool = True) -> dict | None:
                          f"or lora_rank=0 to train every weight")
     alpha = float(c.get("lora_alpha", 0.0) or rank)
     # Prefixed by 'params/dit/transformer/' in the model's tree: targets are searched in the whole path.
-    return dict(rank=int(rank), targets=c.get("lora_targets", "") or LORA_TARGETS, alpha=alpha)
+    base_dtype = c.get("lora_base_dtype", "float32")
+    if base_dtype not in LORA_BASE_DTYPES:
+        raise ValueError(f"config.train.lora_base_dtype must be one of {sorted(LORA_BASE_DTYPES)}, "
+                         f"got {base_dtype!r}")
+    return dict(rank=int(rank), targets=c.get("lora_targets", "") or LORA_TARGETS, alpha=alpha,
+                base_dtype=jnp.dtype(LORA_BASE_DTYPES[base_dtype]))
 
 
 def lora_init_fn(init_fn: Callable, lora: dict) -> Callable:

@@ -409,14 +409,15 @@ def load_pipeline(workdir: str, *, mesh=None) -> Pipeline:
     model = build.dit(config, stats.channels)
     R = config.data.resolution
     T, h, w, _ = vae.latent_shape(config.data.num_frames, R, R)
-    text = build.text_conditioner(config)
+    text = build.text_conditioner(config, mesh=mesh)
     init_fn = build.dit_init_fn(model, (T, h, w, stats.channels), text.example())
     dit_dir, lora = os.path.join(workdir, workdir_lib.DIT_DIR), build.dit_lora(config)
     trained = workdir_lib.latest_step(dit_dir) is not None
     if build.pretrained_dit_params(config) is not None and (lora is not None or not trained):
         # The converted weights (e.g. Wan 2.1 text-to-video, widened): as they are before any
         # fine-tuning, and under LoRA the frozen base the EMA adapters are merged into.
-        params, shardings = pretrained_dit(config, init_fn, mesh, INFERENCE_PRESET)
+        params, shardings = pretrained_dit(config, init_fn, mesh, INFERENCE_PRESET,
+                                           None if lora is None else lora["base_dtype"])
         step = 0
         if lora is not None and trained:
             adapters, step = workdir_lib.load_ema_params(dit_dir, build.lora_init_fn(init_fn, lora), mesh,
@@ -427,11 +428,12 @@ def load_pipeline(workdir: str, *, mesh=None) -> Pipeline:
     return Pipeline(config, vae, model, params, text, stats, mesh, step)
 
 
-def pretrained_dit(config, init_fn, mesh, preset: str):
+def pretrained_dit(config, init_fn, mesh, preset: str, dtype=None):
     """(params, shardings): config.dit.init_from's converted weights (`build.pretrained_dit_params`,
     widened for the instructions), read straight into their shards on `mesh` under `preset`'s
-    rules. The Pipeline's weights before fine-tuning, and LoRA's frozen base."""
-    abstract, shardings = workdir_lib.abstract_params(init_fn, mesh, preset)
+    rules, as `dtype` (None: the model's, float32). The Pipeline's weights before fine-tuning,
+    and LoRA's frozen base (in config.train.lora_base_dtype)."""
+    abstract, shardings = workdir_lib.abstract_params(init_fn, mesh, preset, dtype)
     return build.pretrained_dit_params(config)(abstract, shardings), shardings
 
 

@@ -20,6 +20,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import linen as nn
@@ -139,14 +140,18 @@ def stage_outputs(config, workdir: str, stage: str) -> list[str]:
     return [os.path.join(workdir, f) for f in files] + [os.path.join(workdir, "tensorboard", b) for b in boards]
 
 
-def abstract_params(init_fn, mesh, preset: str):
+def abstract_params(init_fn, mesh, preset: str, dtype=None):
     """(abstract parameters, their shardings on `mesh` under `preset`'s rules), nothing allocated.
-    init_fn(rng) -> `nn.Partitioned`-boxed parameters (a model's `init`)."""
+    init_fn(rng) -> `nn.Partitioned`-boxed parameters (a model's `init`). dtype: every floating
+    parameter as this dtype instead of the model's (a frozen LoRA base held in bfloat16)."""
     with nn.logical_axis_rules(sharding.rules(preset)):
         boxed = jax.eval_shape(init_fn, jax.random.key(0))
     shardings = sharding.tree_shardings(mesh, boxed, preset)
     params = jax.tree.map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, boxed,
                           is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    if dtype is not None:
+        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype)
+                              if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
     return params, shardings
 
 

@@ -72,16 +72,41 @@ def frozen_run(runlocal_workdir, tmp_path_factory):
                     ignore=shutil.ignore_patterns("dit", "cache", "samples", "tensorboard", "metrics.jsonl"))
     config = _config(encoder_dir)
     workdir_lib.write_config(workdir, config)
-    cache_stage.cache_latents(config, workdir)
+    loaded, load = [], te.load_text_encoder
+
+    def recording_load(*args, **kwargs):  # what the cache stage loads, and where
+        loaded.append(load(*args, **kwargs))
+        return loaded[-1]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(te, "load_text_encoder", recording_load)
+        cache_stage.cache_latents(config, workdir)
     state = dit_trainer.train_dit(config, workdir)
-    return config, workdir, encoder_dir, state
+    return config, workdir, encoder_dir, state, loaded
+
+
+def _spread_over(variables, num_devices: int):
+    """Every parameter lives on all num_devices devices, and the big ones are split (each device
+    holds a part), not copied whole onto one."""
+    leaves = jax.tree.leaves(variables)
+    assert all(len(x.sharding.device_set) == num_devices for x in leaves)
+    split = [x for x in leaves if x.addressable_shards[0].data.size < x.size]
+    assert split and max(x.size for x in split) == max(x.size for x in leaves)
+
+
+def test_cache_stage_shards_the_encoder_over_its_devices(frozen_run):
+    """The cache stage loads the encoder once, its weights split over this process's 8 devices
+    (as the VAE's are), not whole on one: umT5-XXL's 22.7 GB would not fit a 16 GiB chip."""
+    *_, loaded = frozen_run
+    assert len(loaded) == 1
+    assert loaded[0].mesh is not None and loaded[0].mesh.devices.size == 8
+    _spread_over(loaded[0].variables, 8)
 
 
 def test_cache_holds_the_encoders_states(frozen_run):
     """Records: text_states = the encoder's last hidden states of the caption rounded to
     bfloat16 [S, D], text_mask its mask; the empty prompt's stored once; the encoder's identity
     (kind, weights' hash, length) in meta.json, no tokens."""
-    config, workdir, encoder_dir, _ = frozen_run
+    config, workdir, encoder_dir, *_ = frozen_run
     source = latent_cache.LatentCacheSource(os.path.join(workdir, "cache"), captions=True)
     meta = source.meta
     assert meta["fields"]["text_states"] == dict(dtype="bfloat16", shape=[24, WIDTH])
@@ -108,7 +133,7 @@ def test_cache_holds_the_encoders_states(frozen_run):
 def test_dit_trains_from_cached_states_without_the_encoder(frozen_run, monkeypatch):
     """The DiT has no text-encoder parameters (FrozenText) and projects D = 32 wide states; training ran its steps with finite losses. A second train_dit (resume,
     nothing left) never loads the encoder."""
-    config, workdir, _, state = frozen_run
+    config, workdir, _, state, _ = frozen_run
     flat = traverse_util.flatten_dict(jax.device_get(state.params)["params"])
     assert not any(k[0] == "text_encoder" for k in flat)
     proj = [v for k, v in flat.items() if "text_proj" in k and k[-1] == "kernel"]
@@ -126,9 +151,10 @@ def test_dit_trains_from_cached_states_without_the_encoder(frozen_run, monkeypat
 def test_pipeline_samples_with_the_encoder(frozen_run):
     """The Pipeline embeds prompts as the cache did (bfloat16 states) and guides
     against the encoder's empty prompt; it generates videos of the workdir's shape."""
-    config, workdir, _, _ = frozen_run
+    config, workdir, *_ = frozen_run
     pipe = sample.load_pipeline(workdir)
     assert isinstance(pipe.text, build.EncoderText)
+    assert pipe.text.mesh is pipe.mesh
     source = latent_cache.LatentCacheSource(os.path.join(workdir, "cache"), captions=True)
     rec = source[1]
     text = pipe.text([rec["caption"]])
@@ -136,6 +162,7 @@ def test_pipeline_samples_with_the_encoder(frozen_run):
     _assert_bfloat16_of(rec["text_states"], text["states"][0])
     np.testing.assert_array_equal(np.asarray(text["mask"][0]), rec["text_mask"])
     _assert_bfloat16_of(source.null_text()["text_states"], pipe.text.null["states"])
+    _spread_over(pipe.text.encoder.variables, pipe.mesh.devices.size)
     videos = pipe.generate_batch([rec["caption"], "a blue square moves up"], seed=0)
     videos = np.asarray(videos)
     assert videos.shape == (2, config.data.num_frames, 32, 32, 3)
@@ -145,7 +172,7 @@ def test_pipeline_samples_with_the_encoder(frozen_run):
 def test_cache_rebuilt_for_other_weights_and_checked_by_the_trainer(frozen_run, tmp_path):
     """Another encoder (other weights, same shapes) changes the cache's identity, so the cache
     stage does not keep the old states; a word-token config on this cache is a one-line error."""
-    config, workdir, encoder_dir, _ = frozen_run
+    config, workdir, encoder_dir, *_ = frozen_run
     other = _clip_folder(str(tmp_path), 4)
     source = object()
     a = cache_stage.cache_info(config, workdir, source)

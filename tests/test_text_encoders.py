@@ -191,6 +191,28 @@ def test_sharded_over_fsdp_and_tensor(setup, umt5_dir):
     assert _relative(sharded, reference) < 1e-5
 
 
+def test_encoder_text_holds_bfloat16_weights_sharded(setup, umt5_dir):
+    """The cache stage's and the Pipeline's encoder (`build.EncoderText`, config.text.encoder_dtype
+    'bfloat16', the mesh of this process's devices): parameters stored in bfloat16 (umT5-XXL in
+    11.4 GB, not 22.7) and split over the 8 devices; its states are those of a float32 encoder
+    within bfloat16 compute's error, rounded to bfloat16 as the cache stores them."""
+    from pixeldance import build, sample
+    mesh = sample.inference_mesh()
+    text = build.EncoderText("umt5", umt5_dir, dtype="bfloat16", mesh=mesh)
+    record = text.record(TEXTS[:3])
+    leaves = jax.tree.leaves(text.encoder.variables)
+    assert {x.dtype for x in leaves} == {jnp.dtype(jnp.bfloat16)}
+    assert all(len(x.sharding.device_set) == 8 for x in leaves)
+    wi = text.encoder.variables["params"]["layers_0"]["mlp"]["wi_0"]["kernel"]  # [embed 32, mlp 64]
+    assert wi.addressable_shards[0].data.shape == (4, 64)  # embed over fsdp (8); tensor is 1 here
+    f32 = te.load_text_encoder(umt5_dir)
+    ids, mask = f32.tokenize(TEXTS[:3])
+    reference = f32.embed(ids, mask)
+    assert record["text_states"].dtype == np.dtype("bfloat16")
+    assert 0 < _relative(np.asarray(record["text_states"], np.float32), reference) < 5e-2
+    np.testing.assert_array_equal(record["text_mask"], mask.astype(bool))
+
+
 # ----------------------------------------------------------------------------------------------
 # Tokenizers.
 

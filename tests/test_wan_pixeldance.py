@@ -330,6 +330,43 @@ def test_lora_finetune_resume_and_sample(wan, runlocal_workdir):
         export_dit.export(runlocal_workdir, os.path.join(wan["root"], "never"))
 
 
+def test_lora_bfloat16_base(wan, runlocal_workdir, monkeypatch):
+    """config.train.lora_base_dtype='bfloat16': the trainer holds the frozen base in bfloat16
+    (half its bytes), the adapters and their state stay float32 and learn; the Pipeline merges
+    the EMA adapters into the same bfloat16 base, so sampling sees the weights training saw."""
+    from pixeldance import train_lib
+    workdir = _workdir(runlocal_workdir, wan["root"], "lora_bf16")
+    config = _config(wan["dit"], wan["clip"], **{"train.lora_rank": 2, "train.lora_alpha": 4.0, "train.lr": 1e-2,
+                                                  "train.num_steps": 2, "train.lora_base_dtype": "bfloat16"})
+    workdir_lib.write_config(workdir, config)
+    cache_stage.cache_latents(config, workdir)
+    bases, fit = [], train_lib.fit
+    monkeypatch.setattr(train_lib, "fit", lambda **kw: bases.append(kw["frozen"][0]) or fit(**kw))
+    state = dit_trainer.train_dit(config, workdir)
+    assert len(bases) == 1 and {x.dtype for x in jax.tree.leaves(bases[0])} == {jnp.dtype(jnp.bfloat16)}
+    adapters = _flat(state.params)
+    assert {v.dtype for v in adapters.values()} == {np.dtype(np.float32)}
+    assert any(v.any() for k, v in adapters.items() if k[-1] == "lora_b")  # learnt through a bfloat16 base
+
+    stored = load_file(os.path.join(wan["dit"], weights.PARAMS))
+    pipe = sample.load_pipeline(workdir)
+    merged = _flat(pipe.params["params"]["dit"]["transformer"])
+    ema = _flat(state.ema_params)
+    for path, value in merged.items():
+        assert value.dtype == jnp.bfloat16, path
+        base = stored["params/" + "/".join(path)]
+        if path == ("patch_embedding", "kernel"):
+            value = value[..., :C, :]
+        if ("params", "dit", "transformer") + path + ("lora_a",) not in ema:
+            np.testing.assert_array_equal(value, base.astype(jnp.bfloat16), err_msg=str(path))
+        else:  # bfloat16(bfloat16(W) + delta): within two bfloat16 roundings of W + delta
+            np.testing.assert_allclose(value.astype(np.float32), base, rtol=2 ** -7, atol=0.05, err_msg=str(path))
+    video = pipe.generate("a red circle moves left", num_frames=5, height=32, width=32, steps=2)
+    assert video.shape == (5, 32, 32, 3) and video.dtype == np.uint8
+    with pytest.raises(ValueError, match="lora_base_dtype must be one of"):
+        build.dit_lora(_config(wan["dit"], wan["clip"], **{"train.lora_rank": 2, "train.lora_base_dtype": "fp16"}))
+
+
 def test_lora_config_errors(wan):
     """One line each: a LoRA rank without converted weights to adapt, a negative rank, and a
     target that matches no kernel."""
@@ -340,7 +377,7 @@ def test_lora_config_errors(wan):
         build.dit_lora(_config(wan["dit"], clip, **{"train.lora_rank": -1}))
     assert build.dit_lora(_config(wan["dit"], clip)) is None
     spec = build.dit_lora(_config(wan["dit"], clip, **{"train.lora_rank": 3, "train.lora_targets": "attn9/to_q"}))
-    assert spec == dict(rank=3, targets="attn9/to_q", alpha=3.0)
+    assert spec == dict(rank=3, targets="attn9/to_q", alpha=3.0, base_dtype=jnp.float32)
     model = build.dit(_config(wan["dit"], clip), C)
     init_fn = build.dit_init_fn(model, (3, 4, 4, C), build.text_conditioner(_config(wan["dit"], clip)).example())
     with pytest.raises(ValueError, match="LoRA target 'attn9/to_q' matches no kernel"):
@@ -360,7 +397,7 @@ def test_experiment_builds_on_converted_folders(wan):
     build.task(full)
     lora = configs.override(configs.load_config(os.path.join(REPO, "experiments", "wan_pixeldance.py:lora,rank=4")),
                             **paths)
-    assert build.dit_lora(lora) == dict(rank=4, targets=build.LORA_TARGETS, alpha=4.0)
+    assert build.dit_lora(lora) == dict(rank=4, targets=build.LORA_TARGETS, alpha=4.0, base_dtype=jnp.float32)
     assert lora.train.lr > full.train.lr
 
 

@@ -40,9 +40,10 @@ Pretrained models are planned without their weights (only architectures are read
 `config.plan.part = 'text_encoder'` plans the frozen encoder instead: `TextEncoder.embed`'s
 forward (`models/text_encoder.py`, the function the cache stage runs) on a batch of
 `config.cache.batch_size` prompts of S tokens, computing in `config.text.encoder_dtype` with
-float32 parameters (as `load_text_encoder` holds them) sharded by their logical names over the
-mesh under `config.mesh.preset` (the cache stage itself loads the encoder onto one device: a
-1-chip target, e.g. topology 'v5e:1x1' with mesh (1, 1, 1, 1)).
+parameters held in it too (CLIP: float32), sharded by their logical names over the mesh under
+`config.mesh.preset`. The cache stage and the Pipeline place the encoder on the devices of one
+host (`sample.inference_mesh`, every chip on 'fsdp', rules 'fsdp_tensor'): plan that with the
+host's chips, e.g. topology 'v5e:2x2' and mesh (1, 4, 1, 1).
 
 Nothing is materialised: parameters, optimizer state and batches are `jax.eval_shape` results and
 ShapeDtypeStructs with shardings, so a 1.5B model is planned in the memory of its shapes.
@@ -284,6 +285,8 @@ def plan(config) -> dict:
     report = dict(target=target, num_devices=len(devices), mesh=dict(mesh.shape), preset=preset,
                   variant=_dit_name(config), mode="full" if lora is None else f"lora rank {lora['rank']}",
                   latent=list(latent), memory_limit=memory_limit(p, devices[0]))
+    if lora is not None:
+        report["frozen_dtype"] = lora["base_dtype"].name
 
     # Shapes and shardings outside the mesh context: optax builds its state's layout with a few
     # concrete scalars, which must not be placed on compile-only devices.
@@ -292,7 +295,8 @@ def plan(config) -> dict:
             abstract, state_sh = train_lib.state_shardings(init_fn, tx, mesh, preset, key)
             frozen = frozen_sh = None
         else:  # the DiT trainer's LoRA run: adapters train, the base is read-only beside them
-            frozen, frozen_sh = workdir_lib.abstract_params(init_fn, mesh, preset)  # as sample.pretrained_dit
+            # as sample.pretrained_dit holds it, in config.train.lora_base_dtype
+            frozen, frozen_sh = workdir_lib.abstract_params(init_fn, mesh, preset, lora["base_dtype"])
             abstract, state_sh = train_lib.state_shardings(build.lora_init_fn(init_fn, lora), tx, mesh, preset, key)
             loss_fn = build.lora_loss(loss_fn, lora)
     big, big_sh = (abstract.params, state_sh.params) if lora is None else (frozen, frozen_sh)
@@ -340,12 +344,13 @@ def plan(config) -> dict:
 def plan_text_encoder(config, mesh, target: str) -> dict:
     """Compiles a frozen text encoder's forward (`TextEncoder.embed`, what the cache stage and the
     Pipeline run) on `mesh`: config.cache.batch_size prompts of S tokens (`text_arch`), computing
-    in config.text.encoder_dtype (CLIP: float32) with float32 parameters sharded by their logical
-    names under config.mesh.preset, as `load_text_encoder(mesh=...)` places them."""
+    in config.text.encoder_dtype (CLIP: float32) with parameters held in that dtype too, sharded
+    by their logical names under config.mesh.preset, as the cache stage's `build.EncoderText`
+    places them."""
     p, preset = config.plan, config.mesh.preset
     kind, fields, S = text_arch(config)
     dtype = jnp.float32 if kind == "clip" else text_encoder_lib.DTYPES[config.text.get("encoder_dtype", "float32")]
-    model = text_encoder_lib.model_from_config(kind, fields, dtype)
+    model = text_encoder_lib.model_from_config(kind, fields, dtype, param_dtype=dtype)
     boxed = text_encoder_lib.boxed_variables(kind, model)
     shardings = sharding.tree_shardings(mesh, boxed, preset)
     abstract = nn.unbox(boxed)
@@ -356,7 +361,7 @@ def plan_text_encoder(config, mesh, target: str) -> dict:
     rep = sharding.replicated_bytes(abstract, shardings)
     report = dict(part="text_encoder", target=target, num_devices=len(devices), mesh=dict(mesh.shape),
                   preset=preset, variant=p.get("text_arch", "") or config.text.get("encoder_path", ""), kind=kind,
-                  dtype=jnp.dtype(dtype).name, num_params=num_params,
+                  dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name, num_params=num_params,
                   per_device=dict(params=shard_bytes(abstract, shardings)), replicated_over_fsdp=rep[0] / rep[1],
                   memory_limit=memory_limit(p, devices[0]))
     B = config.cache.batch_size
@@ -450,12 +455,12 @@ def format_report(r: dict) -> str:
     if r.get("part") == "text_encoder":
         lines = [f"plan: text encoder {r['variant']} ({r['kind']}, {_count(r['num_params'])} params, "
                  f"computing in {r['dtype']}) on {r['target']}, mesh {mesh}, preset {r['preset']}",
-                 f"  per device: float32 params {_gib(d['params'])} ({replicated})"]
+                 f"  per device: {r.get('param_dtype', 'float32')} params {_gib(d['params'])} ({replicated})"]
     else:
         T, h, w, C = r["latent"]
         lora = r.get("mode", "full") != "full"
-        frozen = (f"frozen base {_gib(d['frozen'])} ({_count(r['num_frozen_params'])} params); trained: "
-                  if lora else "")
+        frozen = (f"frozen {r.get('frozen_dtype', 'float32')} base {_gib(d['frozen'])} "
+                  f"({_count(r['num_frozen_params'])} params); trained: " if lora else "")
         lines = [f"plan: DiT {r['variant']} ({_count(r['num_params'])} trained params, "
                  f"{r.get('mode', 'full')}) on {r['target']}, mesh {mesh}, preset {r['preset']}, "
                  f"latents {T}x{h}x{w}x{C}",

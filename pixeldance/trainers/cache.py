@@ -73,7 +73,7 @@ from tqdm import tqdm
 from pixeldance import build, sharding, train_lib
 from pixeldance import workdir as workdir_lib
 from pixeldance.data import buckets, latent_cache, mixture, sources
-from pixeldance.sample import load_vae
+from pixeldance.sample import inference_mesh, load_vae
 from pixeldance.trainers.dit import image_source_name
 
 
@@ -208,7 +208,9 @@ def cache_latents(config, workdir: str) -> str:
     source = sources.make_source(config, "train", size=n)
     # Before any encoding, so a missing image folder stops the stage at once, not after the videos.
     images = image_source(config, source)
-    text = build.text_conditioner(config)  # the DiT's, for videos and images alike
+    # The DiT's, for videos and images alike; a frozen encoder's weights sharded over this
+    # process's devices, as the VAE's are (umT5-XXL does not fit one 16 GiB chip).
+    text = build.text_conditioner(config, mesh=inference_mesh())
     vaes = []
 
     def vae():  # loaded once, and only if a cache is (re)built
@@ -282,7 +284,7 @@ def _cache_buckets(config, workdir: str, path: str, shapes, J: int) -> str:
                   f"config.train.batch_size={batch}: the DiT never draws them")
     if pid == 0:
         latent_cache.drop_single_cache(path)  # a one-shape cache here is replaced by the buckets
-    text = build.text_conditioner(config)
+    text = build.text_conditioner(config, mesh=inference_mesh())
     vaes = []
 
     def vae():  # loaded once, and only if a bucket's cache is (re)built

@@ -248,7 +248,7 @@ def train_dit(config, workdir: str):
                              initial_params=build.pretrained_dit_params(config))
     # LoRA: the converted weights stay frozen on the mesh, outside the train state; the state (and
     # every checkpoint) holds the adapters, their optimizer state and their EMA.
-    base, base_sh = pretrained_dit(config, init_fn, mesh, preset)
+    base, base_sh = pretrained_dit(config, init_fn, mesh, preset, lora["base_dtype"])
     print(f"dit: LoRA rank {lora['rank']} (alpha {lora['alpha']:g}) on {lora['targets']}", flush=True)
     if evaluate is not None:
         inner = evaluate
@@ -270,7 +270,8 @@ def periodic_evaluation(config, workdir: str, model, stats: workdir_lib.LatentSt
     evaluators = eval_registry.make(config.evals.dit, config, "pipeline")
     if not evaluators:
         return None
-    pipe = Pipeline(config, load_vae(workdir, mesh=mesh), model, None, build.text_conditioner(config), stats, mesh)
+    text = build.text_conditioner(config, mesh=mesh)
+    pipe = Pipeline(config, load_vae(workdir, mesh=mesh), model, None, text, stats, mesh)
 
     def evaluate(state, step: int):
         pipe.params, pipe.step = state.ema_params, step
