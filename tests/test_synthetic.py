@@ -350,13 +350,16 @@ def test_faithfulness_report():
     assert list(report) == ["T2V", "FLF2V"]
     assert list(report["T2V"]) == ["seen", "heldout", "all"]
     assert list(report["FLF2V"]) == ["heldout", "all"]  # no seen FLF2V records
+    no_smoothness = dict(smoothness_median=None, smoothness_p90=None, smoothness_n=0)  # no record has one
     assert report["T2V"]["seen"] == dict(n=2, colour_acc=1.0, direction_acc=0.5,
-                                         consistency_acc=1.0, first_psnr=None, last_psnr=None)
+                                         consistency_acc=1.0, first_psnr=None, last_psnr=None,
+                                         **no_smoothness)
     assert report["T2V"]["all"]["n"] == 3
     assert report["T2V"]["all"]["colour_acc"] == pytest.approx(2 / 3)
     assert report["T2V"]["heldout"]["direction_acc"] == 0.0
     assert report["FLF2V"]["all"] == dict(n=2, colour_acc=1.0, direction_acc=0.5,
-                                          consistency_acc=0.5, first_psnr=35.0, last_psnr=20.0)
+                                          consistency_acc=0.5, first_psnr=35.0, last_psnr=20.0,
+                                          **no_smoothness)
     table = faith.format_report(report)
     lines = table.splitlines()
     assert len(lines) == 2 + 5 and len({len(line) for line in lines}) == 1  # fixed width

@@ -6,6 +6,13 @@ SSIM averaged over clips (float decoded videos, clipped to [-1, 1]); with an out
 writes an image grid (clip frames above their reconstructions) and a GIF there. The metric
 functions are shared with the VAE trainer (its per-step train PSNR).
 
+On the synthetic world (config.data.name 'shapes') it also scores the smoothness of the
+reconstructions' motion (`synthetic.smoothness_from_centroids` with the VAE's own
+temporal_factor as the group length: centroid step across latent-group boundaries over the step
+inside groups, 1.0 for the clips themselves): the median, p90 and count over clips in the
+result's report and the printed line (not among the logged scalars: the main job's TensorBoard
+tags are fixed by workdir.TENSORBOARD_TAGS and the README's table).
+
 Axis letters (glossary: pixeldance/models/__init__.py): B batch (N clips), F frames, H/W pixel
 height/width, T latent frames, h/w latent height/width, C channels.
 """
@@ -18,6 +25,7 @@ import numpy as np
 from jax import lax
 
 from pixeldance.data import sources, video_io
+from pixeldance.evaluators import synthetic as scoring
 from pixeldance.evaluators.common import Evaluator, Result
 
 RECON_IMAGE = "vae_recon.png"
@@ -83,6 +91,19 @@ def reconstruct(vae, videos: np.ndarray, batch_size: int = 8) -> dict:
     return dict(recon=np.concatenate(recons), psnr=np.concatenate(psnrs), ssim=np.concatenate(ssims))
 
 
+def smoothness_report(vae, videos: np.ndarray, recons: np.ndarray, captions: list[str]) -> dict:
+    """Smoothness of synthetic-world clips' reconstructions, with the VAE's temporal_factor as the
+    group length. videos, recons: uint8 [N, F, H, W, 3]; captions: N strings (their colours
+    separate two objects). Returns `synthetic.smoothness_summary` of the reconstructions
+    (smoothness_median, smoothness_p90, smoothness_n), group_frames, and under 'real' the same
+    summary of the clips themselves (about 1.0: the reference the reconstructions are read
+    against)."""
+    g = vae.model.temporal_factor
+    return dict(**scoring.smoothness_summary(scoring.smoothness_scores(recons, captions, g)),
+                group_frames=g,
+                real=scoring.smoothness_summary(scoring.smoothness_scores(videos, captions, g)))
+
+
 def recon_image(videos: np.ndarray, recons: np.ndarray, pad: int = 2) -> np.ndarray:
     """uint8 [N, F, H, W, 3] twice -> one image: per clip a row of its frames above a row of
     their reconstructions, white padding. uint8 [2N(H+pad), F(W+pad), 3]."""
@@ -112,10 +133,17 @@ class Reconstruction(Evaluator):
         if n <= 0:
             return Result({})
         source = sources.make_source(self.config, "heldout", size=n)
-        videos = np.stack([source[i]["video"] for i in range(n)])
+        items = [source[i] for i in range(n)]
+        videos = np.stack([it["video"] for it in items])
         out = reconstruct(vae, videos)
         scalars = dict(psnr=float(out["psnr"].mean()), ssim=float(out["ssim"].mean()),
                        psnr_min=float(out["psnr"].min()), num_videos=n)
+        report, smooth = dict(scalars), ""
+        if self.config.data.get("name", "shapes") == "shapes":  # one flat object: centroids are exact
+            report.update(smoothness_report(vae, videos, out["recon"], [it["caption"] for it in items]))
+            if report["smoothness_median"] is not None:
+                smooth = (f", smoothness {report['smoothness_median']:.2f} median / "
+                          f"{report['smoothness_p90']:.2f} p90 over {report['smoothness_n']} clips")
         shown = min(n, 4)
         image = recon_image(videos[:shown], out["recon"][:shown])
         pairs = np.concatenate([videos[:shown], out["recon"][:shown]], axis=3)  # clip | reconstruction
@@ -124,5 +152,6 @@ class Reconstruction(Evaluator):
             video_io.write_image(os.path.join(out_dir, RECON_IMAGE), image)
             video_io.write_gif(os.path.join(out_dir, RECON_GIF), pairs, scale=2)
         print(f"vae eval (step {step}, {n} held-out clips, EMA): PSNR {scalars['psnr']:.2f} dB, "
-              f"SSIM {scalars['ssim']:.4f}" + (f"; {os.path.join(out_dir, RECON_IMAGE)}" if out_dir else ""))
-        return Result(scalars, images=dict(reconstructions=image), videos=dict(reconstruction_videos=pairs))
+              f"SSIM {scalars['ssim']:.4f}{smooth}" + (f"; {os.path.join(out_dir, RECON_IMAGE)}" if out_dir else ""))
+        return Result(scalars, images=dict(reconstructions=image), videos=dict(reconstruction_videos=pairs),
+                      report=report)

@@ -4,7 +4,11 @@
                 score them exactly (`synthetic.py`). Modes: T2V (text only), I2V (first frame +
                 text), FLF2V (first + last frame + text); the instructions are the first / last
                 frames of real synthetic-world videos of the caption, from a world seed the
-                training cache never used. With an out_dir: `samples/{mode}_{k}.mp4`,
+                training cache never used. Smoothness (centroid step across the VAE's
+                latent-group boundaries over the step inside groups) uses the pipeline VAE's
+                temporal_factor; it is in the report (faithfulness.json, the table) but not
+                among the logged scalars (workdir.TENSORBOARD_TAGS fixes the main job's tags).
+                With an out_dir: `samples/{mode}_{k}.mp4`,
                 `samples/grid.gif` (one row per mode, ground truth first), `samples/captions.txt`
                 and `faithfulness.json`; the table is printed.
 'samples'       any other data: samples for the captions of the first config.evals.num_mp4
@@ -68,7 +72,7 @@ class Faithfulness(Evaluator):
         """(`report`, the grid video uint8 [F, H', W', 3] of samples/grid.gif: ground truth, then a
         row per mode, up to 8 columns)."""
         items = self.items()
-        evaluator = scoring.SyntheticFaithfulness()
+        evaluator = scoring.SyntheticFaithfulness(group_frames=pipe.vae.model.temporal_factor)
         grid_rows = []
         bs = self.config.sample.batch_size
         sample_dir = os.path.join(out_dir, "samples") if out_dir else None
@@ -105,7 +109,9 @@ class Faithfulness(Evaluator):
 
     def evaluate(self, pipe, *, step: int, out_dir: str | None = None) -> Result:
         report, grid = self._sample_and_score(pipe, out_dir)
-        scalars = {k: v for k, v in flatten(report).items() if not k.endswith("/n")}
+        # Smoothness stays in the report only: its tags are not (yet) among TENSORBOARD_TAGS.
+        scalars = {k: v for k, v in flatten(report).items()
+                   if not k.endswith("/n") and "/smoothness_" not in k}
         return Result(scalars, videos=dict(samples=grid), report=report)
 
 

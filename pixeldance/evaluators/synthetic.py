@@ -7,7 +7,10 @@ checked without any pretrained network:
   asked direction, by at least R/8 and by more than across it;
 - consistency: the object is visible in every frame and its area stays within [0.5, 2] x its
   median area (it does not vanish, split or melt);
-- first/last-frame fidelity: PSNR of generated frame 0 / frame -1 against the instruction.
+- first/last-frame fidelity: PSNR of generated frame 0 / frame -1 against the instruction;
+- smoothness: the object's mean centroid step across the VAE's latent-group boundaries over its
+  mean step inside groups (1.0 for the world's constant-velocity clips; a VAE that decodes motion
+  in steps at its group boundaries scores above 1). See `smoothness_from_centroids`.
 
 Results are reported per mode (T2V, I2V, FLF2V) over seen and held-out combinations.
 Image coordinates: x = column ('right' = +x), y = row ('down' = +y). Pure numpy.
@@ -27,6 +30,21 @@ GROUPS = ("seen", "heldout", "all")
 # channel, the background is <= 60), so 80 leaves a wide margin for generated noise.
 FOREGROUND_THRESHOLD = 80
 AREA_BAND = (0.5, 2.0)  # allowed frame area / median area for a consistent object
+
+# Smoothness. GROUP_FRAMES is the temporal compression of the causal VAEs this evaluator's videos
+# come from: every causal variant of models/vae.py's size table halves time twice
+# (temporal_factor 4) and so does the Wan 2.1 VAE. Callers that hold a VAE pass its own
+# `temporal_factor` (the evaluators in samples.py and reconstruction.py do).
+GROUP_FRAMES = 4
+# Below this mean centroid step (pixels per frame, over every counted step) the object is taken as
+# still and the ratio is None: for a still object both means are decoder jitter and their ratio
+# is 0/0 noise (the main job's VAE, 48 held-out first frames repeated 17 times: mean step median
+# 0.17 px, max 0.42; their ratios, unthresholded, median 1.5). The world's slowest object moves
+# R/3 over F - 1 frames, 1.33 px/frame at the default 64 px and 17 frames (0.67 at 32 px).
+MIN_MEAN_STEP = 0.5
+# An object that holds still inside every group and moves only at boundaries has inside mean 0
+# and ratio +inf; like PSNR_CAP, a cap keeps medians and JSON finite.
+SMOOTHNESS_CAP = 100.0
 
 _PALETTE_NAMES = tuple(COLOUR_RGB)
 _PALETTE = np.array([COLOUR_RGB[c] for c in _PALETTE_NAMES], np.float64)  # [7, 3]
@@ -113,6 +131,105 @@ def _consistent(area: np.ndarray, num_frames: int) -> bool:
     return bool(np.all((ratio >= AREA_BAND[0]) & (ratio <= AREA_BAND[1])))
 
 
+def group_boundaries(num_frames: int, group_frames: int = GROUP_FRAMES) -> np.ndarray:
+    """Which frame-to-frame steps of a causal VAE's video cross a latent-group boundary.
+
+    A causal VAE with temporal compression g = group_frames decodes F = 1 + g·k pixel frames
+    from 1 + k latent frames: pixel frame 0 from latent 0 alone, frames 1..g from latent 1,
+    g+1..2g from latent 2, and so on. Step f (frame f -> f + 1, f in [0, F-2]) crosses a boundary
+    when its two frames come from different latents, i.e. when (f + 1) ≡ 1 (mod g): steps 0 -> 1,
+    g -> g+1, 2g -> 2g+1, ... The step out of frame 0 counts as a boundary step: frame 0 has a
+    latent of its own, and it is where a first-frame instruction meets generated motion.
+    (For F not of the form 1 + g·k the last group is short; the rule is unchanged.)
+
+    Returns bool [F - 1]; g = 1 makes every step a boundary (no step inside a group).
+    """
+    if group_frames < 1:
+        raise ValueError(f"group_frames must be >= 1, got {group_frames}")
+    later = np.arange(1, max(num_frames, 1))  # the later frame of each step
+    return (later - 1) % group_frames == 0
+
+
+def centroid_steps(centroid) -> np.ndarray:
+    """Euclidean distance in pixels between consecutive frames' centroids.
+
+    centroid: float [F, 2] (x, y), NaN where the object is absent (as `analyse_video` gives).
+    Returns float [F - 1] >= 0, NaN where the object is absent from either frame of the step.
+    """
+    centroid = np.asarray(centroid, np.float64)
+    return np.sqrt(np.sum(np.diff(centroid, axis=0) ** 2, axis=-1))
+
+
+def smoothness_from_centroids(centroids, group_frames: int = GROUP_FRAMES,
+                              min_mean_step: float = MIN_MEAN_STEP) -> float | None:
+    """Mean centroid step across latent-group boundaries over the mean step inside groups.
+
+    centroids: float [F, 2] of one object, or a list of them (one per object, same F); NaN where
+      an object is absent. Several objects' steps are pooled into the two means (objects of one
+      clip share the decoder's boundaries, so pooling weighs each counted step alike).
+    group_frames: the VAE's temporal compression g (`group_boundaries` says which steps cross).
+    min_mean_step: pixels per frame; below it (mean over every counted step) the object is still.
+
+    Only steps whose two frames both show the object count. Returns a float in [0, SMOOTHNESS_CAP]:
+    1.0 for even motion (the world's constant-velocity clips), > 1 when motion bunches at the
+    boundaries (a VAE that decodes each latent's frames nearly alike and jumps between latents),
+    < 1 when it bunches inside groups. None when undefined: no counted step across a boundary or
+    none inside a group (object not visible enough, F too short, or g = 1), or the object barely
+    moves (mean counted step < min_mean_step: both means would be jitter).
+    """
+    if not isinstance(centroids, (list, tuple)):
+        centroids = [centroids]
+    steps = np.concatenate([centroid_steps(c) for c in centroids])  # [K (F - 1)]
+    across = np.concatenate([group_boundaries(len(c), group_frames) for c in centroids])
+    counted = ~np.isnan(steps)
+    boundary, inside = steps[counted & across], steps[counted & ~across]
+    if boundary.size == 0 or inside.size == 0:
+        return None
+    if steps[counted].mean() < min_mean_step:
+        return None
+    # Means, not medians: with 4 boundary steps in a 17-frame clip a median would ignore a single
+    # jump. (The median is taken over videos, in `smoothness_summary`.)
+    b, i = float(boundary.mean()), float(inside.mean())
+    if b == i == 0:  # reachable only with min_mean_step <= 0: 0 / 0
+        return None
+    if i * SMOOTHNESS_CAP <= b:  # also i == 0 with b > 0, which is +inf
+        return SMOOTHNESS_CAP
+    return b / i
+
+
+def smoothness(video, group_frames: int = GROUP_FRAMES, min_mean_step: float = MIN_MEAN_STEP,
+               colours=None) -> float | None:
+    """`smoothness_from_centroids` of a uint8 [F, R, R, 3] video's object (all foreground as one,
+    as `analyse_video`), or of one object per name in `colours` pooled (as `analyse_objects`)."""
+    found = [analyse_video(video)] if colours is None else analyse_objects(video, colours)
+    return smoothness_from_centroids([o["centroid"] for o in found], group_frames, min_mean_step)
+
+
+def smoothness_scores(videos, captions=None, group_frames: int = GROUP_FRAMES,
+                      min_mean_step: float = MIN_MEAN_STEP) -> list:
+    """`smoothness` of each uint8 [F, R, R, 3] video in `videos` ([N, F, R, R, 3] or a list);
+    with `captions` (one per video), one object per caption colour, pooled. A list of N floats
+    or None."""
+    if captions is None:
+        captions = [None] * len(videos)
+    if len(captions) != len(videos):
+        raise ValueError(f"smoothness_scores: {len(videos)} videos but {len(captions)} captions")
+    return [smoothness(v, group_frames, min_mean_step,
+                       None if c is None else [colour for colour, _, _ in parse_caption(c)])
+            for v, c in zip(videos, captions)]
+
+
+def smoothness_summary(values) -> dict:
+    """Median and 90th percentile (numpy's linear interpolation) of per-video smoothness values,
+    None ignored: dict(smoothness_median, smoothness_p90: float or None when no video has a score,
+    smoothness_n: int, the number of videos with a score)."""
+    scored = np.array([v for v in values if v is not None], np.float64)
+    if scored.size == 0:
+        return dict(smoothness_median=None, smoothness_p90=None, smoothness_n=0)
+    return dict(smoothness_median=float(np.median(scored)),
+                smoothness_p90=float(np.percentile(scored, 90)), smoothness_n=int(scored.size))
+
+
 def analyse_video(video) -> dict:
     """Finds the (single) object of a uint8 [F, R, R, 3] video, treating all foreground as one.
 
@@ -152,14 +269,17 @@ def analyse_objects(video, colours) -> list[dict]:
             for k in range(len(colours))]
 
 
-def score_video(video, caption: str, first_frame=None, last_frame=None) -> dict:
+def score_video(video, caption: str, first_frame=None, last_frame=None, *,
+                group_frames: int = GROUP_FRAMES) -> dict:
     """Scores a generated uint8 [F, R, R, 3] video against the caption it was asked for.
 
     first_frame, last_frame: optional uint8 [R, R, 3] frame instructions.
+    group_frames: the temporal compression of the VAE that decoded the video (for smoothness).
     Returns colour_correct, direction_correct, consistent (bools; with two objects each must hold
     for every object), first_psnr, last_psnr (dB, capped at 100, None when the instruction is
-    not given), and predicted_colours, predicted_directions (tuples, one per object, None where
-    undecided).
+    not given), predicted_colours, predicted_directions (tuples, one per object, None where
+    undecided), and smoothness (`smoothness_from_centroids` of the objects pooled: float in
+    [0, SMOOTHNESS_CAP], 1 = even motion, or None).
     """
     video = _check_video(video)
     asked = parse_caption(caption)
@@ -172,6 +292,7 @@ def score_video(video, caption: str, first_frame=None, last_frame=None) -> dict:
         "last_psnr": None if last_frame is None else psnr(video[-1], last_frame),
         "predicted_colours": tuple(o["colour"] for o in found),
         "predicted_directions": tuple(o["direction"] for o in found),
+        "smoothness": smoothness_from_centroids([o["centroid"] for o in found], group_frames),
     }
 
 
@@ -186,7 +307,9 @@ def faithfulness_report(records: list[dict]) -> dict:
     records: dicts `{'mode': 'T2V' | 'I2V' | 'FLF2V', 'heldout': bool, **score_video(...)}`.
     Returns, for each mode present and group in ('seen', 'heldout', 'all') with n > 0:
     n, colour_acc, direction_acc, consistency_acc (in [0, 1]), first_psnr, last_psnr (mean dB
-    over the records that have one, else None).
+    over the records that have one, else None), and smoothness_median, smoothness_p90 (over the
+    records whose `smoothness` is not None, else None) with smoothness_n, their number
+    (`smoothness_summary`; records without a `smoothness` key count as None).
     """
     for r in records:
         if r["mode"] not in MODES:
@@ -206,6 +329,7 @@ def faithfulness_report(records: list[dict]) -> dict:
                 "consistency_acc": float(np.mean([r["consistent"] for r in rs])),
                 "first_psnr": _mean_or_none([r.get("first_psnr") for r in rs]),
                 "last_psnr": _mean_or_none([r.get("last_psnr") for r in rs]),
+                **smoothness_summary([r.get("smoothness") for r in rs]),
             }
         if groups:
             report[mode] = groups
@@ -215,7 +339,8 @@ def faithfulness_report(records: list[dict]) -> dict:
 def format_report(report: dict) -> str:
     """A fixed-width table of `faithfulness_report` output, one row per mode and group."""
     header = (f"{'mode':<6} {'group':<8} {'n':>6} {'colour':>7} {'direction':>9} "
-              f"{'consistent':>10} {'first_psnr':>10} {'last_psnr':>9}")
+              f"{'consistent':>10} {'first_psnr':>10} {'last_psnr':>9} {'smooth_med':>10} "
+              f"{'smooth_p90':>10}")
     rows = [header, "-" * len(header)]
 
     def db(v, width):
@@ -225,7 +350,8 @@ def format_report(report: dict) -> str:
         for group, s in groups.items():
             rows.append(f"{mode:<6} {group:<8} {s['n']:>6} {s['colour_acc']:>7.3f} "
                         f"{s['direction_acc']:>9.3f} {s['consistency_acc']:>10.3f} "
-                        f"{db(s['first_psnr'], 10)} {db(s['last_psnr'], 9)}")
+                        f"{db(s['first_psnr'], 10)} {db(s['last_psnr'], 9)} "
+                        f"{db(s.get('smoothness_median'), 10)} {db(s.get('smoothness_p90'), 10)}")
     return "\n".join(rows)
 
 
@@ -234,12 +360,13 @@ class SyntheticFaithfulness:
 
     update(video uint8 [F, R, R, 3], caption, mode=..., heldout=..., first_frame=None,
     last_frame=None) scores one video; result() is `faithfulness_report` of everything since the
-    last reset().
+    last reset(). group_frames: the temporal compression of the VAE that decoded the videos.
     """
 
     name = "synthetic_faithfulness"
 
-    def __init__(self):
+    def __init__(self, group_frames: int = GROUP_FRAMES):
+        self.group_frames = group_frames
         self.records: list[dict] = []
 
     def update(self, video, caption: str, *, mode: str, heldout: bool,
@@ -247,7 +374,8 @@ class SyntheticFaithfulness:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
         record = {"mode": mode, "heldout": bool(heldout),
-                  **score_video(video, caption, first_frame, last_frame)}
+                  **score_video(video, caption, first_frame, last_frame,
+                                group_frames=self.group_frames)}
         self.records.append(record)
         return record
 
