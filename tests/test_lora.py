@@ -151,6 +151,30 @@ def test_merge_is_the_base_at_init_and_base_plus_low_rank_after(name):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
+def test_side_path_is_the_merged_model(name):
+    """With every kernel of the model targeted, the model run on `attach`'s tree (each Dense adds
+    (x A)(alpha / R B), what training runs) gives the merged model's output, and so do the
+    gradients of the adapters: every kernel a target can match reads its adapters. A kernel
+    that ignored them would give the base's output here, far from the merged one."""
+    model, inputs, boxed, base = _setup(name)
+    lora = _random_b(lora_lib.init(jax.random.key(3), boxed, rank=RANK, targets=".*"))
+    assert len(_adapters(lora)) == len([k for k in _flat(base) if k.endswith("kernel")])
+    merged_fn = lambda l: model.apply({"params": lora_lib.merge(base, l, alpha=ALPHA)}, *inputs)
+    side_fn = lambda l: model.apply({"params": lora_lib.attach(base, l, alpha=ALPHA)}, *inputs)
+    merged, side, plain = jax.jit(merged_fn)(lora), jax.jit(side_fn)(lora), model.apply({"params": base}, *inputs)
+    scale = float(jnp.abs(merged).max())
+    assert float(jnp.abs(merged - plain).max()) > 0.1 * scale  # the adapters change the output
+    np.testing.assert_allclose(side, merged, atol=1e-4 * scale)
+    g_merged = jax.jit(jax.grad(lambda l: jnp.sum(jnp.sin(merged_fn(l)))))(lora)
+    g_side = jax.jit(jax.grad(lambda l: jnp.sum(jnp.sin(side_fn(l)))))(lora)
+    for k, g in _flat(g_merged).items():
+        gs = _flat(g_side)[k]
+        np.testing.assert_allclose(gs, g, atol=1e-4 * float(jnp.abs(g).max()) + 1e-7, err_msg=k)
+    with pytest.raises(ValueError, match="already holds"):
+        lora_lib.attach(lora_lib.attach(base, lora, alpha=ALPHA), lora, alpha=ALPHA)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_only_the_adapters_train(name):
     """make_loss: the base gets a zero gradient, every B a non-zero one, Adam steps on the
     adapters alone fit a regression target, and the base arrays are left as they were."""

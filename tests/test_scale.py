@@ -304,12 +304,13 @@ def test_plan_wan_fine_tunes_full_and_lora_without_weights(tmp_path):
     assert lora["train"]["model_flops"] == pytest.approx(2 / 3 * full["train"]["model_flops"])
     assert full["train"]["fits"] is True and lora["train"]["fits"] is True
     text = plan.format_report(lora)
-    assert "lora rank 2" in text and "frozen base" in text
+    assert "lora rank 2" in text and "frozen float32 base" in text
     # A bfloat16 base (config.train.lora_base_dtype) halves the frozen bytes, nothing else.
     half = plan.plan(_wan_plan_config(tmp_path, **{"train.lora_rank": 2, "train.lora_base_dtype": "bfloat16"}))
     h = half["per_device"]
     assert h["frozen"] == l["frozen"] // 2 and (h["params"], h["opt_state"]) == (l["params"], l["opt_state"])
     assert half["train"]["memory"]["arguments"] < lm["arguments"] - l["frozen"] // 3
+    assert half["frozen_dtype"] == "bfloat16" and "frozen bfloat16 base" in plan.format_report(half)
     # A named architecture plans LoRA without any folder; the trainer still needs the weights.
     named = configs.override(configs.load_config(WAN_RUNLOCAL), **{"dit.wan_config": "wan2.1-t2v-1.3b",
                                                                    "train.lora_rank": 64})

@@ -21,6 +21,10 @@ class Dense(nn.Module):
     Unlike flax's DenseGeneral (which initialises a flat kernel and reshapes it), the kernel is
     created in its final shape, so logical names apply per axis (e.g. ('embed', 'heads', 'kv')).
     kernel_axes: logical names of the kernel's axes (inputs then outputs).
+
+    LoRA: when the parameters hold 'lora_a' [*in, R] and 'lora_b' [R, *out] beside the kernel
+    (`lora.attach`, training a LoRA fine-tune; never created here), the output adds the side path
+    (x A) B, so the update is trained without a merged copy of the kernel (models/lora.py).
     """
     features: Sequence[int] | int
     kernel_axes: Sequence[str | None]
@@ -46,7 +50,13 @@ class Dense(nn.Module):
         # As one 2D matmul: XLA:CPU runs multi-axis dot_generals (and their gradients) as slow
         # loops, while [rows, in] @ [in, out] hits its GEMM kernel (measured 10x on the backward).
         n_in, n_out = math.prod(in_shape), math.prod(features)
-        y = jnp.dot(x.astype(self.dtype).reshape(-1, n_in), kernel.astype(self.dtype).reshape(n_in, n_out))
+        x2 = x.astype(self.dtype).reshape(-1, n_in)
+        y = jnp.dot(x2, kernel.astype(self.dtype).reshape(n_in, n_out))
+        if self.has_variable("params", "lora_a"):
+            a, b = self.get_variable("params", "lora_a"), self.get_variable("params", "lora_b")
+            rank = a.shape[-1]
+            h = jnp.dot(x2, a.astype(self.dtype).reshape(n_in, rank))  # [rows, R]
+            y = y + jnp.dot(h, b.astype(self.dtype).reshape(rank, n_out))
         y = y.reshape(x.shape[:x.ndim - self.in_dims] + features)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),

@@ -3,6 +3,7 @@
   lora = init(rng, boxed_params, rank=16, targets=("attn1/to_.*", "ffn/proj_in"))  # boxed
   merged = merge(params, lora, alpha=16.0)     # the base's structure and dtypes: sample, export
   lora_loss = make_loss(loss_fn, alpha=16.0)   # loss_fn(params, batch, rng) -> (lora, base, batch, rng)
+  side = attach(params, lora, alpha=16.0)      # what make_loss trains through (below)
 
 For each targeted kernel W [*lead, *in, *out] the adapter is a pair
   lora_a  float32 [*lead, *in, R]   uniform, variance 1 / prod(in) (a fan-in Dense init)
@@ -37,10 +38,18 @@ named 'kernel' (e.g. 'blocks/attn1/to_q/kernel'): 'attn1/to_q', 'attn2/to_.*', '
 '^proj_out' (anchored: the output projection, not the FFN's). A string holds several, separated
 by commas. A target that matches no kernel is a ValueError naming it.
 
-Cost. Training merges the targeted kernels every step (one extra copy of them and a dense
-gradient for each in the backward pass, none for the rest), and the optimizer holds state only
-for the adapters. Merging into bfloat16 kernels rounds the update once to bfloat16: keep the
-base in float32 to train updates smaller than a bfloat16 ulp of the weights.
+Training never merges. `make_loss` runs the model on `attach`'s tree: each targeted kernel's
+module gets its factors beside the kernel (`lora_a` A, `lora_b` (alpha / R) B), and
+`layers.Dense` adds the side path (x A)(alpha / R B) to x W, in the compute dtype. So a step
+costs 2 R (in + out) extra FLOPs per token and kernel, and no whole-size tensor per kernel: no
+merged copy, and no dense gradient of the kernel (the backward pass goes to A and B through
+the R-wide product, inside nn.scan's layer loop). Measured by the TPU compiler for the 14B Wan
+DiT on a v5e-16 (benchmarks/README.md): merging every step needed 31 GiB of temporaries per
+chip. Every kernel a target can match must belong to a `layers.Dense` (tests/test_lora.py
+checks, with every kernel of both DiTs targeted, that the side path equals the merged model).
+The base is never differentiated; a bfloat16 base (config.train.lora_base_dtype) is read as it
+is. The optimizer holds state only for the adapters. Sampling and export merge once
+(`merge`): into bfloat16 kernels that rounds the update once to bfloat16.
 """
 from __future__ import annotations
 
@@ -160,6 +169,17 @@ def _adapters(lora) -> dict[tuple, dict]:
     return out
 
 
+def _delta_shapes(a, b, shape) -> tuple[int, int]:
+    """(lead, n_in) of factors a [*lead, *in, R], b [*lead, R, *out] of a kernel of `shape`;
+    ValueError if they do not make one."""
+    shape = tuple(shape)
+    lead = a.ndim + b.ndim - 2 - len(shape)
+    n_in = a.ndim - 1 - lead
+    if lead < 0 or b.shape[lead] != a.shape[-1] or a.shape[:lead] + a.shape[lead:-1] + b.shape[lead + 1:] != shape:
+        raise ValueError(f"LoRA factors {a.shape} @ {b.shape} do not make a kernel of shape {shape}")
+    return lead, n_in
+
+
 def _delta(a, b, shape, *, alpha: float):
     """(alpha / R) A @ B as a kernel of `shape` [*lead, *in, *out], float32.
 
@@ -168,10 +188,7 @@ def _delta(a, b, shape, *, alpha: float):
     """
     shape = tuple(shape)
     rank = a.shape[-1]
-    lead = a.ndim + b.ndim - 2 - len(shape)
-    n_in = a.ndim - 1 - lead
-    if lead < 0 or b.shape[lead] != rank or a.shape[:lead] + a.shape[lead:-1] + b.shape[lead + 1:] != shape:
-        raise ValueError(f"LoRA factors {a.shape} @ {b.shape} do not make a kernel of shape {shape}")
+    lead, n_in = _delta_shapes(a, b, shape)
     lead_shape = shape[:lead]
     a2 = a.astype(jnp.float32).reshape(*lead_shape, math.prod(shape[lead:lead + n_in]), rank)
     b2 = b.astype(jnp.float32).reshape(*lead_shape, rank, math.prod(shape[lead + n_in:]))
@@ -206,19 +223,43 @@ def merge(params, lora, *, alpha: float):
     return jax.tree_util.tree_map_with_path(add, params)
 
 
+def attach(params, lora, *, alpha: float):
+    """The base `params` with each adapter beside its kernel, as `layers.Dense` reads it: for a
+    kernel at .../module/kernel, .../module/lora_a = A [*lead, *in, R] and .../module/lora_b =
+    (alpha / R) B [*lead, R, *out] (the scale folded into B here, so the module needs no alpha).
+    params: plain arrays (boxed ones are unboxed); lora: `init`'s output or trained adapters.
+    Differentiable in both; jittable. ValueError if an adapter has no kernel in `params` or its
+    module already holds a parameter of those names."""
+    flat = traverse_util.flatten_dict(nn.unbox(params))
+    out = dict(flat)
+    for path, ab in _adapters(lora).items():
+        if path not in flat:
+            raise ValueError(f"LoRA adapters for {_path(path)} have no kernel in the base params")
+        a, b = ab[LORA_A], ab[LORA_B]
+        _delta_shapes(a, b, flat[path].shape)
+        module = path[:-1]
+        if module + (LORA_A,) in flat or module + (LORA_B,) in flat:
+            raise ValueError(f"{_path(module)} already holds a {LORA_A!r} or {LORA_B!r} parameter")
+        out[module + (LORA_A,)] = a
+        out[module + (LORA_B,)] = (alpha / a.shape[-1]) * b
+    return traverse_util.unflatten_dict(out)
+
+
 def num_params(lora) -> int:
     """Number of trainable LoRA parameters (both factors of every adapter)."""
     return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(lora)))
 
 
 def make_loss(loss_fn: Callable, *, alpha: float) -> Callable:
-    """loss_fn(params, batch, rng) -> lora_loss(lora, base, batch, rng) = loss_fn(merge(base, lora)).
+    """loss_fn(params, batch, rng) -> lora_loss(lora, base, batch, rng) = loss_fn(attach(base,
+    lora)): the model of the merged weights, computed by the side path (module docstring).
 
     The base is an argument, not a closure constant (jit would embed its weights in the program),
     and is frozen: its gradient is stopped, so `jax.grad(lora_loss)` (argument 0) gives the
     adapters' gradient and even a gradient taken over the base is zero. Whatever loss_fn returns
-    (a scalar, or (loss, aux) for `has_aux`) is returned unchanged.
+    (a scalar, or (loss, aux) for `has_aux`) is returned unchanged. loss_fn must apply a model
+    whose targeted kernels belong to `layers.Dense` modules.
     """
     def lora_loss(lora, base, batch, rng):
-        return loss_fn(merge(jax.lax.stop_gradient(base), lora, alpha=alpha), batch, rng)
+        return loss_fn(attach(jax.lax.stop_gradient(base), lora, alpha=alpha), batch, rng)
     return lora_loss
