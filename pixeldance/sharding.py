@@ -63,6 +63,12 @@ PRESETS = {
     "fsdp_tensor": dict(_BASE, embed="fsdp", conv_out="fsdp", mlp="tensor", heads="tensor"),
     # FSDP plus the video-token sequence split over 'context'.
     "fsdp_context": dict(_BASE, embed="fsdp", conv_out="fsdp", length="context"),
+    # As fsdp_context, with the parameters (and optimizer state) split over 'fsdp' x 'context',
+    # i.e. over every chip: the memory of fsdp over the whole mesh with the activations of
+    # context parallelism. Activations' 'embed' stays unsplit: flax gives each mesh axis to the
+    # first rule that asks for it, and 'batch' and 'length' come first.
+    "fsdp_context_params": dict(_BASE, embed=("fsdp", "context"), conv_out=("fsdp", "context"),
+                                length="context"),
 }
 
 

@@ -123,6 +123,7 @@ def test_every_parameter_has_logical_names(attention, scan):
     ("fsdp", (2, 4, 1, 1), "chunked"),
     ("fsdp_tensor", (1, 2, 1, 4), "chunked"),
     ("fsdp_context", (1, 2, 4, 1), "chunked"),
+    ("fsdp_context_params", (1, 2, 4, 1), "chunked"),
 ])
 def test_sharded_forward_equals_single_device(reference, preset, mesh_shape, impl):
     """On 8 devices (data x fsdp, fsdp x tensor, fsdp x context) the output is the single-device one."""
@@ -145,7 +146,7 @@ def test_sharded_forward_equals_single_device(reference, preset, mesh_shape, imp
     # The parameters really are split as the preset says.
     qkv = placed["params"]["blocks"]["qkv"]["kernel"]
     axes = {a for s in qkv.sharding.spec if s for a in (s if isinstance(s, tuple) else (s,))}
-    assert axes == ({"fsdp", "tensor"} if preset == "fsdp_tensor" else {"fsdp"})
+    assert axes == {"fsdp_tensor": {"fsdp", "tensor"}, "fsdp_context_params": {"fsdp", "context"}}.get(preset, {"fsdp"})
 
 
 # ----------------------------------------------------------------------------------------------

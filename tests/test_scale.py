@@ -36,7 +36,7 @@ import test_train  # noqa: E402
 GOLDEN = os.path.join(HERE, "golden", "dit_mu_shardings.json")
 # One mesh per preset, each with the axes the preset uses larger than 1.
 GOLDEN_MESHES = {"data": (8, 1, 1, 1), "fsdp": (2, 4, 1, 1), "fsdp_tensor": (2, 2, 1, 2),
-                 "fsdp_context": (2, 2, 2, 1)}
+                 "fsdp_context": (2, 2, 2, 1), "fsdp_context_params": (2, 2, 2, 1)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +165,8 @@ def test_golden_parameter_shardings():
     assert "fsdp" in got["fsdp"]["params"][qkv]["spec"]
     assert {"fsdp", "tensor"} <= set(got["fsdp_tensor"]["params"][qkv]["spec"])
     assert got["fsdp_context"]["params"] == got["fsdp"]["params"]  # 'context' splits activations only
+    # ... unless the parameters are split over it too: fsdp over every chip of fsdp x context.
+    assert ["fsdp", "context"] in got["fsdp_context_params"]["params"][qkv]["spec"]
 
 
 # ---------------------------------------------------------------------------------------------

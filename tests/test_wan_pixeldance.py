@@ -333,17 +333,23 @@ def test_lora_finetune_resume_and_sample(wan, runlocal_workdir):
 def test_lora_bfloat16_base(wan, runlocal_workdir, monkeypatch):
     """config.train.lora_base_dtype='bfloat16': the trainer holds the frozen base in bfloat16
     (half its bytes), the adapters and their state stay float32 and learn; the Pipeline merges
-    the EMA adapters into the same bfloat16 base, so sampling sees the weights training saw."""
+    the EMA adapters into the same bfloat16 base, so sampling sees the weights training saw.
+    Trained as the 14B fits a v5e-16 (benchmarks/README.md): preset fsdp_context_params on a
+    data 2 x fsdp 2 x context 2 mesh, tokens split over 'context' (Ulysses attention), the base
+    split over fsdp x context."""
     from pixeldance import train_lib
     workdir = _workdir(runlocal_workdir, wan["root"], "lora_bf16")
     config = _config(wan["dit"], wan["clip"], **{"train.lora_rank": 2, "train.lora_alpha": 4.0, "train.lr": 1e-2,
-                                                  "train.num_steps": 2, "train.lora_base_dtype": "bfloat16"})
+                                                  "train.num_steps": 2, "train.lora_base_dtype": "bfloat16",
+                                                  "mesh.shape": (2, 2, 2, 1), "mesh.preset": "fsdp_context_params"})
     workdir_lib.write_config(workdir, config)
     cache_stage.cache_latents(config, workdir)
     bases, fit = [], train_lib.fit
     monkeypatch.setattr(train_lib, "fit", lambda **kw: bases.append(kw["frozen"][0]) or fit(**kw))
     state = dit_trainer.train_dit(config, workdir)
     assert len(bases) == 1 and {x.dtype for x in jax.tree.leaves(bases[0])} == {jnp.dtype(jnp.bfloat16)}
+    ffn = bases[0]["params"]["dit"]["transformer"]["blocks"]["ffn"]["proj_in"]["kernel"]  # [layers, embed, mlp]
+    assert ffn.sharding.spec[1] == ("fsdp", "context") and ffn.addressable_shards[0].data.shape[1] == ffn.shape[1] // 4
     adapters = _flat(state.params)
     assert {v.dtype for v in adapters.values()} == {np.dtype(np.float32)}
     assert any(v.any() for k, v in adapters.items() if k[-1] == "lora_b")  # learnt through a bfloat16 base
