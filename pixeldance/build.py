@@ -394,10 +394,11 @@ def lora_init_fn(init_fn: Callable, lora: dict) -> Callable:
 
 
 def lora_loss(loss_fn: Callable, lora: dict) -> Callable:
-    """loss_fn(params, batch, rng) -> loss(adapters, batch, rng, base) on the merged weights, the
-    base frozen (`train_lib.fit(frozen=...)` passes it as the fourth argument)."""
-    merged_loss = lora_lib.make_loss(loss_fn, alpha=lora["alpha"])
-    return lambda adapters, batch, rng, base: merged_loss(adapters, base, batch, rng)
+    """loss_fn(params, batch, rng) -> loss(adapters, batch, rng, base): the merged weights' loss,
+    computed through the adapters' side path (`lora.make_loss`), the base frozen
+    (`train_lib.fit(frozen=...)` passes it as the fourth argument)."""
+    side_loss = lora_lib.make_loss(loss_fn, alpha=lora["alpha"])
+    return lambda adapters, batch, rng, base: side_loss(adapters, base, batch, rng)
 
 
 def merge_lora(base, adapters, lora: dict, shardings=None):
