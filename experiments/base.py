@@ -118,6 +118,15 @@ def get_config(arg=None):
         disc_adaptive=True,       # VQGAN's adaptive weight (else lambda = 1)
         eval_videos=8,            # held-out clips reconstructed after training (0: none)
         stats_videos=64,          # training clips encoded for latent_stats.json (0: the cache stage's)
+        # L1 between consecutive-frame differences of the reconstruction and of the input
+        # (trainers/vae.py temporal_difference); > 0 penalises motion that steps at the 4-frame
+        # latent-group boundaries (issue 19). 0: off, the loss as before.
+        temporal_diff_weight=0.0,
+        temporal_diff_norm="l1",  # 'l1' | 'l2' (squared)
+        # How the decoder's temporal upsamplers start (models/vae.py Upsample): 'copy' (each
+        # latent's frames start equal: nearest neighbour in time) or 'independent' (each new
+        # frame its own kernel). Read when the workdir has no vae_model.json yet.
+        temporal_upsample_init="copy",
     )
 
     c.cache = dict(

@@ -155,32 +155,51 @@ class Upsample(nn.Module):
     kernel starts as the same map for every new sub-pixel / frame ("ICNR"), i.e. as nearest
     neighbour upsampling, which avoids the checkerboard that pixel-shuffle starts with otherwise.
     Temporal: frame 0 -> 1 frame, every other frame -> 2 frames.
+    ``temporal_init``: 'copy' starts the two new frames equal too (nearest neighbour in time);
+    'independent' draws each new frame's kernel on its own (still ICNR over the 4 sub-pixels),
+    so the decoder does not start from (and, in a short run, stay near) "every latent's frames
+    alike", the stepwise motion of issue 19.
     [B, T, H, W, C] -> [B, T', 2H, 2W, features], T' = 2T-1 if temporal else T
     (2T for a later chunk, ``first=False``).
     """
     features: int
     temporal: bool
     dtype: Dtype = jnp.float32
+    temporal_init: str = "copy"
 
     @nn.compact
     def __call__(self, x: jax.Array, first: bool = True) -> jax.Array:
         mult = 8 if self.temporal else 4
+        if self.temporal and self.temporal_init == "independent":
+            init = _icnr_init(4, frames=2)
+        elif self.temporal_init in ("copy", "independent"):
+            init = _icnr_init(mult)
+        else:
+            raise ValueError(f"Upsample: temporal_init {self.temporal_init!r} must be 'copy' or 'independent'")
         x = CausalConv3d(self.features * mult, (1, 1, 1), dtype=self.dtype,
-                         kernel_init=_icnr_init(mult), name="proj")(x)
+                         kernel_init=init, name="proj")(x)
         if self.temporal:
             x = unpair_frames(x, first)
         return depth_to_space(x, 2)
 
 
-def _icnr_init(mult: int, base_init=nn.initializers.lecun_normal()):
+def _icnr_init(mult: int, base_init=nn.initializers.lecun_normal(), frames: int = 1):
     """Kernel init whose output channels are `mult` copies of one [.., C, O/mult] kernel.
 
     `unpair_frames` and `depth_to_space` read output channel ``m * O/mult + c`` as copy
     ``m`` (frame / sub-pixel) of channel ``c``, so tiling along the last axis makes every copy equal.
+    ``frames > 1``: that many independent draws side by side, each tiled `mult` times
+    (``O = frames * mult * O'``: `unpair_frames` reads the frame from the outermost block), i.e.
+    ICNR over sub-pixels only, each new frame with its own kernel.
     """
     def init(key, shape, dtype=jnp.float32):
+        if frames == 1:
+            base = base_init(key, tuple(shape[:-1]) + (shape[-1] // mult,), dtype)
+            return jnp.tile(base, (1,) * (len(shape) - 1) + (mult,))
+        # Drawn as one [.., C, frames * O'] matrix (fan-in and distribution as above).
         base = base_init(key, tuple(shape[:-1]) + (shape[-1] // mult,), dtype)
-        return jnp.tile(base, (1,) * (len(shape) - 1) + (mult,))
+        blocks = jnp.split(base, frames, axis=-1)
+        return jnp.concatenate([jnp.tile(b, (1,) * (len(shape) - 1) + (mult,)) for b in blocks], axis=-1)
     return init
 
 
@@ -248,6 +267,7 @@ class Decoder(nn.Module):
     patch_size: int
     norm_groups: int
     dtype: Dtype = jnp.float32
+    temporal_upsample_init: str = "copy"
 
     @nn.compact
     def __call__(self, z: jax.Array, first: bool = True, with_features: bool = False):
@@ -259,7 +279,7 @@ class Decoder(nn.Module):
                              name=f"level{i}_res{r}")(x, first)
             if i > 0:
                 x = Upsample(self.channels[i - 1], self.temporal_downsample[i - 1], self.dtype,
-                             name=f"level{i}_up")(x, first)
+                             temporal_init=self.temporal_upsample_init, name=f"level{i}_up")(x, first)
         features = nn.silu(make_norm(self.norm_groups, self.dtype, "norm_out")(x))
         x = CausalConv3d(3 * self.patch_size ** 2, (self.time_kernels[0], 3, 3), dtype=self.dtype,
                          name="conv_out")(features, first)
@@ -285,6 +305,9 @@ class CausalVAE(nn.Module):
       patch_size: pixel-unshuffle factor applied to the input (and pixel-shuffle at the output).
       norm_groups: GroupNorm groups (``gcd(norm_groups, C)`` used per layer); 0 selects a
         per-position channel RMS norm instead (keeps flat colours; Wan's choice).
+      temporal_upsample_init: how the decoder's temporal upsamplers start (`Upsample`): 'copy'
+        (default: each latent's frames start equal) or 'independent' (each new frame its own
+        kernel). Initialisation only: same parameters and compute.
       disc_channels: widths of a `PatchDiscriminator3D` trained with the VAE (GAN loss); () for
         none. It lives in the same parameter tree so that a checkpoint is one train state and
         `load_vae` needs nothing else; encode and decode never run it.
@@ -302,6 +325,7 @@ class CausalVAE(nn.Module):
     patch_size: int = 2
     norm_groups: int = 8
     disc_channels: tuple[int, ...] = ()
+    temporal_upsample_init: str = "copy"
     dtype: Dtype = jnp.float32
 
     def setup(self):
@@ -319,7 +343,7 @@ class CausalVAE(nn.Module):
                       time_kernels=tuple(self.time_kernels), patch_size=self.patch_size,
                       norm_groups=self.norm_groups, dtype=self.dtype)
         self.encoder = Encoder(latent_channels=self.latent_channels, **common)
-        self.decoder = Decoder(**common)
+        self.decoder = Decoder(temporal_upsample_init=self.temporal_upsample_init, **common)
         if self.disc_channels:
             self.discriminator = PatchDiscriminator3D(tuple(self.disc_channels), dtype=self.dtype)
 

@@ -4,6 +4,7 @@ The loss (weights in ``config.vae``), on clips of `train_frames` frames (>= 9: t
 and two 4-frame groups, so the decoder learns group after group):
 
   l1 |x - x'| + l2 (x - x')^2                      reconstruction
+  + temporal_diff_weight |(x'[f+1] - x'[f]) - (x[f+1] - x[f])|   if > 0 (motion between frames)
   + perceptual_weight * LPIPS-style distance        if `perceptual_path` names a weights file
   + kl_weight * KL(q(z|x) || N(0, 1))
   + disc_weight * lambda * (-D(x'))                 from step `disc_start`, if disc_weight > 0
@@ -53,6 +54,9 @@ OPTIONS = dict(
     disc_adaptive=True,       # VQGAN's adaptive weight (else lambda = 1)
     eval_videos=8,            # held-out clips reconstructed after training (0: none)
     stats_videos=64,          # training clips encoded for latent_stats.json (0: left to the cache stage)
+    temporal_diff_weight=0.0, # L1 between consecutive-frame differences of recon and input (0: off)
+    temporal_diff_norm="l1",  # 'l1' or 'l2' (squared) distance of those differences
+    temporal_upsample_init="copy",  # decoder's temporal upsamplers at init: 'copy' | 'independent'
 )
 
 
@@ -74,13 +78,52 @@ class LossWeights:
     disc: float = 0.0
     disc_start: int = 0
     adaptive: bool = True
+    temporal_diff: float = 0.0
+    temporal_diff_norm: str = "l1"
+
+
+def loss_weights(stage_config) -> LossWeights:
+    """The loss weights of config.vae (fields missing from older configs at their OPTIONS default)."""
+    c = stage_config
+    return LossWeights(l1=c.l1_weight, l2=c.l2_weight, kl=c.kl_weight,
+                       perceptual=option(c, "perceptual_weight"), disc=option(c, "disc_weight"),
+                       disc_start=option(c, "disc_start"), adaptive=option(c, "disc_adaptive"),
+                       temporal_diff=option(c, "temporal_diff_weight"),
+                       temporal_diff_norm=option(c, "temporal_diff_norm"))
+
+
+def temporal_difference(recon, video, norm: str = "l1"):
+    """Mean L1 distance between the consecutive-frame differences of `recon` and `video`.
+
+    recon, video: float [B, F, H, W, 3] -> float32 scalar, the mean over [B, F-1, H, W, 3] of
+    |(recon[f+1] - recon[f]) - (video[f+1] - video[f])|, i.e. of |err[f+1] - err[f]| with
+    err = recon - video; 0 when F < 2 (an image batch has no motion). Why: the per-frame L1 / L2
+    does not care how the error moves from frame to frame, and the causal VAE's decoder makes
+    each 4-frame latent group's frames too alike (the object lags at the last frame of a group
+    and jumps across the boundary: issue 19). This term is small only when each frame moves from
+    the previous one as the input does, across group boundaries as inside them.
+    """
+    if recon.shape[1] < 2:
+        return jnp.zeros((), jnp.float32)
+    err = (recon - video).astype(jnp.float32)
+    d = err[:, 1:] - err[:, :-1]
+    if norm == "l1":
+        return jnp.mean(jnp.abs(d))
+    if norm == "l2":
+        return jnp.mean(jnp.square(d))
+    raise ValueError(f"temporal_diff_norm {norm!r} must be 'l1' or 'l2'")
 
 
 def _reconstruction(recon, video, weights: LossWeights, perceptual):
-    """(weighted reconstruction loss, its parts): l1, l2 and, with a feature net, perceptual."""
+    """(weighted reconstruction loss, its parts): l1, l2 and, with a feature net, perceptual;
+    with weights.temporal_diff > 0 also 'temporal_diff' (`temporal_difference`). At weight 0 the
+    term is not built at all, so the default loss and its compiled step are unchanged."""
     err = recon - video
     l1, l2 = jnp.mean(jnp.abs(err)), jnp.mean(jnp.square(err))
     loss, parts = weights.l1 * l1 + weights.l2 * l2, dict(l1=l1, l2=l2)
+    if weights.temporal_diff > 0:
+        parts["temporal_diff"] = temporal_difference(recon, video, weights.temporal_diff_norm)
+        loss = loss + weights.temporal_diff * parts["temporal_diff"]
     if perceptual is not None:
         parts["perceptual"] = jnp.mean(perceptual.distance(recon, video))
         loss = loss + weights.perceptual * parts["perceptual"]
@@ -232,6 +275,18 @@ def write_latent_stats(config, vae: VideoVAE, workdir: str, step: int) -> workdi
 # The trainer.
 # ---------------------------------------------------------------------------------------------
 
+def new_or_saved_vae(config, workdir: str):
+    """The VAE the stage trains: the architecture saved in `workdir` when there is one (resuming
+    keeps it), else config.vae's (`build.vae`) with config.vae.temporal_upsample_init applied to
+    a `CausalVAE` (an initialisation choice, saved in vae_model.json with the architecture)."""
+    spec = workdir_lib.read_model_spec(workdir)
+    model = build.vae(config, spec)
+    init = option(config.vae, "temporal_upsample_init")
+    if spec is None and isinstance(model, vae_lib.CausalVAE) and init != model.temporal_upsample_init:
+        model = model.clone(temporal_upsample_init=init)
+    return model
+
+
 def train_vae(config, workdir: str):
     c = config.vae
     # Mesh and data.
@@ -271,9 +326,7 @@ def train_vae(config, workdir: str):
                              f"so that every batch has one shape")
         batches = pipeline.make_batches(source, batch_size=c.batch_size, seed=config.seed, transform=crop,
                                         num_workers=config.data.num_workers)
-    weights = LossWeights(l1=c.l1_weight, l2=c.l2_weight, kl=c.kl_weight,
-                          perceptual=option(c, "perceptual_weight"), disc=option(c, "disc_weight"),
-                          disc_start=option(c, "disc_start"), adaptive=option(c, "disc_adaptive"))
+    weights = loss_weights(c)
     if weights.disc > 0:
         batches = StepBatches(batches)
     evaluators = eval_registry.make(config.evals.vae, config, "vae")
@@ -281,7 +334,7 @@ def train_vae(config, workdir: str):
     # Model, optimizer, sharded init or restore. The discriminator (if any) is part of the
     # parameters and trained by the same optimizer. The architecture saved in the workdir wins
     # over the config's, so a changed size table never breaks resuming.
-    model = build.vae(config, workdir_lib.read_model_spec(workdir))
+    model = new_or_saved_vae(config, workdir)
     if weights.disc > 0 and not model.disc_channels:
         raise ValueError(f"config.vae.disc_weight={weights.disc} but the VAE saved in {workdir} has no "
                          f"discriminator; use a new workdir")
