@@ -3,7 +3,6 @@ consecutive-frame differences of the reconstruction and the input (trainers/vae.
 `temporal_difference`). Off by default, and then the loss is the one before the option existed.
 """
 import json
-import math
 import os
 
 import jax
@@ -15,6 +14,7 @@ from experiments import base
 from pixeldance.evaluators import reconstruction
 from pixeldance.models import vae as vae_lib
 from pixeldance.trainers import vae as trainer
+from test_vae_train import _numpy_params as _params  # compiles no init
 
 
 def _moving_square(frames=9, size=16, batch=2):
@@ -23,25 +23,6 @@ def _moving_square(frames=9, size=16, batch=2):
     for f in range(frames):
         video[:, f, 6:10, f:f + 4] = 1.0
     return jnp.asarray(video)
-
-
-def _params(model, shape, seed=0):
-    """Parameters without compiling `init` (as tests/test_vae_train.py): fan-in scaled normal
-    kernels, zero biases (log-variance bias -6), unit norm scales."""
-    abstract = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros(shape)))
-    rng = np.random.RandomState(seed)
-
-    def fill(path, x):
-        names = [p.key for p in path]
-        if names[-1] == "kernel":
-            return jnp.asarray(rng.normal(0, 1 / math.sqrt(math.prod(x.shape[:-1])), x.shape), jnp.float32)
-        if names[-1] == "scale":
-            return jnp.ones(x.shape, jnp.float32)
-        if names[-3:] == ["encoder", "conv_out", "bias"]:
-            return jnp.concatenate([jnp.zeros(x.shape[0] // 2), jnp.full(x.shape[0] // 2, -6.0)])
-        return jnp.zeros(x.shape, jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
 def test_temporal_difference_zero_when_motion_is_right_positive_when_stepwise():
