@@ -4,7 +4,8 @@ The loss (weights in ``config.vae``), on clips of `train_frames` frames (>= 9: t
 and two 4-frame groups, so the decoder learns group after group):
 
   l1 |x - x'| + l2 (x - x')^2                      reconstruction
-  + temporal_diff_weight |(x'[f+1] - x'[f]) - (x[f+1] - x[f])|   if > 0 (motion between frames)
+  + temporal_diff_weight |(x'[f+1] - x'[f]) - (x[f+1] - x[f])|   if > 0 (motion between frames;
+                                                   squared with temporal_diff_norm 'l2')
   + perceptual_weight * LPIPS-style distance        if `perceptual_path` names a weights file
   + kl_weight * KL(q(z|x) || N(0, 1))
   + disc_weight * lambda * (-D(x'))                 from step `disc_start`, if disc_weight > 0
@@ -54,7 +55,7 @@ OPTIONS = dict(
     disc_adaptive=True,       # VQGAN's adaptive weight (else lambda = 1)
     eval_videos=8,            # held-out clips reconstructed after training (0: none)
     stats_videos=64,          # training clips encoded for latent_stats.json (0: left to the cache stage)
-    temporal_diff_weight=0.0, # L1 between consecutive-frame differences of recon and input (0: off)
+    temporal_diff_weight=0.0, # distance between consecutive-frame differences of recon and input (0: off)
     temporal_diff_norm="l1",  # 'l1' or 'l2' (squared) distance of those differences
     temporal_upsample_init="copy",  # decoder's temporal upsamplers at init: 'copy' | 'independent'
 )
@@ -93,7 +94,8 @@ def loss_weights(stage_config) -> LossWeights:
 
 
 def temporal_difference(recon, video, norm: str = "l1"):
-    """Mean L1 distance between the consecutive-frame differences of `recon` and `video`.
+    """Mean L1 (norm 'l1') or squared ('l2') distance between the consecutive-frame
+    differences of `recon` and `video`.
 
     recon, video: float [B, F, H, W, 3] -> float32 scalar, the mean over [B, F-1, H, W, 3] of
     |(recon[f+1] - recon[f]) - (video[f+1] - video[f])|, i.e. of |err[f+1] - err[f]| with
