@@ -193,10 +193,7 @@ def _icnr_init(mult: int, base_init=nn.initializers.lecun_normal(), frames: int 
     ICNR over sub-pixels only, each new frame with its own kernel.
     """
     def init(key, shape, dtype=jnp.float32):
-        if frames == 1:
-            base = base_init(key, tuple(shape[:-1]) + (shape[-1] // mult,), dtype)
-            return jnp.tile(base, (1,) * (len(shape) - 1) + (mult,))
-        # Drawn as one [.., C, frames * O'] matrix (fan-in and distribution as above).
+        # One [.., C, frames * O'] draw (one fan-in for all), each frame's block tiled `mult` times.
         base = base_init(key, tuple(shape[:-1]) + (shape[-1] // mult,), dtype)
         blocks = jnp.split(base, frames, axis=-1)
         return jnp.concatenate([jnp.tile(b, (1,) * (len(shape) - 1) + (mult,)) for b in blocks], axis=-1)
