@@ -183,6 +183,8 @@ def get_config(arg=None):
         variant=arg.dit,
         patch_size=(1, 2, 2),
         attention="full",    # 'full' space-time attention
+        pos_embed="none",    # 'none': 3D RoPE only (relative); 'sincos': plus fixed absolute
+                             # positions of the (t, h, w) tokens (models/dit.py sincos_3d)
         context_parallel="ulysses",  # 'ulysses' | 'ring': self-attention over a 'context'-split sequence
         remat="none",        # 'none' | 'full' | 'dots'
         dtype="float32",

@@ -295,7 +295,8 @@ def dit(config, latent_channels: int) -> dit_lib.PixelDanceModel:
     kwargs.setdefault("patch_size", tuple(config.dit.patch_size))
     video = dit_lib.VideoDiT(latent_channels=latent_channels, remat=config.dit.remat, dtype=dtype,
                              attention=config.dit.attention,
-                             context_parallel=config.dit.get("context_parallel", "ulysses"), **kwargs)
+                             context_parallel=config.dit.get("context_parallel", "ulysses"),
+                             pos_embed=config.dit.get("pos_embed", "none"), **kwargs)
     return dit_lib.PixelDanceModel(text, video)
 
 

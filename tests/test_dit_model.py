@@ -389,3 +389,45 @@ def test_frozen_text_states_condition_the_dit(reference):
     out = jax.jit(model.apply)(params, x, t, c, m, frozen)
     want = jax.jit(bare.apply)(reference["params"], x, t, c, m, text.astype(jnp.float32), mask)
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Absolute positions (config.dit.pos_embed)
+
+def test_sincos_3d_layout():
+    grid, dim = (3, 2, 4), 32
+    feats = np.asarray(dit_lib.sincos_3d(grid, dim))
+    dt, dh, dw = dit_lib.rope_split(dim)
+    assert feats.shape == (3 * 2 * 4, dim) and dt + dh + dw == dim
+    for t in range(3):
+        for h in range(2):
+            for w in range(4):
+                row = feats[(t * 2 + h) * 4 + w]  # the patchified tokens' row-major order
+                # Each axis: cos then sin of its index, the first frequency 1.
+                np.testing.assert_allclose(row[[0, dt // 2]], [np.cos(t), np.sin(t)], atol=1e-6)
+                np.testing.assert_allclose(row[[dt, dt + dh // 2]], [np.cos(h), np.sin(h)], atol=1e-6)
+                np.testing.assert_allclose(row[[dt + dh, dt + dh + dw // 2]], [np.cos(w), np.sin(w)],
+                                           atol=1e-6)
+    assert len({tuple(r) for r in feats.round(6)}) == len(feats)  # every token its own position
+
+
+@pytest.mark.parametrize("pos_embed", ["none", "sincos"])
+def test_pos_embed_tells_tokens_apart(pos_embed):
+    """With self-attention zeroed every token is processed alone: equal tokens give equal outputs
+    under RoPE alone (it only acts between tokens), and different ones with absolute positions."""
+    model = _model(depth=1, pos_embed=pos_embed)
+    x, t, c, m, text, mask = _inputs(batch=1, frames=3, size=4)
+    inputs = (jnp.ones_like(x), t, jnp.ones_like(c), jnp.ones_like(m), text, mask)
+    params = _zeroed(_params(model, inputs), "self_out")
+    out = np.asarray(jax.jit(model.apply)(params, *inputs))[0]  # [T, 4, 4, C], tokens of 2 x 2
+    tokens = out.reshape(3, 2, 2, 2, 2, 16).transpose(0, 1, 3, 2, 4, 5).reshape(12, -1)
+    spread = np.abs(tokens - tokens[0]).max()
+    if pos_embed == "none":
+        assert spread < 1e-5
+    else:
+        assert spread > 1e-2
+
+
+def test_unknown_pos_embed_is_refused():
+    with pytest.raises(ValueError, match="pos_embed"):
+        _model(pos_embed="learned").init(jax.random.key(0), *_inputs(batch=1))

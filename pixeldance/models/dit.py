@@ -53,6 +53,9 @@ DIT_VARIANTS = {
 
 ATTENTION_KINDS = ("full", "factorised")
 CONTEXT_PARALLEL = ("ulysses", "ring")  # = context_parallel.FLAVOURS
+# Absolute positions added to the patch embeddings, besides 3D RoPE: 'none' (RoPE only, relative)
+# or 'sincos' (fixed sinusoids of each token's (t, h, w) grid index, no parameters).
+POS_EMBEDS = ("none", "sincos")
 TIME_FEATURES = 256  # sinusoidal features of the diffusion time
 
 
@@ -129,6 +132,27 @@ def timestep_embedding(t, dim: int, max_period: float = 10_000.0):
     freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
     args = 1000.0 * t[:, None].astype(jnp.float32) * freqs[None]
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def sincos_3d(grid: tuple[int, int, int], dim: int, max_period: float = 10_000.0):
+    """Fixed absolute position features float32 [L, dim] of a (T, h, w) token grid (row-major, as
+    the patchified tokens): each axis gets a share of `dim` (`rope_split`'s proportions) of cos
+    and sin of its integer index at geometric frequencies 1 .. 1/max_period.
+
+    Why, beside RoPE: RoPE only tells a token the offsets to others, so the model cannot say where
+    the frame's edges or the clip's first frame are. Without a first-frame instruction that is
+    what text-to-video needs to turn "moves left" into a start on the right and an end on the
+    left (README, issue 19).
+    """
+    coords = jnp.stack(jnp.meshgrid(*[jnp.arange(n) for n in grid], indexing="ij"), -1)
+    coords = coords.reshape(-1, 3).astype(jnp.float32)  # [L, 3]
+    feats = []
+    for axis, d in enumerate(rope_split(dim)):
+        half = d // 2
+        freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / max(half, 1))
+        args = coords[:, axis:axis + 1] * freqs[None]
+        feats += [jnp.cos(args), jnp.sin(args)]
+    return jnp.concatenate(feats, axis=-1)
 
 
 def rope_split(head_dim: int) -> tuple[int, int, int]:
@@ -280,6 +304,7 @@ class VideoDiT(nn.Module):
       c_mask: [B, T, h, w, 1], 1 at frames with an instruction
       text: [B, S, Dt] text embeddings; text_mask: bool [B, S]
     Returns: float32 [B, T, h, w, C] network output (x0 or velocity, per the objective).
+    pos_embed: one of POS_EMBEDS ('sincos' adds `sincos_3d` absolute positions to the tokens).
     """
     latent_channels: int = 16
     patch_size: tuple[int, int, int] = (1, 2, 2)
@@ -293,6 +318,7 @@ class VideoDiT(nn.Module):
     attention: str = "full"
     attention_impl: str | None = None
     context_parallel: str = "ulysses"
+    pos_embed: str = "none"
 
     @nn.compact
     def __call__(self, x, t, c_image, c_mask, text, text_mask):
@@ -306,6 +332,8 @@ class VideoDiT(nn.Module):
             raise ValueError(f"unknown attention {self.attention!r}; choose from {ATTENTION_KINDS}")
         if self.context_parallel not in CONTEXT_PARALLEL:
             raise ValueError(f"unknown context_parallel {self.context_parallel!r}; choose from {CONTEXT_PARALLEL}")
+        if self.pos_embed not in POS_EMBEDS:
+            raise ValueError(f"unknown pos_embed {self.pos_embed!r}; choose from {POS_EMBEDS}")
         grid = (T // pt, h // ph, w // pw)
         D = self.width
 
@@ -315,6 +343,8 @@ class VideoDiT(nn.Module):
         inp = inp.reshape(B, grid[0], pt, grid[1], ph, grid[2], pw, Cin)
         inp = inp.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(B, -1, pt * ph * pw * Cin)
         hidden = _dense(D, (None, "embed"), self.dtype, "patch_embed")(inp)
+        if self.pos_embed == "sincos":
+            hidden = hidden + sincos_3d(grid, D).astype(self.dtype)[None]
         hidden = constrain(hidden, ("batch", "length", "embed"))
 
         # Conditioning vector: diffusion time plus pooled text (global colour/shape cues).
