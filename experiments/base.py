@@ -210,6 +210,15 @@ def get_config(arg=None):
         last_from=3,               # last-frame instruction drawn from the last `last_from` frames
         noise=0.1,                 # noise on c_image: flow time 0.1 ~ 100 of 1000 DDPM steps
         p_drop_text=0.1,           # text dropped (BOS only) for classifier-free guidance
+        keyframe_sets="",          # keyframes anywhere (diffusion/task.py): "" draws PixelDance's first /
+                                   # last frame from p_first and p_last exactly as before; else weights
+                                   # of the sets drawn per example, e.g. "none:0.3,first:0.25,
+                                   # first_last:0.2,first_middle:0.15,random:0.1" (normalised)
+        keyframe_rate=0.25,        # the 'random' set: each latent frame a keyframe with this probability
+        keyframe_drop=0.0,         # each keyframe but the first dropped with this probability
+        keyframe_latents="frames",  # middle keyframes' latents: 'frames' one-frame encodings of pixel
+                                   # frames 4k (the cache stage stores them as z_frames when a set
+                                   # needs them) or 'clip' (the clip's own latent there; old caches)
     )
 
     c.train = dict(

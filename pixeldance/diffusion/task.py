@@ -5,12 +5,16 @@ and `config.cond` (how image instructions are drawn, noised, dropped and put in)
 
   training_inputs  a batch of clean latents -> the denoiser's inputs and the loss's targets:
                    which examples get a first / last frame (last picked among the J cached
-                   candidates), noise on c_image, text dropped for guidance, time, x_t and
-                   first-frame replacement;
+                   candidates), or with config.cond.keyframe_sets which keyframe set (none,
+                   first, first + last, first + middle, random positions), noise on c_image,
+                   text dropped for guidance, time, x_t and first-frame replacement;
   loss             the objective's loss on those inputs (the DiT trainer's loss, also compiled
                    by the planner);
-  denoiser         one guided denoising call (branches full / image / none, the tau switch);
-  guided_sample    the whole `lax.scan` sampler (the Pipeline's, also compiled by the planner).
+  denoiser         one guided denoising call (branches full / image / none, the tau switch,
+                   per keyframe);
+  keyframe_sample  the whole `lax.scan` sampler from keyframes at any latent positions, each
+                   with its own tau (the Pipeline's);
+  guided_sample    the same from a first and a last frame (PixelDance's; the planner compiles it).
 
 Latents here are normalised (`workdir.LatentStats.normalise`); the model is any Flax module
 called as ``model.apply(params, x_t, t, c_image, c_mask, text) -> output [B, T, h, w, C]``
@@ -35,6 +39,32 @@ from pixeldance.diffusion import guidance as guidance_lib
 from pixeldance.models import text as text_lib
 
 FIRST_FRAME_MODES = ("replace", "concat")
+KEYFRAME_SETS = ("none", "first", "first_last", "first_middle", "random")
+KEYFRAME_LATENTS = ("frames", "clip")
+
+
+def parse_keyframe_sets(spec: str) -> tuple[float, ...]:
+    """config.cond.keyframe_sets, 'none:0.3,first:0.35,first_last:0.35,...' -> the probabilities
+    of `KEYFRAME_SETS` in that order (weights >= 0, normalised; a set not named has weight 0);
+    '' -> () (the sets come from p_first and p_last, today's draws). One-line errors."""
+    if not spec.strip():
+        return ()
+    weights = dict.fromkeys(KEYFRAME_SETS, 0.0)
+    for item in spec.split(","):
+        name, sep, value = item.strip().partition(":")
+        if name not in weights or not sep:
+            raise ValueError(f"config.cond.keyframe_sets: {item.strip()!r} is not name:weight with name one of "
+                             f"{KEYFRAME_SETS}")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(f"config.cond.keyframe_sets: weight {value!r} of {name} is not a number") from None
+        if not weights[name] >= 0:
+            raise ValueError(f"config.cond.keyframe_sets: weight of {name} must be >= 0, got {value}")
+    total = sum(weights.values())
+    if not total > 0:
+        raise ValueError(f"config.cond.keyframe_sets: the weights sum to 0 in {spec!r}")
+    return tuple(weights[n] / total for n in KEYFRAME_SETS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +78,14 @@ class PixelDanceTask:
     first frame, and of a last frame given one; last_from: the last-frame instruction is one of
     the last `last_from` frames; noise: flow time of the noise on c_image; p_drop_text: text
     dropped (the empty prompt) for classifier-free guidance.
+
+    Keyframes anywhere (`training_inputs`): keyframe_sets, the probabilities of `KEYFRAME_SETS`
+    (`parse_keyframe_sets`; () keeps p_first / p_last and today's draws bit for bit);
+    keyframe_rate: each latent frame's probability of being a keyframe in the 'random' set;
+    keyframe_drop: each keyframe but the first dropped with this probability (the paper's drop
+    of the last frame, per keyframe); keyframe_latents: where middle keyframes' latents come from,
+    'frames' (one-frame encodings of pixel frames 4k, cached as z_frames) or 'clip' (the clip's
+    own latent at that position).
     """
 
     objective: str = "flow"
@@ -62,6 +100,10 @@ class PixelDanceTask:
     last_from: int = 3
     noise: float = 0.1
     p_drop_text: float = 0.1
+    keyframe_sets: tuple = ()
+    keyframe_rate: float = 0.25
+    keyframe_drop: float = 0.0
+    keyframe_latents: str = "frames"
 
     def __post_init__(self):
         objectives.path(self.objective)  # rejects unknown objectives, naming the choices
@@ -69,6 +111,14 @@ class PixelDanceTask:
             raise ValueError(f"config.cond.first_frame must be one of {FIRST_FRAME_MODES}, got {self.first_frame!r}")
         if self.last_from < 1:
             raise ValueError(f"config.cond.last_from must be >= 1, got {self.last_from}")
+        if self.keyframe_sets and len(self.keyframe_sets) != len(KEYFRAME_SETS):
+            raise ValueError(f"keyframe_sets holds one probability per set of {KEYFRAME_SETS}, got {self.keyframe_sets}")
+        if self.keyframe_latents not in KEYFRAME_LATENTS:
+            raise ValueError(f"config.cond.keyframe_latents must be one of {KEYFRAME_LATENTS}, "
+                             f"got {self.keyframe_latents!r}")
+        for name in ("keyframe_rate", "keyframe_drop"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"config.cond.{name} must be in [0, 1], got {getattr(self, name)}")
 
     @classmethod
     def from_config(cls, config) -> "PixelDanceTask":
@@ -77,7 +127,10 @@ class PixelDanceTask:
         return cls(objective=d.objective, prediction=d.prediction, min_t=d.min_t_for_x0,
                    time_sampling=d.time_sampling, logit_mean=d.logit_mean, logit_std=d.logit_std,
                    first_frame=c.first_frame, p_first=c.p_first, p_last=c.p_last, last_from=c.last_from,
-                   noise=c.noise, p_drop_text=c.p_drop_text)
+                   noise=c.noise, p_drop_text=c.p_drop_text,
+                   keyframe_sets=parse_keyframe_sets(c.get("keyframe_sets", "")),
+                   keyframe_rate=c.get("keyframe_rate", 0.25), keyframe_drop=c.get("keyframe_drop", 0.0),
+                   keyframe_latents=c.get("keyframe_latents", "frames"))
 
     @property
     def path(self) -> str:
@@ -88,6 +141,12 @@ class PixelDanceTask:
     def replace(self) -> bool:
         return self.first_frame == "replace"
 
+    @property
+    def needs_frame_latents(self) -> bool:
+        """Whether training reads the cache's z_frames (middle keyframes from one-frame encodings)."""
+        p = dict(zip(KEYFRAME_SETS, self.keyframe_sets or (0.0,) * len(KEYFRAME_SETS)))
+        return self.keyframe_latents == "frames" and (p["first_middle"] > 0 or p["random"] > 0)
+
     def denoise(self, output, x_t, t):
         """Network output -> (x0_hat, v_hat), `objectives.denoise` with this task's settings."""
         return objectives.denoise(output, x_t, t, objective=self.objective, prediction=self.prediction,
@@ -95,29 +154,49 @@ class PixelDanceTask:
 
     # -- training -------------------------------------------------------------------------------
 
-    def training_inputs(self, z, z_last, text, rng, null_text=None) -> dict:
+    def training_inputs(self, z, z_last, text, rng, null_text=None, z_frames=None) -> dict:
         """The denoiser's inputs for a batch of normalised latents.
 
         z [B, T, h, w, C]; z_last [B, J, h, w, C], candidate last-frame latents (latest first);
+        z_frames [B, T, h, w, C] or None: one-frame latents of pixel frames 4k (the cache's, for
+        keyframe_latents='frames');
         text: tokens int32 [B, S] or frozen states (module docstring; null_text: their empty
         prompt). Per example: a first-frame instruction with probability p_first;
         given one, a last-frame instruction with probability p_last, picked uniformly among the
         first min(last_from, J) candidates; noise on c_image; text dropped with probability
         p_drop_text. One-frame batches (images) get no image instructions.
 
+        With keyframe_sets, instead: each example draws one set of `KEYFRAME_SETS` (none; first;
+        first + last; first + one middle latent frame, uniform in 1..T-2, none for T < 3; random,
+        each latent frame with probability keyframe_rate), then each keyframe but the first is
+        dropped with probability keyframe_drop. Keyframe latents, like the ones sampling encodes
+        from single images: latent 0 is z[:, 0] (a causal VAE encodes frame 0 alone); latent T - 1
+        the picked last-frame candidate, as above; a middle latent k is z_frames[:, k], pixel
+        frame 4k encoded alone, because a user's middle keyframe is one image encoded alone
+        while the clip's own z[:, k] encodes 4 frames after all earlier ones (keyframe_latents=
+        'clip' takes z[:, k] anyway, for caches without z_frames).
+
         Returns dict(x_t [B, T, h, w, C], t [B], c_image [B, T, h, w, C], c_mask [B, T, h, w, 1],
         text (as given, dropped ones replaced), noise [B, T, h, w, C], loss_mask [B, T, 1, 1, 1], has_first [B],
-        has_last [B], last_pick int32 [B]).
+        has_last [B], last_pick int32 [B], keyframes bool [B, T]: the latent frames given).
         """
         B, T = z.shape[:2]
         keys = jax.random.split(rng, 7)
-        has_first = jax.random.uniform(keys[0], (B,)) < self.p_first
-        if T == 1:  # an image batch (joint image-video training): text-to-image, no instructions
-            has_first = jnp.zeros_like(has_first)
-        has_last = has_first & (jax.random.uniform(keys[1], (B,)) < self.p_last)
         pick = jax.random.randint(keys[2], (B,), 0, min(self.last_from, z_last.shape[1]))
         last = jnp.take_along_axis(z_last, pick[:, None, None, None, None], axis=1)[:, 0]
-        c_image, c_mask = conditioning.make_instructions(z[:, 0], last, has_first, has_last, T)
+        if self.keyframe_sets:
+            given = self._keyframe_sets(keys[0], B, T)
+            c_image, c_mask = self._keyframe_instructions(z, last, z_frames, given)
+            has_first, has_last = given[:, 0], given[:, -1]
+        else:  # PixelDance's first and last frame, today's draws
+            has_first = jax.random.uniform(keys[0], (B,)) < self.p_first
+            if T == 1:  # an image batch (joint image-video training): text-to-image, no instructions
+                has_first = jnp.zeros_like(has_first)
+            has_last = has_first & (jax.random.uniform(keys[1], (B,)) < self.p_last)
+            c_image, c_mask = conditioning.make_instructions(z[:, 0], last, has_first, has_last, T)
+            given = jnp.zeros((B, T), bool).at[:, 0].set(has_first)
+            if T > 1:
+                given = given.at[:, -1].set(has_last)
         c_image = conditioning.noise_instructions(keys[3], c_image, c_mask, self.noise)
 
         drop = jax.random.uniform(keys[4], (B,)) < self.p_drop_text
@@ -134,7 +213,44 @@ class PixelDanceTask:
             x_t = conditioning.replace_first(x_t, z[:, 0], has_first)
         return dict(x_t=x_t, t=t, c_image=c_image, c_mask=c_mask, text=text, noise=noise,
                     loss_mask=conditioning.first_frame_loss_mask(has_first, T, self.replace),
-                    has_first=has_first, has_last=has_last, last_pick=pick)
+                    has_first=has_first, has_last=has_last, last_pick=pick, keyframes=given)
+
+    def _keyframe_sets(self, rng, B: int, T: int):
+        """bool [B, T]: the latent frames given as keyframes, one set of `KEYFRAME_SETS` drawn per
+        example (`training_inputs`). One-frame batches (images) get none."""
+        k_set, k_middle, k_random, k_drop = jax.random.split(rng, 4)
+        which = jax.random.choice(k_set, len(KEYFRAME_SETS), (B,), p=jnp.asarray(self.keyframe_sets, jnp.float32))
+        is_set = {name: (which == i)[:, None] for i, name in enumerate(KEYFRAME_SETS)}
+        frames = jnp.arange(T)[None]
+        if T == 1:
+            return jnp.zeros((B, 1), bool)
+        with_first = is_set["first"] | is_set["first_last"] | is_set["first_middle"]
+        given = (frames == 0) & with_first
+        given |= (frames == T - 1) & is_set["first_last"]
+        if T > 2:
+            middle = jax.random.randint(k_middle, (B, 1), 1, T - 1)
+            given |= (frames == middle) & is_set["first_middle"]
+        given |= (jax.random.uniform(k_random, (B, T)) < self.keyframe_rate) & is_set["random"]
+        dropped = (jax.random.uniform(k_drop, (B, T)) < self.keyframe_drop) & (frames > 0)
+        return given & ~dropped
+
+    def _keyframe_instructions(self, z, last, z_frames, given):
+        """c_image [B, T, h, w, C], c_mask [B, T, h, w, 1] of the keyframes `given` (bool [B, T]):
+        latent 0 from z, T - 1 from `last` [B, h, w, C], middle ones from z_frames or z
+        (`training_inputs`)."""
+        T = z.shape[1]
+        if self.keyframe_latents == "frames" and T > 2 and self.needs_frame_latents:
+            if z_frames is None:
+                raise ValueError("config.cond.keyframe_latents='frames' needs the latent cache's z_frames (one-frame "
+                                 "latents of pixel frames 4k): rerun the 'cache' stage, or set it to 'clip'")
+            source = z_frames
+        else:
+            source = z
+        source = source.at[:, 0].set(z[:, 0])
+        if T > 1:
+            source = source.at[:, -1].set(last)
+        g = given.astype(z.dtype)[:, :, None, None, None]
+        return source * g, jnp.broadcast_to(g, (*z.shape[:-1], 1))
 
     def loss(self, model, params, batch, rng, null_text=None):
         """(loss, dict(x0_mse)) on a batch of normalised latents: z [B, T, h, w, C], z_last
@@ -143,7 +259,8 @@ class PixelDanceTask:
         path, the training times (flow: time_sampling; eps / v: uniform over DDPM's 1000 steps)
         and the regression target."""
         z = batch["z"]
-        x = self.training_inputs(z, batch["z_last"], text_lib.text_input(batch), rng, null_text)
+        x = self.training_inputs(z, batch["z_last"], text_lib.text_input(batch), rng, null_text,
+                                 batch.get("z_frames"))
         out = model.apply(params, x["x_t"], x["t"], x["c_image"], x["c_mask"], x["text"])
         loss, _ = objectives.loss(out, z, x["noise"], x["t"], x["loss_mask"], objective=self.objective,
                                   prediction=self.prediction, min_t=self.min_t)
@@ -154,32 +271,38 @@ class PixelDanceTask:
     # -- sampling -------------------------------------------------------------------------------
 
     def denoiser(self, model, params, c_full, m_full, text, guidance, image_guidance, tau, *,
-                 branches: int, null_text=None):
+                 branches: int, null_text=None, keyframe_guidance=None):
         """denoise(x [B, T, h, w, C], t, i) -> guided (x0_hat, v_hat), the samplers' interface.
 
         c_full [B, T, h, w, C], m_full [B, T, h, w, 1]: the instructions with every given frame;
-        for sampling steps i >= tau the frames after the first are dropped (PixelDance's
-        strength of the last frame). Branches, batched in one model call: full (text and
-        image instructions), image (image instructions, the empty prompt) and, with
-        branches = 3, none (neither); `guidance.combine` mixes them with the text scale
-        `guidance` and the image scale `image_guidance` (float32 scalars, traced is fine). text,
-        null_text: see `training_inputs`.
+        tau: int32 scalar, for sampling steps i >= tau the frames after the first are dropped
+        (PixelDance's strength of the last frame); or int32 [B, T], each latent frame's own tau
+        (its keyframe is dropped for steps i >= tau[b, t]; `conditioning.ALWAYS`: never).
+        Branches, batched in one model call: full (text and image instructions), image (image
+        instructions, the empty prompt), with branches >= 3 none (neither) and with branches = 4
+        first (the first frame's instruction alone, the empty prompt); `guidance.combine` mixes
+        them with the text scale `guidance`, the image scale `image_guidance` and, with 4
+        branches, the other keyframes' scale `keyframe_guidance` (float32 scalars, traced is
+        fine). text, null_text: see `training_inputs`.
         """
         B = text_lib.text_batch_size(text)
-        c_drop, m_drop = conditioning.drop_last(c_full, m_full)
+        T = c_full.shape[1]
+        tau = jnp.asarray(tau)
+        if tau.ndim == 0:  # PixelDance's: the first frame always, every later one for i < tau
+            tau = jnp.broadcast_to(jnp.where(jnp.arange(T) == 0, conditioning.ALWAYS, tau), (B, T))
         null = text_lib.null_text(text, null_text)
-        tok = text_lib.concat_text([text, null, null][:branches])
+        tok = text_lib.concat_text([text, null, null, null][:branches])
+        first_only = (jnp.arange(T) == 0)[None, :, None, None, None]
 
         def denoise(x, t, i):
-            use_last = i < tau
-            c = jnp.where(use_last, c_full, c_drop)
-            m = jnp.where(use_last, m_full, m_drop)
+            c, m = conditioning.keep_frames(c_full, m_full, i < tau)
             xx = guidance_lib.stack(x, branches)
             tt = jnp.full((branches * B,), t)
-            cc = jnp.concatenate([c, c, jnp.zeros_like(c)][:branches])
-            mm = jnp.concatenate([m, m, jnp.zeros_like(m)][:branches])
+            cc = jnp.concatenate([c, c, jnp.zeros_like(c), c * first_only][:branches])
+            mm = jnp.concatenate([m, m, jnp.zeros_like(m), m * first_only][:branches])
             pred = self.denoise(model.apply(params, xx, tt, cc, mm, tok), xx, tt)
-            return guidance_lib.combine(pred, branches, text_scale=guidance, image_scale=image_guidance)
+            return guidance_lib.combine(pred, branches, text_scale=guidance, image_scale=image_guidance,
+                                        keyframe_scale=keyframe_guidance)
         return denoise
 
     def guided_sample(self, model, params, noise, z_first, z_last, has_first, has_last, text, rng,
@@ -194,11 +317,41 @@ class PixelDanceTask:
         `schedules.shift_time`; Wan 2.1 samples with 3 to 5) are static. With first_frame='replace' the
         clean first latent is put back after every step where it is given.
         """
+        B, T = noise.shape[:2]
+        # Keyframes at latent T - 1 (shown for steps i < tau) and 0 (always; it wins at T = 1).
+        z_keys = jnp.stack([z_last, z_first], axis=1)
+        given = jnp.stack([has_last, has_first], axis=1)
+        key_tau = jnp.stack([jnp.broadcast_to(jnp.asarray(tau, jnp.int32), (B,)),
+                             jnp.full((B,), conditioning.ALWAYS, jnp.int32)], axis=1)
+        return self.keyframe_sample(model, params, noise, z_keys, jnp.array([T - 1, 0]), given, key_tau, text, rng,
+                                    guidance, image_guidance, null_text, steps=steps, sampler=sampler,
+                                    branches=branches, shift=shift)
+
+    def keyframe_sample(self, model, params, noise, z_keys, positions, given, key_tau, text, rng, guidance,
+                        image_guidance, null_text=None, keyframe_guidance=None, *, steps: int, sampler: str,
+                        branches: int, shift: float = 1.0):
+        """Normalised latents [B, T, h, w, C] from `noise` [B, T, h, w, C] at t = 1, guided by
+        keyframes anywhere.
+
+        z_keys [B, K, h, w, C]: K keyframe slots' latents; positions int32 [B, K] or [K]: their
+        latent frames (`conditioning.place_keyframes`: outside [0, T) an unused slot, later slots
+        win); given bool [B, K]; key_tau int32 [B, K]: each keyframe is shown for sampling steps
+        i < its tau (`conditioning.ALWAYS`: every step; PixelDance's first frame). The keyframes
+        are noised like training's (from `rng`); the image guidance scale applies to them all
+        (the image branch holds every keyframe shown at the step, the none branch none), or with
+        branches = 4 (`guidance.num_branches(image_guidance, keyframe_guidance)`) to the first
+        frame, and keyframe_guidance (float32 scalar) to the other keyframes. With
+        first_frame='replace' a keyframe at latent 0 is put back, clean, after every step; later
+        keyframes only condition (a one-frame latent is not the clip's own latent there).
+        Other arguments as `guided_sample`.
+        """
         T = noise.shape[1]
-        c_full, m_full = conditioning.make_instructions(z_first, z_last, has_first, has_last, T)
-        c_full = conditioning.noise_instructions(rng, c_full, m_full, self.noise)
-        denoise = self.denoiser(model, params, c_full, m_full, text, guidance, image_guidance, tau,
-                                branches=branches, null_text=null_text)
-        project = (lambda x: conditioning.replace_first(x, z_first, has_first)) if self.replace else None
+        c_clean, m_full, frame_tau = conditioning.place_keyframes(z_keys, positions, given, T,
+                                                                  jnp.asarray(key_tau, jnp.int32))
+        c_full = conditioning.noise_instructions(rng, c_clean, m_full, self.noise)
+        denoise = self.denoiser(model, params, c_full, m_full, text, guidance, image_guidance, frame_tau,
+                                branches=branches, null_text=null_text, keyframe_guidance=keyframe_guidance)
+        has_first = m_full[:, 0, 0, 0, 0] > 0
+        project = (lambda x: conditioning.replace_first(x, c_clean[:, 0], has_first)) if self.replace else None
         return samplers.solve(denoise, noise, steps=steps, sampler=sampler, path=self.path, shift=shift,
                               project=project)
