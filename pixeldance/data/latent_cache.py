@@ -15,6 +15,9 @@ Record format (no pickle): a little-endian uint32 header length L, L bytes of UT
 C-order bytes at their offsets (relative to the end of the header). A cache record holds
   z       float32 [T, h, w, C]  the video's latents (posterior means, unnormalised)
   z_last  float32 [J, h, w, C]  the last J frames, each encoded as an image, latest first
+  z_frames float32 [T, h, w, C] optional (keyframes anywhere, config.cond.keyframe_sets): pixel
+                                frames 0, 4, ..., 4(T - 1), each encoded as an image; caches
+                                without it read as before
   tokens  int32 [S]             the tokenised caption (the DiT's own trained text encoder), or
   text_states bfloat16 [S, D]   a frozen pretrained encoder's last hidden states (CLIP / T5 /
   text_mask   bool [S]          umT5, config.text.encoder) and their padding mask, instead
@@ -76,9 +79,14 @@ STATE_FIELDS = ("z", "z_last", "text_states", "text_mask")
 NULL_TEXT = "null_text.record"
 
 
+OPTIONAL_FIELDS = ("z_frames",)
+
+
 def record_fields(record: dict) -> tuple[str, ...]:
-    """The fields a record stores: TOKEN_FIELDS, or STATE_FIELDS where it holds frozen text states."""
-    return STATE_FIELDS if "text_states" in record else TOKEN_FIELDS
+    """The fields a record stores: TOKEN_FIELDS, or STATE_FIELDS where it holds frozen text states,
+    then those of OPTIONAL_FIELDS it has."""
+    fields = STATE_FIELDS if "text_states" in record else TOKEN_FIELDS
+    return fields + tuple(k for k in OPTIONAL_FIELDS if k in record)
 
 
 def _dtype_name(a: np.ndarray) -> str:

@@ -10,7 +10,9 @@ ceil(num_videos / config.cache.records_per_shard)) and `<output>/meta.json`; `ou
 `config.cache.path` or `<workdir>/cache`. Record i is training item i of
 `config.data` (`sources.make_source(config, 'train')`): z float32 [T, h, w, C] (the video's
 latents), z_last float32 [J, h, w, C] (the last J = config.cond.last_from frames, each encoded
-as an image, latest first), the text fields and the caption: tokens int32 [S] (config.text's
+as an image, latest first), with keyframes anywhere (`keyframe_frames`) z_frames float32
+[T, h, w, C] (pixel frames 0, 4, ..., 4(T - 1), each encoded as an image: middle keyframes'
+latents, as sampling encodes a keyframe image), the text fields and the caption: tokens int32 [S] (config.text's
 tokenizer, the encoder trained with the DiT), or with a frozen pretrained encoder
 (config.text.encoder = clip / t5 / umt5) its last hidden states text_states bfloat16 [S, D] and
 text_mask bool [S], computed here once, with the empty prompt's stored once beside the shards
@@ -90,7 +92,15 @@ def cache_info(config, workdir: str, source) -> dict:
     return dict(vae_step=workdir_lib.vae_step(workdir), vae_family=config.vae.get("family", "causal"),
                 **text, data=config.data.name, source=repr(source),
                 num_frames=config.data.num_frames, resolution=config.data.resolution,
-                last_from=config.cond.last_from)
+                last_from=config.cond.last_from,
+                **({"keyframe_frames": True} if keyframe_frames(config) else {}))
+
+
+def keyframe_frames(config) -> bool:
+    """Whether records also store z_frames: when the DiT's keyframe sets draw middle keyframes from
+    one-frame latents (`PixelDanceTask.needs_frame_latents`). Recorded in meta.json only then,
+    so a cache of an experiment without keyframes is kept as it was."""
+    return build.task(config).needs_frame_latents
 
 
 def _same(a, b) -> bool:
@@ -113,11 +123,14 @@ def _video_batches(source, start: int, end: int, batch_size: int, num_workers: i
         yield batch["video"], [str(c) for c in batch["caption"]]
 
 
-def batch_encoder(vae, text, source, batch_size: int, last_from: int, num_workers: int = 0):
+def batch_encoder(vae, text, source, batch_size: int, last_from: int, num_workers: int = 0,
+                  frames: bool = False):
     """encode_range(start, end) for `latent_cache.build`: for source items start..end-1, in
     batches of `batch_size`, lists of records dict(z float32 [T, h, w, C], z_last float32
     [J, h, w, C], the text fields, caption str); for one-frame items (images) z_last = z
-    [1, h, w, C]. vae.encode: uint8 [B, F, H, W, 3] -> float32 [B, T, h, w, C]; text:
+    [1, h, w, C]. frames: records also hold z_frames float32 [T, h, w, C], pixel frames
+    0, tf, ..., tf (T - 1) (tf = (F - 1) / (T - 1), the VAE's temporal factor) each encoded as an
+    image (images: z_frames = z). vae.encode: uint8 [B, F, H, W, 3] -> float32 [B, T, h, w, C]; text:
     `build.text_conditioner`, whose record(B captions) gives the text fields (tokens int32
     [B, S], or a frozen encoder's text_states [B, S, D] and text_mask [B, S])."""
     J = last_from
@@ -134,10 +147,25 @@ def batch_encoder(vae, text, source, batch_size: int, last_from: int, num_worker
                 lasts = videos[:, ::-1][:, :J]  # [batch_size, J, H, W, 3], latest first
                 z_last = vae.encode(np.ascontiguousarray(lasts).reshape(-1, 1, *lasts.shape[2:]))[:, 0]
                 z_last = z_last.reshape(batch_size, J, *z_last.shape[1:])[:B]
+            extra = {}
+            if frames:
+                extra["z_frames"] = _frame_latents(vae, videos, z.shape[1])[:B]
             fields = text.record(captions)
-            yield [dict(z=z[i], z_last=z_last[i], caption=captions[i], **{k: v[i] for k, v in fields.items()})
+            yield [dict(z=z[i], z_last=z_last[i], caption=captions[i], **{k: v[i] for k, v in extra.items()},
+                        **{k: v[i] for k, v in fields.items()})
                    for i in range(B)]
     return encode_range
+
+
+def _frame_latents(vae, videos, T: int):
+    """float32 [B, T, h, w, C]: pixel frames 0, tf, ..., tf (T - 1) of videos uint8 [B, F, H, W, 3]
+    (tf = (F - 1) / (T - 1)), each encoded as an image; one-frame videos: their latent."""
+    F = videos.shape[1]
+    if T == 1:
+        return vae.encode(videos[:, :1])
+    anchors = videos[:, ::(F - 1) // (T - 1)][:, :T]  # [B, T, H, W, 3]
+    z = vae.encode(np.ascontiguousarray(anchors).reshape(-1, 1, *anchors.shape[2:]))[:, 0]
+    return z.reshape(videos.shape[0], T, *z.shape[1:])
 
 
 def _write_stats(workdir: str, moments, n: int):
@@ -359,7 +387,8 @@ def _write_cache(config, path: str, source, n: int, info: dict, vae, text, *, no
     mine = [r for s, r in enumerate(latent_cache.shard_ranges(n, num_shards)) if s % nproc == pid]
     bar = tqdm(total=sum(-(-(end - start) // bs) for start, end in mine), desc=stage, unit="batch",
                disable=pid != 0)
-    encode = batch_encoder(vae(), text, source, bs, info["last_from"], config.data.get("num_workers", 0))
+    encode = batch_encoder(vae(), text, source, bs, info["last_from"], config.data.get("num_workers", 0),
+                           frames=info.get("keyframe_frames", False))
 
     def encode_range(start, end):
         for records in encode(start, end):
@@ -373,7 +402,8 @@ def _write_cache(config, path: str, source, n: int, info: dict, vae, text, *, no
     bar.close()
     f = meta["fields"]
     print(f"latent cache: wrote {path}: {n} records in {num_shards} shards, "
-          f"z {tuple(f['z']['shape'])}, z_last {tuple(f['z_last']['shape'])}")
+          f"z {tuple(f['z']['shape'])}, z_last {tuple(f['z_last']['shape'])}"
+          + (f", z_frames {tuple(f['z_frames']['shape'])}" if "z_frames" in f else ""))
     if summary:
         sources.log_summary(source, stage)
     return meta, False
