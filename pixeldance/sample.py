@@ -1,13 +1,15 @@
 r"""Sampling API and command line.
 
   python -m pixeldance.sample --workdir=DIR --prompt="a red circle moves left" \
-      [--first_frame=a.png] [--last_frame=b.png] [--tau=10] [--guidance=3] [--image_guidance=1] \
+      [--first_frame=a.png] [--last_frame=b.png] [--keyframe=8:c.png[:TAU] ...] [--tau=10] \
+      [--guidance=3] [--image_guidance=1] \
       [--sampler=euler|heun|dpm++2m|ddim] [--steps=25] [--seed=0] [--num_frames=17] \
       [--height=48 --width=80] [--resize] \
       [--num_clips=3 [--prompts="a red circle moves left|a red circle moves up|..."]] --output=out.mp4
 
 From Python: `pipe = pixeldance.load_pipeline(DIR); video = pipe.generate("a red circle moves left")`
-(uint8 [F, H, W, 3]); `pipe.generate(prompt, num_clips=N)` chains N clips into one long video
+(uint8 [F, H, W, 3]); `pipe.generate(prompt, keyframes={8: image})` adds keyframes at any pixel
+frames (`Pipeline.generate_batch`); `pipe.generate(prompt, num_clips=N)` chains N clips into one long video
 (`pipe.generate_clips` yields them clip by clip); `height=` / `width=` make other sizes than the
 training resolution (any multiple of the VAE's and the DiT patch's factors, e.g. the buckets the
 DiT trained on); and `vae = pixeldance.load_vae(DIR)` with `encode` / `decode`.
@@ -36,6 +38,7 @@ from flax import linen as nn
 from pixeldance import build, cli, logs, sharding, workdir as workdir_lib
 from pixeldance import rng as rng_lib
 from pixeldance.data import video_io
+from pixeldance.diffusion import conditioning
 from pixeldance.diffusion import guidance as guidance_lib
 from pixeldance.diffusion import samplers
 from pixeldance.diffusion.task import PixelDanceTask
@@ -130,14 +133,15 @@ def _is_int(value) -> bool:
 
 
 def check_settings(prefix: str = "", *, steps=None, guidance=None, image_guidance=None, num_frames=None,
-                   height=None, width=None, num_clips=None, sampler=None):
+                   height=None, width=None, num_clips=None, sampler=None, keyframe_guidance=None):
     """Refuses sampling settings that would fail late or run and make garbage (NaN or inf
     guidance gives black videos): a one-line ValueError naming `prefix` + the setting
     (`--guidance` on the command line) unless each given one (None: not given) is in range on
     its own: guidance and image_guidance finite and >= 0; steps, num_frames, height, width and
     num_clips integers >= 1; sampler one of `samplers.SAMPLERS`. tau depends on the steps
     (`check_tau`); whether a size fits the VAE and the DiT, on the model (`Pipeline._settings`)."""
-    for name, value in (("guidance", guidance), ("image_guidance", image_guidance)):
+    for name, value in (("guidance", guidance), ("image_guidance", image_guidance),
+                        ("keyframe_guidance", keyframe_guidance)):
         if value is not None and not (_number(value) is not None and math.isfinite(_number(value)) and value >= 0):
             raise ValueError(f"{prefix}{name} must be a finite number >= 0, got {value}")
     for name, value in (("steps", steps), ("num_clips", num_clips), ("num_frames", num_frames),
@@ -198,6 +202,77 @@ class Pipeline:
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.rules(INFERENCE_PRESET)):
             return self._jitted[key](self.params, noise, z_first, z_last, has_first, has_last, text, rng,
                                      guidance, image_guidance, tau, self.text.null)
+
+    def sample_keyframe_latents(self, noise, z_keys, positions, given, key_tau, text, rng, guidance,
+                                image_guidance, keyframe_guidance=None, *, steps: int, sampler: str, branches: int):
+        """Normalised latents [B, T, h, w, C] from keyframes anywhere (`PixelDanceTask.keyframe_sample`:
+        z_keys [B, K, h, w, C] normalised, positions int32 [B, K], given bool [B, K], key_tau int32
+        [B, K]; keyframe_guidance: float32 scalar with branches = 4), compiled once per static
+        setting and shape, run on this pipeline's mesh."""
+        key = ("keyframes", steps, sampler, branches)
+        if key not in self._jitted:
+            self._jitted[key] = jax.jit(functools.partial(
+                self.task.keyframe_sample, self.model, steps=steps, sampler=sampler, branches=branches,
+                shift=self.config.sample.get("shift", 1.0)))
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.rules(INFERENCE_PRESET)):
+            return self._jitted[key](self.params, noise, z_keys, positions, given, key_tau, text, rng, guidance,
+                                     image_guidance, self.text.null, keyframe_guidance)
+
+    def keyframe_slots(self, first_frames, last_frames, keyframes, *, num_frames: int, height: int, width: int,
+                       tau: int, steps: int):
+        """The image instructions of a batch as keyframe slots: (images uint8 [K, B, H, W, 3],
+        positions int32 [B, K], given bool [B, K], key_tau int32 [B, K]); images[k] are slot k's.
+
+        first_frames, last_frames: B entries, each None or uint8 [H, W, 3] (slots 1 and 0: latent 0,
+        always shown, and latent T - 1, shown for steps < tau). keyframes: None or B entries, each
+        None or a dict {pixel frame: image or (image, tau_k)}: slots 2.. . A pixel frame goes to
+        its latent frame by `conditioning.latent_index` (tf * k exactly, others the nearest such;
+        -1 is the last frame); one at latent 0 is a first frame (always shown: its tau is
+        ignored); tau_k (default `tau`) is an integer in [0, steps]. Two keyframes of one example
+        on one latent frame are refused in one line."""
+        F, H, W = num_frames, height, width
+        B = len(first_frames)
+        keyframes = [None] * B if keyframes is None else list(keyframes)
+        if len(keyframes) != B:
+            raise ValueError(f"keyframes has {len(keyframes)} entries for {B} prompts")
+        T = self.vae.latent_shape(F, H, W)[0]
+        tf = (F - 1) // (T - 1) if T > 1 else 1
+        blank = np.zeros((H, W, 3), np.uint8)
+        extra = []  # per example: [(latent, image, tau)]
+        for b in range(B):
+            taken = {0: "first_frame"} if first_frames[b] is not None else {}
+            if last_frames[b] is not None and T > 1:  # (T = 1: the first frame is the last, as always)
+                taken[T - 1] = "last_frame"
+            mine = []
+            for pixel, value in (keyframes[b] or {}).items():
+                image, k_tau = value if isinstance(value, tuple) else (value, tau)
+                if not (isinstance(pixel, (int, np.integer)) and not isinstance(pixel, bool)):
+                    raise ValueError(f"keyframes[{b}]: pixel frame {pixel!r} is not an integer")
+                latent = conditioning.latent_index(int(pixel), F, tf)
+                if latent in taken:
+                    raise ValueError(f"keyframes[{b}]: the keyframe at pixel frame {pixel} and {taken[latent]} fall on "
+                                     f"the same latent frame {latent} (pixel frame {conditioning.anchor_pixel(latent, tf)}"
+                                     f"; keyframes sit at pixel frames 0, {tf}, {2 * tf}, ...)")
+                taken[latent] = f"the keyframe at pixel frame {pixel}"
+                if not (_is_int(k_tau) and 0 <= k_tau <= steps):
+                    raise ValueError(f"keyframes[{b}][{pixel}]: tau must be an integer in [0, {steps}] (0 to the "
+                                     f"sampling steps), got {k_tau}")
+                image = self._check_image(image, f"keyframes[{b}][{pixel}]", H, W)
+                mine.append((latent, image, conditioning.ALWAYS if latent == 0 else int(k_tau)))
+            extra.append(mine)
+        K = 2 + max((len(e) for e in extra), default=0)
+        images = np.zeros((K, B, H, W, 3), np.uint8)
+        positions = np.full((B, K), -1, np.int32)  # -1: an unused slot
+        given = np.zeros((B, K), bool)
+        key_tau = np.zeros((B, K), np.int32)
+        for b in range(B):
+            # Slot 0 the last frame, slot 1 the first (as `PixelDanceTask.guided_sample`), then the rest.
+            slots = [(T - 1, last_frames[b], tau), (0, first_frames[b], conditioning.ALWAYS)] + extra[b]
+            for k, (latent, image, k_tau) in enumerate(slots):
+                positions[b, k], key_tau[b, k] = latent, k_tau
+                given[b, k] = image is not None
+                images[k, b] = blank if image is None else image
+        return images, positions, given, key_tau
 
     def _check_image(self, image, name: str, height: int, width: int) -> np.ndarray:
         image = np.asarray(image)
@@ -265,24 +340,34 @@ class Pipeline:
                                 "dropped", _shorten(prompt), limit + d, limit, d)
         return dropped
 
-    def generate_batch(self, prompts: Sequence[str], first_frames=None, last_frames=None, *,
+    def generate_batch(self, prompts: Sequence[str], first_frames=None, last_frames=None, *, keyframes=None,
                        num_frames: int | None = None, height: int | None = None, width: int | None = None,
                        steps: int | None = None, guidance: float | None = None, tau: int | None = None,
                        seed: int = 0, sampler: str | None = None,
-                       image_guidance: float | None = None) -> np.ndarray:
+                       image_guidance: float | None = None, keyframe_guidance: float | None = None) -> np.ndarray:
         """B prompts, optional per-example first/last frames (uint8 [H, W, 3] or None) -> uint8 [B, F, H, W, 3].
 
+        keyframes: None or B entries, each None or {pixel frame: image or (image, tau_k)}: images
+        at any frames (e.g. {8: middle, 16: (last, 5)}), each shown for the first tau_k sampling
+        steps (default `tau`; one at pixel 0 is a first frame, always shown). A pixel frame that
+        is not 0 or a multiple of the VAE's temporal factor (4) goes to the nearest one
+        (`Pipeline.keyframe_slots`, `conditioning.latent_index`). Without keyframes this samples
+        exactly what first/last frames always did.
         height, width: the videos' size (default: the training resolution). guidance scales the
         text, image_guidance the image instructions (1: no image guidance, the faster 2-branch
-        batch); both default to the workdir's config.sample.
+        batch); both default to the workdir's config.sample. keyframe_guidance (None: image_guidance)
+        scales the keyframes after the first frame on their own, image_guidance then the first
+        frame (a fourth guidance branch, `guidance.combine`); last_frames are such keyframes too.
         """
-        return self._generate_batch(prompts, first_frames, last_frames, jax.random.key(seed),
+        check_settings(keyframe_guidance=keyframe_guidance)
+        return self._generate_batch(prompts, first_frames, last_frames, jax.random.key(seed), keyframes=keyframes,
+                                    keyframe_guidance=keyframe_guidance,
                                     **self._settings(num_frames, steps, guidance, tau, sampler, image_guidance,
                                                      height, width))
 
     def _generate_batch(self, prompts, first_frames, last_frames, key, *, num_frames: int, height: int,
                         width: int, steps: int, guidance: float, tau: int, sampler: str,
-                        image_guidance: float) -> np.ndarray:
+                        image_guidance: float, keyframes=None, keyframe_guidance: float | None = None) -> np.ndarray:
         """generate_batch with a random key and checked settings (`_settings`); the key's streams
         0 and 1 draw the initial noise and the instruction noise."""
         F, B, H, W = num_frames, len(prompts), height, width
@@ -291,41 +376,46 @@ class Pipeline:
         for b in range(B):
             if last_frames[b] is not None and first_frames[b] is None:
                 raise ValueError("a last frame needs a first frame (PixelDance's instructions are [first, ..., last])")
-        blank = np.zeros((H, W, 3), np.uint8)
-        firsts = np.stack([blank if f is None else self._check_image(f, "first_frame", H, W) for f in first_frames])
-        lasts = np.stack([blank if f is None else self._check_image(f, "last_frame", H, W) for f in last_frames])
-        # Both instruction images encode as one-frame videos, in one call.
-        z_img = self.stats.normalise(self.vae.encode(np.concatenate([firsts, lasts])[:, None])[:, 0])
-        z_first, z_last = z_img[:B], z_img[B:]
+        first_frames = [None if f is None else self._check_image(f, "first_frame", H, W) for f in first_frames]
+        last_frames = [None if f is None else self._check_image(f, "last_frame", H, W) for f in last_frames]
+        images, positions, given, key_tau = self.keyframe_slots(first_frames, last_frames, keyframes, num_frames=F,
+                                                                height=H, width=W, tau=tau, steps=steps)
+        K = images.shape[0]
+        # Every instruction image encodes as a one-frame video, in one call: first frames, last
+        # frames, then the other keyframes' slots.
+        order = [1, 0] + list(range(2, K))
+        z_img = self.stats.normalise(self.vae.encode(images[order].reshape(K * B, 1, H, W, 3))[:, 0])
+        z_img = z_img.reshape(K, B, *z_img.shape[1:])[np.argsort(order)]  # back to slot order
+        z_keys = np.moveaxis(z_img, 0, 1)  # [B, K, h, w, C]
         T, h, w, C = self.vae.latent_shape(F, H, W)
         noise = rng_lib.normal(jax.random.fold_in(key, 0), (B, T, h, w, C))
         text = self.text(prompts)
-        has_first = jnp.asarray([f is not None for f in first_frames])
-        has_last = jnp.asarray([f is not None for f in last_frames])
-        z = self.sample_latents(noise, jnp.asarray(z_first), jnp.asarray(z_last), has_first, has_last, text,
-                                jax.random.fold_in(key, 1), jnp.float32(guidance), jnp.float32(image_guidance),
-                                jnp.int32(tau), steps=steps, sampler=sampler,
-                                branches=guidance_lib.num_branches(image_guidance))
+        z = self.sample_keyframe_latents(noise, jnp.asarray(z_keys), jnp.asarray(positions), jnp.asarray(given),
+                                         jnp.asarray(key_tau), text, jax.random.fold_in(key, 1),
+                                         jnp.float32(guidance), jnp.float32(image_guidance),
+                                         None if keyframe_guidance is None else jnp.float32(keyframe_guidance),
+                                         steps=steps, sampler=sampler,
+                                         branches=guidance_lib.num_branches(image_guidance, keyframe_guidance))
         return self.vae.decode(self.stats.denormalise(z))
 
     def generate(self, prompt: str | Sequence[str], first_frame=None, last_frame=None, *, num_clips: int = 1,
                  num_frames: int | None = None, height: int | None = None, width: int | None = None,
                  steps: int | None = None, guidance: float | None = None, tau: int | None = None, seed: int = 0,
-                 sampler: str | None = None, image_guidance: float | None = None) -> np.ndarray:
+                 sampler: str | None = None, image_guidance: float | None = None, keyframes=None) -> np.ndarray:
         """One video, uint8 [F + (num_clips - 1)(F - 1), H, W, 3] (F = num_frames; H, W = height,
         width, default the training resolution): with num_clips > 1 a long video of clips chained
-        on their boundary frames (see `generate_clips` for prompt and last_frame per clip).
+        on their boundary frames (see `generate_clips` for prompt, last_frame and keyframes per clip).
         steps/guidance/image_guidance/tau/sampler default to the workdir's config.sample."""
         return np.concatenate(list(self.generate_clips(
             prompt, first_frame, last_frame, num_clips=num_clips, num_frames=num_frames, height=height,
             width=width, steps=steps, guidance=guidance, tau=tau, seed=seed, sampler=sampler,
-            image_guidance=image_guidance)))
+            image_guidance=image_guidance, keyframes=keyframes)))
 
     def generate_clips(self, prompt: str | Sequence[str], first_frame=None, last_frame=None, *,
                        num_clips: int = 1, num_frames: int | None = None, height: int | None = None,
                        width: int | None = None, steps: int | None = None, guidance: float | None = None,
                        tau: int | None = None, seed: int = 0, sampler: str | None = None,
-                       image_guidance: float | None = None) -> Iterator[np.ndarray]:
+                       image_guidance: float | None = None, keyframes=None) -> Iterator[np.ndarray]:
         """A long video, autoregressively: yields the new frames of each of `num_clips` clips.
 
         Clip k + 1 takes the last decoded frame of clip k as its first-frame instruction
@@ -338,6 +428,9 @@ class Pipeline:
         last_frame: None; one uint8 [H, W, 3] image, the final clip's last frame (where the long
           video ends; later clips always have a first frame, so it needs no first_frame when
           num_clips > 1); or a list/tuple of num_clips entries, each None or an image, per clip.
+        keyframes: None; a dict {pixel frame: image or (image, tau_k)} (`generate_batch`) with
+          num_clips = 1; or a list/tuple of num_clips entries, each None or such a dict, per clip
+          (clips after the first have their first frame already: none at pixel 0).
         seed: the first clip draws as `generate(..., seed=seed)` does (so num_clips=1 is the
           plain single clip); clip k > 0 draws from a key derived from (seed, k).
 
@@ -368,17 +461,31 @@ class Pipeline:
         lasts = [None if f is None else self._check_image(f, "last_frame", H, W) for f in lasts]
         if lasts[0] is not None and first_frame is None:
             raise ValueError("a last frame needs a first frame (PixelDance's instructions are [first, ..., last])")
+        if isinstance(keyframes, dict) or keyframes is None:
+            if keyframes and num_clips > 1:
+                raise ValueError(f"keyframes: give a list of num_clips = {num_clips} entries (None or a dict per clip)")
+            keys = [keyframes] + [None] * (num_clips - 1)
+        elif len(keyframes) != num_clips:
+            raise ValueError(f"keyframes has {len(keyframes)} entries, num_clips is {num_clips}")
+        else:
+            keys = list(keyframes)
+        blank = np.zeros((H, W, 3), np.uint8)
+        for k, (last, kf) in enumerate(zip(lasts, keys)):  # every clip's keyframes checked before any sampling
+            if kf:
+                self.keyframe_slots([first_frame if k == 0 else blank], [last], [kf],
+                                    **{n: settings[n] for n in ("num_frames", "height", "width", "tau", "steps")})
         self.warn_long_prompts(prompts)
-        return self._chain_clips(prompts, first_frame, lasts, seed, settings)
+        return self._chain_clips(prompts, first_frame, lasts, seed, settings, keys)
 
-    def _chain_clips(self, prompts, first_frame, last_frames, seed, settings) -> Iterator[np.ndarray]:
+    def _chain_clips(self, prompts, first_frame, last_frames, seed, settings, keyframes=None) -> Iterator[np.ndarray]:
         """generate_clips' iteration, after its checks (a generator runs nothing until iterated)."""
         key = jax.random.key(seed)
-        for k, (prompt, last) in enumerate(zip(prompts, last_frames)):
+        keyframes = [None] * len(prompts) if keyframes is None else keyframes
+        for k, (prompt, last, kf) in enumerate(zip(prompts, last_frames, keyframes)):
             # Later clips draw from stream 2 of the seed's key, which a clip leaves unused
             # (0: noise, 1: instruction noise), so no clip repeats another's draws.
             clip_key = key if k == 0 else jax.random.fold_in(jax.random.fold_in(key, 2), k)
-            video = self._generate_batch([prompt], [first_frame], [last], clip_key, **settings)[0]
+            video = self._generate_batch([prompt], [first_frame], [last], clip_key, keyframes=[kf], **settings)[0]
             first_frame = video[-1].copy()  # a copy: a view would keep the whole clip alive
             yield video if k == 0 else video[1:]
 
@@ -475,7 +582,29 @@ def _check_flags(FLAGS):
     # With several clips the last frame ends the final clip, which starts from the previous clip's last frame.
     if FLAGS.last_frame and not FLAGS.first_frame and FLAGS.num_clips == 1:
         raise ValueError("--last_frame needs --first_frame (the instructions are [first, ..., last])")
+    if FLAGS.keyframe and FLAGS.num_clips != 1:
+        raise ValueError("--keyframe needs --num_clips=1 (keyframes of one clip)")
+    parse_keyframe_flags(FLAGS.keyframe or [])
     return prompt
+
+
+def parse_keyframe_flags(values: Sequence[str]) -> list[tuple[int, str, int | None]]:
+    """--keyframe values 'PIXEL:PATH[:TAU]' -> [(pixel frame, path, tau or None)]; one-line errors."""
+    out = []
+    for v in values:
+        pixel, sep, rest = v.partition(":")
+        path, tau = rest, None
+        head, sep2, tail = rest.rpartition(":")
+        if sep2 and tail.lstrip("-").isdigit():
+            path, tau = head, int(tail)
+        try:
+            pixel = int(pixel)
+        except ValueError:
+            pixel = None
+        if not sep or pixel is None or not path:
+            raise ValueError(f"--keyframe must be PIXEL:PATH[:TAU] (e.g. 8:middle.png or 8:middle.png:5), got {v!r}")
+        out.append((pixel, path, tau))
+    return out
 
 
 @cli.one_line_errors  # bad flags, missing or damaged files, an unwritable output: one line
@@ -500,12 +629,20 @@ def main(argv):
             if img.shape[:2] != (H, W):
                 raise ValueError(f"--{name} {path} is {img.shape[1]}x{img.shape[0]}, the videos are "
                                  f"{W}x{H} (--width x --height; pass --resize to resize it)")
+    keyframes = {}
+    for pixel, path, k_tau in parse_keyframe_flags(FLAGS.keyframe or []):
+        img = video_io.read_image(path, size, name="--keyframe")
+        if img.shape[:2] != (H, W):
+            raise ValueError(f"--keyframe {path} is {img.shape[1]}x{img.shape[0]}, the videos are "
+                             f"{W}x{H} (--width x --height; pass --resize to resize it)")
+        keyframes[pixel] = img if k_tau is None else (img, k_tau)
     pipe = load_pipeline(FLAGS.workdir)
     kwargs = dict(num_frames=FLAGS.num_frames, height=H, width=W, steps=FLAGS.steps, guidance=FLAGS.guidance,
                   tau=FLAGS.tau, sampler=FLAGS.sampler, image_guidance=FLAGS.image_guidance)
     pipe._settings(prefix="--", num_clips=FLAGS.num_clips, **kwargs)  # the size against the model, by flag
     clips = pipe.generate_clips(prompt, images.get("first_frame"), images.get("last_frame"),
-                                num_clips=FLAGS.num_clips, seed=FLAGS.seed, **kwargs)
+                                num_clips=FLAGS.num_clips, seed=FLAGS.seed, keyframes=keyframes or None,
+                                **kwargs)
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
     if FLAGS.output.endswith(".mp4"):
         with video_io.Mp4Writer(FLAGS.output) as writer:  # streamed: one clip in memory at a time
@@ -533,6 +670,10 @@ def define_flags():
                         "transparent colour) is composited on black, with a warning).")
     flags.DEFINE_string("last_frame", None, "Last-frame instruction image (needs --first_frame when "
                         "--num_clips=1); with several clips, the final clip's last frame. Read as --first_frame.")
+    flags.DEFINE_multi_string("keyframe", None, "A keyframe image at a pixel frame, PIXEL:PATH[:TAU] (repeat for "
+                              "several; -1: the last frame): shown for the first TAU sampling steps (default --tau; "
+                              "at pixel 0 always); a frame that is not a multiple of the VAE's temporal factor (4) "
+                              "goes to the nearest one. Read as --first_frame; needs --num_clips=1.")
     flags.DEFINE_integer("height", None, "Video height in pixels; default: the training resolution.")
     flags.DEFINE_integer("width", None, "Video width in pixels; default: the training resolution.")
     flags.DEFINE_boolean("resize", False, "Resize instruction images to the videos' height x width.")
