@@ -1,0 +1,25 @@
+r"""The main job with keyframes anywhere: image instructions at any latent frames, not only first and last.
+
+Same data, VAE and DiT budget as experiments/shapes.py; only the DiT's image instructions
+change (issue 20, item 1). Each training clip draws one keyframe set: none 0.25, first frame
+0.30, first + last 0.25 (PixelDance's three modes keep most of the batch: 0.30 / 0.35 / 0.35
+in the main job), first + one middle latent frame 0.10, and random positions 0.10 (each of the
+5 latent frames a keyframe with probability 0.25). Middle keyframes are one-frame encodings of
+pixel frames 4k, which the cache stage adds to each record as z_frames (so the cache is rebuilt
+once: its meta.json records keyframe_frames), because sampling encodes a user's keyframe image
+alone; the noise on c_image and the first-frame replacement are PixelDance's. Sample with
+`pipe.generate(prompt, first_frame, keyframes={8: image})` or `--keyframe=8:image.png[:TAU]`.
+
+  python -m pixeldance.main --config=experiments/shapes_keyframes.py --workdir=workdirs/shapes_keyframes
+"""
+from pixeldance import configs
+
+base = configs.import_sibling(__file__, "base")
+
+
+def get_config(arg=None):
+    config = base.get_config(arg)
+    config.cond.keyframe_sets = "none:0.25,first:0.3,first_last:0.25,first_middle:0.1,random:0.1"
+    config.cond.keyframe_rate = 0.25
+    config.cond.keyframe_latents = "frames"
+    return config
