@@ -208,12 +208,13 @@ def test_middle_keyframe_not_replaced_first_is(sampler):
 
 class _GroupModel:
     """A stand-in DiT (flow, x0-prediction) whose output shows what reached it: 10 for text, 100 for
-    a keyframe at latent 0, 1000 for keyframes after it."""
+    a keyframe at latent 0, 1000 for keyframes after it (half for the latents, half for the mask)."""
 
     def apply(self, params, x, t, c_image, c_mask, tokens):
+        seen = lambda a: jnp.any(a != 0, axis=tuple(range(1, a.ndim)))
         text = jnp.any(tokens[:, 1:] != 0, axis=1)
-        first = jnp.any(c_mask[:, 0] != 0, axis=(1, 2, 3))
-        rest = jnp.any(c_mask[:, 1:] != 0, axis=(1, 2, 3, 4))
+        first = 0.5 * seen(c_mask[:, 0]) + 0.5 * seen(c_image[:, 0])
+        rest = 0.5 * seen(c_mask[:, 1:]) + 0.5 * seen(c_image[:, 1:])
         out = 1.0 + 10.0 * text + 100.0 * first + 1000.0 * rest
         return jnp.broadcast_to(out[:, None, None, None, None], x.shape)
 
