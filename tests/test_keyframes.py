@@ -432,3 +432,33 @@ def test_cache_frame_latents_are_frames_4k_encoded_alone():
     config = configs.load_config("experiments/base.py:runlocal")
     assert not cache_stage.keyframe_frames(config)
     assert cache_stage.keyframe_frames(configs.override(config, **{"cond.keyframe_sets": "first_middle:1"}))
+
+
+class _Seen:
+    """A stand-in DiT that records the instructions it is given (under jit too)."""
+
+    def __init__(self):
+        self.c_image = []
+
+    def apply(self, params, x, t, c_image, c_mask, tokens):
+        jax.debug.callback(lambda c: self.c_image.append(np.asarray(c)), c_image)
+        return jnp.zeros_like(x)
+
+
+def test_dit_loss_normalises_frame_latents_and_image_batches_cut_them():
+    """The DiT trainer's loss normalises z_frames with the latent statistics (middle keyframes in
+    the DiT's latent space), and image batches cut z_frames to their one frame."""
+    from pixeldance import workdir as workdir_lib
+    from pixeldance.trainers import dit as dit_trainer
+    task = _task(**{"cond.keyframe_sets": "first_middle:1", "cond.noise": 0.0})
+    stats = workdir_lib.LatentStats.from_moments([1.0], [2.0], source="test", num_videos=1)
+    B, T = 8, 3
+    batch = dict(z=jnp.zeros((B, T, 1, 1, 1)), z_last=jnp.zeros((B, 1, 1, 1, 1)),
+                 z_frames=jnp.full((B, T, 1, 1, 1), 7.0), tokens=jnp.zeros((B, 4), jnp.int32))
+    model = _Seen()
+    dit_trainer.make_loss(task, model, stats)(None, batch, jax.random.key(0))
+    jax.effects_barrier()
+    np.testing.assert_array_equal(model.c_image[0][:, 1, 0, 0, 0], (7.0 - 1.0) / 2.0)  # the one middle frame
+    image = next(dit_trainer.ImageVideoBatches(iter([dict(batch, z=batch["z"] + 1.0)]), 1))
+    assert image["z"].shape == image["z_frames"].shape == (B, 1, 1, 1, 1)
+    np.testing.assert_array_equal(image["z_frames"], 1.0)
