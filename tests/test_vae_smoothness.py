@@ -1,6 +1,7 @@
 """The VAE trainer's smoothness option (issue 19): config.vae.temporal_diff_weight, the L1 between
 consecutive-frame differences of the reconstruction and the input (trainers/vae.py
-`temporal_difference`). Off by default, and then the loss is the one before the option existed.
+`temporal_difference`). At weight 0 the loss is the one before the option existed (the default
+main job uses weight 10, squared).
 """
 import json
 import os
@@ -97,11 +98,11 @@ def test_loss_at_weight_zero_is_the_loss_before_and_the_term_adds_at_weight_one(
     assert float(jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grad)))) > 0
 
 
-def test_config_option_reaches_the_loss_weights_and_defaults_off():
+def test_config_option_reaches_the_loss_weights_and_old_configs_read_it_as_off():
     c = base.get_config()
-    assert c.vae.temporal_diff_weight == 0.0
-    # The default main job's weights: exactly those before the option existed.
-    assert trainer.loss_weights(c.vae) == trainer.LossWeights(l1=1.0, l2=1.0, kl=1e-6)
+    # The default main job's weights: the squared term at weight 10 (issue 19's measurements).
+    assert trainer.loss_weights(c.vae) == trainer.LossWeights(l1=1.0, l2=1.0, kl=1e-6, temporal_diff=10.0,
+                                                              temporal_diff_norm="l2")
     c.vae.temporal_diff_weight = 0.5
     c.vae.temporal_diff_norm = "l2"
     assert trainer.loss_weights(c.vae).temporal_diff == 0.5
