@@ -28,10 +28,12 @@ if not os.environ.get("PIXELDANCE_TEST_FULL_OPT"):
     from pixeldance import xla_flags  # noqa: E402  (imports no jax at module level)
     os.environ["XLA_FLAGS"] = xla_flags.with_fast_compile(os.environ["XLA_FLAGS"])
 os.environ["JAX_PLATFORMS"] = "cpu"
-# numpy's OpenBLAS starts a thread per core and busy-waits; beside XLA's threads and the other
-# xdist worker it is oversubscribed: the 2048-wide eigh of an FID (pixeldance/metrics/scores.py)
-# took 20 s instead of 1-2 s. One thread: the same LAPACK routines, each call alone.
+# numpy's OpenBLAS and torch's OpenMP start a thread per core and busy-wait; beside XLA's threads
+# and the other xdist worker they are oversubscribed: the 2048-wide eigh of an FID
+# (pixeldance/metrics/scores.py) took 20 s instead of 1-2 s, a torch Conv3d reference loop 9.6 s
+# instead of 1.6 s. One thread each (set before numpy or torch is imported; children inherit it).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Identical computations compiled by several tests (and by their subprocesses, which inherit the
 # variable) are compiled once. A fresh folder per session: nothing carries over between runs.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
