@@ -64,6 +64,26 @@ def _workdir(runlocal_workdir, root, name):
     return workdir
 
 
+@pytest.fixture(scope="module")
+def cached(wan, runlocal_workdir):
+    """A workdir (read-only: copy it with `_cached_workdir`) of the runlocal VAE whose latent cache
+    the cache stage wrote for `_config(wan)`: one cache stage for the fine-tuning tests (their
+    configs differ from it in train.* and mesh.*, which the cache does not depend on)."""
+    workdir = _workdir(runlocal_workdir, wan["root"], "cached")
+    config = _config(wan["dit"], wan["clip"])
+    workdir_lib.write_config(workdir, config)
+    cache_stage.cache_latents(config, workdir)
+    return workdir
+
+
+def _cached_workdir(cached, root, name, config):
+    """A copy of the `cached` workdir with `config` written into it, ready for the DiT stage."""
+    workdir = os.path.join(root, name)
+    shutil.copytree(cached, workdir)
+    workdir_lib.write_config(workdir, config)
+    return workdir
+
+
 def test_widened_network_equals_text_to_video():
     """Zero input weights for the instruction channels: WanVideo(widen=True) computes what the
     text-to-video network does, whatever c_image and c_mask hold; with those weights non-zero it
@@ -213,15 +233,13 @@ def test_whole_wan_folder_converts_and_loads_as_a_pipeline(wan, tmp_path):
     assert not os.path.exists(tmp_path / "again")
 
 
-def test_finetunes_from_converted_weights(wan, runlocal_workdir):
+def test_finetunes_from_converted_weights(wan, cached):
     """Full fine-tuning: the DiT starts from the converted weights (after 4 AdamW steps every
     weight is still within a few learning rates of them, not at a random init), trains with
     PixelDance's conditioning on cached frozen text states, and the Pipeline then loads the
     fine-tuned step."""
-    workdir = _workdir(runlocal_workdir, wan["root"], "finetune")
     config = _config(wan["dit"], wan["clip"])
-    workdir_lib.write_config(workdir, config)
-    cache_stage.cache_latents(config, workdir)
+    workdir = _cached_workdir(cached, wan["root"], "finetune", config)
     state = dit_trainer.train_dit(config, workdir)
     assert int(state.step) == config.train.num_steps
     stored = load_file(os.path.join(wan["dit"], weights.PARAMS))
@@ -243,17 +261,15 @@ def _flat(tree) -> dict:
     return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(jax.device_get(nn.unbox(tree))).items()}
 
 
-def test_lora_finetune_resume_and_sample(wan, runlocal_workdir):
+def test_lora_finetune_resume_and_sample(wan, cached, runlocal_workdir):
     """LoRA: the train state and its checkpoints hold only the adapters (the converted weights
     stay frozen); a run resumed from its step-2 checkpoint ends bit-identical to the
     uninterrupted one; the Pipeline merges the EMA adapters into the base, so only targeted
     kernels differ from the converted weights and the widened instruction channels are read;
     the sample stage generates T2V, I2V and FLF2V (tau) and writes mp4s."""
-    workdir = _workdir(runlocal_workdir, wan["root"], "lora")
     config = _config(wan["dit"], wan["clip"], **{"train.lora_rank": 2, "train.lora_alpha": 4.0,
                                                   "train.ckpt_every": 2, "train.lr": 1e-2})
-    workdir_lib.write_config(workdir, config)
-    cache_stage.cache_latents(config, workdir)
+    workdir = _cached_workdir(cached, wan["root"], "lora", config)
     state = dit_trainer.train_dit(config, workdir)
     assert int(state.step) == config.train.num_steps == 4
     adapters = _flat(state.params)
@@ -330,7 +346,7 @@ def test_lora_finetune_resume_and_sample(wan, runlocal_workdir):
         export_dit.export(runlocal_workdir, os.path.join(wan["root"], "never"))
 
 
-def test_lora_bfloat16_base(wan, runlocal_workdir, monkeypatch):
+def test_lora_bfloat16_base(wan, cached, monkeypatch):
     """config.train.lora_base_dtype='bfloat16': the trainer holds the frozen base in bfloat16
     (half its bytes), the adapters and their state stay float32 and learn; the Pipeline merges
     the EMA adapters into the same bfloat16 base, so sampling sees the weights training saw.
@@ -338,12 +354,10 @@ def test_lora_bfloat16_base(wan, runlocal_workdir, monkeypatch):
     data 2 x fsdp 2 x context 2 mesh, tokens split over 'context' (Ulysses attention), the base
     split over fsdp x context."""
     from pixeldance import train_lib
-    workdir = _workdir(runlocal_workdir, wan["root"], "lora_bf16")
     config = _config(wan["dit"], wan["clip"], **{"train.lora_rank": 2, "train.lora_alpha": 4.0, "train.lr": 1e-2,
                                                   "train.num_steps": 2, "train.lora_base_dtype": "bfloat16",
                                                   "mesh.shape": (2, 2, 2, 1), "mesh.preset": "fsdp_context_params"})
-    workdir_lib.write_config(workdir, config)
-    cache_stage.cache_latents(config, workdir)
+    workdir = _cached_workdir(cached, wan["root"], "lora_bf16", config)
     bases, fit = [], train_lib.fit
     monkeypatch.setattr(train_lib, "fit", lambda **kw: bases.append(kw["frozen"][0]) or fit(**kw))
     state = dit_trainer.train_dit(config, workdir)
