@@ -1,5 +1,5 @@
-r"""Ablation: the network predicts the velocity directly (the default predicts x0; the loss is on
-velocity in both).
+r"""Ablation: rectified flow with the network predicting the velocity directly, against
+`experiments/shapes_flow.py` (rectified flow predicting x0; the loss is on velocity in both).
 
   python -m pixeldance.main --config=experiments/shapes_velocity.py --workdir=workdirs/shapes_velocity
 """
@@ -10,5 +10,6 @@ base = configs.import_sibling(__file__, "base")
 
 def get_config(arg=None):
     config = base.get_config(arg)
+    config.diffusion.objective = "flow"
     config.diffusion.prediction = "velocity"
     return config

@@ -66,6 +66,7 @@ def get_config(arg=None):
     c.dit.remat = "full"
     c.dit.dtype = "bfloat16"     # compute; parameters and optimizer state stay float32
 
+    c.diffusion.objective = "flow"       # Wan 2.1 is a rectified-flow model (the main job's is 'v')
     c.diffusion.prediction = "velocity"  # Wan predicts the flow velocity eps - x0
     c.diffusion.time_sampling = "logit_normal"
 

@@ -40,7 +40,8 @@ HF = dict(patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=16, in
 
 def _config(dit_dir, clip_dir, **overrides):
     return configs.override(configs.load_config(RUNLOCAL), **{
-        "dit.family": "wan", "dit.init_from": dit_dir, "diffusion.prediction": "velocity",
+        "dit.family": "wan", "dit.init_from": dit_dir, "diffusion.objective": "flow",
+        "diffusion.prediction": "velocity",
         "text.encoder": "clip", "text.encoder_path": clip_dir, "text.encoder_max_length": 24,
         "mesh.shape": (2, 4, 1, 1), "sample.shift": 3.0, **overrides})
 

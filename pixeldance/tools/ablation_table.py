@@ -35,7 +35,7 @@ PAPER_TABLE3 = {
 }
 EXPERIMENT_FILES = {"full": "experiments/shapes.py", "t2v": "experiments/shapes_t2v.py",
                     "no_text": "experiments/shapes_no_text.py", "no_last": "experiments/shapes_no_last.py",
-                    "eps": "experiments/shapes_eps.py", "v": "experiments/shapes_v.py",
+                    "eps": "experiments/shapes_eps.py", "flow": "experiments/shapes_flow.py",
                     "velocity": "experiments/shapes_velocity.py", "concat": "experiments/shapes_concat.py",
                     "factorised": "experiments/shapes_factorised.py"}
 # (column header, mode, split, metric, format)
