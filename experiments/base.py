@@ -198,7 +198,8 @@ def get_config(arg=None):
     c.diffusion = dict(
         # 'v': DDPM (T = 1000) with v-prediction, measured better than rectified flow on every
         # faithfulness number (two seeds, issue 19); 'flow': rectified flow x_t = (1 - t) x0 + t eps
-        # (experiments/shapes_flow.py; Wan 2.1's); 'eps': the paper's DDPM eps-prediction.
+        # (experiments/shapes_flow.py; Wan 2.1's); 'eps': the paper's DDPM eps-prediction;
+        # 'v_zero_snr': v on the DDPM steps rescaled to pure noise at the last step.
         objective="v",
         prediction="x0",           # flow only: network output 'x0' or 'velocity'; the loss is on velocity
         time_sampling="logit_normal",  # flow only (DDPM draws its 1000 steps uniformly)

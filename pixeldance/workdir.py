@@ -44,8 +44,9 @@ _FAITHFULNESS = tuple(
     for name in ("colour_acc", "direction_acc", "consistency_acc")
     + {"T2V": (), "I2V": ("first_psnr",), "FLF2V": ("first_psnr", "last_psnr")}[mode])
 TENSORBOARD_TAGS = {
-    "vae": dict(scalars=("loss", "l1", "l2", "kl", "psnr", "grad_norm", "param_norm", "update_norm",
-                         "steps_per_sec"), images=()),
+    # temporal_diff: only while config.vae.temporal_diff_weight > 0 (the default, issue 19).
+    "vae": dict(scalars=("loss", "l1", "l2", "kl", "temporal_diff", "psnr", "grad_norm", "param_norm",
+                         "update_norm", "steps_per_sec"), images=()),
     "vae_eval": dict(scalars=("psnr", "ssim", "psnr_min", "num_videos"),
                      images=("reconstructions", "reconstruction_videos")),
     "cache": dict(scalars=("records", "latent_mean", "latent_std", "seconds", "records_per_sec"), images=()),

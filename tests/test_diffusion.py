@@ -158,6 +158,25 @@ def test_ddpm_schedule():
     np.testing.assert_allclose(schedules.time_grid(50, path="ddpm") * 1000, np.arange(1000, -1, -20), atol=1e-3)
 
 
+def test_zero_terminal_snr_schedule():
+    """'ddpm_zero_snr' (Lin et al.): the first step as DDPM's, the last pure noise, alpha falling
+    all the way, and t = 1 an exact clean-sample estimate from v (where eps would say nothing)."""
+    t = jnp.array([0.0, 0.001, 0.5, 0.999, 1.0])
+    a0, s0 = schedules.alpha_sigma(t, "ddpm")
+    a1, s1 = schedules.alpha_sigma(t, "ddpm_zero_snr")
+    np.testing.assert_allclose(a1[:2], a0[:2], rtol=1e-6)  # clean data and the first step unchanged
+    assert float(a1[-1]) <= 1.001 * schedules.ZERO_SNR_ALPHA and float(a0[-1]) > 0.06
+    np.testing.assert_allclose(a1 ** 2 + s1 ** 2, 1.0, rtol=1e-6)
+    grid = jnp.linspace(0.0, 1.0, 1001)
+    alpha, _ = schedules.alpha_sigma(grid, "ddpm_zero_snr")
+    assert np.all(np.diff(np.asarray(alpha)) < 0) and np.all(np.isfinite(np.asarray(alpha)))
+    assert float(a1[2]) < float(a0[2])  # less signal at every step in between
+    # The sampler's grid snaps to the same trained steps, and its flow time reaches exactly 1.
+    np.testing.assert_array_equal(schedules.time_grid(8, path="ddpm_zero_snr"), schedules.time_grid(8, path="ddpm"))
+    tau, _ = schedules.flow_coordinates(jnp.ones(()), "ddpm_zero_snr")
+    np.testing.assert_allclose(tau, 1.0, atol=2e-6)
+
+
 def _example(objective):
     x0, noise = _normal(5, (4, 2, 2, 2, 3)), _normal(6, (4, 2, 2, 2, 3))
     t = jnp.array([0.001, 0.1, 0.5, 1.0]) if objective != "flow" else jnp.array([0.05, 0.1, 0.5, 0.9])
@@ -165,7 +184,7 @@ def _example(objective):
 
 
 @pytest.mark.parametrize("objective, prediction", [("flow", "x0"), ("flow", "velocity"), ("eps", "x0"),
-                                                   ("v", "x0")])
+                                                   ("v", "x0"), ("v_zero_snr", "x0")])
 def test_exact_output_gives_zero_loss_and_the_true_denoising(objective, prediction):
     x0, noise, t = _example(objective)
     kw = dict(objective=objective, prediction=prediction)
@@ -188,7 +207,12 @@ def test_objective_paths():
     x0, noise, t = _example("flow")
     np.testing.assert_array_equal(objectives.add_noise(x0, noise, t, objective="flow"),
                                   objectives.interpolate(x0, noise, t))
-    assert [objectives.path(o) for o in objectives.OBJECTIVES] == ["flow", "ddpm", "ddpm"]
+    assert [objectives.path(o) for o in objectives.OBJECTIVES] == ["flow", "ddpm", "ddpm", "ddpm_zero_snr"]
+    # Where the paths differ, noising differs: at the last step zero-SNR is pure noise.
+    one = jnp.ones((1,))
+    np.testing.assert_allclose(objectives.add_noise(x0[:1], noise[:1], one, objective="v_zero_snr"),
+                               noise[:1], atol=1e-5)
+    assert float(jnp.abs(objectives.add_noise(x0[:1], noise[:1], one, objective="v") - noise[:1]).max()) > 0.05
     with pytest.raises(ValueError, match="x0_pred"):
         objectives.path("x0_pred")
 
@@ -252,7 +276,7 @@ def test_guided_sample_branches(image_guidance):
     """One DDIM step from t = 1 returns the guided x0: each branch carries exactly its conditions
     (full: text + image latents + mask; image: image latents + mask; none: nothing)."""
     config = configs.load_config("experiments/base.py:runlocal")
-    task = _task(config, **{"cond.first_frame": "concat"})
+    task = _task(config, **{"cond.first_frame": "concat", "diffusion.objective": "flow"})
     B, T, h, C, L, text_scale = 2, 3, 2, 4, config.text.max_length, 3.0
     z = jnp.ones((B, h, h, C))
     tokens = jnp.zeros((B, L), jnp.int32).at[:, :3].set(jnp.array([1, 5, 6]))
@@ -278,7 +302,7 @@ class _LastFrameModel:
 def test_tau_zero_equals_sampling_without_the_last_frame(sampler):
     """tau = 0 never shows the last frame; tau = steps shows it at every step."""
     config = configs.load_config("experiments/base.py:runlocal")
-    task = _task(config, **{"cond.first_frame": "concat", "cond.noise": 0.0})
+    task = _task(config, **{"cond.first_frame": "concat", "cond.noise": 0.0, "diffusion.objective": "flow"})
     B, T, h, C, L = 1, 3, 2, 4, config.text.max_length
     sample = jax.jit(task.guided_sample, static_argnums=0, static_argnames=("steps", "sampler", "branches"))
     noise, tokens = _normal(0, (B, T, h, h, C)), jnp.zeros((B, L), jnp.int32)
@@ -353,12 +377,12 @@ class _GaussianModel:
             return x0 if self.prediction == "x0" else eps - x0
         if self.objective == "eps":
             return eps
-        alpha, sigma = schedules.alpha_sigma(tb, "ddpm")
+        alpha, sigma = schedules.alpha_sigma(tb, objectives.path(self.objective))
         return alpha * eps - sigma * x0
 
 
 @pytest.mark.parametrize("objective, prediction, sampler", [
-    ("flow", "x0", "heun"), ("eps", "x0", "dpm++2m"), ("v", "x0", "heun")])
+    ("flow", "x0", "heun"), ("eps", "x0", "dpm++2m"), ("v", "x0", "heun"), ("v_zero_snr", "x0", "heun")])
 def test_guided_sample_each_objective(objective, prediction, sampler):
     """The guided sampler with the exact network transports noise to the data (3 branches)."""
     config = configs.load_config("experiments/base.py:runlocal")
@@ -485,7 +509,7 @@ def test_last_frame_picked_among_the_last_frames(last_from):
     np.testing.assert_allclose(counts[:last_from] / B, 1.0 / last_from, atol=0.04)
 
 
-@pytest.mark.parametrize("objective, prediction", [("flow", "x0"), ("eps", "x0"), ("v", "x0")])
+@pytest.mark.parametrize("objective, prediction", [("flow", "x0"), ("eps", "x0"), ("v", "x0"), ("v_zero_snr", "x0")])
 def test_task_loss_is_zero_for_the_exact_output(objective, prediction):
     task, batch = _loss_setup(objective, prediction, B=256)
     path = objectives.path(objective)
@@ -502,7 +526,7 @@ def test_task_loss_is_zero_for_the_exact_output(objective, prediction):
     model = _Recorder(exact)
     (loss, aux), (wrong, _) = _task_loss([model, _Recorder()], task, batch)
     assert float(loss) < 1e-6 and float(aux["x0_mse"]) < 1e-6
-    if path == "ddpm":  # uniform over the 1000 trained steps
+    if path in schedules.DDPM_PATHS:  # uniform over the 1000 trained steps
         steps = model.calls[0]["t"] * 1000
         np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
         assert steps.min() >= 1 and steps.max() <= 1000

@@ -10,6 +10,9 @@ Three objectives, `config.diffusion.objective`:
   'eps'   DDPM (T = 1000, the paper's objective): x_t = alpha x0 + sigma eps on the DDPM path of
           `schedules`, the network predicts eps, the loss is on eps.
   'v'     the same path, the network predicts v = alpha eps - sigma x0, the loss is on v.
+  'v_zero_snr'  v-prediction on the DDPM steps rescaled to zero signal at the last step
+          (`schedules` 'ddpm_zero_snr'): the noisiest step is pure noise, as sampling starts, so
+          the model cannot learn to read a trace of the clip there (issue 19: text-only motion).
 
 Samplers and guidance never look at the objective: `denoise` turns any network output into
 (x0_hat, v_hat), the clean-sample estimate and the flow velocity v_hat = eps_hat - x0_hat (so
@@ -24,16 +27,18 @@ import jax.numpy as jnp
 
 from pixeldance.diffusion import schedules
 
-OBJECTIVES = ("flow", "eps", "v")
+OBJECTIVES = ("flow", "eps", "v", "v_zero_snr")
 PREDICTIONS = ("velocity", "x0")  # what a flow network may output
 
 
 def path(objective: str) -> str:
-    """The noise path of an objective: 'flow' or 'ddpm' (see `schedules`)."""
+    """The noise path of an objective: 'flow', 'ddpm' or 'ddpm_zero_snr' (see `schedules`)."""
     if objective == "flow":
         return "flow"
     if objective in ("eps", "v"):
         return "ddpm"
+    if objective == "v_zero_snr":
+        return "ddpm_zero_snr"
     raise ValueError(f"unknown objective {objective!r}; choose from {OBJECTIVES}")
 
 
@@ -52,7 +57,7 @@ def add_noise(x0, noise, t, *, objective: str):
     """x_t = alpha(t) x0 + sigma(t) noise on the objective's path; x0, noise [B, ...], t [B]."""
     if path(objective) == "flow":
         return interpolate(x0, noise, t)
-    alpha, sigma = schedules.alpha_sigma(_per_example(t, x0.ndim), "ddpm")
+    alpha, sigma = schedules.alpha_sigma(_per_example(t, x0.ndim), path(objective))
     return alpha * x0 + sigma * noise
 
 
@@ -96,7 +101,7 @@ def denoise(output, x_t, t, *, objective: str, prediction: str = "x0", min_t: fl
         # alpha >= 0.068 on the DDPM path (its last step), so the division is safe.
         x0_hat, eps_hat = (x_t - sigma * output) / alpha, output
     else:
-        # 'v': alpha^2 + sigma^2 = 1 inverts v = alpha eps - sigma x0 together with x_t.
+        # 'v', 'v_zero_snr': alpha^2 + sigma^2 = 1 inverts v = alpha eps - sigma x0 together with x_t.
         x0_hat, eps_hat = alpha * x_t - sigma * output, sigma * x_t + alpha * output
     return x0_hat, eps_hat - x0_hat
 

@@ -71,7 +71,7 @@ def parse_keyframe_sets(spec: str) -> tuple[float, ...]:
 class PixelDanceTask:
     """The diffusion objective and PixelDance's conditioning rules (see the module docstring).
 
-    objective 'flow' | 'eps' | 'v'; prediction 'x0' | 'velocity' (flow only); min_t: velocity
+    objective 'flow' | 'eps' | 'v' | 'v_zero_snr'; prediction 'x0' | 'velocity' (flow only); min_t: velocity
     from an x0 prediction divides by max(t, min_t); time_sampling, logit_mean, logit_std: flow
     training times. first_frame 'replace' (the clean first latent replaces the noisy one and
     leaves the loss) or 'concat' (channel concatenation only); p_first, p_last: probability of a
