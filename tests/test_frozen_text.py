@@ -48,10 +48,11 @@ def _clip_folder(root, seed: int) -> str:
 
 
 def _assert_bfloat16_of(stored, states):
-    """stored (bfloat16) is `states` rounded to bfloat16: within one bfloat16 step (2^-8 relative),
-    since a batch of another size may move float32 results across a rounding boundary."""
+    """stored (bfloat16) is `states` rounded to bfloat16: within one bfloat16 step, since a batch of
+    another size may move float32 results across a rounding boundary. One step is 2^-7 of the
+    value's power of two, so up to 2^-7 relative (a CI run saw -0.0032501 against -0.0032349)."""
     stored, states = np.asarray(stored, np.float32), np.asarray(states, np.float32)
-    np.testing.assert_allclose(stored, states, rtol=2 ** -8, atol=1e-6)
+    np.testing.assert_allclose(stored, states, rtol=2 ** -7, atol=1e-6)
     assert np.mean(stored == np.asarray(states.astype("bfloat16"), np.float32)) > 0.98  # rounded, not cut
 
 

@@ -70,6 +70,7 @@ def _pipeline(noise=0.0) -> Pipeline:
     config = configs.load_config("experiments/base.py:runlocal")
     config.data.resolution, config.data.num_frames = R, F
     config.cond.first_frame, config.cond.noise = "concat", 0.0
+    config.diffusion.objective = "flow"  # the stand-in DiT's
     # One Euler step from t = 1 lands on the model's x0; guidance 1 is the conditional prediction.
     config.sample.update(steps=1, sampler="euler", guidance=1.0, image_guidance=1.0, tau=1)
     return Pipeline(config, _BlockVAE(), _ChainModel(noise), None, build.text_conditioner(config),

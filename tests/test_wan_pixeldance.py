@@ -357,7 +357,10 @@ def test_lora_bfloat16_base(wan, cached, monkeypatch):
     from pixeldance import train_lib
     config = _config(wan["dit"], wan["clip"], **{"train.lora_rank": 2, "train.lora_alpha": 4.0, "train.lr": 1e-2,
                                                   "train.num_steps": 2, "train.lora_base_dtype": "bfloat16",
-                                                  "mesh.shape": (2, 2, 2, 1), "mesh.preset": "fsdp_context_params"})
+                                                  "mesh.shape": (2, 2, 2, 1), "mesh.preset": "fsdp_context_params",
+                                                  # EMA = the trained adapters, so the merged update is
+                                                  # large enough to check against bfloat16 rounding
+                                                  "train.ema_decay": 0.0})
     workdir = _cached_workdir(cached, wan["root"], "lora_bf16", config)
     bases, fit = [], train_lib.fit
     monkeypatch.setattr(train_lib, "fit", lambda **kw: bases.append(kw["frozen"][0]) or fit(**kw))
@@ -373,15 +376,27 @@ def test_lora_bfloat16_base(wan, cached, monkeypatch):
     pipe = sample.load_pipeline(workdir)
     merged = _flat(pipe.params["params"]["dit"]["transformer"])
     ema = _flat(state.ema_params)
+    from pixeldance.models import lora as lora_lib
+    adapted = 0
     for path, value in merged.items():
         assert value.dtype == jnp.bfloat16, path
         base = stored["params/" + "/".join(path)]
+        key = ("params", "dit", "transformer") + path
+        delta = None
+        if key + ("lora_a",) in ema:  # the EMA adapters' update, on the (widened) kernel's shape
+            delta = np.asarray(lora_lib._delta(ema[key + ("lora_a",)], ema[key + ("lora_b",)], value.shape,
+                                               alpha=config.train.lora_alpha))
         if path == ("patch_embedding", "kernel"):
             value = value[..., :C, :]
-        if ("params", "dit", "transformer") + path + ("lora_a",) not in ema:
+            delta = None if delta is None else delta[..., :C, :]
+        if delta is None:
             np.testing.assert_array_equal(value, base.astype(jnp.bfloat16), err_msg=str(path))
-        else:  # bfloat16(bfloat16(W) + delta): within two bfloat16 roundings of W + delta
-            np.testing.assert_allclose(value.astype(np.float32), base, rtol=2 ** -7, atol=0.05, err_msg=str(path))
+        else:  # bfloat16(bfloat16(W) + delta): one bfloat16 rounding of bfloat16(W) + delta
+            adapted += 1
+            assert np.abs(delta).max() > 1e-3, path  # the adapters moved the weights
+            expected = np.asarray(base.astype(jnp.bfloat16), np.float32) + delta
+            np.testing.assert_allclose(value.astype(np.float32), expected, rtol=2 ** -8, atol=1e-8, err_msg=str(path))
+    assert adapted > 0
     video = pipe.generate("a red circle moves left", num_frames=5, height=32, width=32, steps=2)
     assert video.shape == (5, 32, 32, 3) and video.dtype == np.uint8
     with pytest.raises(ValueError, match="lora_base_dtype must be one of"):
