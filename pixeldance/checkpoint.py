@@ -301,9 +301,7 @@ class Checkpointer:
             self._failed = True
             if self._held is not None:  # the error below says it: dropped from now on
                 self._held.records, self._held.unraisable, self._held.failed = [], [], True
-            if jax.process_index() == 0:
-                for tmp in glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*")):
-                    shutil.rmtree(tmp, ignore_errors=True)
+            self._remove_unfinished()
             which = f"step {step}" if step is not None else f"step {self._unsealed[-1]}" if self._unsealed else "a step"
             if _is_disk_full(e):
                 free = shutil.disk_usage(self.directory).free if os.path.isdir(self.directory) else 0
@@ -312,6 +310,12 @@ class Checkpointer:
             else:
                 cause = _cause(e)
             raise CheckpointWriteError(f"checkpoint {which} could not be written to {self.directory}: {cause}") from None
+
+    def _remove_unfinished(self):
+        """Deletes the `*.orbax-checkpoint-tmp*` folders of failed saves (process 0 only)."""
+        if jax.process_index() == 0:
+            for tmp in glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*")):
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def poll(self):
         """Seals this object's saves that have finished since the last call, without waiting for
@@ -409,6 +413,9 @@ class Checkpointer:
         if self._failed:
             with contextlib.suppress(Exception):
                 self._manager.close()
+            # Again, now that Orbax's threads have ended: one still writing when the error
+            # surfaced can have made its temporary folder after the first removal (seen in CI).
+            self._remove_unfinished()
             if self._held is not None:  # Orbax's threads have ended (TensorStore's callbacks may not)
                 self._held.remove(replay=False)
                 self._held = None
