@@ -222,12 +222,14 @@ def get_config(arg=None):
         keyframe_sets="",          # keyframes anywhere (diffusion/task.py): "" draws PixelDance's first /
                                    # last frame from p_first and p_last exactly as before; else weights
                                    # of the sets drawn per example, e.g. "none:0.3,first:0.25,
-                                   # first_last:0.2,first_middle:0.15,random:0.1" (normalised)
+                                   # first_last:0.2,first_middle:0.15,random:0.1,context:0.1" (normalised)
         keyframe_rate=0.25,        # the 'random' set: each latent frame a keyframe with this probability
         keyframe_drop=0.0,         # each keyframe but the first dropped with this probability
         keyframe_latents="frames",  # middle keyframes' latents: 'frames' one-frame encodings of pixel
                                    # frames 4k (the cache stage stores them as z_frames when a set
                                    # needs them) or 'clip' (the clip's own latent there; old caches)
+        context_frames=2,          # the 'context' set (continuation in latent space): the first n
+                                   # latents, clean, n uniform in 1..context_frames
     )
 
     c.train = dict(

@@ -1,10 +1,12 @@
 r"""The main job with keyframes anywhere: image instructions at any latent frames, not only first and last.
 
 Same data, VAE and DiT budget as experiments/shapes.py; only the DiT's image instructions
-change (issue 20, item 1). Each training clip draws one keyframe set: none 0.25, first frame
-0.30, first + last 0.25 (PixelDance's three modes keep most of the batch: 0.30 / 0.35 / 0.35
-in the main job), first + one middle latent frame 0.10, and random positions 0.10 (each of the
-5 latent frames a keyframe with probability 0.25). Middle keyframes are one-frame encodings of
+change (issue 20, items 1 and 2). Each training clip draws one keyframe set: none 0.20, first
+frame 0.25, first + last 0.25 (PixelDance's three modes keep most of the batch: 0.30 / 0.35 /
+0.35 in the main job), first + one middle latent frame 0.10, random positions 0.10 (each of the
+5 latent frames a keyframe with probability 0.25), and context 0.10: the clip's own first 1 or
+2 latents, clean, which is how a clip continues the previous one in latent space (its last
+latents become the next clip's context; `Pipeline.generate_clips(..., continuation='latent')`). Middle keyframes are one-frame encodings of
 pixel frames 4k, which the cache stage adds to each record as z_frames (so the cache is rebuilt
 once: its meta.json records keyframe_frames), because sampling encodes a user's keyframe image
 alone; the noise on c_image and the first-frame replacement are PixelDance's. Sample with
@@ -19,7 +21,8 @@ base = configs.import_sibling(__file__, "base")
 
 def get_config(arg=None):
     config = base.get_config(arg)
-    config.cond.keyframe_sets = "none:0.25,first:0.3,first_last:0.25,first_middle:0.1,random:0.1"
+    config.cond.keyframe_sets = "none:0.2,first:0.25,first_last:0.25,first_middle:0.1,random:0.1,context:0.1"
     config.cond.keyframe_rate = 0.25
     config.cond.keyframe_latents = "frames"
+    config.cond.context_frames = 2
     return config

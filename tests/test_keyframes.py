@@ -370,6 +370,36 @@ def test_random_positions_and_per_keyframe_drop():
     assert abs(given[:, -1].mean() - 0.6) < 0.03
 
 
+def test_context_set_for_latent_continuation():
+    """The context set gives the first n latents, n uniform in 1..context_frames, from the clip itself
+    (not z_frames, not the last-frame candidates), clean in x_t and out of the loss; never dropped;
+    with keyframe_drop the other sets still drop."""
+    given, c, _, x = _draw("context:1", **{"cond.context_frames": 3, "cond.keyframe_drop": 0.5,
+                                           "cond.keyframe_latents": "frames"})
+    context = np.asarray(x["context"])
+    np.testing.assert_array_equal(context, given)
+    n = given.sum(1)
+    assert set(np.unique(n)) == {1, 2, 3}
+    np.testing.assert_allclose(np.bincount(n, minlength=4)[1:] / len(n), 1 / 3, atol=0.03)
+    np.testing.assert_array_equal(given, np.arange(5)[None] < n[:, None])  # a prefix
+    T = given.shape[1]
+    frames = np.broadcast_to(10.0 + np.arange(T), given.shape)
+    np.testing.assert_array_equal(c[given], frames[given])  # the clip's own latents
+    np.testing.assert_array_equal(np.asarray(x["x_t"])[:, :, 0, 0, 0][given], frames[given])  # clean
+    np.testing.assert_array_equal(np.asarray(x["loss_mask"])[:, :, 0, 0, 0], np.where(given, 0.0, 1.0))
+    assert not np.any(np.asarray(x["has_last"]))
+    # context_frames is capped at T - 1 (a frame is always left to generate) and checked.
+    given, _, _, _ = _draw("context:1", T=3, **{"cond.context_frames": 5})
+    assert given.sum(1).max() == 2 and not given[:, -1].any()
+    with pytest.raises(ValueError, match="context_frames"):
+        _task(**{"cond.context_frames": 0})
+    # Mixed with other sets, only the context draws are marked as context.
+    given, _, _, x = _draw("first_last:1,context:1")
+    context = np.asarray(x["context"])
+    assert 0.45 < context.any(1).mean() < 0.55
+    assert not context[given[:, -1]].any()
+
+
 def test_clip_latents_and_missing_frame_latents():
     """keyframe_latents='clip' takes middle keyframes from z; 'frames' without z_frames is a clear error;
     one-frame batches (images) get no keyframes; T = 2 has no middle frame."""
@@ -388,7 +418,7 @@ def test_clip_latents_and_missing_frame_latents():
 
 
 def test_keyframe_sets_config_is_checked():
-    assert task_lib.parse_keyframe_sets("first:1, first_last:3") == (0.0, 0.25, 0.75, 0.0, 0.0)
+    assert task_lib.parse_keyframe_sets("first:1, first_last:3") == (0.0, 0.25, 0.75, 0.0, 0.0, 0.0)
     for bad, match in (("middle:1", "is not name:weight"), ("first", "is not name:weight"),
                        ("first:x", "not a number"), ("first:-1", ">= 0"), ("none:0", "sum to 0")):
         with pytest.raises(ValueError, match=match):

@@ -114,6 +114,12 @@ def replace_first(x, z_first, has_first):
     return x.at[:, 0].set(first)
 
 
+def replace_frames(x, clean, where):
+    """x [B, T, h, w, C] with the latent frames where `where` (bool [B, T]) holds taken from
+    `clean` [B, T, h, w, C]: context latents put back clean (continuation in latent space)."""
+    return jnp.where(where[:, :, None, None, None], clean, x)
+
+
 def first_frame_loss_mask(has_first, num_frames: int, replace: bool):
     """[B, T, 1, 1, 1] loss mask: frame 0 is excluded where it was given by replacement."""
     mask = jnp.ones((has_first.shape[0], num_frames), jnp.float32)

@@ -39,7 +39,7 @@ from pixeldance.diffusion import guidance as guidance_lib
 from pixeldance.models import text as text_lib
 
 FIRST_FRAME_MODES = ("replace", "concat")
-KEYFRAME_SETS = ("none", "first", "first_last", "first_middle", "random")
+KEYFRAME_SETS = ("none", "first", "first_last", "first_middle", "random", "context")
 KEYFRAME_LATENTS = ("frames", "clip")
 
 
@@ -85,7 +85,8 @@ class PixelDanceTask:
     keyframe_drop: each keyframe but the first dropped with this probability (the paper's drop
     of the last frame, per keyframe); keyframe_latents: where middle keyframes' latents come from,
     'frames' (one-frame encodings of pixel frames 4k, cached as z_frames) or 'clip' (the clip's
-    own latent at that position).
+    own latent at that position); context_frames: the 'context' set's largest number of leading
+    latent frames (continuation in latent space).
     """
 
     objective: str = "flow"
@@ -104,6 +105,7 @@ class PixelDanceTask:
     keyframe_rate: float = 0.25
     keyframe_drop: float = 0.0
     keyframe_latents: str = "frames"
+    context_frames: int = 2
 
     def __post_init__(self):
         objectives.path(self.objective)  # rejects unknown objectives, naming the choices
@@ -116,6 +118,8 @@ class PixelDanceTask:
         if self.keyframe_latents not in KEYFRAME_LATENTS:
             raise ValueError(f"config.cond.keyframe_latents must be one of {KEYFRAME_LATENTS}, "
                              f"got {self.keyframe_latents!r}")
+        if self.context_frames < 1:
+            raise ValueError(f"config.cond.context_frames must be >= 1, got {self.context_frames}")
         for name in ("keyframe_rate", "keyframe_drop"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"config.cond.{name} must be in [0, 1], got {getattr(self, name)}")
@@ -130,7 +134,8 @@ class PixelDanceTask:
                    noise=c.noise, p_drop_text=c.p_drop_text,
                    keyframe_sets=parse_keyframe_sets(c.get("keyframe_sets", "")),
                    keyframe_rate=c.get("keyframe_rate", 0.25), keyframe_drop=c.get("keyframe_drop", 0.0),
-                   keyframe_latents=c.get("keyframe_latents", "frames"))
+                   keyframe_latents=c.get("keyframe_latents", "frames"),
+                   context_frames=c.get("context_frames", 2))
 
     @property
     def path(self) -> str:
@@ -178,16 +183,18 @@ class PixelDanceTask:
 
         Returns dict(x_t [B, T, h, w, C], t [B], c_image [B, T, h, w, C], c_mask [B, T, h, w, 1],
         text (as given, dropped ones replaced), noise [B, T, h, w, C], loss_mask [B, T, 1, 1, 1], has_first [B],
-        has_last [B], last_pick int32 [B], keyframes bool [B, T]: the latent frames given).
+        has_last [B], last_pick int32 [B], keyframes bool [B, T]: the latent frames given,
+        context bool [B, T]: the context set's frames, a subset of keyframes).
         """
         B, T = z.shape[:2]
         keys = jax.random.split(rng, 7)
         pick = jax.random.randint(keys[2], (B,), 0, min(self.last_from, z_last.shape[1]))
         last = jnp.take_along_axis(z_last, pick[:, None, None, None, None], axis=1)[:, 0]
+        context = jnp.zeros((B, T), bool)
         if self.keyframe_sets:
-            given = self._keyframe_sets(keys[0], B, T)
-            c_image, c_mask = self._keyframe_instructions(z, last, z_frames, given)
-            has_first, has_last = given[:, 0], given[:, -1]
+            given, context = self._keyframe_sets(keys[0], B, T)
+            c_image, c_mask = self._keyframe_instructions(z, last, z_frames, given, context)
+            has_first, has_last = given[:, 0], given[:, -1] & ~context[:, -1]
         else:  # PixelDance's first and last frame, today's draws
             has_first = jax.random.uniform(keys[0], (B,)) < self.p_first
             if T == 1:  # an image batch (joint image-video training): text-to-image, no instructions
@@ -209,21 +216,25 @@ class PixelDanceTask:
             t = schedules.sample_ddpm_time(keys[5], B)
         noise = rng_lib.normal(keys[6], z.shape)
         x_t = objectives.add_noise(z, noise, t, objective=self.objective)
+        loss_mask = conditioning.first_frame_loss_mask(has_first, T, self.replace)
         if self.replace:
             x_t = conditioning.replace_first(x_t, z[:, 0], has_first)
-        return dict(x_t=x_t, t=t, c_image=c_image, c_mask=c_mask, text=text, noise=noise,
-                    loss_mask=conditioning.first_frame_loss_mask(has_first, T, self.replace),
-                    has_first=has_first, has_last=has_last, last_pick=pick, keyframes=given)
+            x_t = conditioning.replace_frames(x_t, z, context)
+            loss_mask = loss_mask * (~context).astype(loss_mask.dtype)[:, :, None, None, None]
+        return dict(x_t=x_t, t=t, c_image=c_image, c_mask=c_mask, text=text, noise=noise, loss_mask=loss_mask,
+                    has_first=has_first, has_last=has_last, last_pick=pick, keyframes=given, context=context)
 
     def _keyframe_sets(self, rng, B: int, T: int):
-        """bool [B, T]: the latent frames given as keyframes, one set of `KEYFRAME_SETS` drawn per
-        example (`training_inputs`). One-frame batches (images) get none."""
+        """(given, context), bool [B, T] each: the latent frames given as keyframes, one set of
+        `KEYFRAME_SETS` drawn per example (`training_inputs`), and those of the context set.
+        One-frame batches (images) get none."""
         k_set, k_middle, k_random, k_drop = jax.random.split(rng, 4)
+        k_random, k_context = jax.random.split(k_random)
         which = jax.random.choice(k_set, len(KEYFRAME_SETS), (B,), p=jnp.asarray(self.keyframe_sets, jnp.float32))
         is_set = {name: (which == i)[:, None] for i, name in enumerate(KEYFRAME_SETS)}
         frames = jnp.arange(T)[None]
         if T == 1:
-            return jnp.zeros((B, 1), bool)
+            return jnp.zeros((B, 1), bool), jnp.zeros((B, 1), bool)
         with_first = is_set["first"] | is_set["first_last"] | is_set["first_middle"]
         given = (frames == 0) & with_first
         given |= (frames == T - 1) & is_set["first_last"]
@@ -231,13 +242,15 @@ class PixelDanceTask:
             middle = jax.random.randint(k_middle, (B, 1), 1, T - 1)
             given |= (frames == middle) & is_set["first_middle"]
         given |= (jax.random.uniform(k_random, (B, T)) < self.keyframe_rate) & is_set["random"]
-        dropped = (jax.random.uniform(k_drop, (B, T)) < self.keyframe_drop) & (frames > 0)
-        return given & ~dropped
+        n_context = jax.random.randint(k_context, (B, 1), 1, min(self.context_frames, T - 1) + 1)
+        context = (frames < n_context) & is_set["context"]
+        dropped = (jax.random.uniform(k_drop, (B, T)) < self.keyframe_drop) & (frames > 0) & ~context
+        return (given & ~dropped) | context, context
 
-    def _keyframe_instructions(self, z, last, z_frames, given):
+    def _keyframe_instructions(self, z, last, z_frames, given, context):
         """c_image [B, T, h, w, C], c_mask [B, T, h, w, 1] of the keyframes `given` (bool [B, T]):
-        latent 0 from z, T - 1 from `last` [B, h, w, C], middle ones from z_frames or z
-        (`training_inputs`)."""
+        latent 0 from z, T - 1 from `last` [B, h, w, C], middle ones from z_frames or z, the
+        `context` frames (bool [B, T]) from z (`training_inputs`)."""
         T = z.shape[1]
         if self.keyframe_latents == "frames" and T > 2 and self.needs_frame_latents:
             if z_frames is None:
@@ -249,6 +262,7 @@ class PixelDanceTask:
         source = source.at[:, 0].set(z[:, 0])
         if T > 1:
             source = source.at[:, -1].set(last)
+        source = jnp.where(context[:, :, None, None, None], z, source)
         g = given.astype(z.dtype)[:, :, None, None, None]
         return source * g, jnp.broadcast_to(g, (*z.shape[:-1], 1))
 
