@@ -262,6 +262,8 @@ def test_ground_truth_scores_perfectly(cfg, split):
             i, text, score)
         assert score["first_psnr"] == score["last_psnr"] == faith.PSNR_CAP
         assert score["predicted_colours"] == tuple(c for c, _, _ in _combos(item))
+        assert score["shape_correct"] and score["predicted_shapes"] == tuple(s for _, s, _ in _combos(item)), (
+            i, text, score["predicted_shapes"])
         # Played backwards, every clip moves the wrong way, yet stays consistent and coloured.
         backwards = faith.score_video(video[::-1], text)
         assert not backwards["direction_correct"], (i, text)
@@ -282,6 +284,11 @@ def test_no_score_without_a_caption_match():
             recoloured[object_pixels] = world.COLOUR_RGB[other]
             score = faith.score_video(recoloured, item["caption"])
             assert not score["colour_correct"] and score["direction_correct"]
+        # Asked for any other shape: wrong, the rest right.
+        for other in world.SHAPES:
+            if other != shape:
+                score = faith.score_video(video, world.caption([(colour, other, direction)]))
+                assert not score["shape_correct"] and score["colour_correct"] and score["direction_correct"]
         # Asked for any other direction: wrong.
         for other in world.DIRECTIONS:
             if other != direction:
@@ -386,3 +393,20 @@ def test_plugin():
     assert report["FLF2V"]["seen"]["first_psnr"] < 100.0
     evaluator.reset()
     assert evaluator.result() == {}
+
+
+def test_shape_from_frames_off_the_border():
+    """A triangle whose tip is cut off by the frame edge fills its box like a circle; the shape
+    is read from the frames where it is whole, and from the cut ones only when there are none."""
+    R, size = 64, 20
+    rows = np.arange(size)
+    triangle = np.abs(np.arange(size)[None] - size / 2 + 0.5) < (rows[:, None] + 1) / 2  # tip up
+    video = np.zeros((9, R, R, 3), np.uint8)
+    for f in range(9):
+        y = 20 if f < 3 else -12  # frames 3..8: the top 12 rows above the frame
+        part = triangle[max(0, -y):]
+        video[f, max(0, y):max(0, y) + len(part), 20:20 + size][part] = world.COLOUR_RGB["red"]
+    cut = faith.analyse_video(video[3:])
+    assert cut["shape"] == "circle"  # the trapezoid alone is misread, which is why cut frames wait
+    assert faith.analyse_video(video)["shape"] == "triangle"
+    assert faith.shape_of_fill(None) is None and faith.analyse_video(video[:0 + 1] * 0)["shape"] is None
