@@ -6,11 +6,13 @@ r"""Sampling API and command line.
       [--sampler=euler|heun|dpm++2m|ddim] [--steps=25] [--seed=0] [--num_frames=17] \
       [--height=48 --width=80] [--resize] \
       [--num_clips=3 [--prompts="a red circle moves left|a red circle moves up|..."]] --output=out.mp4
+  python -m pixeldance.sample --workdir=DIR --storyboard=story.yaml --output=story.mp4   (pixeldance/story.py)
 
 From Python: `pipe = pixeldance.load_pipeline(DIR); video = pipe.generate("a red circle moves left")`
 (uint8 [F, H, W, 3]); `pipe.generate(prompt, keyframes={8: image})` adds keyframes at any pixel
 frames (`Pipeline.generate_batch`); `pipe.generate(prompt, num_clips=N)` chains N clips into one long video
-(`pipe.generate_clips` yields them clip by clip); `height=` / `width=` make other sizes than the
+(`pipe.generate_clips` yields them clip by clip; `pipe.generate_story(storyboard)` a story of
+segments, `pixeldance/story.py`); `height=` / `width=` make other sizes than the
 training resolution (any multiple of the VAE's and the DiT patch's factors, e.g. the buckets the
 DiT trained on); and `vae = pixeldance.load_vae(DIR)` with `encode` / `decode`.
 
@@ -340,6 +342,12 @@ class Pipeline:
                                 "dropped", _shorten(prompt), limit + d, limit, d)
         return dropped
 
+    def generate_story(self, storyboard, **overrides) -> Iterator[np.ndarray]:
+        """A storyboard (`story.Storyboard`, or a JSON / YAML file path) -> uint8 frame chunks
+        [n, H, W, 3], clip by clip; overrides replace its settings (`story.generate_story`)."""
+        from pixeldance import story  # story imports this module
+        return story.generate_story(self, storyboard, **overrides)
+
     def generate_batch(self, prompts: Sequence[str], first_frames=None, last_frames=None, *, keyframes=None,
                        num_frames: int | None = None, height: int | None = None, width: int | None = None,
                        steps: int | None = None, guidance: float | None = None, tau: int | None = None,
@@ -572,6 +580,10 @@ def _check_flags(FLAGS):
     check_settings("--", steps=FLAGS.steps, guidance=FLAGS.guidance, image_guidance=FLAGS.image_guidance,
                    num_frames=FLAGS.num_frames, height=FLAGS.height, width=FLAGS.width, num_clips=FLAGS.num_clips,
                    sampler=FLAGS.sampler)
+    if FLAGS.storyboard:
+        given = [f"--{n}" for n in STORY_SETS if FLAGS[n].present]
+        if given:
+            raise ValueError(f"--storyboard sets the prompts, the first frame and the clips: drop {_and(given)}")
     prompt = FLAGS.prompt
     if FLAGS.prompts is not None:
         if FLAGS.prompt:
@@ -618,6 +630,8 @@ def main(argv):
     prompt = _check_flags(FLAGS)
     config = read_pipeline_config(FLAGS.workdir)
     check_tau(FLAGS.tau, FLAGS.steps, config.sample.steps, "--")
+    if FLAGS.storyboard:
+        return _write_clips(FLAGS.output, _story_clips(FLAGS))
     H = config.data.resolution if FLAGS.height is None else FLAGS.height
     W = config.data.resolution if FLAGS.width is None else FLAGS.width
     size = (H, W) if FLAGS.resize else None
@@ -643,17 +657,38 @@ def main(argv):
     clips = pipe.generate_clips(prompt, images.get("first_frame"), images.get("last_frame"),
                                 num_clips=FLAGS.num_clips, seed=FLAGS.seed, keyframes=keyframes or None,
                                 **kwargs)
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-    if FLAGS.output.endswith(".mp4"):
-        with video_io.Mp4Writer(FLAGS.output) as writer:  # streamed: one clip in memory at a time
+    _write_clips(FLAGS.output, clips)
+
+
+STORY_SETS = ("prompt", "prompts", "num_clips", "first_frame", "last_frame", "keyframe")  # a storyboard's
+
+
+def _story_clips(FLAGS) -> Iterator[np.ndarray]:
+    """--storyboard: the story's clips (`story.generate_story`), the file checked and its images
+    read before the pipeline loads, positions and sizes before any clip is sampled; the sampling
+    flags given (and --seed, --resize) override the storyboard's settings."""
+    from pixeldance import story  # story imports this module
+    board = story.load_storyboard(FLAGS.storyboard)
+    names = [n for n in story.OVERRIDES if n in FLAGS and FLAGS[n].present]  # --continuation where defined
+    pipe = load_pipeline(FLAGS.workdir)
+    return story.generate_story(pipe, board, **{n: FLAGS[n].value for n in names})
+
+
+def _write_clips(path: str, clips: Iterator[np.ndarray]):
+    """Writes the chunks uint8 [n, H, W, 3] to `path`: an mp4 streamed (one clip in memory at a
+    time), a GIF from all its frames at once (as Pillow writes them)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if path.endswith(".mp4"):
+        with video_io.Mp4Writer(path) as writer:
             for frames in clips:
                 writer.write(frames)
+                H, W = frames.shape[1:3]
         num_frames = writer.num_frames
-    else:  # Pillow writes a GIF from all its frames at once
+    else:
         video = np.concatenate(list(clips))
-        video_io.write_gif(FLAGS.output, video, scale=4)
-        num_frames = video.shape[0]
-    print(f"wrote {FLAGS.output} ({num_frames} frames, {W}x{H})")
+        video_io.write_gif(path, video, scale=4)
+        num_frames, H, W = video.shape[:3]
+    print(f"wrote {path} ({num_frames} frames, {W}x{H})")
 
 
 def define_flags():
@@ -687,6 +722,11 @@ def define_flags():
     flags.DEFINE_string("sampler", None, f"One of {', '.join(samplers.SAMPLERS)}; default: config.sample.sampler.")
     flags.DEFINE_integer("seed", 0, "Random seed.")
     flags.DEFINE_string("output", None, "Output .mp4 or .gif file path (missing parent folders are created).")
+    flags.DEFINE_string("storyboard", None, "A story from a JSON or YAML storyboard: segments, each a prompt, a "
+                        "length in clips and optional keyframe images (pixeldance/story.py), streamed clip by clip; "
+                        "instead of --prompt, --prompts, --num_clips, --first_frame, --last_frame and --keyframe. "
+                        "The sampling flags given, --seed and --resize override its settings.")
+
 
 
 def run():
