@@ -5,13 +5,15 @@ r"""Sampling API and command line.
       [--guidance=3] [--image_guidance=1] \
       [--sampler=euler|heun|dpm++2m|ddim] [--steps=25] [--seed=0] [--num_frames=17] \
       [--height=48 --width=80] [--resize] \
-      [--num_clips=3 [--prompts="a red circle moves left|a red circle moves up|..."]] --output=out.mp4
+      [--num_clips=3 [--prompts="a red circle moves left|a red circle moves up|..."] \
+       [--continuation=latent [--context_latents=2]]] --output=out.mp4
   python -m pixeldance.sample --workdir=DIR --storyboard=story.yaml --output=story.mp4   (pixeldance/story.py)
 
 From Python: `pipe = pixeldance.load_pipeline(DIR); video = pipe.generate("a red circle moves left")`
 (uint8 [F, H, W, 3]); `pipe.generate(prompt, keyframes={8: image})` adds keyframes at any pixel
 frames (`Pipeline.generate_batch`); `pipe.generate(prompt, num_clips=N)` chains N clips into one long video
-(`pipe.generate_clips` yields them clip by clip; `pipe.generate_story(storyboard)` a story of
+(`pipe.generate_clips` yields them clip by clip, with `continuation='latent'` each clip continued
+from the previous one's last latents and the whole video decoded as one; `pipe.generate_story(storyboard)` a story of
 segments, `pixeldance/story.py`); `height=` / `width=` make other sizes than the
 training resolution (any multiple of the VAE's and the DiT patch's factors, e.g. the buckets the
 DiT trained on); and `vae = pixeldance.load_vae(DIR)` with `encode` / `decode`.
@@ -44,8 +46,10 @@ from pixeldance.diffusion import conditioning
 from pixeldance.diffusion import guidance as guidance_lib
 from pixeldance.diffusion import samplers
 from pixeldance.diffusion.task import PixelDanceTask
+from pixeldance.models import vae_inference
 
 INFERENCE_PRESET = "fsdp"
+CONTINUATIONS = ("reencode", "latent")  # how a long video's clips continue (`Pipeline.generate_clips`)
 
 
 def inference_mesh(devices=None):
@@ -70,6 +74,7 @@ class VideoVAE:
         self._decode_float = jax.jit(lambda p, z: model.apply(p, z, method=model.decode))
         self._decode = jax.jit(lambda p, z: jnp.clip(
             jnp.round((model.apply(p, z, method=model.decode) + 1.0) * 127.5), 0, 255).astype(jnp.uint8))
+        self._stream_programs = {}
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(T, h, w, C) of F frames of H x W pixels (`build.latent_shape`)."""
@@ -83,6 +88,14 @@ class VideoVAE:
 
     def decode(self, latents) -> np.ndarray:
         return np.asarray(self._decode(self.params, self._check_latents(latents)))
+
+    def stream_decoder(self, chunk: int = 1) -> vae_inference.StreamDecoder:
+        """A new streaming decode (`vae_inference.StreamDecoder`, uint8 frames): push(latents
+        [B, t, h, w, C]) -> uint8 [B, F', 8h, 8w, 3], the first push 1 + 4(t - 1) frames, later
+        ones 4t, decoded causally as one video. The compiled code is kept for the next one."""
+        if chunk not in self._stream_programs:
+            self._stream_programs[chunk] = vae_inference.StreamDecoder.programs(self.model, chunk, uint8=True)
+        return vae_inference.StreamDecoder(self.model, self.params, programs=self._stream_programs[chunk])
 
     def decode_float(self, latents) -> jax.Array:
         """Latents -> float32 video [B, F, H, W, 3], nominally in [-1, 1] (not clipped)."""
@@ -206,19 +219,23 @@ class Pipeline:
                                      guidance, image_guidance, tau, self.text.null)
 
     def sample_keyframe_latents(self, noise, z_keys, positions, given, key_tau, text, rng, guidance,
-                                image_guidance, keyframe_guidance=None, *, steps: int, sampler: str, branches: int):
+                                image_guidance, keyframe_guidance=None, z_context=None, context=None, *,
+                                steps: int, sampler: str, branches: int):
         """Normalised latents [B, T, h, w, C] from keyframes anywhere (`PixelDanceTask.keyframe_sample`:
         z_keys [B, K, h, w, C] normalised, positions int32 [B, K], given bool [B, K], key_tau int32
-        [B, K]; keyframe_guidance: float32 scalar with branches = 4), compiled once per static
-        setting and shape, run on this pipeline's mesh."""
-        key = ("keyframes", steps, sampler, branches)
+        [B, K]; keyframe_guidance: float32 scalar with branches = 4; z_context [B, T, h, w, C]
+        normalised with context bool [B, T]: latents given as context, continuation in latent
+        space), compiled once per static setting and shape (with context or without), run on
+        this pipeline's mesh."""
+        key = ("keyframes" if context is None else "context", steps, sampler, branches)
         if key not in self._jitted:
             self._jitted[key] = jax.jit(functools.partial(
                 self.task.keyframe_sample, self.model, steps=steps, sampler=sampler, branches=branches,
                 shift=self.config.sample.get("shift", 1.0)))
+        args = (self.params, noise, z_keys, positions, given, key_tau, text, rng, guidance, image_guidance,
+                self.text.null, keyframe_guidance) + (() if context is None else (z_context, context))
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.rules(INFERENCE_PRESET)):
-            return self._jitted[key](self.params, noise, z_keys, positions, given, key_tau, text, rng, guidance,
-                                     image_guidance, self.text.null, keyframe_guidance)
+            return self._jitted[key](*args)
 
     def keyframe_slots(self, first_frames, last_frames, keyframes, *, num_frames: int, height: int, width: int,
                        tau: int, steps: int):
@@ -373,16 +390,27 @@ class Pipeline:
                                     **self._settings(num_frames, steps, guidance, tau, sampler, image_guidance,
                                                      height, width))
 
-    def _generate_batch(self, prompts, first_frames, last_frames, key, *, num_frames: int, height: int,
-                        width: int, steps: int, guidance: float, tau: int, sampler: str,
-                        image_guidance: float, keyframes=None, keyframe_guidance: float | None = None) -> np.ndarray:
-        """generate_batch with a random key and checked settings (`_settings`); the key's streams
-        0 and 1 draw the initial noise and the instruction noise."""
+    def _generate_batch(self, prompts, first_frames, last_frames, key, **kwargs) -> np.ndarray:
+        """generate_batch with a random key and checked settings (`_settings`): `_sample_batch`,
+        decoded."""
+        return self.vae.decode(self.stats.denormalise(self._sample_batch(prompts, first_frames, last_frames, key,
+                                                                         **kwargs)))
+
+    def _sample_batch(self, prompts, first_frames, last_frames, key, *, num_frames: int, height: int,
+                      width: int, steps: int, guidance: float, tau: int, sampler: str,
+                      image_guidance: float, keyframes=None, keyframe_guidance: float | None = None,
+                      context=None) -> jax.Array:
+        """Normalised latents [B, T, h, w, C] of generate_batch with a random key and checked
+        settings (`_settings`); the key's streams 0 and 1 draw the initial noise and the
+        instruction noise. context: None, or (z_context [B, T, h, w, C] normalised, bool [B, T]),
+        latents given as context (continuation in latent space; an example with context needs
+        no first frame for its last frame)."""
         F, B, H, W = num_frames, len(prompts), height, width
         first_frames = [None] * B if first_frames is None else list(first_frames)
         last_frames = [None] * B if last_frames is None else list(last_frames)
         for b in range(B):
-            if last_frames[b] is not None and first_frames[b] is None:
+            if last_frames[b] is not None and first_frames[b] is None and not (context is not None
+                                                                               and np.any(context[1][b])):
                 raise ValueError("a last frame needs a first frame (PixelDance's instructions are [first, ..., last])")
         first_frames = [None if f is None else self._check_image(f, "first_frame", H, W) for f in first_frames]
         last_frames = [None if f is None else self._check_image(f, "last_frame", H, W) for f in last_frames]
@@ -398,38 +426,58 @@ class Pipeline:
         T, h, w, C = self.vae.latent_shape(F, H, W)
         noise = rng_lib.normal(jax.random.fold_in(key, 0), (B, T, h, w, C))
         text = self.text(prompts)
-        z = self.sample_keyframe_latents(noise, jnp.asarray(z_keys), jnp.asarray(positions), jnp.asarray(given),
-                                         jnp.asarray(key_tau), text, jax.random.fold_in(key, 1),
-                                         jnp.float32(guidance), jnp.float32(image_guidance),
-                                         None if keyframe_guidance is None else jnp.float32(keyframe_guidance),
-                                         steps=steps, sampler=sampler,
-                                         branches=guidance_lib.num_branches(image_guidance, keyframe_guidance))
-        return self.vae.decode(self.stats.denormalise(z))
+        z_context, in_context = (None, None) if context is None else (jnp.asarray(c) for c in context)
+        return self.sample_keyframe_latents(noise, jnp.asarray(z_keys), jnp.asarray(positions), jnp.asarray(given),
+                                            jnp.asarray(key_tau), text, jax.random.fold_in(key, 1),
+                                            jnp.float32(guidance), jnp.float32(image_guidance),
+                                            None if keyframe_guidance is None else jnp.float32(keyframe_guidance),
+                                            z_context, in_context, steps=steps, sampler=sampler,
+                                            branches=guidance_lib.num_branches(image_guidance, keyframe_guidance))
 
     def generate(self, prompt: str | Sequence[str], first_frame=None, last_frame=None, *, num_clips: int = 1,
                  num_frames: int | None = None, height: int | None = None, width: int | None = None,
                  steps: int | None = None, guidance: float | None = None, tau: int | None = None, seed: int = 0,
-                 sampler: str | None = None, image_guidance: float | None = None, keyframes=None) -> np.ndarray:
+                 sampler: str | None = None, image_guidance: float | None = None, keyframes=None,
+                 continuation: str = "reencode", context_latents: int | None = None) -> np.ndarray:
         """One video, uint8 [F + (num_clips - 1)(F - 1), H, W, 3] (F = num_frames; H, W = height,
         width, default the training resolution): with num_clips > 1 a long video of clips chained
-        on their boundary frames (see `generate_clips` for prompt, last_frame and keyframes per clip).
+        on their boundary frames (see `generate_clips` for prompt, last_frame and keyframes per
+        clip, and for continuation='latent', which makes F + (num_clips - 1) 4(T - K) frames).
         steps/guidance/image_guidance/tau/sampler default to the workdir's config.sample."""
         return np.concatenate(list(self.generate_clips(
             prompt, first_frame, last_frame, num_clips=num_clips, num_frames=num_frames, height=height,
             width=width, steps=steps, guidance=guidance, tau=tau, seed=seed, sampler=sampler,
-            image_guidance=image_guidance, keyframes=keyframes)))
+            image_guidance=image_guidance, keyframes=keyframes, continuation=continuation,
+            context_latents=context_latents)))
 
     def generate_clips(self, prompt: str | Sequence[str], first_frame=None, last_frame=None, *,
                        num_clips: int = 1, num_frames: int | None = None, height: int | None = None,
                        width: int | None = None, steps: int | None = None, guidance: float | None = None,
                        tau: int | None = None, seed: int = 0, sampler: str | None = None,
-                       image_guidance: float | None = None, keyframes=None) -> Iterator[np.ndarray]:
+                       image_guidance: float | None = None, keyframes=None, continuation: str = "reencode",
+                       context_latents: int | None = None) -> Iterator[np.ndarray]:
         """A long video, autoregressively: yields the new frames of each of `num_clips` clips.
 
-        Clip k + 1 takes the last decoded frame of clip k as its first-frame instruction
-        (re-encoded by the VAE). The first clip yields uint8 [F, H, W, 3], each later one
-        [F - 1, H, W, 3] (its frame 0 stands for the previous clip's last frame, already yielded),
-        so together they are F + (num_clips - 1)(F - 1) frames with no repeated boundary frame.
+        continuation='reencode' (the default, PixelDance's): clip k + 1 takes the last decoded
+        frame of clip k as its first-frame instruction (re-encoded by the VAE). The first clip
+        yields uint8 [F, H, W, 3], each later one [F - 1, H, W, 3] (its frame 0 stands for the
+        previous clip's last frame, already yielded), so together they are
+        F + (num_clips - 1)(F - 1) frames with no repeated boundary frame.
+
+        continuation='latent' (continuation in latent space, no decode and re-encode): clip k + 1
+        is sampled with the last K = context_latents latent frames of clip k (default
+        config.cond.context_frames, an integer in [1, T - 1], T the clip's latent frames) at its
+        latent frames 0..K-1, clean: shown as context keyframes at every step and, with
+        first_frame='replace', held fixed in x (`PixelDanceTask.keyframe_sample`; the model
+        learns them from training's 'context' keyframe set). The latents are decoded as one
+        video by the VAE's causal decoder, the cache carried across clips
+        (`vae_inference.StreamDecoder`): clip 0 yields its F = 1 + 4(T - 1) frames, each later
+        clip the 4(T - K) frames of its latents K..T-1, so F + (num_clips - 1) 4(T - K) frames
+        in all, the boundaries decoded like any other latent frame. Only the current clip's
+        latents, the K carried ones and the decoder's cache are held; the context latents are
+        traced, so the sampler compiles once for any num_clips (clip 0 runs it with no context).
+        A later clip's keyframes and pixel frames count from its own frame 0, whose frames
+        0..4(K-1) are the previous clip's: keyframes there are refused in one line.
 
         prompt: one str for every clip, or a list/tuple of num_clips str (one per clip).
         first_frame: uint8 [H, W, 3] or None, the first clip's first frame.
@@ -440,7 +488,8 @@ class Pipeline:
           num_clips = 1; or a list/tuple of num_clips entries, each None or such a dict, per clip
           (clips after the first have their first frame already: none at pixel 0).
         seed: the first clip draws as `generate(..., seed=seed)` does (so num_clips=1 is the
-          plain single clip); clip k > 0 draws from a key derived from (seed, k).
+          plain single clip); clip k > 0 draws from a key derived from (seed, k), with either
+          continuation.
 
         The arguments are checked at the call, before any clip is sampled (one-line ValueErrors:
         guidance scales finite and >= 0, steps >= 1, tau in [0, steps], sizes the VAE and the
@@ -452,6 +501,7 @@ class Pipeline:
         settings = self._settings(num_frames, steps, guidance, tau, sampler, image_guidance, height, width,
                                   num_clips=num_clips)
         H, W = settings["height"], settings["width"]
+        K = self.context_latents(continuation, context_latents, settings["num_frames"], H, W)
         if isinstance(prompt, str):
             prompts = [prompt] * num_clips
         elif len(prompt) != num_clips or not all(isinstance(p, str) for p in prompt):
@@ -480,10 +530,73 @@ class Pipeline:
         blank = np.zeros((H, W, 3), np.uint8)
         for k, (last, kf) in enumerate(zip(lasts, keys)):  # every clip's keyframes checked before any sampling
             if kf:
-                self.keyframe_slots([first_frame if k == 0 else blank], [last], [kf],
+                # A later clip starts from the carried frame, or in latent space from its context.
+                start = first_frame if k == 0 else blank if K is None else None
+                self.keyframe_slots([start], [last], [kf],
                                     **{n: settings[n] for n in ("num_frames", "height", "width", "tau", "steps")})
+                if k > 0 and K is not None:
+                    self._check_context_keyframes(kf, k, K, settings["num_frames"], H, W)
         self.warn_long_prompts(prompts)
+        if K is not None:
+            return self._latent_clips(prompts, first_frame, lasts, seed, settings, keys, K)
         return self._chain_clips(prompts, first_frame, lasts, seed, settings, keys)
+
+    def context_latents(self, continuation: str, context_latents, num_frames: int, height: int, width: int,
+                        prefix: str = "") -> int | None:
+        """generate_clips' K, the context latents of continuation='latent' (None for 'reencode'):
+        context_latents, or config.cond.context_frames when None, checked to be an integer in
+        [1, T - 1] (T: the latent frames of num_frames); continuation one of `CONTINUATIONS`.
+        One-line ValueErrors naming `prefix` + the argument."""
+        if continuation not in CONTINUATIONS:
+            raise ValueError(f"{prefix}continuation must be one of {', '.join(CONTINUATIONS)}, got {continuation!r}")
+        if continuation == "reencode":
+            return None
+        T = self.vae.latent_shape(num_frames, height, width)[0]
+        K = self.config.cond.get("context_frames", 2) if context_latents is None else context_latents
+        if T < 2:
+            raise ValueError(f"{prefix}continuation=latent needs clips of >= 2 latent frames, {prefix}num_frames="
+                             f"{num_frames} gives {T}")
+        if not (_is_int(K) and not isinstance(K, bool) and 1 <= K <= T - 1):
+            source = "" if context_latents is not None else " (from the workdir's config.cond.context_frames)"
+            raise ValueError(f"{prefix}context_latents must be an integer in [1, {T - 1}] (1 to the clip's {T} latent "
+                             f"frames - 1), got {K}{source}")
+        return int(K)
+
+    def _check_context_keyframes(self, keyframes: dict, clip: int, K: int, num_frames: int, height: int, width: int):
+        """Refuses, in one line, a keyframe of a later clip of continuation='latent' on one of its
+        K context latent frames (they are the previous clip's last K)."""
+        T = self.vae.latent_shape(num_frames, height, width)[0]
+        tf = (num_frames - 1) // (T - 1)
+        free = next(p for p in range(num_frames) if conditioning.latent_index(p, num_frames, tf) >= K)
+        for pixel in keyframes:
+            latent = conditioning.latent_index(int(pixel), num_frames, tf)
+            if latent < K:
+                raise ValueError(f"keyframes[{clip}]: the keyframe at pixel frame {pixel} falls on latent frame "
+                                 f"{latent}, one of the {K} context latents of continuation=latent (the previous "
+                                 f"clip's); a later clip's keyframes start at pixel frame {free}")
+
+    def _latent_clips(self, prompts, first_frame, last_frames, seed, settings, keyframes, K: int
+                      ) -> Iterator[np.ndarray]:
+        """generate_clips' iteration with continuation='latent', after its checks: clip k + 1's
+        latents 0..K-1 are clip k's last K (normalised, clean), and the clips' new latents go
+        through one streaming causal decode (clip 0 all T, later ones K..T-1)."""
+        key = jax.random.key(seed)
+        T, h, w, C = self.vae.latent_shape(settings["num_frames"], settings["height"], settings["width"])
+        decoder = self.vae.stream_decoder()
+        # Clip 0 runs the same compiled sampler with no context: one program for every clip.
+        z_context, context = np.zeros((1, T, h, w, C), np.float32), np.zeros((1, T), bool)
+        for k, (prompt, last, kf) in enumerate(zip(prompts, last_frames, keyframes)):
+            # The keys of continuation='reencode' (`_chain_clips`).
+            clip_key = key if k == 0 else jax.random.fold_in(jax.random.fold_in(key, 2), k)
+            z = self._sample_batch([prompt], [first_frame if k == 0 else None], [last], clip_key, keyframes=[kf],
+                                   context=(z_context, context), **settings)
+            frames = decoder.push(self.stats.denormalise(z if k == 0 else z[:, K:]))
+            # All that is kept of clip k, on the host (K latent frames): as clip 0's zeros, so the
+            # sampler's inputs have one placement and it compiles once.
+            z_context = np.zeros(z.shape, np.float32)
+            z_context[:, :K] = np.asarray(z[:, T - K:])
+            context = np.arange(T)[None] < K
+            yield np.asarray(frames[0])
 
     def _chain_clips(self, prompts, first_frame, last_frames, seed, settings, keyframes=None) -> Iterator[np.ndarray]:
         """generate_clips' iteration, after its checks (a generator runs nothing until iterated)."""
@@ -596,6 +709,12 @@ def _check_flags(FLAGS):
         raise ValueError("--last_frame needs --first_frame (the instructions are [first, ..., last])")
     if FLAGS.keyframe and FLAGS.num_clips != 1:
         raise ValueError("--keyframe needs --num_clips=1 (keyframes of one clip)")
+    if FLAGS.continuation not in CONTINUATIONS:
+        raise ValueError(f"--continuation must be one of {', '.join(CONTINUATIONS)}, got {FLAGS.continuation!r}")
+    if FLAGS.context_latents is not None and FLAGS.continuation != "latent":
+        raise ValueError("--context_latents needs --continuation=latent")
+    if FLAGS.context_latents is not None and FLAGS.context_latents < 1:
+        raise ValueError(f"--context_latents must be an integer >= 1, got {FLAGS.context_latents}")
     parse_keyframe_flags(FLAGS.keyframe or [])
     return prompt
 
@@ -653,10 +772,11 @@ def main(argv):
     pipe = load_pipeline(FLAGS.workdir)
     kwargs = dict(num_frames=FLAGS.num_frames, height=H, width=W, steps=FLAGS.steps, guidance=FLAGS.guidance,
                   tau=FLAGS.tau, sampler=FLAGS.sampler, image_guidance=FLAGS.image_guidance)
-    pipe._settings(prefix="--", num_clips=FLAGS.num_clips, **kwargs)  # the size against the model, by flag
+    settings = pipe._settings(prefix="--", num_clips=FLAGS.num_clips, **kwargs)  # the size against the model
+    pipe.context_latents(FLAGS.continuation, FLAGS.context_latents, settings["num_frames"], H, W, prefix="--")
     clips = pipe.generate_clips(prompt, images.get("first_frame"), images.get("last_frame"),
                                 num_clips=FLAGS.num_clips, seed=FLAGS.seed, keyframes=keyframes or None,
-                                **kwargs)
+                                continuation=FLAGS.continuation, context_latents=FLAGS.context_latents, **kwargs)
     _write_clips(FLAGS.output, clips)
 
 
@@ -699,7 +819,14 @@ def define_flags():
     flags.DEFINE_string("prompts", None, "Per-clip text instructions, '|'-separated, one per clip "
                         "(instead of --prompt, which applies to every clip).")
     flags.DEFINE_integer("num_clips", 1, "Clips chained into one long video: each starts from the "
-                         "previous clip's last frame; F + (num_clips - 1)(F - 1) frames in all.")
+                         "previous clip's last frame; F + (num_clips - 1)(F - 1) frames in all (with "
+                         "--continuation=latent, from its last K latents: F + (num_clips - 1) 4(T - K)).")
+    flags.DEFINE_string("continuation", "reencode", "How a clip continues the previous one: 'reencode' (its last "
+                        "decoded frame, encoded again, is the first-frame instruction) or 'latent' (its last "
+                        "--context_latents latent frames are the next clip's first ones, clean; the whole video "
+                        "is decoded as one by the causal VAE).")
+    flags.DEFINE_integer("context_latents", None, "K, the latent frames carried by --continuation=latent, 1 to "
+                         "T - 1 (T: a clip's latent frames); default: config.cond.context_frames.")
     flags.DEFINE_string("first_frame", None, "First-frame instruction image (png/jpg, any mode Pillow reads: "
                         "16-bit images are scaled to 8 bits; one with transparency (RGBA, LA, a palette with a "
                         "transparent colour) is composited on black, with a warning).")
@@ -726,7 +853,6 @@ def define_flags():
                         "length in clips and optional keyframe images (pixeldance/story.py), streamed clip by clip; "
                         "instead of --prompt, --prompts, --num_clips, --first_frame, --last_frame and --keyframe. "
                         "The sampling flags given, --seed and --resize override its settings.")
-
 
 
 def run():

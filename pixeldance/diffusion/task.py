@@ -13,7 +13,8 @@ and `config.cond` (how image instructions are drawn, noised, dropped and put in)
   denoiser         one guided denoising call (branches full / image / none, the tau switch,
                    per keyframe);
   keyframe_sample  the whole `lax.scan` sampler from keyframes at any latent positions, each
-                   with its own tau (the Pipeline's);
+                   with its own tau, and context latents (continuation in latent space; the
+                   Pipeline's);
   guided_sample    the same from a first and a last frame (PixelDance's; the planner compiles it).
 
 Latents here are normalised (`workdir.LatentStats.normalise`); the model is any Flax module
@@ -342,8 +343,8 @@ class PixelDanceTask:
                                     branches=branches, shift=shift)
 
     def keyframe_sample(self, model, params, noise, z_keys, positions, given, key_tau, text, rng, guidance,
-                        image_guidance, null_text=None, keyframe_guidance=None, *, steps: int, sampler: str,
-                        branches: int, shift: float = 1.0):
+                        image_guidance, null_text=None, keyframe_guidance=None, z_context=None, context=None, *,
+                        steps: int, sampler: str, branches: int, shift: float = 1.0):
         """Normalised latents [B, T, h, w, C] from `noise` [B, T, h, w, C] at t = 1, guided by
         keyframes anywhere.
 
@@ -357,15 +358,30 @@ class PixelDanceTask:
         frame, and keyframe_guidance (float32 scalar) to the other keyframes. With
         first_frame='replace' a keyframe at latent 0 is put back, clean, after every step; later
         keyframes only condition (a one-frame latent is not the clip's own latent there).
+
+        Continuation in latent space (training's 'context' set): context bool [B, T] marks latent
+        frames given as the clip's own latents, z_context [B, T, h, w, C] (read where context
+        holds; e.g. the previous clip's last K latents at 0..K-1). They are keyframes shown at
+        every step (noised like training's; over a keyframe slot at the same frame) and, with
+        first_frame='replace' as in training, put back clean into x before the first step and
+        after every step, so the result holds them exactly. Traced: one compiled sampler serves
+        a clip without context (all False) and the clips continued from it.
         Other arguments as `guided_sample`.
         """
         T = noise.shape[1]
         c_clean, m_full, frame_tau = conditioning.place_keyframes(z_keys, positions, given, T,
                                                                   jnp.asarray(key_tau, jnp.int32))
+        if context is not None:
+            c_clean = conditioning.replace_frames(c_clean, z_context, context)
+            m_full = jnp.where(context[:, :, None, None, None], jnp.ones_like(m_full), m_full)
+            frame_tau = jnp.where(context, conditioning.ALWAYS, frame_tau)
         c_full = conditioning.noise_instructions(rng, c_clean, m_full, self.noise)
         denoise = self.denoiser(model, params, c_full, m_full, text, guidance, image_guidance, frame_tau,
                                 branches=branches, null_text=null_text, keyframe_guidance=keyframe_guidance)
         has_first = m_full[:, 0, 0, 0, 0] > 0
         project = (lambda x: conditioning.replace_first(x, c_clean[:, 0], has_first)) if self.replace else None
+        if self.replace and context is not None:
+            project = lambda x: conditioning.replace_frames(conditioning.replace_first(x, c_clean[:, 0], has_first),
+                                                            z_context, context)
         return samplers.solve(denoise, noise, steps=steps, sampler=sampler, path=self.path, shift=shift,
                               project=project)

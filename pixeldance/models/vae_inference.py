@@ -5,8 +5,9 @@ Both VAEs are causal in time, so a video can be encoded chunk by chunk (frame 0 
 each causal conv carrying its last input frames in the 'cache' collection through `lax.scan`:
 `encode_chunked` / `decode_chunked` equal the models' one-pass `encode` / `decode` up to float
 rounding, in memory that does not grow with the length (diffusers' Wan VAE runs exactly these
-chunks). `encode_tiled` / `decode_tiled` split large frames into overlapping tiles blended with
-linear ramps.
+chunks). `StreamDecoder` decodes a latent video pushed piece by piece (the clips of a long video
+continued in latent space), the cache carried from piece to piece. `encode_tiled` /
+`decode_tiled` split large frames into overlapping tiles blended with linear ramps.
 
 The model interface used: `encode`, `decode`, `encode_chunk(x, first)`, `decode_chunk(z, first)`,
 `check_video`, `check_latents`, `temporal_factor`, `spatial_factor`, `latent_channels`.
@@ -36,18 +37,28 @@ def _scan_chunks(model, params, method, first_chunk: jax.Array, chunks: jax.Arra
     """
     params = {"params": params["params"]}
     out0, variables = model.apply(params, first_chunk, True, method=method, mutable=["cache"])
+    _, outs, out_tail = _continue_chunks(model, params, method, variables["cache"], chunks, tail)
+    return out0, outs, out_tail
+
+
+def _continue_chunks(model, params, method: str, cache, chunks: jax.Array, tail: jax.Array | None):
+    """Runs `method` (first=False) on each of `chunks` [chunks, ...] in a `lax.scan` from the
+    causal `cache`, then on `tail` (or None). Returns (cache after the last chunk, stacked
+    outputs [chunks, ...], tail output or None)."""
+    params = {"params": params["params"]}
 
     def step(cache, chunk):
         out, new = model.apply({**params, "cache": cache}, chunk, False, method=method,
                                mutable=["cache"])
         return new["cache"], out
 
-    cache, outs = lax.scan(step, variables["cache"], chunks)
+    cache, outs = lax.scan(step, cache, chunks)
     out_tail = None
     if tail is not None:
-        out_tail, _ = model.apply({**params, "cache": cache}, tail, False, method=method,
-                                  mutable=["cache"])
-    return out0, outs, out_tail
+        out_tail, new = model.apply({**params, "cache": cache}, tail, False, method=method,
+                                    mutable=["cache"])
+        cache = new["cache"]
+    return cache, outs, out_tail
 
 
 def _join_chunks(first: jax.Array, rest: jax.Array, tail: jax.Array | None) -> jax.Array:
@@ -92,6 +103,62 @@ def decode_chunked(model, params, z: jax.Array, chunk: int = 1) -> jax.Array:
     chunks, tail = _split_chunks(z, 1, chunk)
     first, rest, tail = _scan_chunks(model, params, "decode_chunk", z[:, :1], chunks, tail)
     return _join_chunks(first, rest, tail)
+
+
+def to_uint8(video: jax.Array) -> jax.Array:
+    """A decoded float video, nominally in [-1, 1] -> uint8 (rounded, clipped to [0, 255])."""
+    return jnp.clip(jnp.round((video + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+class StreamDecoder:
+    """Decodes a latent video pushed piece by piece, the causal cache carried between pieces:
+    the pieces' frames, concatenated, are `decode_chunked` of the whole latent video (up to
+    float rounding), so piece boundaries are seamless, and memory is one piece plus the cache.
+
+    push(z [B, t, h, w, C]) -> float32 [B, F', 8h, 8w, 3] (uint8 with ``uint8=True``; 4 and 8:
+    the model's temporal and spatial factors): the first push yields F' = 1 + 4(t - 1) frames
+    (its latent 0 decodes alone, as `decode_chunked` does), every later one 4t. Latents are
+    decoded `chunk` latent frames at a time (a shorter tail at the end of a piece); each piece
+    size compiles once (continuation in latent space pushes two: a whole clip, then T - K).
+    Holds the latest cache only: start a new video with a new StreamDecoder; pass `programs`
+    (`StreamDecoder.programs`, kept by the caller) so that new ones reuse the compiled code.
+    """
+
+    def __init__(self, model, params, chunk: int = 1, uint8: bool = False, programs=None):
+        self.model, self.params = model, {"params": params["params"]}
+        self.cache = None  # the causal convs' last input frames, after the latest push
+        self._first, self._rest = programs or self.programs(model, chunk, uint8)
+
+    @staticmethod
+    def programs(model, chunk: int = 1, uint8: bool = False):
+        """The jitted (first push, later push) functions of a StreamDecoder of `model`."""
+        if chunk < 1:
+            raise ValueError(f"StreamDecoder: chunk must be >= 1, got {chunk}")
+        post = to_uint8 if uint8 else (lambda x: x)
+
+        def first(params, z):
+            out0, variables = model.apply(params, z[:, :1], True, method="decode_chunk", mutable=["cache"])
+            cache, out = rest(params, variables["cache"], z[:, 1:])
+            return cache, jnp.concatenate([post(out0), out], axis=1)
+
+        def rest(params, cache, z):
+            chunks, tail = _split_chunks(z, 0, chunk)
+            cache, outs, out_tail = _continue_chunks(model, params, "decode_chunk", cache, chunks, tail)
+            n, b = outs.shape[:2]
+            parts = [jnp.moveaxis(outs, 0, 1).reshape((b, n * outs.shape[2]) + outs.shape[3:])]
+            return cache, post(jnp.concatenate(parts + ([out_tail] if out_tail is not None else []), axis=1))
+
+        return jax.jit(first), jax.jit(rest)
+
+    def push(self, z) -> jax.Array:
+        """The frames the latents z [B, t >= 1, h, w, C] add to the video (class docstring)."""
+        z = jnp.asarray(z, jnp.float32)
+        self.model.check_latents(z, "StreamDecoder.push")
+        if self.cache is None:
+            self.cache, frames = self._first(self.params, z)
+        else:
+            self.cache, frames = self._rest(self.params, self.cache, z)
+        return frames
 
 
 # ---------------------------------------------------------------------------------------------
