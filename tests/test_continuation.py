@@ -338,3 +338,29 @@ def test_cli_continuation_errors(cli, capsys, tmp_path, argv, message):
     assert status == 2
     assert stderr.startswith("error:") and message in stderr and len(stderr.strip().splitlines()) == 1
     assert not os.listdir(tmp_path)
+
+
+
+def test_only_the_current_clip_is_held(pipe, monkeypatch):
+    """Memory stays flat in num_clips: while clip k is consumed, no earlier clip's latents or frames
+    are alive (only clip k's, the K carried latents on the host and the decoder's fixed-size cache)."""
+    import collections
+    import gc
+    import weakref
+    latents, frames_seen = [], []
+    sample_batch = Pipeline._sample_batch.__get__(pipe)
+
+    def recording(*args, **kwargs):
+        z = sample_batch(*args, **kwargs)
+        latents.append(weakref.ref(z))
+        return z
+    monkeypatch.setattr(pipe, "_sample_batch", recording)
+    monkeypatch.setattr(pipe.model, "seen", collections.deque(maxlen=1))  # the stand-in's own record
+    for k, frames in enumerate(pipe.generate_clips("a red", _image(40), num_clips=5, continuation="latent",
+                                                   context_latents=1)):
+        frames_seen.append(weakref.ref(frames))
+        del frames
+        gc.collect()
+        assert len(latents) == k + 1
+        assert [r() is None for r in latents[:-1]] == [True] * k, f"clip {k}: earlier latents held"
+        assert [r() is None for r in frames_seen[:-1]] == [True] * k, f"clip {k}: earlier frames held"
