@@ -1,26 +1,35 @@
-r"""The paper's long-video evaluation in miniature: 64 chained clips, FVD of every 16 frames and
-faithfulness per clip index, on a trained synthetic-world workdir.
+r"""Long videos on the synthetic world: 64-clip stories, faithfulness and FVD per clip index,
+re-encoding against continuation in latent space, and keyframe adherence, on a trained workdir.
 
-  python benchmarks/long_video.py --workdir=workdirs/shapes --networks=ROOT \
-      --num_videos=8 --num_clips=64 --output=benchmarks/results/long_video.json
+  python benchmarks/long_video.py --workdir=workdirs/shapes_keyframes --networks=ROOT \
+      --num_videos=8 --num_clips=64 --continuation=reencode,latent \
+      --output=benchmarks/results/long_video.json
 
-The paper chains clips autoregressively (the last frame of clip k is the first-frame instruction
-of clip k + 1) and plots FVD of every 16 frames over 512 videos of 1,024 frames on UCF-101. Here:
-`--num_videos` videos, each from the first frame of a held-out synthetic clip (world seed +
-`--world_seed_offset`, a seed neither training (+0) nor the evaluation stage (+1000) uses), with
-per-clip prompts that keep the object inside the frame: the clip's own caption for even clips
-and the opposite direction for odd ones (right, left, right, ...). `Pipeline.generate_clips` makes
-F + (num_clips - 1)(F - 1) frames (1,025 for 64 clips of 17).
+Each video starts from the first frame of a held-out synthetic clip (world seed +
+`--world_seed_offset`, a seed neither training (+0) nor the evaluation stage (+1000) uses) and
+follows per-clip prompts that keep the object inside the frame: the clip's own caption for even
+clips and the opposite direction for odd ones (right, left, right, ...). Every continuation mode
+in `--continuation` makes the same videos (same first frames, prompts and seeds) with
+`Pipeline.generate_clips`:
+  reencode  clip k + 1's first-frame instruction is clip k's last decoded frame, encoded again
+            (PixelDance's long videos): F + (n - 1)(F - 1) frames;
+  latent    clip k + 1 continues from clip k's last K latent frames (`--context_latents`,
+            default the workdir's config.cond.context_frames), clean, and the whole latent
+            video is decoded once, causally: F + (n - 1) 4(T - K) frames.
+Clip k is scored on the F frames that end with its last frame (for re-encoding exactly clip k;
+in latent space its new frames and the context before them).
 
-Reported:
-  per clip index k: colour kept, direction as asked, consistency (the synthetic-world evaluator
-    on clip k's F frames against its prompt), fractions over the videos;
-  per 16-frame window j (frames 16j .. 16j + 15): FVD of the videos' window j against
-    `--num_real` real 16-frame windows (the first 16 frames of held-out real clips), with I3D
-    (real weights; the networks root of README "Feature networks"); with few videos each FVD
-    is rank-deficient and noisy, so FVD of groups of `--group` consecutive windows pooled is
-    reported too (num_videos x group samples each);
-  a PNG plot (`--output` with .png) of both against the frame index.
+Reported per mode and clip index k (fractions over the videos): colour kept, shape kept,
+direction as asked, consistency (the synthetic-world evaluator against clip k's prompt); the
+same averaged over the last 8 clips; per 16-frame window, FVD against `--num_real` real 16-frame
+windows with the real I3D (`--networks`, README "Feature networks"; `--networks=none` skips it),
+and pooled over `--group` windows (few videos make one window's FVD rank-deficient and noisy).
+With both modes: per clip index, latent minus re-encode for each score, and at how many clip
+indices latent is at or above re-encoding.
+Keyframe adherence (`--keyframe_videos` held-out clips, 0 skips): from the clip's first frame
+and the real frame at pixel 4k as a middle keyframe (k = 1 .. T - 2, one at a time), PSNR of
+the generated frame 4k against it, beside the same frame's PSNR from the first frame alone.
+A PNG plot (`--output` with .png) shows the scores per clip and FVD per window for each mode.
 """
 from __future__ import annotations
 
@@ -43,9 +52,19 @@ def clip_prompts(caption: str, num_clips: int) -> list[str]:
             for k in range(num_clips)]
 
 
-def clip_frames(video: np.ndarray, k: int, F: int) -> np.ndarray:
-    """Clip k's F frames of a chained video (clip k starts on clip k - 1's last frame)."""
-    return video[k * (F - 1): k * (F - 1) + F]
+def clip_frames(video: np.ndarray, k: int, F: int, step: int | None = None) -> np.ndarray:
+    """The F frames of a long video that end with clip k's last frame: clip 0 is frames 0..F-1
+    and each later clip adds `step` frames (F - 1, the default, when clip k starts on clip
+    k - 1's last frame; 4(T - K) in latent space)."""
+    step = F - 1 if step is None else step
+    end = F + k * step
+    return video[end - F:end]
+
+
+def frames_per_clip(mode: str, F: int, T: int, K: int) -> int:
+    """New frames each clip after the first adds: F - 1 re-encoding, 4(T - K) in latent space
+    (a causal VAE's F = 1 + 4(T - 1))."""
+    return F - 1 if mode == "reencode" else (F - 1) // (T - 1) * (T - K)
 
 
 def windows(video: np.ndarray, size: int = WINDOW) -> np.ndarray:
@@ -60,49 +79,111 @@ def fvd(logits_real: np.ndarray, logits_gen: np.ndarray) -> float:
                                    logits_gen.mean(0), np.cov(logits_gen, rowvar=False))
 
 
-def plot(path: str, per_clip: dict, fvd_windows: list, F: int, width: int = 900, height: int = 520):
-    """Two panels drawn with Pillow: faithfulness per clip (top), FVD per window (bottom)."""
+SCORES = (("colour", "colour_correct"), ("shape", "shape_correct"), ("direction", "direction_correct"),
+          ("consistent", "consistent"))
+
+
+def per_clip_fractions(scores_k: list[list[dict]]) -> dict:
+    """scores_k[k]: score_video dicts of clip k over the videos -> {name: [fraction per clip]}."""
+    return {name: [float(np.mean([s[key] for s in clip])) for clip in scores_k] for name, key in SCORES}
+
+
+def compare(latent: dict, reencode: dict) -> dict:
+    """Per score: latent minus re-encode per clip index, and the clip indices where latent is
+    at or above re-encoding (out of all)."""
+    out = {}
+    for name in latent:
+        diff = [a - b for a, b in zip(latent[name], reencode[name])]
+        out[name] = dict(latent_minus_reencode=diff, at_or_above=int(sum(d >= 0 for d in diff)),
+                         clips=len(diff))
+    return out
+
+
+MODE_SHADES = {"latent": 1.0, "reencode": 0.45}  # re-encoding drawn in paler lines
+
+
+def plot(path: str, per_mode: dict, width: int = 900, height: int = 560):
+    """Two panels drawn with Pillow: scores per clip (top), FVD per window (bottom), one line
+    per score and continuation mode. per_mode[mode] = dict(per_clip, fvd_per_window, F, step)."""
     from PIL import Image, ImageDraw
     im = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(im)
     left, right = 60, width - 20
-    total = max(len(per_clip["colour"]) * (F - 1) + 1, len(fvd_windows) * WINDOW)
+    total = max(max(len(next(iter(m["per_clip"].values()))) * m["step"] + m["F"],
+                    len(m["fvd_per_window"]) * WINDOW) for m in per_mode.values())
+    fvd_max = max([v for m in per_mode.values() for v in m["fvd_per_window"]] + [1.0]) * 1.05
 
     def x_of(frame):
         return left + (right - left) * frame / total
 
-    panels = [(20, height // 2 - 30, 0.0, 1.0, "faithfulness per clip"),
-              (height // 2 + 10, height - 40, 0.0, max(fvd_windows + [1.0]) * 1.05, "FVD per 16 frames")]
+    panels = [(20, height // 2 - 30, 0.0, 1.0, "scores per clip (paler: re-encoding)"),
+              (height // 2 + 10, height - 40, 0.0, fvd_max, "FVD per 16 frames")]
     for top, bottom, lo, hi, title in panels:
         d.rectangle([left, top, right, bottom], outline="black")
         d.text((left + 5, top + 3), title, fill="black")
         d.text((5, top), f"{hi:.3g}", fill="black")
         d.text((5, bottom - 10), f"{lo:.3g}", fill="black")
-    colours = {"colour": (220, 40, 40), "direction": (40, 120, 220), "consistent": (40, 160, 60)}
-    top, bottom = panels[0][:2]
-    for i, (name, values) in enumerate(per_clip.items()):
-        pts = [(x_of(k * (F - 1) + F / 2), bottom - (bottom - top) * v) for k, v in enumerate(values)]
-        d.line(pts, fill=colours[name], width=2)
-        d.text((right - 120, top + 5 + 12 * i), name, fill=colours[name])
-    top, bottom, lo, hi, _ = panels[1]
-    pts = [(x_of(j * WINDOW + WINDOW / 2), bottom - (bottom - top) * (v - lo) / (hi - lo))
-           for j, v in enumerate(fvd_windows)]
-    d.line(pts, fill=(120, 40, 160), width=2)
+    colours = {"colour": (220, 40, 40), "shape": (230, 150, 20), "direction": (40, 120, 220),
+               "consistent": (40, 160, 60), "fvd": (120, 40, 160)}
+
+    def shade(rgb, mode):
+        a = MODE_SHADES.get(mode, 1.0)
+        return tuple(int(255 - a * (255 - c)) for c in rgb)
+
+    for row, (mode, m) in enumerate(per_mode.items()):
+        top, bottom = panels[0][:2]
+        for i, (name, values) in enumerate(m["per_clip"].items()):
+            pts = [(x_of(k * m["step"] + m["F"] / 2), bottom - (bottom - top) * v) for k, v in enumerate(values)]
+            if len(pts) > 1:
+                d.line(pts, fill=shade(colours[name], mode), width=2)
+            d.text((right - 220 + 110 * row, top + 5 + 12 * i), f"{name} {mode}", fill=shade(colours[name], mode))
+        top, bottom, lo, hi, _ = panels[1]
+        pts = [(x_of(j * WINDOW + WINDOW / 2), bottom - (bottom - top) * (v - lo) / (hi - lo))
+               for j, v in enumerate(m["fvd_per_window"])]
+        if len(pts) > 1:
+            d.line(pts, fill=shade(colours["fvd"], mode), width=2)
+        d.text((right - 220 + 110 * row, top + 5), f"fvd {mode}", fill=shade(colours["fvd"], mode))
     d.text((left, height - 20), f"frame 0 .. {total}", fill="black")
     im.save(path)
+
+
+def keyframe_adherence(pipe, items, num_videos: int, seed: int = 0) -> dict:
+    """{pixel 4k: dict(with_keyframe, first_frame_only)}: mean PSNR (dB) of generated frame 4k
+    against the real clip's frame 4k, given as a middle keyframe beside the first frame, and
+    from the first frame alone (k = 1 .. T - 2), over `num_videos` held-out clips."""
+    from pixeldance.evaluators.synthetic import psnr
+    F = pipe.num_frames
+    T = pipe.vae.latent_shape(F, pipe.resolution, pipe.resolution)[0]
+    tf = (F - 1) // (T - 1)
+    videos = [items[v]["video"] for v in range(num_videos)]
+    prompts, firsts = [items[v]["caption"] for v in range(num_videos)], [v[0] for v in videos]
+    plain = pipe.generate_batch(prompts, firsts, seed=seed)  # the same noise with and without
+    out = {}
+    for k in range(1, T - 1):
+        p = tf * k
+        given = pipe.generate_batch(prompts, firsts, keyframes=[{p: v[p]} for v in videos], seed=seed)
+        out[str(p)] = dict(with_keyframe=float(np.mean([psnr(g[p], v[p]) for g, v in zip(given, videos)])),
+                           first_frame_only=float(np.mean([psnr(g[p], v[p]) for g, v in zip(plain, videos)])))
+    return out
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--networks", default=None, help="root of the converted feature networks")
+    parser.add_argument("--networks", default=None, help="root of the converted feature networks, or 'none'")
     parser.add_argument("--num_videos", type=int, default=8)
     parser.add_argument("--num_clips", type=int, default=64)
+    parser.add_argument("--continuation", default="reencode,latent", help="comma list of reencode, latent")
+    parser.add_argument("--context_latents", type=int, default=None)
     parser.add_argument("--num_real", type=int, default=256)
     parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--keyframe_videos", type=int, default=16)
     parser.add_argument("--world_seed_offset", type=int, default=3000)
     parser.add_argument("--output", required=True, help=".json (a .png of the same name is written too)")
     args = parser.parse_args()
+    modes = [m.strip() for m in args.continuation.split(",") if m.strip()]
+    if not modes or any(m not in ("reencode", "latent") for m in modes):
+        parser.error(f"--continuation must list reencode and/or latent, got {args.continuation!r}")
 
     import pixeldance
     from pixeldance.data import synthetic
@@ -112,47 +193,63 @@ def main():
     start = time.time()
     pipe = pixeldance.load_pipeline(args.workdir)
     F = pipe.num_frames
+    T = pipe.vae.latent_shape(F, pipe.resolution, pipe.resolution)[0]
+    K = pipe.config.cond.get("context_frames", 1) if args.context_latents is None else args.context_latents
     world = synthetic.world_config(pipe.config)
     world = synthetic.WorldConfig(**{**world.__dict__, "seed": world.seed + args.world_seed_offset})
-    items = synthetic.ShapesSource("heldout", size=max(args.num_videos, args.num_real), config=world)
-    i3d = networks.load("i3d", args.networks or networks.default_root(), pipe.mesh)
+    items = synthetic.ShapesSource("heldout", size=max(args.num_videos, args.num_real, args.keyframe_videos),
+                                   config=world)
+    i3d = None
+    if args.networks != "none":
+        i3d = networks.load("i3d", args.networks or networks.default_root(), pipe.mesh)
+        real = np.stack([items[i]["video"][:WINDOW] for i in range(args.num_real)])
+        real_logits = np.concatenate([i3d(real[i:i + 16])["logits"] for i in range(0, len(real), 16)])
 
-    real = np.stack([items[i]["video"][:WINDOW] for i in range(args.num_real)])
-    real_logits = np.concatenate([i3d(real[i:i + 16])["logits"] for i in range(0, len(real), 16)])
-
-    per_clip = {"colour": [], "direction": [], "consistent": []}
-    scores_k = [[] for _ in range(args.num_clips)]
-    gen_windows = []
-    for v in range(args.num_videos):
-        item = items[v]
-        prompts = clip_prompts(item["caption"], args.num_clips)
-        video = np.concatenate(list(pipe.generate_clips(prompts, item["video"][0], num_clips=args.num_clips,
-                                                        seed=v)))
-        for k in range(args.num_clips):
-            scores_k[k].append(score_video(clip_frames(video, k, F), prompts[k]))
-        gen_windows.append(windows(video))
-        print(f"video {v + 1}/{args.num_videos}: {len(video)} frames ({time.time() - start:.0f} s)", flush=True)
-    for k in range(args.num_clips):
-        for name, key in (("colour", "colour_correct"), ("direction", "direction_correct"),
-                          ("consistent", "consistent")):
-            per_clip[name].append(float(np.mean([s[key] for s in scores_k[k]])))
-    gen_windows = np.stack(gen_windows)  # [num_videos, J, 16, R, R, 3]
-    J = gen_windows.shape[1]
-    gen_logits = np.stack([i3d(gen_windows[:, j])["logits"] for j in range(J)])  # [J, num_videos, 400]
-    fvd_windows = [fvd(real_logits, gen_logits[j]) for j in range(J)]
-    fvd_groups = [fvd(real_logits, gen_logits[j:j + args.group].reshape(-1, gen_logits.shape[-1]))
-                  for j in range(0, J - args.group + 1, args.group)]
+    per_mode = {}
+    for mode in modes:
+        step = frames_per_clip(mode, F, T, K)
+        scores_k = [[] for _ in range(args.num_clips)]
+        gen_windows, t_mode = [], time.time()
+        extra = {} if mode == "reencode" else dict(continuation="latent", context_latents=K)
+        for v in range(args.num_videos):
+            item = items[v]
+            prompts = clip_prompts(item["caption"], args.num_clips)
+            video = np.concatenate(list(pipe.generate_clips(prompts, item["video"][0], num_clips=args.num_clips,
+                                                            seed=v, **extra)))
+            assert len(video) == F + (args.num_clips - 1) * step, (mode, len(video))
+            for k in range(args.num_clips):
+                scores_k[k].append(score_video(clip_frames(video, k, F, step), prompts[k]))
+            gen_windows.append(windows(video))
+            print(f"{mode} video {v + 1}/{args.num_videos}: {len(video)} frames ({time.time() - start:.0f} s)",
+                  flush=True)
+        per_clip = per_clip_fractions(scores_k)
+        m = dict(frames_per_video=int(F + (args.num_clips - 1) * step), step=step, F=F, per_clip=per_clip,
+                 last_8_clips={n: float(np.mean(v[-8:])) for n, v in per_clip.items()},
+                 at_last_clip={n: v[-1] for n, v in per_clip.items()},
+                 generate_seconds=round(time.time() - t_mode, 1), fvd_per_window=[], fvd_per_group=[])
+        if i3d is not None:
+            gw = np.stack(gen_windows)  # [num_videos, J, 16, R, R, 3]
+            J = gw.shape[1]
+            gen_logits = np.stack([i3d(gw[:, j])["logits"] for j in range(J)])  # [J, num_videos, 400]
+            m["fvd_per_window"] = [fvd(real_logits, gen_logits[j]) for j in range(J)]
+            m["fvd_per_group"] = [fvd(real_logits, gen_logits[j:j + args.group].reshape(-1, gen_logits.shape[-1]))
+                                  for j in range(0, J - args.group + 1, args.group)]
+        per_mode[mode] = m
     result = dict(
         workdir=os.path.abspath(args.workdir), dit_step=pipe.step, num_videos=args.num_videos,
-        num_clips=args.num_clips, frames_per_video=int(F + (args.num_clips - 1) * (F - 1)),
-        num_real_windows=args.num_real, per_clip=per_clip, fvd_per_window=fvd_windows,
-        fvd_per_group=fvd_groups, group=args.group, i3d_sha256=i3d.sha256,
-        seconds=round(time.time() - start, 1))
+        num_clips=args.num_clips, context_latents=K, latent_frames=T, num_real_windows=args.num_real,
+        group=args.group, i3d_sha256=None if i3d is None else i3d.sha256, modes=per_mode)
+    if "latent" in per_mode and "reencode" in per_mode:
+        result["latent_vs_reencode"] = compare(per_mode["latent"]["per_clip"], per_mode["reencode"]["per_clip"])
+    if args.keyframe_videos:
+        result["keyframe_psnr"] = keyframe_adherence(pipe, items, args.keyframe_videos)
+    result["seconds"] = round(time.time() - start, 1)
     with open(args.output, "w") as f:
         json.dump(result, f, indent=1)
     png = os.path.splitext(args.output)[0] + ".png"
-    plot(png, per_clip, fvd_windows, F)
-    print(json.dumps({k: result[k] for k in ("frames_per_video", "fvd_per_group", "seconds")}))
+    plot(png, per_mode)
+    print(json.dumps({mode: dict(at_last_clip=m["at_last_clip"], last_8_clips=m["last_8_clips"],
+                                 fvd_per_group=m["fvd_per_group"]) for mode, m in per_mode.items()}))
     print(f"wrote {args.output} and {png}")
 
 

@@ -29,8 +29,23 @@ def test_clip_prompts_frames_and_windows():
     video = np.arange(F + 2 * (F - 1))[:, None, None, None] * np.ones((1, 2, 2, 3), int)  # 3 clips
     for k in range(3):  # clip k starts on clip k - 1's last frame
         np.testing.assert_array_equal(long_video.clip_frames(video, k, F)[:, 0, 0, 0], np.arange(8 * k, 8 * k + F))
+    # In latent space (T = 3, K = 2) each later clip adds 4 frames; clip k ends at frame F - 1 + 4k.
+    assert long_video.frames_per_clip("latent", F, 3, 2) == 4 and long_video.frames_per_clip("reencode", F, 3, 2) == 8
+    assert long_video.frames_per_clip("latent", 17, 5, 1) == 16 and long_video.frames_per_clip("latent", 17, 5, 2) == 12
+    for k in range(3):
+        np.testing.assert_array_equal(long_video.clip_frames(video, k, F, 4)[:, 0, 0, 0], np.arange(4 * k, 4 * k + F))
     w = long_video.windows(video, 16)
     assert w.shape == (1, 16, 2, 2, 3) and w[0, -1, 0, 0, 0] == 15  # the last 9 frames make no whole window
+    # Scores per clip and the comparison of the two modes.
+    yes = dict(colour_correct=True, shape_correct=True, direction_correct=True, consistent=True)
+    no = dict(yes, shape_correct=False, direction_correct=False)
+    latent = long_video.per_clip_fractions([[yes, yes], [yes, no]])
+    reencode = long_video.per_clip_fractions([[yes, no], [no, no]])
+    assert latent == dict(colour=[1.0, 1.0], shape=[1.0, 0.5], direction=[1.0, 0.5], consistent=[1.0, 1.0])
+    c = long_video.compare(latent, reencode)
+    assert c["shape"] == dict(latent_minus_reencode=[0.5, 0.5], at_or_above=2, clips=2)
+    assert c["colour"]["at_or_above"] == 2 and c["colour"]["latent_minus_reencode"] == [0.0, 0.0]
+    assert long_video.compare(reencode, latent)["direction"]["at_or_above"] == 0
 
 
 def test_long_video_end_to_end(runlocal_workdir, networks_root, tmp_path):
@@ -38,15 +53,23 @@ def test_long_video_end_to_end(runlocal_workdir, networks_root, tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "benchmarks", "long_video.py"), f"--workdir={runlocal_workdir}",
          f"--networks={networks_root}", "--num_videos=2", "--num_clips=3", "--num_real=4", "--group=1",
-         f"--output={out}"], cwd=REPO, capture_output=True, text=True, timeout=900)
+         "--context_latents=2", "--keyframe_videos=2", f"--output={out}"],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["frames_per_video"] == 9 + 2 * 8
-    assert all(len(v) == 3 and all(0.0 <= x <= 1.0 for x in v) for v in result["per_clip"].values())
-    assert len(result["fvd_per_window"]) == 1 and np.isfinite(result["fvd_per_window"][0])
-    assert result["fvd_per_group"] == result["fvd_per_window"]  # groups of one window
+    re, la = result["modes"]["reencode"], result["modes"]["latent"]
+    assert re["frames_per_video"] == 9 + 2 * 8 and la["frames_per_video"] == 9 + 2 * 4  # T = 3, K = 2
+    for m in (re, la):
+        assert set(m["per_clip"]) == {"colour", "shape", "direction", "consistent"}
+        assert all(len(v) == 3 and all(0.0 <= x <= 1.0 for x in v) for v in m["per_clip"].values())
+        assert m["at_last_clip"] == {k: v[-1] for k, v in m["per_clip"].items()}
+        assert len(m["fvd_per_window"]) == m["frames_per_video"] // 16 and all(np.isfinite(m["fvd_per_window"]))
+        assert m["fvd_per_group"] == m["fvd_per_window"]  # groups of one window
+    assert result["latent_vs_reencode"]["shape"]["clips"] == 3
+    assert set(result["keyframe_psnr"]) == {"4"}  # T = 3: the one middle latent, pixel 4
+    assert all(np.isfinite(v) for v in result["keyframe_psnr"]["4"].values())
     png = Image.open(tmp_path / "long.png")
-    assert png.size == (900, 520)
+    assert png.size == (900, 560)
 
 
 def test_feature_speed_quick(tmp_path):
