@@ -247,7 +247,8 @@ class Pipeline:
         None or a dict {pixel frame: image or (image, tau_k)}: slots 2.. . A pixel frame goes to
         its latent frame by `conditioning.latent_index` (tf * k exactly, others the nearest such;
         -1 is the last frame); one at latent 0 is a first frame (always shown: its tau is
-        ignored); tau_k (default `tau`) is an integer in [0, steps]. Two keyframes of one example
+        ignored); tau_k is an integer in [0, steps] (default `tau`, which may exceed steps when
+        it is the config's: shown at every step). Two keyframes of one example
         on one latent frame are refused in one line."""
         F, H, W = num_frames, height, width
         B = len(first_frames)
@@ -264,7 +265,8 @@ class Pipeline:
                 taken[T - 1] = "last_frame"
             mine = []
             for pixel, value in (keyframes[b] or {}).items():
-                image, k_tau = value if isinstance(value, tuple) else (value, tau)
+                own = isinstance(value, tuple)  # a tau given with the keyframe; else the call's
+                image, k_tau = value if own else (value, tau)
                 if not (isinstance(pixel, (int, np.integer)) and not isinstance(pixel, bool)):
                     raise ValueError(f"keyframes[{b}]: pixel frame {pixel!r} is not an integer")
                 latent = conditioning.latent_index(int(pixel), F, tf)
@@ -273,7 +275,9 @@ class Pipeline:
                                      f"the same latent frame {latent} (pixel frame {conditioning.anchor_pixel(latent, tf)}"
                                      f"; keyframes sit at pixel frames 0, {tf}, {2 * tf}, ...)")
                 taken[latent] = f"the keyframe at pixel frame {pixel}"
-                if not (_is_int(k_tau) and 0 <= k_tau <= steps):
+                # The call's tau is checked by `_settings` (one from the config above the steps
+                # shows the keyframe at every step, like tau = steps); a keyframe's own is checked here.
+                if own and not (_is_int(k_tau) and 0 <= k_tau <= steps):
                     raise ValueError(f"keyframes[{b}][{pixel}]: tau must be an integer in [0, {steps}] (0 to the "
                                      f"sampling steps), got {k_tau}")
                 image = self._check_image(image, f"keyframes[{b}][{pixel}]", H, W)

@@ -277,6 +277,10 @@ def test_pipeline_keyframe_slots():
         Pipeline.keyframe_slots(pipe, [None], [None], [{17: img(1)}], **kw)
     with pytest.raises(ValueError, match=r"keyframes\[0\]\[8\]: tau must be an integer in \[0, 6\]"):
         Pipeline.keyframe_slots(pipe, [None], [None], [{8: (img(1), 7)}], **kw)
+    # The call's tau from the config may exceed the steps (the default main job: tau 10, 8 steps):
+    # keyframes without their own tau then show at every step, as the last frame does.
+    _, _, _, key_tau = Pipeline.keyframe_slots(pipe, [None], [None], [{8: img(1)}], **dict(kw, tau=10))
+    np.testing.assert_array_equal(key_tau, [[10, ALWAYS, 10]])
     with pytest.raises(ValueError, match=r"keyframes\[0\]\[8\] must be uint8 \[8, 8, 3\]"):
         Pipeline.keyframe_slots(pipe, [None], [None], [{8: np.zeros((4, 4, 3), np.uint8)}], **kw)
 
