@@ -53,7 +53,7 @@ def test_long_video_end_to_end(runlocal_workdir, networks_root, tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "benchmarks", "long_video.py"), f"--workdir={runlocal_workdir}",
          f"--networks={networks_root}", "--num_videos=2", "--num_clips=3", "--num_real=4", "--group=1",
-         "--context_latents=2", "--keyframe_videos=2", f"--output={out}"],
+         "--context_latents=2", "--keyframe_videos=2", "--ceiling_videos=3", f"--output={out}"],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -66,6 +66,8 @@ def test_long_video_end_to_end(runlocal_workdir, networks_root, tmp_path):
         assert len(m["fvd_per_window"]) == m["frames_per_video"] // 16 and all(np.isfinite(m["fvd_per_window"]))
         assert m["fvd_per_group"] == m["fvd_per_window"]  # groups of one window
     assert result["latent_vs_reencode"]["shape"]["clips"] == 3
+    assert set(result["vae_ceiling"]) == {"colour", "shape", "direction", "consistent"}
+    assert all(0.0 <= v <= 1.0 for v in result["vae_ceiling"].values())
     assert set(result["keyframe_psnr"]) == {"4"}  # T = 3: the one middle latent, pixel 4
     assert all(np.isfinite(v) for v in result["keyframe_psnr"]["4"].values())
     png = Image.open(tmp_path / "long.png")
