@@ -12,16 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import flags
 
-from pixeldance import build, configs, sample
-from pixeldance import workdir as workdir_lib
+from pixeldance import build, configs
 from pixeldance.data import video_io
 from pixeldance.diffusion import conditioning
 from pixeldance.models import vae_inference
 from pixeldance.models.vae import vae_from_variant
 from pixeldance.sample import Pipeline, VideoVAE
 from pixeldance.workdir import LatentStats
+from sample_cli import in_process_cli
 
 R, F, T = 16, 9, 3  # 16 x 16 frames, 9-frame clips: 3 latent frames of 2 x 2 x 16
 C = 16
@@ -104,7 +103,7 @@ def test_context_latents_are_shown_and_held_clean(sampler):
     first_frame='replace', clean in x at every model call and in the result; other frames are
     sampled. A keyframe slot elsewhere still works."""
     task = _task(**{"cond.first_frame": "replace"})
-    B, h, K = 2, 1, 2
+    B, h = 2, 1
     model = _Seen(B)
     z_context = _normal(2, (B, T, h, h, C))
     context = jnp.array([[True, True, False], [True, False, False]])
@@ -295,26 +294,7 @@ def test_context_latents_default_from_config(vae):
 @pytest.fixture
 def cli(monkeypatch, tmp_path_factory, vae):
     """Runs sample.main in-process on the stand-in pipeline; returns (exit status, stdout, stderr)."""
-    if "num_clips" not in flags.FLAGS:
-        sample.define_flags()
-    pipe = _pipeline(vae)
-    monkeypatch.setattr(sample, "load_pipeline", lambda workdir: pipe)
-    workdir = tmp_path_factory.mktemp("standin_workdir")
-    workdir_lib.write_config(str(workdir), pipe.config)
-
-    def run(capsys, *argv):
-        flags.FLAGS.unparse_flags()
-        flags.FLAGS(["sample", f"--workdir={workdir}", *argv])
-        try:
-            sample.main([])
-            status = 0
-        except SystemExit as e:
-            status = e.code
-        out = capsys.readouterr()
-        return status, out.out, out.err
-
-    yield run
-    flags.FLAGS.unparse_flags()
+    yield from in_process_cli(monkeypatch, tmp_path_factory, _pipeline(vae))
 
 
 def test_cli_latent_continuation(cli, capsys, tmp_path):

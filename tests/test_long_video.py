@@ -8,14 +8,13 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import flags
 from PIL import Image
 
-from pixeldance import build, configs, sample
-from pixeldance import workdir as workdir_lib
+from pixeldance import build, configs
 from pixeldance.data import video_io
 from pixeldance.sample import Pipeline
 from pixeldance.workdir import LatentStats
+from sample_cli import in_process_cli
 
 R, F, C = 16, 5, 3  # 16 x 16 frames, 5-frame clips (2 latent frames of 2 x 2 x 3)
 STEP = 8  # pixel values a prompt's latent frame advances per word
@@ -204,26 +203,7 @@ def test_mp4_writer_streams_and_removes_a_partial_file(tmp_path):
 def cli(monkeypatch, tmp_path_factory):
     """Runs sample.main in-process on a stand-in pipeline; returns (exit status, stdout, stderr).
     The workdir holds the stand-in's config.json only (main checks the flags against it first)."""
-    if "num_clips" not in flags.FLAGS:
-        sample.define_flags()
-    pipe = _pipeline()
-    monkeypatch.setattr(sample, "load_pipeline", lambda workdir: pipe)
-    workdir = tmp_path_factory.mktemp("standin_workdir")
-    workdir_lib.write_config(str(workdir), pipe.config)
-
-    def run(capsys, *argv):
-        flags.FLAGS.unparse_flags()
-        flags.FLAGS(["sample", f"--workdir={workdir}", *argv])
-        try:
-            sample.main([])
-            status = 0
-        except SystemExit as e:
-            status = e.code
-        out = capsys.readouterr()
-        return status, out.out, out.err
-
-    yield run
-    flags.FLAGS.unparse_flags()
+    yield from in_process_cli(monkeypatch, tmp_path_factory, _pipeline())
 
 
 def test_cli_writes_long_mp4_and_gif(cli, capsys, tmp_path):
