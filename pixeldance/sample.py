@@ -28,7 +28,6 @@ T latent frames, h/w latent height/width, C latent channels.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import tempfile
 from typing import Iterator, Sequence
@@ -39,7 +38,7 @@ import numpy as np
 from absl import flags, logging
 from flax import linen as nn
 
-from pixeldance import build, cli, logs, sharding, workdir as workdir_lib
+from pixeldance import build, cli, logs, sharding, story, workdir as workdir_lib
 from pixeldance import rng as rng_lib
 from pixeldance.data import video_io
 from pixeldance.diffusion import conditioning
@@ -134,46 +133,13 @@ def sampler_fn(task: PixelDanceTask, model, *, steps: int, sampler: str, branche
                              shift=shift)
 
 
-def _number(value) -> float | None:
-    """value as a float (Python, NumPy or JAX scalars), or None if it is not a number."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _is_int(value) -> bool:
-    v = _number(value)
-    return v is not None and v.is_integer()
-
-
-def check_settings(prefix: str = "", *, steps=None, guidance=None, image_guidance=None, num_frames=None,
-                   height=None, width=None, num_clips=None, sampler=None, keyframe_guidance=None):
-    """Refuses sampling settings that would fail late or run and make garbage (NaN or inf
-    guidance gives black videos): a one-line ValueError naming `prefix` + the setting
-    (`--guidance` on the command line) unless each given one (None: not given) is in range on
-    its own: guidance and image_guidance finite and >= 0; steps, num_frames, height, width and
-    num_clips integers >= 1; sampler one of `samplers.SAMPLERS`. tau depends on the steps
-    (`check_tau`); whether a size fits the VAE and the DiT, on the model (`Pipeline._settings`)."""
-    for name, value in (("guidance", guidance), ("image_guidance", image_guidance),
-                        ("keyframe_guidance", keyframe_guidance)):
-        if value is not None and not (_number(value) is not None and math.isfinite(_number(value)) and value >= 0):
-            raise ValueError(f"{prefix}{name} must be a finite number >= 0, got {value}")
-    for name, value in (("steps", steps), ("num_clips", num_clips), ("num_frames", num_frames),
-                        ("height", height), ("width", width)):
-        if value is not None and not (_is_int(value) and value >= 1):
-            raise ValueError(f"{prefix}{name} must be an integer >= 1, got {value}")
-    if sampler is not None and sampler not in samplers.SAMPLERS:
-        raise ValueError(f"{prefix}sampler must be one of {', '.join(samplers.SAMPLERS)}, got {sampler!r}")
-
-
 def check_tau(tau, steps, config_steps: int, prefix: str = ""):
     """A one-line ValueError naming `prefix` + 'tau' unless a given tau (None: not given) is an
     integer in [0, S], S the sampling steps: `steps`, or when that is None the workdir's
     `config_steps`. (A tau from the config is not checked: one above the steps uses the last
     frame at every step, as tau = S does.)"""
     S = config_steps if steps is None else int(steps)
-    if tau is not None and not (_is_int(tau) and 0 <= tau <= S):
+    if tau is not None and not (samplers.is_int(tau) and 0 <= tau <= S):
         source = f"{prefix}steps" if steps is not None else "the workdir's config.sample.steps"
         raise ValueError(f"{prefix}tau must be an integer in [0, {S}] (0 to {source}), got {tau}")
 
@@ -277,7 +243,7 @@ class Pipeline:
                 taken[latent] = f"the keyframe at pixel frame {pixel}"
                 # The call's tau is checked by `_settings` (one from the config above the steps
                 # shows the keyframe at every step, like tau = steps); a keyframe's own is checked here.
-                if own and not (_is_int(k_tau) and 0 <= k_tau <= steps):
+                if own and not (samplers.is_int(k_tau) and 0 <= k_tau <= steps):
                     raise ValueError(f"keyframes[{b}][{pixel}]: tau must be an integer in [0, {steps}] (0 to the "
                                      f"sampling steps), got {k_tau}")
                 image = self._check_image(image, f"keyframes[{b}][{pixel}]", H, W)
@@ -309,7 +275,7 @@ class Pipeline:
         """The sampling settings, None filled in from the workdir's config.sample (and the
         training clip size), checked (`check_settings`, `check_tau`, and whether the size fits
         the VAE and the DiT): one-line ValueErrors naming `prefix` + the argument."""
-        check_settings(prefix, steps=steps, guidance=guidance, image_guidance=image_guidance, num_frames=num_frames,
+        samplers.check_settings(prefix, steps=steps, guidance=guidance, image_guidance=image_guidance, num_frames=num_frames,
                        height=height, width=width, num_clips=num_clips, sampler=sampler)
         s = self.config.sample
         check_tau(tau, steps, s.steps, prefix)
@@ -366,7 +332,6 @@ class Pipeline:
     def generate_story(self, storyboard, **overrides) -> Iterator[np.ndarray]:
         """A storyboard (`story.Storyboard`, or a JSON / YAML file path) -> uint8 frame chunks
         [n, H, W, 3], clip by clip; overrides replace its settings (`story.generate_story`)."""
-        from pixeldance import story  # story imports this module
         return story.generate_story(self, storyboard, **overrides)
 
     def generate_batch(self, prompts: Sequence[str], first_frames=None, last_frames=None, *, keyframes=None,
@@ -388,7 +353,7 @@ class Pipeline:
         scales the keyframes after the first frame on their own, image_guidance then the first
         frame (a fourth guidance branch, `guidance.combine`); last_frames are such keyframes too.
         """
-        check_settings(keyframe_guidance=keyframe_guidance)
+        samplers.check_settings(keyframe_guidance=keyframe_guidance)
         return self._generate_batch(prompts, first_frames, last_frames, jax.random.key(seed), keyframes=keyframes,
                                     keyframe_guidance=keyframe_guidance,
                                     **self._settings(num_frames, steps, guidance, tau, sampler, image_guidance,
@@ -560,7 +525,7 @@ class Pipeline:
         if T < 2:
             raise ValueError(f"{prefix}continuation=latent needs clips of >= 2 latent frames, {prefix}num_frames="
                              f"{num_frames} gives {T}")
-        if not (_is_int(K) and not isinstance(K, bool) and 1 <= K <= T - 1):
+        if not (samplers.is_int(K) and not isinstance(K, bool) and 1 <= K <= T - 1):
             source = "" if context_latents is not None else " (from the workdir's config.cond.context_frames)"
             raise ValueError(f"{prefix}context_latents must be an integer in [1, {T - 1}] (1 to the clip's {T} latent "
                              f"frames - 1), got {K}{source}")
@@ -694,7 +659,7 @@ def _check_flags(FLAGS):
     """Everything the command line decides on its own, before any file is read (one-line
     ValueErrors naming the flag); returns the prompt (a str, or one per clip)."""
     _check_output(FLAGS.output)
-    check_settings("--", steps=FLAGS.steps, guidance=FLAGS.guidance, image_guidance=FLAGS.image_guidance,
+    samplers.check_settings("--", steps=FLAGS.steps, guidance=FLAGS.guidance, image_guidance=FLAGS.image_guidance,
                    num_frames=FLAGS.num_frames, height=FLAGS.height, width=FLAGS.width, num_clips=FLAGS.num_clips,
                    sampler=FLAGS.sampler)
     if FLAGS.storyboard:
@@ -791,7 +756,6 @@ def _story_clips(FLAGS) -> Iterator[np.ndarray]:
     """--storyboard: the story's clips (`story.generate_story`), the file checked and its images
     read before the pipeline loads, positions and sizes before any clip is sampled; the sampling
     flags given (and --seed, --resize) override the storyboard's settings."""
-    from pixeldance import story  # story imports this module
     board = story.load_storyboard(FLAGS.storyboard)
     names = [n for n in story.OVERRIDES if n in FLAGS and FLAGS[n].present]  # --continuation where defined
     pipe = load_pipeline(FLAGS.workdir)

@@ -61,9 +61,9 @@ from typing import Iterator
 
 import numpy as np
 
-from pixeldance import cli, sample
+from pixeldance import cli
 from pixeldance.data import video_io
-from pixeldance.diffusion import conditioning
+from pixeldance.diffusion import conditioning, samplers
 
 CONTINUATIONS = ("reencode", "latent")
 _INT_SETTINGS = ("steps", "num_frames", "height", "width")
@@ -152,7 +152,7 @@ def _check_settings(prefix: str, *, seed=None, continuation=None, context_latent
                     sampling: dict | None = None):
     """Types and ranges of a story's settings (None: not given), one-line ValueErrors naming
     `prefix` + the setting: seed an int, continuation one of CONTINUATIONS, context_latents an
-    int >= 1, resize a bool, sampling {name: value} as `sample.check_settings` and tau an int >= 0."""
+    int >= 1, resize a bool, sampling {name: value} as `samplers.check_settings` and tau an int >= 0."""
     if seed is not None and not _is_int(seed):
         raise ValueError(f"{prefix}seed must be an int, got {seed!r}")
     if continuation is not None and continuation not in CONTINUATIONS:
@@ -170,7 +170,7 @@ def _check_settings(prefix: str, *, seed=None, continuation=None, context_latent
             raise ValueError(f"{prefix}{name} must be a finite number >= 0, got {sampling[name]!r}")
     if "tau" in sampling and not (_is_int(sampling["tau"]) and sampling["tau"] >= 0):
         raise ValueError(f"{prefix}tau must be an int >= 0, got {sampling['tau']!r}")
-    sample.check_settings(prefix, **{k: v for k, v in sampling.items() if k != "tau"})
+    samplers.check_settings(prefix, **{k: v for k, v in sampling.items() if k != "tau"})
 
 
 def load_storyboard(path: str) -> Storyboard:

@@ -22,6 +22,7 @@ Axis letters (glossary: pixeldance/models/__init__.py): B batch (the state may b
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -106,3 +107,39 @@ def sample(velocity_fn: Callable, x_init, *, steps: int, sampler: str = "euler",
 
     return solve(denoise_fn, x_init, steps=steps, sampler=sampler, path="flow", shift=shift,
                  project=project)
+
+
+# -- checks of a sampling call's settings (the Pipeline's, the CLI's and storyboards') --------
+
+def as_number(value) -> float | None:
+    """value as a float (Python, NumPy or JAX scalars), or None if it is not a number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def is_int(value) -> bool:
+    v = as_number(value)
+    return v is not None and v.is_integer()
+
+
+def check_settings(prefix: str = "", *, steps=None, guidance=None, image_guidance=None, num_frames=None,
+                   height=None, width=None, num_clips=None, sampler=None, keyframe_guidance=None):
+    """Refuses sampling settings that would fail late or run and make garbage (NaN or inf
+    guidance gives black videos): a one-line ValueError naming `prefix` + the setting
+    (`--guidance` on the command line) unless each given one (None: not given) is in range on
+    its own: guidance and image_guidance finite and >= 0; steps, num_frames, height, width and
+    num_clips integers >= 1; sampler one of `SAMPLERS`. tau depends on the steps
+    (`sample.check_tau`); whether a size fits the VAE and the DiT, on the model
+    (`sample.Pipeline._settings`)."""
+    for name, value in (("guidance", guidance), ("image_guidance", image_guidance),
+                        ("keyframe_guidance", keyframe_guidance)):
+        if value is not None and not (as_number(value) is not None and math.isfinite(as_number(value)) and value >= 0):
+            raise ValueError(f"{prefix}{name} must be a finite number >= 0, got {value}")
+    for name, value in (("steps", steps), ("num_clips", num_clips), ("num_frames", num_frames),
+                        ("height", height), ("width", width)):
+        if value is not None and not (is_int(value) and value >= 1):
+            raise ValueError(f"{prefix}{name} must be an integer >= 1, got {value}")
+    if sampler is not None and sampler not in SAMPLERS:
+        raise ValueError(f"{prefix}sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
