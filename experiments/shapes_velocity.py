@@ -5,11 +5,10 @@ r"""Ablation: rectified flow with the network predicting the velocity directly, 
 """
 from pixeldance import configs
 
-base = configs.import_sibling(__file__, "base")
+flow = configs.import_sibling(__file__, "shapes_flow")
 
 
 def get_config(arg=None):
-    config = base.get_config(arg)
-    config.diffusion.objective = "flow"
+    config = flow.get_config(arg)
     config.diffusion.prediction = "velocity"
     return config
