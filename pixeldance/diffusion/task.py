@@ -195,7 +195,7 @@ class PixelDanceTask:
         if self.keyframe_sets:
             given, context = self._keyframe_sets(keys[0], B, T)
             c_image, c_mask = self._keyframe_instructions(z, last, z_frames, given, context)
-            has_first, has_last = given[:, 0], given[:, -1] & ~context[:, -1]
+            has_first, has_last = given[:, 0], given[:, -1]  # context stops before T - 1
         else:  # PixelDance's first and last frame, today's draws
             has_first = jax.random.uniform(keys[0], (B,)) < self.p_first
             if T == 1:  # an image batch (joint image-video training): text-to-image, no instructions
