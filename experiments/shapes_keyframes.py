@@ -4,9 +4,13 @@ Same data, VAE and DiT budget as experiments/shapes.py; only the DiT's image ins
 change (issue 20, items 1 and 2). Each training clip draws one keyframe set: none 0.20, first
 frame 0.25, first + last 0.25 (PixelDance's three modes keep most of the batch: 0.30 / 0.35 /
 0.35 in the main job), first + one middle latent frame 0.10, random positions 0.10 (each of the
-5 latent frames a keyframe with probability 0.25), and context 0.10: the clip's own first 1 or
-2 latents, clean, which is how a clip continues the previous one in latent space (its last
-latents become the next clip's context; `Pipeline.generate_clips(..., continuation='latent')`). Middle keyframes are one-frame encodings of
+5 latent frames a keyframe with probability 0.25), and continue 0.10: the first 1 or 2 latents,
+clean, of the window one latent later (the item read 4 frames longer, latents 1..5: the cache
+stage adds them to each record as z_shift), which is how a clip continues the previous one in
+latent space: its last latents, each a 4-frame group's, become the next clip's context
+(`Pipeline.generate_clips(..., continuation='latent')`). The earlier 'context' set (the clip's own
+first latents, so a one-frame latent at position 0) trained a DiT whose latent continuation fell
+below re-encoding on colour and consistency (benchmarks/README.md, issue 20). Middle keyframes are one-frame encodings of
 pixel frames 4k, which the cache stage adds to each record as z_frames (so the cache is rebuilt
 once: its meta.json records keyframe_frames), because sampling encodes a user's keyframe image
 alone; the noise on c_image and the first-frame replacement are PixelDance's. Sample with
@@ -21,7 +25,7 @@ base = configs.import_sibling(__file__, "base")
 
 def get_config(arg=None):
     config = base.get_config(arg)
-    config.cond.keyframe_sets = "none:0.2,first:0.25,first_last:0.25,first_middle:0.1,random:0.1,context:0.1"
+    config.cond.keyframe_sets = "none:0.2,first:0.25,first_last:0.25,first_middle:0.1,random:0.1,continue:0.1"
     config.cond.keyframe_rate = 0.25
     config.cond.keyframe_latents = "frames"
     config.cond.context_frames = 2

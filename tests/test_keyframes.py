@@ -327,15 +327,16 @@ def test_default_training_draws_unchanged():
 
 
 def _draw(sets, B=4000, T=5, **changes):
-    """(keyframes bool [B, T], c_image [B, T], last_pick [B]) of training_inputs at noise 0, with
-    z = 10 + t, z_frames = 20 + t and last-frame candidates 30 + j, one channel."""
+    """(keyframes bool [B, T], c_image [B, T], last_pick [B], inputs) of training_inputs at noise 0,
+    with z = 10 + t, z_frames = 20 + t, last-frame candidates 30 + j and z_shift = 40 + t, one channel."""
     task = _task(**{"cond.keyframe_sets": sets, "cond.noise": 0.0, **changes})
     frames = jnp.arange(T, dtype=jnp.float32)[None, :, None, None, None]
     z = jnp.broadcast_to(10.0 + frames, (B, T, 1, 1, 1))
     z_frames = jnp.broadcast_to(20.0 + frames, (B, T, 1, 1, 1))
     z_last = jnp.broadcast_to(30.0 + jnp.arange(3.0)[None, :, None, None, None], (B, 3, 1, 1, 1))
-    x = jax.jit(lambda z, zl, zf: task.training_inputs(z, zl, jnp.zeros((B, 4), jnp.int32), jax.random.key(1),
-                                                       z_frames=zf))(z, z_last, z_frames)
+    z_shift = jnp.broadcast_to(40.0 + frames, (B, T, 1, 1, 1))
+    x = jax.jit(lambda z, zl, zf, zs: task.training_inputs(z, zl, jnp.zeros((B, 4), jnp.int32), jax.random.key(1),
+                                                           z_frames=zf, z_shift=zs))(z, z_last, z_frames, z_shift)
     given = np.asarray(x["keyframes"])
     np.testing.assert_array_equal(np.asarray(x["c_mask"])[:, :, 0, 0, 0], given)
     return given, np.asarray(x["c_image"])[:, :, 0, 0, 0], np.asarray(x["last_pick"]), x
@@ -404,6 +405,45 @@ def test_context_set_for_latent_continuation():
     assert not context[given[:, -1]].any()
 
 
+def test_continue_set_trains_on_the_window_one_latent_later():
+    """The 'continue' set: context prefixes as the 'context' set's, but from z_shift (the item read
+    4 frames longer, latents 1..T), and the example trains on z_shift: the context latents, x_t's
+    clean frames and the returned target all come from it; other sets keep z. Without z_shift it
+    is a clear error."""
+    given, c, _, x = _draw("first:1,continue:1", **{"cond.context_frames": 2})
+    context, target = np.asarray(x["context"]), np.asarray(x["z"])[:, :, 0, 0, 0]
+    shifted = context.any(1)
+    assert 0.45 < shifted.mean() < 0.55
+    n = given[shifted].sum(1)
+    assert set(np.unique(n)) == {1, 2}
+    np.testing.assert_array_equal(given[shifted], np.arange(5)[None] < n[:, None])
+    np.testing.assert_array_equal(target[shifted], np.broadcast_to(40.0 + np.arange(5), target[shifted].shape))
+    np.testing.assert_array_equal(target[~shifted], np.broadcast_to(10.0 + np.arange(5), target[~shifted].shape))
+    np.testing.assert_array_equal(c[context], target[context])  # context latents from z_shift
+    np.testing.assert_array_equal(c[~shifted, 0], 10.0)  # the first-frame set keeps z's latent 0
+    np.testing.assert_array_equal(np.asarray(x["x_t"])[:, :, 0, 0, 0][context], target[context])  # clean
+    np.testing.assert_array_equal(np.asarray(x["loss_mask"])[shifted, :, 0, 0, 0], np.where(given[shifted], 0.0, 1.0))
+    # The loss regresses on z_shift for those examples: a model that outputs z_shift everywhere
+    # (x0 prediction) has zero loss on a batch of 'continue' draws only.
+    task = _task(**{"cond.keyframe_sets": "continue:1", "cond.noise": 0.0, "diffusion.prediction": "x0"})
+    B, T = 8, 5
+    z = jnp.zeros((B, T, 1, 1, 1))
+    z_shift = jnp.broadcast_to(40.0 + jnp.arange(T, dtype=jnp.float32)[None, :, None, None, None], z.shape)
+
+    class Oracle:
+        def apply(self, params, x_t, t, c_image, c_mask, text):
+            return z_shift
+
+    batch = dict(z=z, z_last=z[:, :1], tokens=jnp.zeros((B, 4), jnp.int32), z_shift=z_shift)
+    loss, _ = task.loss(Oracle(), {}, batch, jax.random.key(0))
+    assert float(loss) < 1e-6
+    loss_on_z, _ = task.loss(Oracle(), {}, dict(batch, z_shift=z), jax.random.key(0))
+    assert float(loss_on_z) > 1.0
+    assert task.needs_shift_latents and not _task(**{"cond.keyframe_sets": "context:1"}).needs_shift_latents
+    with pytest.raises(ValueError, match="z_shift"):
+        task.training_inputs(z, z[:, :1], jnp.zeros((B, 4), jnp.int32), jax.random.key(0))
+
+
 def test_clip_latents_and_missing_frame_latents():
     """keyframe_latents='clip' takes middle keyframes from z; 'frames' without z_frames is a clear error;
     one-frame batches (images) get no keyframes; T = 2 has no middle frame."""
@@ -422,7 +462,7 @@ def test_clip_latents_and_missing_frame_latents():
 
 
 def test_keyframe_sets_config_is_checked():
-    assert task_lib.parse_keyframe_sets("first:1, first_last:3") == (0.0, 0.25, 0.75, 0.0, 0.0, 0.0)
+    assert task_lib.parse_keyframe_sets("first:1, first_last:3") == (0.0, 0.25, 0.75, 0.0, 0.0, 0.0, 0.0)
     for bad, match in (("middle:1", "is not name:weight"), ("first", "is not name:weight"),
                        ("first:x", "not a number"), ("first:-1", ">= 0"), ("none:0", "sum to 0")):
         with pytest.raises(ValueError, match=match):
@@ -468,6 +508,52 @@ def test_cache_frame_latents_are_frames_4k_encoded_alone():
     config = configs.load_config("experiments/base.py:runlocal")
     assert not cache_stage.keyframe_frames(config)
     assert cache_stage.keyframe_frames(configs.override(config, **{"cond.keyframe_sets": "first_middle:1"}))
+
+
+def test_cache_shift_windows_are_the_longer_read_one_latent_later():
+    """z_shift (the 'continue' set's): the same item read 4 frames longer, latents 1..T. The
+    synthetic world's longer item is the same object on the same path (same caption, start, size,
+    direction), moving slower; the batch encoder stores z_shift per record, padded batches too."""
+    config = configs.override(configs.load_config("experiments/base.py:runlocal"),
+                              **{"cond.keyframe_sets": "first:1,continue:1"})
+    assert cache_stage.shift_windows(config) and "shift_windows" in cache_stage.cache_info(config, "/nowhere", None)
+    assert not cache_stage.shift_windows(configs.load_config("experiments/base.py:runlocal"))
+    from pixeldance.data import sources
+    short, longer = sources.make_source(config, "train", size=3), cache_stage.longer_source(config, 3, 4)
+    F = config.data.num_frames
+    for i in range(3):
+        a, b = short[i], longer[i]
+        assert b["video"].shape[0] == F + 4 and a["caption"] == b["caption"]
+        np.testing.assert_array_equal(a["video"][0], b["video"][0])  # same start
+        assert not np.array_equal(a["video"][F - 1], b["video"][F - 1])  # slower: not there yet
+    # Latents 1..T of the longer read, from the stand-in VAE (latent k = frame 4k + 100 x frames).
+    videos = np.broadcast_to(np.arange(13, dtype=np.uint8)[None, :, None, None, None], (1, 13, 2, 2, 3))
+    z = cache_stage._shift_latents(_PixelVAE(), videos, 2, T=3)
+    np.testing.assert_array_equal(z[:, :, 0, 0, 0], [[1304, 1308, 1312]] * 2)
+    with pytest.raises(ValueError, match="z_shift"):
+        cache_stage._shift_latents(_PixelVAE(), videos, 2, T=2)
+
+    class Source:  # items i: frames i*10 + f, caption str(i); `frames` frames
+        def __init__(self, frames):
+            self.frames = frames
+
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            f = np.arange(self.frames, dtype=np.uint8) + 10 * i
+            return dict(video=np.broadcast_to(f[:, None, None, None], (self.frames, 2, 2, 3)).copy(), caption=str(i))
+
+    text = types.SimpleNamespace(record=lambda captions: dict(tokens=np.zeros((len(captions), 4), np.int32)))
+    encode = cache_stage.batch_encoder(_PixelVAE(), text, Source(9), 2, 1, shift_source=Source(13))
+    records = [r for batch in encode(0, 5) for r in batch]
+    assert [r["caption"] for r in records] == ["0", "1", "2", "3", "4"]
+    for i, r in enumerate(records):
+        np.testing.assert_array_equal(r["z"][:, 0, 0, 0], [900 + 10 * i, 904 + 10 * i, 908 + 10 * i])
+        np.testing.assert_array_equal(r["z_shift"][:, 0, 0, 0], [1304 + 10 * i, 1308 + 10 * i, 1312 + 10 * i])
+    # Buckets are refused in one line (the windows need one clip shape).
+    with pytest.raises(ValueError, match="buckets"):
+        cache_stage.cache_latents(configs.override(config, **{"data.buckets": "9x32x32"}), "/nonexistent")
 
 
 class _Seen:

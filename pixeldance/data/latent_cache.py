@@ -18,6 +18,9 @@ C-order bytes at their offsets (relative to the end of the header). A cache reco
   z_frames float32 [T, h, w, C] optional (keyframes anywhere, config.cond.keyframe_sets): pixel
                                 frames 0, 4, ..., 4(T - 1), each encoded as an image; caches
                                 without it read as before
+  z_shift float32 [T, h, w, C]  optional (the keyframe set 'continue'): latents 1..T of the same
+                                item read tf (the VAE's temporal factor) frames longer, so the
+                                window starts at a 4-frame group latent
   tokens  int32 [S]             the tokenised caption (the DiT's own trained text encoder), or
   text_states bfloat16 [S, D]   a frozen pretrained encoder's last hidden states (CLIP / T5 /
   text_mask   bool [S]          umT5, config.text.encoder) and their padding mask, instead
@@ -79,7 +82,7 @@ STATE_FIELDS = ("z", "z_last", "text_states", "text_mask")
 NULL_TEXT = "null_text.record"
 
 
-OPTIONAL_FIELDS = ("z_frames",)
+OPTIONAL_FIELDS = ("z_frames", "z_shift")
 
 
 def record_fields(record: dict) -> tuple[str, ...]:

@@ -6,7 +6,8 @@ and `config.cond` (how image instructions are drawn, noised, dropped and put in)
   training_inputs  a batch of clean latents -> the denoiser's inputs and the loss's targets:
                    which examples get a first / last frame (last picked among the J cached
                    candidates), or with config.cond.keyframe_sets which keyframe set (none,
-                   first, first + last, first + middle, random positions), noise on c_image,
+                   first, first + last, first + middle, random positions, context latents of
+                   the clip itself or of the window one latent later), noise on c_image,
                    text dropped for guidance, time, x_t and first-frame replacement;
   loss             the objective's loss on those inputs (the DiT trainer's loss, also compiled
                    by the planner);
@@ -40,7 +41,7 @@ from pixeldance.diffusion import guidance as guidance_lib
 from pixeldance.models import text as text_lib
 
 FIRST_FRAME_MODES = ("replace", "concat")
-KEYFRAME_SETS = ("none", "first", "first_last", "first_middle", "random", "context")
+KEYFRAME_SETS = ("none", "first", "first_last", "first_middle", "random", "context", "continue")
 KEYFRAME_LATENTS = ("frames", "clip")
 
 
@@ -86,8 +87,8 @@ class PixelDanceTask:
     keyframe_drop: each keyframe but the first dropped with this probability (the paper's drop
     of the last frame, per keyframe); keyframe_latents: where middle keyframes' latents come from,
     'frames' (one-frame encodings of pixel frames 4k, cached as z_frames) or 'clip' (the clip's
-    own latent at that position); context_frames: the 'context' set's largest number of leading
-    latent frames (continuation in latent space).
+    own latent at that position); context_frames: the 'context' and 'continue' sets' largest
+    number of leading latent frames (continuation in latent space).
     """
 
     objective: str = "flow"
@@ -148,6 +149,11 @@ class PixelDanceTask:
         return self.first_frame == "replace"
 
     @property
+    def needs_shift_latents(self) -> bool:
+        """Whether training reads the cache's z_shift (the 'continue' set's windows)."""
+        return bool(self.keyframe_sets) and self.keyframe_sets[KEYFRAME_SETS.index("continue")] > 0
+
+    @property
     def needs_frame_latents(self) -> bool:
         """Whether training reads the cache's z_frames (middle keyframes from one-frame encodings)."""
         p = dict(zip(KEYFRAME_SETS, self.keyframe_sets or (0.0,) * len(KEYFRAME_SETS)))
@@ -160,12 +166,13 @@ class PixelDanceTask:
 
     # -- training -------------------------------------------------------------------------------
 
-    def training_inputs(self, z, z_last, text, rng, null_text=None, z_frames=None) -> dict:
+    def training_inputs(self, z, z_last, text, rng, null_text=None, z_frames=None, z_shift=None) -> dict:
         """The denoiser's inputs for a batch of normalised latents.
 
         z [B, T, h, w, C]; z_last [B, J, h, w, C], candidate last-frame latents (latest first);
         z_frames [B, T, h, w, C] or None: one-frame latents of pixel frames 4k (the cache's, for
-        keyframe_latents='frames');
+        keyframe_latents='frames'); z_shift [B, T, h, w, C] or None: latents 1..T of the same item
+        read tf frames longer (the cache's, for the 'continue' set);
         text: tokens int32 [B, S] or frozen states (module docstring; null_text: their empty
         prompt). Per example: a first-frame instruction with probability p_first;
         given one, a last-frame instruction with probability p_last, picked uniformly among the
@@ -182,10 +189,18 @@ class PixelDanceTask:
         while the clip's own z[:, k] encodes 4 frames after all earlier ones (keyframe_latents=
         'clip' takes z[:, k] anyway, for caches without z_frames).
 
+        Context sets (continuation in latent space): 'context' gives the clip's own first n
+        latents (n uniform in 1..context_frames), clean in x_t and out of the loss, never dropped;
+        'continue' does the same on z_shift, which the example then trains on instead of z. Why
+        both: a continued clip's context is the previous clip's last latents, each of which
+        encodes a 4-frame group, while a clip's own latent 0 encodes frame 0 alone; only
+        'continue' shows the DiT group latents at the leading positions, as sampling gives them.
+
         Returns dict(x_t [B, T, h, w, C], t [B], c_image [B, T, h, w, C], c_mask [B, T, h, w, 1],
         text (as given, dropped ones replaced), noise [B, T, h, w, C], loss_mask [B, T, 1, 1, 1], has_first [B],
         has_last [B], last_pick int32 [B], keyframes bool [B, T]: the latent frames given,
-        context bool [B, T]: the context set's frames, a subset of keyframes).
+        context bool [B, T]: the context sets' frames, a subset of keyframes, z [B, T, h, w, C]:
+        the clean latents each example trains on (z, or z_shift for the 'continue' set)).
         """
         B, T = z.shape[:2]
         keys = jax.random.split(rng, 7)
@@ -193,7 +208,12 @@ class PixelDanceTask:
         last = jnp.take_along_axis(z_last, pick[:, None, None, None, None], axis=1)[:, 0]
         context = jnp.zeros((B, T), bool)
         if self.keyframe_sets:
-            given, context = self._keyframe_sets(keys[0], B, T)
+            given, context, shifted = self._keyframe_sets(keys[0], B, T)
+            if self.needs_shift_latents:
+                if z_shift is None:
+                    raise ValueError("config.cond.keyframe_sets with 'continue' needs the latent cache's z_shift "
+                                     "(latents 1..T of each item read 4 frames longer): rerun the 'cache' stage")
+                z = jnp.where(shifted[:, None, None, None, None], z_shift, z)
             c_image, c_mask = self._keyframe_instructions(z, last, z_frames, given, context)
             has_first, has_last = given[:, 0], given[:, -1]  # context stops before T - 1
         else:  # PixelDance's first and last frame, today's draws
@@ -223,19 +243,19 @@ class PixelDanceTask:
             x_t = conditioning.replace_frames(x_t, z, context)
             loss_mask = loss_mask * (~context).astype(loss_mask.dtype)[:, :, None, None, None]
         return dict(x_t=x_t, t=t, c_image=c_image, c_mask=c_mask, text=text, noise=noise, loss_mask=loss_mask,
-                    has_first=has_first, has_last=has_last, last_pick=pick, keyframes=given, context=context)
+                    has_first=has_first, has_last=has_last, last_pick=pick, keyframes=given, context=context, z=z)
 
     def _keyframe_sets(self, rng, B: int, T: int):
-        """(given, context), bool [B, T] each: the latent frames given as keyframes, one set of
-        `KEYFRAME_SETS` drawn per example (`training_inputs`), and those of the context set.
-        One-frame batches (images) get none."""
+        """(given, context, shifted): bool [B, T] the latent frames given as keyframes, one set of
+        `KEYFRAME_SETS` drawn per example (`training_inputs`); bool [B, T] those of the context
+        sets; bool [B] the examples of the 'continue' set. One-frame batches (images) get none."""
         k_set, k_middle, k_random, k_drop = jax.random.split(rng, 4)
         k_random, k_context = jax.random.split(k_random)
         which = jax.random.choice(k_set, len(KEYFRAME_SETS), (B,), p=jnp.asarray(self.keyframe_sets, jnp.float32))
         is_set = {name: (which == i)[:, None] for i, name in enumerate(KEYFRAME_SETS)}
         frames = jnp.arange(T)[None]
         if T == 1:
-            return jnp.zeros((B, 1), bool), jnp.zeros((B, 1), bool)
+            return jnp.zeros((B, 1), bool), jnp.zeros((B, 1), bool), jnp.zeros((B,), bool)
         with_first = is_set["first"] | is_set["first_last"] | is_set["first_middle"]
         given = (frames == 0) & with_first
         given |= (frames == T - 1) & is_set["first_last"]
@@ -244,9 +264,9 @@ class PixelDanceTask:
             given |= (frames == middle) & is_set["first_middle"]
         given |= (jax.random.uniform(k_random, (B, T)) < self.keyframe_rate) & is_set["random"]
         n_context = jax.random.randint(k_context, (B, 1), 1, min(self.context_frames, T - 1) + 1)
-        context = (frames < n_context) & is_set["context"]
+        context = (frames < n_context) & (is_set["context"] | is_set["continue"])
         dropped = (jax.random.uniform(k_drop, (B, T)) < self.keyframe_drop) & (frames > 0) & ~context
-        return (given & ~dropped) | context, context
+        return (given & ~dropped) | context, context, is_set["continue"][:, 0]
 
     def _keyframe_instructions(self, z, last, z_frames, given, context):
         """c_image [B, T, h, w, C], c_mask [B, T, h, w, 1] of the keyframes `given` (bool [B, T]):
@@ -273,9 +293,9 @@ class PixelDanceTask:
         text_mask [B, S]; `models.text.text_input`), see `training_inputs`. The objective sets the noise
         path, the training times (flow: time_sampling; eps / v: uniform over DDPM's 1000 steps)
         and the regression target."""
-        z = batch["z"]
-        x = self.training_inputs(z, batch["z_last"], text_lib.text_input(batch), rng, null_text,
-                                 batch.get("z_frames"))
+        x = self.training_inputs(batch["z"], batch["z_last"], text_lib.text_input(batch), rng, null_text,
+                                 batch.get("z_frames"), batch.get("z_shift"))
+        z = x["z"]  # the 'continue' set's examples train on z_shift
         out = model.apply(params, x["x_t"], x["t"], x["c_image"], x["c_mask"], x["text"])
         loss, _ = objectives.loss(out, z, x["noise"], x["t"], x["loss_mask"], objective=self.objective,
                                   prediction=self.prediction, min_t=self.min_t)

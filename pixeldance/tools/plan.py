@@ -325,6 +325,8 @@ def plan(config) -> dict:
                      **_text_fields(example, B, batch_sh))
         if build.task(config).needs_frame_latents:  # keyframes anywhere: the cache's one-frame latents too
             batch["z_frames"] = jax.ShapeDtypeStruct((B, T, h, w, C), jnp.float32, sharding=batch_sh)
+        if build.task(config).needs_shift_latents:  # the 'continue' set's windows one latent later
+            batch["z_shift"] = jax.ShapeDtypeStruct((B, T, h, w, C), jnp.float32, sharding=batch_sh)
         step = train_lib.compile_step(train_lib.make_train_step(loss_fn, tx, config.train.ema_decay),
                                       state_sh, batch_sh, mesh, frozen_sh)
         args = (_placed(abstract, state_sh), batch, _placed(key, repl))

@@ -12,7 +12,10 @@ ceil(num_videos / config.cache.records_per_shard)) and `<output>/meta.json`; `ou
 latents), z_last float32 [J, h, w, C] (the last J = config.cond.last_from frames, each encoded
 as an image, latest first), with keyframes anywhere (`keyframe_frames`) z_frames float32
 [T, h, w, C] (pixel frames 0, 4, ..., 4(T - 1), each encoded as an image: middle keyframes'
-latents, as sampling encodes a keyframe image), the text fields and the caption: tokens int32 [S] (config.text's
+latents, as sampling encodes a keyframe image), with the keyframe set 'continue'
+(`shift_windows`) z_shift float32 [T, h, w, C] (latents 1..T of the same item read tf more
+frames, tf the VAE's temporal factor: a window that starts at a 4-frame group latent, as a
+continued clip's context does), the text fields and the caption: tokens int32 [S] (config.text's
 tokenizer, the encoder trained with the DiT), or with a frozen pretrained encoder
 (config.text.encoder = clip / t5 / umt5) its last hidden states text_states bfloat16 [S, D] and
 text_mask bool [S], computed here once, with the empty prompt's stored once beside the shards
@@ -68,6 +71,7 @@ import zlib
 
 import grain
 import jax
+import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
@@ -93,7 +97,8 @@ def cache_info(config, workdir: str, source) -> dict:
                 **text, data=config.data.name, source=repr(source),
                 num_frames=config.data.num_frames, resolution=config.data.resolution,
                 last_from=config.cond.last_from,
-                **({"keyframe_frames": True} if keyframe_frames(config) else {}))
+                **({"keyframe_frames": True} if keyframe_frames(config) else {}),
+                **({"shift_windows": True} if shift_windows(config) else {}))
 
 
 def keyframe_frames(config) -> bool:
@@ -101,6 +106,22 @@ def keyframe_frames(config) -> bool:
     one-frame latents (`PixelDanceTask.needs_frame_latents`). Recorded in meta.json only then,
     so a cache of an experiment without keyframes is kept as it was."""
     return build.task(config).needs_frame_latents
+
+
+def shift_windows(config) -> bool:
+    """Whether records also store z_shift: when the DiT's keyframe sets include 'continue'
+    (`PixelDanceTask.needs_shift_latents`). Recorded in meta.json only then."""
+    return build.task(config).needs_shift_latents
+
+
+def longer_source(config, size: int, extra_frames: int):
+    """The training source of config.data read `extra_frames` more frames per item (z_shift's).
+    The synthetic world draws the same objects, sizes, starts and paths' lengths for the same
+    index (its draws do not depend on the clip length; the speed is the path over the frames),
+    so the longer clip shows the item's caption over a longer, slightly slower move."""
+    longer = ml_collections.ConfigDict(config.to_dict())
+    longer.data.num_frames = config.data.num_frames + extra_frames
+    return sources.make_source(longer, "train", size=size)
 
 
 def _same(a, b) -> bool:
@@ -124,18 +145,22 @@ def _video_batches(source, start: int, end: int, batch_size: int, num_workers: i
 
 
 def batch_encoder(vae, text, source, batch_size: int, last_from: int, num_workers: int = 0,
-                  frames: bool = False):
+                  frames: bool = False, shift_source=None):
     """encode_range(start, end) for `latent_cache.build`: for source items start..end-1, in
     batches of `batch_size`, lists of records dict(z float32 [T, h, w, C], z_last float32
     [J, h, w, C], the text fields, caption str); for one-frame items (images) z_last = z
     [1, h, w, C]. frames: records also hold z_frames float32 [T, h, w, C], pixel frames
     0, tf, ..., tf (T - 1) (tf = (F - 1) / (T - 1), the VAE's temporal factor) each encoded as an
-    image (images: z_frames = z). vae.encode: uint8 [B, F, H, W, 3] -> float32 [B, T, h, w, C]; text:
+    image (images: z_frames = z). shift_source: the same items read F + tf frames
+    (`longer_source`); records then also hold z_shift float32 [T, h, w, C], latents 1..T of its
+    videos. vae.encode: uint8 [B, F, H, W, 3] -> float32 [B, T, h, w, C]; text:
     `build.text_conditioner`, whose record(B captions) gives the text fields (tokens int32
     [B, S], or a frozen encoder's text_states [B, S, D] and text_mask [B, S])."""
     J = last_from
 
     def encode_range(start: int, end: int):
+        longer = (_video_batches(shift_source, start, end, batch_size, num_workers)
+                  if shift_source is not None else None)
         for videos, captions in _video_batches(source, start, end, batch_size, num_workers):
             B = len(videos)
             if B < batch_size:  # pad with the last video: one compiled shape for every batch
@@ -150,11 +175,24 @@ def batch_encoder(vae, text, source, batch_size: int, last_from: int, num_worker
             extra = {}
             if frames:
                 extra["z_frames"] = _frame_latents(vae, videos, z.shape[1])[:B]
+            if longer is not None:
+                extra["z_shift"] = _shift_latents(vae, next(longer)[0], batch_size, z.shape[1])[:B]
             fields = text.record(captions)
             yield [dict(z=z[i], z_last=z_last[i], caption=captions[i], **{k: v[i] for k, v in extra.items()},
                         **{k: v[i] for k, v in fields.items()})
                    for i in range(B)]
     return encode_range
+
+
+def _shift_latents(vae, videos, batch_size: int, T: int):
+    """float32 [batch_size, T, h, w, C]: latents 1..T of videos uint8 [B, F + tf, H, W, 3] (padded
+    to batch_size with the last, as the clips are, so the VAE compiles once more only)."""
+    if len(videos) < batch_size:
+        videos = np.concatenate([videos, np.repeat(videos[-1:], batch_size - len(videos), axis=0)])
+    z = vae.encode(videos)
+    if z.shape[1] != T + 1:
+        raise ValueError(f"z_shift: {videos.shape[1]} frames encode to {z.shape[1]} latents, not T + 1 = {T + 1}")
+    return z[:, 1:]
 
 
 def _frame_latents(vae, videos, T: int):
@@ -231,6 +269,9 @@ def cache_latents(config, workdir: str) -> str:
     n = config.cache.num_videos
     J = config.cond.last_from
     shapes = buckets.dit_buckets(config)  # also refuses image batches with buckets
+    if shapes and shift_windows(config):
+        raise ValueError("config.cond.keyframe_sets: 'continue' needs one clip shape (its windows are read "
+                         "4 frames longer), not config.data.buckets")
     if shapes:
         return _cache_buckets(config, workdir, path, shapes, J)
     source = sources.make_source(config, "train", size=n)
@@ -387,8 +428,12 @@ def _write_cache(config, path: str, source, n: int, info: dict, vae, text, *, no
     mine = [r for s, r in enumerate(latent_cache.shard_ranges(n, num_shards)) if s % nproc == pid]
     bar = tqdm(total=sum(-(-(end - start) // bs) for start, end in mine), desc=stage, unit="batch",
                disable=pid != 0)
+    shift_source = None
+    if info.get("shift_windows", False):
+        tf = build.vae(config).temporal_factor
+        shift_source = longer_source(config, n, tf)
     encode = batch_encoder(vae(), text, source, bs, info["last_from"], config.data.get("num_workers", 0),
-                           frames=info.get("keyframe_frames", False))
+                           frames=info.get("keyframe_frames", False), shift_source=shift_source)
 
     def encode_range(start, end):
         for records in encode(start, end):
@@ -403,7 +448,7 @@ def _write_cache(config, path: str, source, n: int, info: dict, vae, text, *, no
     f = meta["fields"]
     print(f"latent cache: wrote {path}: {n} records in {num_shards} shards, "
           f"z {tuple(f['z']['shape'])}, z_last {tuple(f['z_last']['shape'])}"
-          + (f", z_frames {tuple(f['z_frames']['shape'])}" if "z_frames" in f else ""))
+          + "".join(f", {k} {tuple(f[k]['shape'])}" for k in latent_cache.OPTIONAL_FIELDS if k in f))
     if summary:
         sources.log_summary(source, stage)
     return meta, False

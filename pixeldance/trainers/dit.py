@@ -34,11 +34,13 @@ def make_loss(task: PixelDanceTask, model, stats: workdir_lib.LatentStats, null_
     z [B, T, h, w, C], z_last [B, J, h, w, C] normalised with `stats`, tokens int32 [B, S] or a
     frozen encoder's text_states [B, S, D] and text_mask [B, S] with its empty prompt `null_text`
     (dict(states [1, S, D], mask [1, S]), the cache's), and with keyframes anywhere z_frames
-    [B, T, h, w, C] (normalised too), then `PixelDanceTask.loss`."""
+    [B, T, h, w, C] and with the 'continue' set z_shift [B, T, h, w, C] (normalised too), then
+    `PixelDanceTask.loss`."""
     def loss_fn(params, batch, rng):
         batch = dict(batch, z=stats.normalise(batch["z"]), z_last=stats.normalise(batch["z_last"]))
-        if "z_frames" in batch:
-            batch["z_frames"] = stats.normalise(batch["z_frames"])
+        for name in ("z_frames", "z_shift"):
+            if name in batch:
+                batch[name] = stats.normalise(batch[name])
         return task.loss(model, params, batch, rng, null_text)
     return loss_fn
 
@@ -100,8 +102,9 @@ class ImageVideoBatches:
         else:
             video = next(self._batches)
             batch = dict(video, z=video["z"][:, :1], z_last=video["z"][:, :1])
-            if "z_frames" in video:
-                batch["z_frames"] = video["z"][:, :1]
+            for name in ("z_frames", "z_shift"):  # the video batches' structure, one compiled step
+                if name in video:
+                    batch[name] = video["z"][:, :1]
         self._drawn = i  # counted once a batch came: a failed read is retried as the same batch
         return batch
 
@@ -244,6 +247,10 @@ def train_dit(config, workdir: str):
         raise latent_cache.CacheError(
             f"latent cache {source.path} has no z_frames, which config.cond.keyframe_sets with "
             f"keyframe_latents='frames' needs: rerun the 'cache' stage (or set config.cond.keyframe_latents='clip')")
+    if build.task(config).needs_shift_latents and "z_shift" not in first:
+        raise latent_cache.CacheError(
+            f"latent cache {source.path} has no z_shift, which config.cond.keyframe_sets with 'continue' "
+            f"needs: rerun the 'cache' stage")
     null_text = text_lib.text_input(source.null_text()) if frozen else None
     example = jax.tree.map(lambda v: np.asarray(v)[None], text_lib.text_input(first))  # batch of 1
     model, init_fn, tx, loss_fn = train_setup(config, first["z"].shape, stats, example, null_text)
