@@ -301,10 +301,32 @@ def test_reconstruction_evaluator_scores_smoothness():
     assert report["smoothness_n"] == 8 and report["smoothness_median"] == CAP
     assert report["real"]["smoothness_n"] == 8
     assert 0.9 <= report["real"]["smoothness_median"] <= 1.1
+    assert report["colour_acc_real"] == 1.0 and report["colour_acc"] >= 0.75  # held frames keep colours
     assert set(result.scalars) == {"psnr", "ssim", "psnr_min", "num_videos"}  # the logged tags
     report = reconstruction.smoothness_report(SteppedVAE(), np.zeros((0, 17, 32, 32, 3), np.uint8),
                                               np.zeros((0, 17, 32, 32, 3), np.uint8), [])
     assert report["smoothness_n"] == 0 and report["smoothness_median"] is None
+
+
+def test_reconstruction_colour_report_catches_a_hue_shift():
+    """colour_report: reconstructions equal to the clips keep every colour with no background
+    error; a VAE that swaps red and green keeps almost none (the shapes world's palette moves to
+    other names) and its background error is the channels' difference; the evaluator reports it."""
+    from pixeldance.data import synthetic as world
+
+    source = world.ShapesSource("heldout", size=12, config=world.WorldConfig(num_frames=9, resolution=32))
+    items = [source[i] for i in range(12)]
+    videos = np.stack([it["video"] for it in items])
+    captions = [it["caption"] for it in items]
+    same = reconstruction.colour_report(videos, videos.copy(), captions)
+    assert same == dict(colour_acc=1.0, colour_acc_real=1.0, background_error=0.0)
+    swapped = videos[..., [1, 0, 2]]
+    report = reconstruction.colour_report(videos, swapped, captions)
+    assert report["colour_acc"] <= 0.5 and report["colour_acc_real"] == 1.0
+    background = np.median(videos[:, :, 0, :, :].astype(float), axis=2)  # [N, F, 3] top rows
+    want = np.abs(background[..., 0] - background[..., 1]).mean()
+    assert report["background_error"] == pytest.approx(want, abs=2.0) and report["background_error"] > 3
+    assert reconstruction.colour_report(videos[:0], videos[:0], [])["colour_acc"] is None
 
 
 def test_faithfulness_evaluator_uses_the_pipelines_vae():

@@ -11,7 +11,11 @@ reconstructions' motion (`synthetic.smoothness_from_centroids` with the VAE's ow
 temporal_factor as the group length: centroid step across latent-group boundaries over the step
 inside groups, 1.0 for the clips themselves): the median, p90 and count over clips in the
 result's report and the printed line (not among the logged scalars: the main job's TensorBoard
-tags are fixed by workdir.TENSORBOARD_TAGS and the README's table).
+tags are fixed by workdir.TENSORBOARD_TAGS and the README's table); and whether the
+reconstructions keep the objects' colours (`colour_report`: the fraction of clips whose
+reconstruction the synthetic evaluator reads as the caption's colour, the same for the clips
+themselves, and the background's RGB error), because a VAE can reach a fair PSNR while shifting
+hues, and the DiT trained on its latents then gets colours wrong in every mode (issue 19, seed 1).
 
 Axis letters (glossary: pixeldance/models/__init__.py): B batch (N clips), F frames, H/W pixel
 height/width, T latent frames, h/w latent height/width, C channels.
@@ -104,6 +108,28 @@ def smoothness_report(vae, videos: np.ndarray, recons: np.ndarray, captions: lis
                 real=scoring.smoothness_summary(scoring.smoothness_scores(videos, captions, g)))
 
 
+def colour_report(videos: np.ndarray, recons: np.ndarray, captions: list[str]) -> dict:
+    """Colour kept by reconstructions of synthetic-world clips. videos, recons: uint8
+    [N, F, H, W, 3]; captions: N strings. Returns colour_acc (fraction of reconstructions whose
+    objects the evaluator reads as the caption's colours), colour_acc_real (the same for the clips,
+    about 1.0: the reference), background_error (mean over clips and frames of the largest
+    channel's absolute error of the background colour, the border's median, 0-255); None / 0 for
+    no clips."""
+    if not len(videos):
+        return dict(colour_acc=None, colour_acc_real=None, background_error=None)
+
+    def acc(clips):
+        return float(np.mean([scoring.score_video(v, c)["colour_correct"] for v, c in zip(clips, captions)]))
+
+    def border(clips):  # [N, F, 3] median of each frame's border pixels
+        x = clips.astype(np.float32)
+        ring = np.concatenate([x[:, :, 0], x[:, :, -1], x[:, :, 1:-1, 0], x[:, :, 1:-1, -1]], axis=2)
+        return np.median(ring, axis=2)
+
+    error = np.abs(border(recons) - border(videos)).max(axis=-1)
+    return dict(colour_acc=acc(recons), colour_acc_real=acc(videos), background_error=float(error.mean()))
+
+
 def recon_image(videos: np.ndarray, recons: np.ndarray, pad: int = 2) -> np.ndarray:
     """uint8 [N, F, H, W, 3] twice -> one image: per clip a row of its frames above a row of
     their reconstructions, white padding. uint8 [2N(H+pad), F(W+pad), 3]."""
@@ -140,10 +166,14 @@ class Reconstruction(Evaluator):
                        psnr_min=float(out["psnr"].min()), num_videos=n)
         report, smooth = dict(scalars), ""
         if self.config.data.get("name", "shapes") == "shapes":  # one flat object: centroids are exact
-            report.update(smoothness_report(vae, videos, out["recon"], [it["caption"] for it in items]))
+            captions = [it["caption"] for it in items]
+            report.update(smoothness_report(vae, videos, out["recon"], captions))
+            report.update(colour_report(videos, out["recon"], captions))
             if report["smoothness_median"] is not None:
                 smooth = (f", smoothness {report['smoothness_median']:.2f} median / "
                           f"{report['smoothness_p90']:.2f} p90 over {report['smoothness_n']} clips")
+            smooth += (f", colour kept {report['colour_acc']:.2f} (clips {report['colour_acc_real']:.2f}), "
+                       f"background error {report['background_error']:.1f}/255")
         shown = min(n, 4)
         image = recon_image(videos[:shown], out["recon"][:shown])
         pairs = np.concatenate([videos[:shown], out["recon"][:shown]], axis=3)  # clip | reconstruction
