@@ -102,8 +102,9 @@ def main():
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(preset)):
         abstract, state_sh = train_lib.state_shardings(init_fn, tx, mesh, preset, jax.random.key(0))
         batch_sh = sharding.batch_sharding(mesh)
-        step_fn = train_lib.compile_step(train_lib.make_train_step(loss_fn, tx, config.train.ema_decay),
-                                         state_sh, batch_sh, mesh)
+        compiled = train_lib.compile_step(train_lib.make_scheduled_step(loss_fn, tx, config.train.ema_decay),
+                                          state_sh, batch_sh, mesh)
+        step_fn = lambda state, batch, rng: compiled(state, batch, rng, tx.lengths)  # noqa: E731
         state = train_lib.init_state(init_fn, tx, state_sh, jax.random.key(0))
         t0 = time.perf_counter()
         warm = windows(args=argparse.Namespace(**{**vars(args), "pairs": 1, "every": 5}), state=state,

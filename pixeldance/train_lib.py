@@ -5,6 +5,7 @@ model + optimizer -> sharded init -> restore -> `train_loop`. Only the loss diff
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -43,13 +44,77 @@ class TrainState:
     ema_params: Any
 
 
+def warmup_cosine(lr: float, warmup_steps, num_steps) -> Callable:
+    """schedule(count) -> learning rate: linear warm-up from 0 over max(warmup_steps, 1) steps,
+    then cosine decay to 0.1 lr at max(num_steps, warmup_steps + 1).
+
+    The float32 values of `optax.warmup_cosine_decay_schedule(0, lr, W, D, end_value=0.1 lr)`
+    in a compiled step at every count (tested), but warmup_steps and num_steps may be traced
+    int32 scalars: the lengths are then a step's argument, not constants of its program
+    (`make_scheduled_step`). count: int32 scalar.
+    """
+    W = jnp.maximum(warmup_steps, 1)
+    D = jnp.maximum(num_steps, warmup_steps + 1)
+    alpha = 0.0 if lr == 0 else 0.1 * lr / lr  # optax's end_value / peak_value, rounded as it rounds it
+    decay = (D - W).astype(jnp.float32)
+    # optax divides by its constant lengths, and XLA compiles x / c as x * (1 / c), and
+    # (t * pi) * (1 / c) as t * (pi * (1 / c)): the same products here give the same roundings
+    # (a true division is 1 ulp off at some counts, so a resumed old run would drift).
+    inv_warmup = 1 / W.astype(jnp.float32)
+    angle = jnp.pi * (1 / decay)
+
+    def schedule(count):
+        frac = 1 - jnp.clip(count, 0, W) * inv_warmup
+        warm = (0.0 - lr) * frac + lr
+        t = jnp.minimum(count - W, decay)
+        cosine = 0.5 * (1 + jnp.cos(t * angle))
+        return jnp.where(count < W, warm, lr * ((1 - alpha) * cosine + alpha))
+    return schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """AdamW with linear warm-up then cosine decay to 10% of lr (`warmup_cosine`), after
+    global-norm clipping; an optax GradientTransformation (init, update) with these lengths.
+
+    `transform(lengths)` is the same optimizer with the schedule's lengths traced: a compiled
+    step that takes them as an argument (`make_scheduled_step`) is one program for every
+    num_steps, so a run that only trains longer (a resumed job, a test) finds the step in the
+    persistent compilation cache instead of compiling it again. The state is optax's
+    (the schedule's count included), whichever lengths: old checkpoints restore.
+    """
+    lr: float
+    warmup_steps: int
+    num_steps: int
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.99
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """int32 [2]: (warmup_steps, num_steps), what `transform` takes."""
+        return np.array([self.warmup_steps, self.num_steps], np.int32)
+
+    def transform(self, lengths=None) -> optax.GradientTransformation:
+        """The optax chain; lengths: int32 [2] (warmup_steps, num_steps), e.g. traced (default: these)."""
+        warmup, num = (self.warmup_steps, self.num_steps) if lengths is None else (lengths[0], lengths[1])
+        return optax.chain(optax.clip_by_global_norm(self.grad_clip),
+                           optax.adamw(warmup_cosine(self.lr, warmup, num), b1=self.b1, b2=self.b2,
+                                       weight_decay=self.weight_decay))
+
+    def init(self, params):
+        return self.transform().init(params)
+
+    def update(self, updates, state, params=None):
+        return self.transform().update(updates, state, params)
+
+
 def make_optimizer(*, lr: float, warmup_steps: int, num_steps: int, weight_decay: float = 0.0,
-                   grad_clip: float = 1.0, b1: float = 0.9, b2: float = 0.99):
-    """AdamW with linear warm-up then cosine decay to 10% of lr, after global-norm clipping."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, lr, max(warmup_steps, 1), max(num_steps, warmup_steps + 1), end_value=0.1 * lr)
-    return optax.chain(optax.clip_by_global_norm(grad_clip),
-                       optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+                   grad_clip: float = 1.0, b1: float = 0.9, b2: float = 0.99) -> Optimizer:
+    """AdamW with linear warm-up then cosine decay to 10% of lr, after global-norm clipping (`Optimizer`)."""
+    return Optimizer(lr=lr, warmup_steps=warmup_steps, num_steps=num_steps, weight_decay=weight_decay,
+                     grad_clip=grad_clip, b1=b1, b2=b2)
 
 
 def stage_optimizer(stage_config):
@@ -125,13 +190,24 @@ def make_train_step(loss_fn: Callable, tx, ema_decay: float):
     return step
 
 
+def make_scheduled_step(loss_fn: Callable, optimizer: Optimizer, ema_decay: float):
+    """`make_train_step` with the schedule's lengths an argument:
+    step(state, batch, rng, lengths, *frozen) -> (state, metrics), lengths int32 [2]
+    (`Optimizer.lengths`). The program is the same for every num_steps and warmup_steps."""
+    def step(state: TrainState, batch, rng, lengths, *frozen):
+        return make_train_step(loss_fn, optimizer.transform(lengths), ema_decay)(state, batch, rng, *frozen)
+    return step
+
+
 def compile_step(step_fn, state_sh, batch_sh, mesh, frozen_sh=None):
-    """jit with explicit shardings and the state donated (updated in place); with `frozen_sh`
-    (the shardings of a frozen tree, see `make_train_step`) the step takes that tree as a fourth
-    argument, not donated: it is read again by every step."""
+    """jit of a `make_scheduled_step` step with explicit shardings and the state donated
+    (updated in place); the lengths replicated. With `frozen_sh` (the shardings of a frozen
+    tree, see `make_train_step`) the step takes that tree as a fifth argument, not donated: it
+    is read again by every step."""
+    repl = sharding.replicated(mesh)
     extra = () if frozen_sh is None else (frozen_sh,)
-    return jax.jit(step_fn, in_shardings=(state_sh, batch_sh, sharding.replicated(mesh)) + extra,
-                   out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+    return jax.jit(step_fn, in_shardings=(state_sh, batch_sh, repl, repl) + extra,
+                   out_shardings=(state_sh, repl), donate_argnums=0)
 
 
 def to_global(batch: dict, batch_sh) -> dict:
@@ -395,8 +471,8 @@ def mesh_from_config(mesh_config):
     return mesh, mesh_config.preset
 
 
-def _with_frozen(step_fn, frozen, state, batch, rng):
-    return step_fn(state, batch, rng, frozen)
+def _with_args(step_fn, args, state, batch, rng):
+    return step_fn(state, batch, rng, *args)
 
 
 def restore_or_init(checkpointer: Checkpointer, init_fn: Callable, tx, abstract, shardings, rng,
@@ -417,8 +493,9 @@ def fit(*, stage: str, workdir: str, mesh, preset: str, init_fn: Callable, loss_
     """The part every trainer shares: sharded init (from `initial_params` where given, see
     `restore_or_init`) or restore, then `train_loop`, then close.
 
-    Checkpoints go to `<workdir>/<stage>/`; stage_config supplies ema_decay, num_steps,
-    log_every, ckpt_every and keep_checkpoints. Refuses an fsdp run whose parameters would
+    tx: an `Optimizer` (`make_optimizer`); its step is compiled with the schedule's lengths as
+    an argument (`make_scheduled_step`). Checkpoints go to `<workdir>/<stage>/`; stage_config
+    supplies ema_decay, num_steps, log_every, ckpt_every and keep_checkpoints. Refuses an fsdp run whose parameters would
     mostly be replicated (`sharding.check_fsdp`). evaluate, eval_every: see `train_loop`.
     frozen: (placed tree, its shardings) that loss_fn reads as its fourth argument and nothing
     trains or checkpoints (LoRA's base weights; the state then holds only what trains, and the
@@ -440,10 +517,10 @@ def fit(*, stage: str, workdir: str, mesh, preset: str, init_fn: Callable, loss_
             writer = MetricWriter(workdir, stage)
             writer.truncate_after(int(jax.device_get(state.step)))
             batch_sh = sharding.batch_sharding(mesh)
-            step_fn = compile_step(make_train_step(loss_fn, tx, c.ema_decay), state_sh, batch_sh, mesh,
+            step_fn = compile_step(make_scheduled_step(loss_fn, tx, c.ema_decay), state_sh, batch_sh, mesh,
                                    None if frozen is None else frozen[1])
-            if frozen is not None:
-                step_fn = functools.partial(_with_frozen, step_fn, frozen[0])
+            lengths = jax.device_put(tx.lengths, sharding.replicated(mesh))
+            step_fn = functools.partial(_with_args, step_fn, (lengths,) + (() if frozen is None else (frozen[0],)))
             state = train_loop(
                 stage=stage, state=state, step_fn=step_fn, batches=batches,
                 to_device=lambda b: to_global(b, batch_sh), checkpointer=ckpt, writer=writer,

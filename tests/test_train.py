@@ -1,4 +1,5 @@
 """Trainers end to end on a sharded 2 x 4 mesh, resumption, the non-finite guard and the EMA."""
+import functools
 import itertools
 import json
 import math
@@ -292,3 +293,68 @@ def test_joint_image_video_training(tmp_path):
     assert [line["step"] for line in lines] == list(range(1, NUM_STEPS + 1))
     assert all(math.isfinite(line["loss"]) for line in lines)
     assert int(state.step) == NUM_STEPS
+
+
+# ---------------------------------------------------------------------------------------------
+# (e) The learning-rate schedule: optax's numbers, its lengths a step argument
+# ---------------------------------------------------------------------------------------------
+
+def _optax_adamw(lr, warmup_steps, num_steps, weight_decay=0.0):
+    """`make_optimizer` as it was: optax's own schedule, its lengths constants of the program."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), max(num_steps, warmup_steps + 1),
+                                                  end_value=0.1 * lr)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=weight_decay))
+
+
+@pytest.mark.parametrize("lr", [3e-4, 2e-4, 1e-2, 0.1, 7e-5])
+def test_schedule_with_traced_lengths_is_optax_bit_for_bit(lr):
+    """The defaults (50 / 1500, 200 / 1600), runlocal's (1 / 4 and longer runs of it) and odd
+    lengths (no warm-up, num_steps at or below it): every count to past the end, one compiled
+    function for all lengths, the float32 learning rate of optax's compiled schedule. Scalar
+    counts in a loop, as a step computes it (vectorised, XLA rounds some divisions otherwise)."""
+    ours = jax.jit(lambda counts, lengths: jax.lax.map(train_lib.warmup_cosine(lr, lengths[0], lengths[1]), counts))
+    counts = jnp.arange(1603, dtype=jnp.int32)
+    for warmup, num_steps in [(50, 1500), (200, 1600), (1, 4), (1, 6), (1, 7), (1, 8), (3, 10), (7, 13), (0, 3),
+                              (5, 5), (5, 3)]:
+        want = jax.jit(functools.partial(jax.lax.map, optax.warmup_cosine_decay_schedule(
+            0.0, lr, max(warmup, 1), max(num_steps, warmup + 1), end_value=0.1 * lr)))(counts)
+        got = ours(counts, jnp.array([warmup, num_steps], jnp.int32))
+        np.testing.assert_array_equal(got, want, err_msg=f"warmup {warmup}, num_steps {num_steps}")
+    assert ours._cache_size() == 1
+
+
+def test_scheduled_step_trains_as_optax_did_with_its_state():
+    """make_optimizer's state is optax's (old checkpoints restore); a `make_scheduled_step` step
+    and a step of the Optimizer itself train exactly as optax's AdamW did; the lengths are an
+    argument, so runs of other lengths compile the same program."""
+    opt = train_lib.make_optimizer(lr=0.1, warmup_steps=2, num_steps=6, weight_decay=0.01)
+    ref = _optax_adamw(0.1, 2, 6, weight_decay=0.01)
+    params = {"w": jnp.array([3.0, -2.0, 0.5]), "b": jnp.array(1.5)}
+    want_state = ref.init(params)
+    assert jax.tree.structure(opt.init(params)) == jax.tree.structure(want_state)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), opt.init(params)) == jax.tree.map(
+        lambda x: (x.shape, x.dtype), want_state)
+
+    def loss_fn(p, batch, rng):  # gradients above the clipping norm at first
+        return jnp.sum(jnp.square(p["w"] * batch["x"] - p["b"])), {}
+
+    def state():
+        return train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=ref.init(params),
+                                    ema_params=params)
+
+    steps = {"optax": jax.jit(train_lib.make_train_step(loss_fn, ref, 0.9)),
+             "optimizer": jax.jit(train_lib.make_train_step(loss_fn, opt, 0.9)),
+             "scheduled": jax.jit(lambda s, b, r: train_lib.make_scheduled_step(loss_fn, opt, 0.9)(s, b, r, opt.lengths))}
+    states = {name: state() for name in steps}
+    for k in range(8):  # past num_steps: the schedule's floor too
+        batch = {"x": jnp.array([1.0, 2.0, -1.0]) * (k + 1)}
+        for name, step in steps.items():
+            states[name], _ = step(states[name], batch, jax.random.key(0))
+        for name in ("optimizer", "scheduled"):
+            jax.tree.map(np.testing.assert_array_equal, states[name], states["optax"])
+
+    scheduled = jax.jit(train_lib.make_scheduled_step(loss_fn, opt, 0.9))
+    other = jax.jit(train_lib.make_scheduled_step(loss_fn, train_lib.make_optimizer(
+        lr=0.1, warmup_steps=5, num_steps=1000, weight_decay=0.01), 0.9))
+    args = (state(), {"x": jnp.ones(3)}, jax.random.key(0), opt.lengths)
+    assert scheduled.lower(*args).as_text() == other.lower(*args).as_text()

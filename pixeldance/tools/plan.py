@@ -316,8 +316,8 @@ def plan(config) -> dict:
                                     shift=s.get("shift", 1.0))
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(preset)):
-        # Train step: exactly the trainer's (dit_loss, AdamW, EMA, donated state; under LoRA the
-        # frozen base a fourth argument, not donated).
+        # Train step: exactly the trainer's (dit_loss, AdamW, EMA, donated state, the schedule's
+        # lengths an argument; under LoRA the frozen base a fifth argument, not donated).
         B = config.train.batch_size
         batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
         batch = dict(z=jax.ShapeDtypeStruct((B, T, h, w, C), jnp.float32, sharding=batch_sh),
@@ -327,9 +327,9 @@ def plan(config) -> dict:
             batch["z_frames"] = jax.ShapeDtypeStruct((B, T, h, w, C), jnp.float32, sharding=batch_sh)
         if build.task(config).needs_shift_latents:  # the 'continue' set's windows one latent later
             batch["z_shift"] = jax.ShapeDtypeStruct((B, T, h, w, C), jnp.float32, sharding=batch_sh)
-        step = train_lib.compile_step(train_lib.make_train_step(loss_fn, tx, config.train.ema_decay),
+        step = train_lib.compile_step(train_lib.make_scheduled_step(loss_fn, tx, config.train.ema_decay),
                                       state_sh, batch_sh, mesh, frozen_sh)
-        args = (_placed(abstract, state_sh), batch, _placed(key, repl))
+        args = (_placed(abstract, state_sh), batch, _placed(key, repl), _placed(tx.lengths, repl))
         args += () if frozen is None else (_placed(frozen, frozen_sh),)
         t0 = time.time()
         compiled, oom = _compile(step.lower(*args))
