@@ -141,6 +141,39 @@ def networks_root(tmp_path_factory) -> str:
     return path
 
 
+@pytest.fixture(scope="session")
+def evaluated_workdir(runlocal_workdir, networks_root, tmp_path_factory) -> dict:
+    """A copy of `runlocal_workdir` (named wd) evaluated once by `python -m pixeldance.evaluate`
+    (protocol runlocal, 6 generated videos: a shard of 4 and a partial one), shared by the xdist
+    workers; treat as read-only. dict(workdir, stats_dir (its real statistics), stdout). The CLI's
+    test checks this run; the evaluation notebook's resumes a copy of it (nothing left to
+    generate, the real statistics cached), so the two pay for one evaluation."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder = root / "evaluated"
+    workdir, stats_dir = str(folder / "wd"), str(folder / "stats")
+    done, failed = str(folder) + ".done", str(folder) + ".failed"
+    with open(str(folder) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not os.path.exists(done) and not os.path.exists(failed):
+                shutil.rmtree(folder, ignore_errors=True)
+                shutil.copytree(runlocal_workdir, workdir)
+                proc = run_python("-m", "pixeldance.evaluate", f"--workdir={workdir}", f"--networks={networks_root}",
+                                  f"--stats_dir={stats_dir}", "--num_generated=6", timeout=900)
+                with open(str(folder) + ".stdout", "w") as f:
+                    f.write(proc.stdout)
+                with open(done if proc.returncode == 0 else failed, "w") as f:
+                    f.write(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    if os.path.exists(failed):
+        with open(failed) as f:
+            raise RuntimeError(f"python -m pixeldance.evaluate on the runlocal workdir failed: {f.read()}")
+    return dict(workdir=workdir, stats_dir=stats_dir, stdout=open(str(folder) + ".stdout").read())
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests that need the main job go last, so xdist workers run the others while one builds it."""
     items.sort(key=lambda item: "runlocal_workdir" in getattr(item, "fixturenames", ()))

