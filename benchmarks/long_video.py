@@ -17,7 +17,10 @@ in `--continuation` makes the same videos (same first frames, prompts and seeds)
             default the workdir's config.cond.context_frames), clean, and the whole latent
             video is decoded once, causally: F + (n - 1) 4(T - K) frames.
 Clip k is scored on the F frames that end with its last frame (for re-encoding exactly clip k;
-in latent space its new frames and the context before them).
+in latent space its new frames and the context before them). Because a re-encoded clip's own
+frames never contain a boundary, every boundary is also scored on the F frames centred on it
+(`boundary_frames`; colour, shape and consistency against the later clip's prompt, direction
+left out: it reverses there): an object that changes size or colour at a boundary fails there.
 
 Reported per mode and clip index k (fractions over the videos): colour kept, shape kept,
 direction as asked, consistency (the synthetic-world evaluator against clip k's prompt); the
@@ -64,6 +67,13 @@ def clip_frames(video: np.ndarray, k: int, F: int, step: int | None = None) -> n
     return video[end - F:end]
 
 
+def boundary_frames(video: np.ndarray, k: int, F: int, step: int) -> np.ndarray:
+    """The F frames centred on the boundary before clip k >= 1, whose first new frame is
+    F + (k - 1) step: frames from F // 2 before it (clip_frames' layout)."""
+    first_new = F + (k - 1) * step
+    return video[first_new - F // 2:first_new - F // 2 + F]
+
+
 def frames_per_clip(mode: str, F: int, T: int, K: int) -> int:
     """New frames each clip after the first adds: F - 1 re-encoding, 4(T - K) in latent space
     (a causal VAE's F = 1 + 4(T - 1))."""
@@ -86,9 +96,11 @@ SCORES = (("colour", "colour_correct"), ("shape", "shape_correct"), ("direction"
           ("consistent", "consistent"))
 
 
-def per_clip_fractions(scores_k: list[list[dict]]) -> dict:
-    """scores_k[k]: score_video dicts of clip k over the videos -> {name: [fraction per clip]}."""
-    return {name: [float(np.mean([s[key] for s in clip])) for clip in scores_k] for name, key in SCORES}
+def per_clip_fractions(scores_k: list[list[dict]], names=None) -> dict:
+    """scores_k[k]: score_video dicts of clip k over the videos -> {name: [fraction per clip]}
+    for the SCORES named in `names` (None: all)."""
+    return {name: [float(np.mean([s[key] for s in clip])) for clip in scores_k] for name, key in SCORES
+            if names is None or name in names}
 
 
 def compare(latent: dict, reencode: dict) -> dict:
@@ -102,6 +114,7 @@ def compare(latent: dict, reencode: dict) -> dict:
     return out
 
 
+BOUNDARY_SCORES = ("colour", "shape", "consistent")  # direction reverses at every boundary
 MODE_SHADES = {"latent": 1.0, "reencode": 0.45}  # re-encoding drawn in paler lines
 
 
@@ -224,6 +237,7 @@ def main():
     for mode in modes:
         step = frames_per_clip(mode, F, T, K)
         scores_k = [[] for _ in range(args.num_clips)]
+        scores_b = [[] for _ in range(args.num_clips - 1)]
         gen_windows, t_mode = [], time.time()
         extra = {} if mode == "reencode" else dict(continuation="latent", context_latents=K)
         for v in range(args.num_videos):
@@ -234,11 +248,17 @@ def main():
             assert len(video) == F + (args.num_clips - 1) * step, (mode, len(video))
             for k in range(args.num_clips):
                 scores_k[k].append(score_video(clip_frames(video, k, F, step), prompts[k]))
+            for k in range(1, args.num_clips):
+                scores_b[k - 1].append(score_video(boundary_frames(video, k, F, step), prompts[k]))
             gen_windows.append(windows(video))
             print(f"{mode} video {v + 1}/{args.num_videos}: {len(video)} frames ({time.time() - start:.0f} s)",
                   flush=True)
         per_clip = per_clip_fractions(scores_k)
+        per_boundary = per_clip_fractions(scores_b, BOUNDARY_SCORES)
+        half = len(per_boundary["colour"]) // 2
         m = dict(frames_per_video=int(F + (args.num_clips - 1) * step), step=step, F=F, per_clip=per_clip,
+                 per_boundary=per_boundary,
+                 boundaries_second_half={n: float(np.mean(v[half:])) for n, v in per_boundary.items()},
                  last_8_clips={n: float(np.mean(v[-8:])) for n, v in per_clip.items()},
                  at_last_clip={n: v[-1] for n, v in per_clip.items()},
                  generate_seconds=round(time.time() - t_mode, 1), fvd_per_window=[], fvd_per_group=[])
@@ -256,6 +276,8 @@ def main():
         group=args.group, i3d_sha256=None if i3d is None else i3d.sha256, modes=per_mode)
     if "latent" in per_mode and "reencode" in per_mode:
         result["latent_vs_reencode"] = compare(per_mode["latent"]["per_clip"], per_mode["reencode"]["per_clip"])
+        result["latent_vs_reencode_boundaries"] = compare(per_mode["latent"]["per_boundary"],
+                                                          per_mode["reencode"]["per_boundary"])
     if args.ceiling_videos:
         result["vae_ceiling"] = vae_ceiling(pipe, items, args.ceiling_videos)
     if args.keyframe_videos:

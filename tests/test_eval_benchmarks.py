@@ -34,6 +34,13 @@ def test_clip_prompts_frames_and_windows():
     assert long_video.frames_per_clip("latent", 17, 5, 1) == 16 and long_video.frames_per_clip("latent", 17, 5, 2) == 12
     for k in range(3):
         np.testing.assert_array_equal(long_video.clip_frames(video, k, F, 4)[:, 0, 0, 0], np.arange(4 * k, 4 * k + F))
+    # Boundaries: F frames centred on clip k's first new frame (re-encoding: frame 8k + 1 after
+    # clip k - 1's last, 8k; latent K = 2: 4k + 5), F // 2 = 4 of them before it.
+    for k in (1, 2):
+        np.testing.assert_array_equal(long_video.boundary_frames(video, k, F, F - 1)[:, 0, 0, 0],
+                                      np.arange(8 * k + 1 - 4, 8 * k + 1 - 4 + F))
+        np.testing.assert_array_equal(long_video.boundary_frames(video, k, F, 4)[:, 0, 0, 0],
+                                      np.arange(4 * k + 5 - 4, 4 * k + 5 - 4 + F))
     w = long_video.windows(video, 16)
     assert w.shape == (1, 16, 2, 2, 3) and w[0, -1, 0, 0, 0] == 15  # the last 9 frames make no whole window
     # Scores per clip and the comparison of the two modes.
@@ -64,6 +71,8 @@ def test_long_video_end_to_end(runlocal_workdir, networks_root, tmp_path):
         assert set(m["per_clip"]) == {"colour", "shape", "direction", "consistent"}
         assert all(len(v) == 3 and all(0.0 <= x <= 1.0 for x in v) for v in m["per_clip"].values())
         assert m["at_last_clip"] == {k: v[-1] for k, v in m["per_clip"].items()}
+        assert set(m["per_boundary"]) == {"colour", "shape", "consistent"}
+        assert all(len(v) == 2 for v in m["per_boundary"].values())
         assert len(m["fvd_per_window"]) == m["frames_per_video"] // 16 and all(np.isfinite(m["fvd_per_window"]))
         assert m["fvd_per_group"] == m["fvd_per_window"]  # groups of one window
     assert result["latent_vs_reencode"]["shape"]["clips"] == 3
