@@ -20,7 +20,8 @@ from pixeldance.metrics import protocols
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROTOCOL = protocols.get("runlocal")  # 9 frames at 32 x 32, squashed, from the first frame
 SOURCES = ("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4")
-N = 8
+N = 4  # clips per folder: half the I3D work at 224 px of 8 (CLI and reference); their FD is as stable
+#        (logits moved by 1e-4 relative move it by ~3e-5; the test allows 5e-3)
 
 
 def _sample_dir() -> str:
