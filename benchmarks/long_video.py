@@ -31,7 +31,9 @@ With both modes: per clip index, latent minus re-encode for each score, and at h
 indices latent is at or above re-encoding.
 The VAE's ceiling (`--ceiling_videos` real held-out clips encoded and decoded, scored against
 their captions): what the decoder lets the evaluator read at best, beside which the per-clip
-scores are read (the shape of a 13-16 px object at 64 px does not survive the main job's VAE).
+scores are read (the shape of a 13-16 px object at 64 px does not survive the main job's VAE);
+and over long streams (up to 16 of them read `--ceiling_long_frames` frames, encoded and decoded
+whole, scored on F-frame windows): whether one causal decode of a long video keeps the object.
 Keyframe adherence (`--keyframe_videos` held-out clips, 0 skips): from the clip's first frame
 and the real frame at pixel 4k as a middle keyframe (k = 1 .. T - 2, one at a time), PSNR of
 the generated frame 4k against it, beside the same frame's PSNR from the first frame alone.
@@ -194,6 +196,25 @@ def vae_ceiling(pipe, items, num: int) -> dict:
     return {name: float(np.mean([s[key] for s in scores])) for name, key in SCORES}
 
 
+def vae_long_ceiling(pipe, world, num: int, num_frames: int) -> dict:
+    """The same over long streams: `num` real held-out items of `world` read `num_frames` frames
+    (the same paths, slower), each encoded and decoded whole by the causal VAE, then scored on
+    its F-frame windows every F - 1 frames (colour, shape, consistency: what latent continuation
+    could keep at best over a long decode). Returns {score: fraction}, windows."""
+    from pixeldance.data import synthetic
+    from pixeldance.evaluators.synthetic import score_video
+    F = pipe.num_frames
+    longer = synthetic.ShapesSource("heldout", size=num, config=synthetic.WorldConfig(
+        **{**world.__dict__, "num_frames": num_frames}))
+    scores = []
+    for i in range(num):
+        item = longer[i]
+        recon = pipe.vae.decode(pipe.vae.encode(item["video"][None]))[0]
+        scores += [score_video(recon[s:s + F], item["caption"]) for s in range(0, num_frames - F + 1, F - 1)]
+    out = {name: float(np.mean([s[key] for s in scores])) for name, key in SCORES if name in BOUNDARY_SCORES}
+    return dict(out, windows=len(scores), num_frames=num_frames)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True)
@@ -206,6 +227,8 @@ def main():
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--keyframe_videos", type=int, default=16)
     parser.add_argument("--ceiling_videos", type=int, default=64, help="real clips through the VAE (0 skips)")
+    parser.add_argument("--ceiling_long_frames", type=int, default=129,
+                        help="frames of the long real streams of the VAE's long ceiling (1 + 4k; 0 skips)")
     parser.add_argument("--world_seed_offset", type=int, default=3000)
     parser.add_argument("--output", required=True, help=".json (a .png of the same name is written too)")
     args = parser.parse_args()
@@ -280,6 +303,9 @@ def main():
                                                           per_mode["reencode"]["per_boundary"])
     if args.ceiling_videos:
         result["vae_ceiling"] = vae_ceiling(pipe, items, args.ceiling_videos)
+        if args.ceiling_long_frames:
+            result["vae_ceiling_long"] = vae_long_ceiling(pipe, world, min(args.ceiling_videos, 16),
+                                                          args.ceiling_long_frames)
     if args.keyframe_videos:
         result["keyframe_psnr"] = keyframe_adherence(pipe, items, args.keyframe_videos)
     result["seconds"] = round(time.time() - start, 1)

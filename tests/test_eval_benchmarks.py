@@ -61,7 +61,8 @@ def test_long_video_end_to_end(runlocal_workdir, networks_root, tmp_path):
         [sys.executable, os.path.join(REPO, "benchmarks", "long_video.py"), f"--workdir={runlocal_workdir}",
          # num_real = num_videos: one I3D batch shape; one keyframe video: the batch of a clip
          f"--networks={networks_root}", "--num_videos=2", "--num_clips=3", "--num_real=2", "--group=1",
-         "--context_latents=2", "--keyframe_videos=1", "--ceiling_videos=1", f"--output={out}"],
+         "--context_latents=2", "--keyframe_videos=1", "--ceiling_videos=1", "--ceiling_long_frames=33",
+         f"--output={out}"],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -78,6 +79,8 @@ def test_long_video_end_to_end(runlocal_workdir, networks_root, tmp_path):
     assert result["latent_vs_reencode"]["shape"]["clips"] == 3
     assert set(result["vae_ceiling"]) == {"colour", "shape", "direction", "consistent"}
     assert all(0.0 <= v <= 1.0 for v in result["vae_ceiling"].values())
+    long = result["vae_ceiling_long"]  # one stream of 33 frames: windows at 0, 8, 16, 24
+    assert long["windows"] == 4 and long["num_frames"] == 33 and 0.0 <= long["consistent"] <= 1.0
     assert set(result["keyframe_psnr"]) == {"4"}  # T = 3: the one middle latent, pixel 4
     assert all(np.isfinite(v) for v in result["keyframe_psnr"]["4"].values())
     png = Image.open(tmp_path / "long.png")
