@@ -329,6 +329,45 @@ def test_reconstruction_colour_report_catches_a_hue_shift():
     assert reconstruction.colour_report(videos[:0], videos[:0], [])["colour_acc"] is None
 
 
+def test_cache_stage_refuses_a_vae_that_loses_colours(monkeypatch):
+    """check_vae_colours: an identity VAE passes (report returned), a red-green swapping one is
+    refused in one line naming the workdir's VAE and the way out; no check for converted weights
+    (no VAE step), min_colour_acc 0, other data, or configs saved before the field."""
+    import jax.numpy as jnp
+    from pixeldance import configs
+    from pixeldance import workdir as workdir_lib
+    from pixeldance.trainers import cache as cache_stage
+
+    class VAE:
+        def __init__(self, swap):
+            self.swap = swap
+
+        def encode(self, videos):
+            return jnp.asarray(videos, jnp.float32) / 127.5 - 1.0
+
+        def decode_float(self, z):
+            return z[..., [1, 0, 2]] if self.swap else z
+
+    config = configs.override(configs.load_config("experiments/shapes.py:runlocal"), **{"vae.min_colour_acc": 0.75})
+    assert configs.load_config("experiments/shapes.py").vae.min_colour_acc == 0.75
+    monkeypatch.setattr(workdir_lib, "vae_step", lambda workdir: 1500)
+    report = cache_stage.check_vae_colours(config, "/wd", lambda: VAE(False))
+    assert report["colour_acc"] == 1.0
+    with pytest.raises(ValueError, match=r"^the VAE in /wd/vae \(step 1500\) keeps the objects' colours in 0\.\d\d of 16 "
+                                         r"held-out clips, under config.vae.min_colour_acc=0.75.*min_colour_acc=0 to use it anyway$"):
+        cache_stage.check_vae_colours(config, "/wd", lambda: VAE(True))
+    for off in (configs.override(config, **{"vae.min_colour_acc": 0.0}),
+                configs.override(config, **{"data.name": "video_folder"})):
+        assert cache_stage.check_vae_colours(off, "/wd", lambda: VAE(True)) is None
+    import ml_collections
+    old = ml_collections.ConfigDict(config.to_dict())
+    del old.vae["min_colour_acc"]
+    assert cache_stage.check_vae_colours(old, "/wd", lambda: VAE(True)) is None
+    monkeypatch.setattr(workdir_lib, "vae_step", lambda workdir: None)  # converted weights
+    assert cache_stage.check_vae_colours(configs.override(config, **{"vae.min_colour_acc": 0.75}), "/wd",
+                                         lambda: VAE(True)) is None
+
+
 def test_faithfulness_evaluator_uses_the_pipelines_vae():
     """The 'faithfulness' evaluator scores smoothness with the pipeline VAE's temporal_factor and
     keeps it in the report, out of the logged scalars (TensorBoard's tags are fixed)."""
