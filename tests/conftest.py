@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
@@ -83,31 +84,95 @@ def main_job_runner():
     return run_main_job
 
 
+def _shared_root(basetemp):
+    """The folder every xdist worker of this session shares (a worker's basetemp is under it)."""
+    return basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp
+
+
+def _runlocal_paths(basetemp) -> dict:
+    workdir = str(_shared_root(basetemp) / "runlocal_workdir")
+    return dict(workdir=workdir, lock=workdir + ".lock", done=workdir + ".done", failed=workdir + ".failed",
+                started=workdir + ".started")
+
+
+def build_runlocal(workdir: str) -> None:
+    """Runs the runlocal main job into `workdir`; writes its stdout/stderr beside it, then the
+    .done or .failed marker (renamed into place, so a reader never sees half a marker)."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    proc = run_main_job(workdir)
+    for name in ("stdout", "stderr"):  # beside the workdir: `runlocal_output`
+        with open(f"{workdir}.{name}", "w") as f:
+            f.write(getattr(proc, name))
+    marker = workdir + (".done" if proc.returncode == 0 else ".failed")
+    with open(marker + ".tmp", "w") as f:
+        f.write(f"exit {proc.returncode}\n{proc.stderr[-5000:]}")
+    os.replace(marker + ".tmp", marker)
+
+
+def _start_runlocal_in_background(paths: dict) -> None:
+    """Starts `build_runlocal` in a child process unless it was started or done: called at
+    collection when a selected test needs the main job, so the job runs beside the first tests
+    instead of one xdist worker waiting on the lock while the other builds it (48 s idle)."""
+    with open(paths["lock"], "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not any(os.path.exists(paths[k]) for k in ("done", "failed", "started")):
+                child = subprocess.Popen(
+                    [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import conftest; "
+                     "conftest.build_runlocal(sys.argv[2])", os.path.dirname(os.path.abspath(__file__)),
+                     paths["workdir"]],
+                    cwd=REPO, env=subprocess_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL)
+                with open(paths["started"], "w") as f:
+                    f.write(str(child.pid))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _wait_for_background_runlocal(paths: dict) -> None:
+    """Waits until the background build writes its marker; a build that died without one is
+    reported as failed (the .failed marker names it)."""
+    pid = int(open(paths["started"]).read())
+    deadline = time.monotonic() + MAIN_JOB_TIMEOUT_S
+    while not (os.path.exists(paths["done"]) or os.path.exists(paths["failed"])):
+        try:
+            os.waitpid(pid, os.WNOHANG)  # reaps it if this process started it; others: ChildProcessError
+        except ChildProcessError:
+            pass
+        try:
+            os.kill(pid, 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        if not alive and not (os.path.exists(paths["done"]) or os.path.exists(paths["failed"])):
+            with open(paths["failed"], "w") as f:
+                f.write(f"the background runlocal build (pid {pid}) ended without a result")
+        elif time.monotonic() > deadline:
+            raise RuntimeError(f"the background runlocal build (pid {pid}) ran past {MAIN_JOB_TIMEOUT_S} s")
+        else:
+            time.sleep(0.5)
+
+
 @pytest.fixture(scope="session")
 def runlocal_workdir(tmp_path_factory) -> str:
     """Workdir of one complete main job with `experiments/shapes.py:runlocal`; treat as read-only.
 
     Tests that modify a workdir copy it first (xdist workers may read this one concurrently).
+    Usually started in the background at collection (`_start_runlocal_in_background`); built
+    here when it was not.
     """
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # shared by all workers of this session
-    workdir = str(root / "runlocal_workdir")
-    done, failed = workdir + ".done", workdir + ".failed"
-    with open(workdir + ".lock", "w") as lock:
+    paths = _runlocal_paths(tmp_path_factory.getbasetemp())
+    workdir, done, failed = paths["workdir"], paths["done"], paths["failed"]
+    with open(paths["lock"], "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            if not os.path.exists(done) and not os.path.exists(failed):
-                shutil.rmtree(workdir, ignore_errors=True)
-                proc = run_main_job(workdir)
-                for name in ("stdout", "stderr"):  # beside the workdir: `runlocal_output`
-                    with open(f"{workdir}.{name}", "w") as f:
-                        f.write(getattr(proc, name))
-                marker = done if proc.returncode == 0 else failed
-                with open(marker, "w") as f:
-                    f.write(f"exit {proc.returncode}\n{proc.stderr[-5000:]}")
+            background = os.path.exists(paths["started"])
+            if not background and not os.path.exists(done) and not os.path.exists(failed):
+                build_runlocal(workdir)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+    if background:
+        _wait_for_background_runlocal(paths)
     if os.path.exists(failed):  # one failed run is reported by every test that needs it
         with open(failed) as f:
             raise RuntimeError(f"the runlocal main job failed: {f.read()}")
@@ -125,9 +190,7 @@ def networks_root(tmp_path_factory) -> str:
     """A root of converted feature networks (tests/feature_nets.py: the real I3D, random
     InceptionV3 and CLIP 'mu'), built once per session and shared by the xdist workers."""
     from feature_nets import make_networks_root
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent
+    root = _shared_root(tmp_path_factory.getbasetemp())
     path = str(root / "networks")
     with open(path + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -148,9 +211,7 @@ def evaluated_workdir(runlocal_workdir, networks_root, tmp_path_factory) -> dict
     workers; treat as read-only. dict(workdir, stats_dir (its real statistics), stdout). The CLI's
     test checks this run; the evaluation notebook's resumes a copy of it (nothing left to
     generate, the real statistics cached), so the two pay for one evaluation."""
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent
+    root = _shared_root(tmp_path_factory.getbasetemp())
     folder = root / "evaluated"
     workdir, stats_dir = str(folder / "wd"), str(folder / "stats")
     done, failed = str(folder) + ".done", str(folder) + ".failed"
@@ -178,6 +239,12 @@ def pytest_collection_modifyitems(config, items):
     """Tests that need the main job go last, so xdist workers run the others while one builds it."""
     items.sort(key=lambda item: "runlocal_workdir" in getattr(item, "fixturenames", ()))
     _mark_quick(items)
+
+
+def pytest_collection_finish(session):
+    """After `-m` / `-k` deselection: the main job starts only when a selected test needs it."""
+    if any("runlocal_workdir" in getattr(item, "fixturenames", ()) for item in session.items):
+        _start_runlocal_in_background(_runlocal_paths(session.config._tmp_path_factory.getbasetemp()))
 
 
 # `python -m pytest -n 2 -m quick`: a subset that touches every area in under 2 minutes on an idle
