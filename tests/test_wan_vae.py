@@ -113,20 +113,17 @@ def _all_winograd(monkeypatch):
 
 
 def test_winograd_path_matches_diffusers(converted, reference, monkeypatch):
-    """The F(2x2, 3x3) convs (used for wide layers on the CPU) keep the parity with diffusers."""
+    """The F(2x2, 3x3) convs (used for wide layers on the CPU) keep the parity with diffusers.
+    The decoder only: the encoder's convs are the same module (`causal_conv`, chosen per call),
+    its Winograd wiring is checked by test_chunked_equals_whole[True], and compiling the whole
+    model's Winograd encoder as well doubled this test's time (68 s in the suite)."""
     _all_winograd(monkeypatch)
     vae = pixeldance.load_vae(converted)
     model, params = vae.model, vae.params
-    video = jnp.asarray(reference["video"], jnp.float32) / 127.5 - 1.0
     z = jnp.asarray(reference["mean"])
-
-    def encode_decode(p, v, z):
-        return model.apply(p, v, method=model.encode)[0], model.apply(p, z, method=model.decode)
-
-    lowered = jax.jit(encode_decode).lower(params, video, z)
+    lowered = jax.jit(lambda p, z: model.apply(p, z, method=model.decode)).lower(params, z)
     assert lowered.as_text().count("dot_general") > 100  # 16 matmuls per tap: the path is taken
-    mean, decoded = lowered.compile({"xla_backend_optimization_level": 0})(params, video, z)
-    assert np.abs(np.asarray(mean) - reference["mean"]).max() < TOL
+    decoded = lowered.compile({"xla_backend_optimization_level": 0})(params, z)
     assert np.abs(np.asarray(decoded) - reference["decoded"]).max() < TOL
 
 
