@@ -245,6 +245,25 @@ def _set_aside(directory: str, step: int) -> str:
     return target
 
 
+_ONE_WRITER_REGISTERED = False
+
+
+def _write_replicated_arrays_from_one_device() -> None:
+    """In one process, Orbax writes a replicated array from one device, not in a slice per replica.
+
+    Its default on CPU and TPU splits a replicated array into one slice per replica so that
+    several hosts share the writing; within one process that shares nothing and costs a small
+    jitted slice per array and device (88 compiles per save of the runlocal DiT on 8 CPU devices,
+    about 3.5 s of a 20 s run). The files written are the same. Several processes keep the default.
+    """
+    global _ONE_WRITER_REGISTERED
+    if _ONE_WRITER_REGISTERED or jax.process_count() > 1:
+        return
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+    _ONE_WRITER_REGISTERED = True
+
+
 class Checkpointer:
     """Keep-N Orbax checkpoints of {'state': pytree, 'data': JSON, 'metrics': JSON} in `directory`.
 
@@ -272,6 +291,7 @@ class Checkpointer:
         if cleanup_tmp and jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("pixeldance_checkpoint_scan")
+        _write_replicated_arrays_from_one_device()
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
