@@ -222,6 +222,25 @@ _open_boards: set[str] = set()  # TensorBoard folders with a MetricWriter open i
 _writer_count = itertools.count()
 
 
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch.
+
+    tensorboardX's writer imports torch whenever it is installed (to accept torch tensors), which
+    the library never passes: with the test extra installed that cost every trainer 2.4 s and put
+    torch in a process that must not use it. Hidden for this one import unless already loaded.
+    """
+    import sys
+    if "torch" in sys.modules or "tensorboardX.writer" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError, as without torch installed
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricWriter:
     """Scalars to TensorBoard and to `metrics.jsonl` ({"stage", "step", name: value}) in workdir.
 
@@ -232,7 +251,7 @@ class MetricWriter:
     also carries the process id and a count."""
 
     def __init__(self, workdir: str, stage: str):
-        from tensorboardX import SummaryWriter  # imported here: heavy, and only trainers need it
+        SummaryWriter = _summary_writer_class()  # imported here: only trainers need it
         self.stage = stage
         self.path = os.path.join(workdir, METRICS_FILE)
         self._tb, self._board = None, os.path.abspath(os.path.join(workdir, "tensorboard", stage))

@@ -4,6 +4,8 @@ import io
 import itertools
 import json
 import os
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -124,3 +126,14 @@ def test_readme_lists_exactly_the_tags_written():
                 documented |= {t for t in want["scalars"] if t.endswith("/" + tag)}
         assert documented == set(want["scalars"]), stage
         assert names(images) - {"image"} == set(want["images"]), stage
+
+
+def test_writer_does_not_import_torch(tmp_path):
+    """tensorboardX imports torch when it is installed (the test extra installs it); a trainer's
+    writer must not: the library never uses torch, and it cost every main job 2.4 s."""
+    code = ("import sys; from pixeldance import train_lib; w = train_lib.MetricWriter(sys.argv[1], 'dit'); "
+            "w.write(1, {'loss': 1.0}); w.close(); print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "False"
+    assert os.listdir(tmp_path / "tensorboard" / "dit")  # the event file is written all the same
