@@ -259,8 +259,14 @@ def _write_replicated_arrays_from_one_device() -> None:
     global _ONE_WRITER_REGISTERED
     if _ONE_WRITER_REGISTERED or jax.process_count() > 1:
         return
-    ocp.type_handlers.register_type_handler(
-        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+    absl_logger = std_logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(std_logging.ERROR)  # Orbax warns of every override: nothing for a user to act on
+    try:
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+    finally:
+        absl_logger.setLevel(level)
     _ONE_WRITER_REGISTERED = True
 
 
