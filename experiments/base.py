@@ -238,6 +238,9 @@ def get_config(arg=None):
                                    # needs them) or 'clip' (the clip's own latent there; old caches)
         context_frames=2,          # the 'context' set (continuation in latent space): the first n
                                    # latents, clean, n uniform in 1..context_frames
+        continue_turns=0.0,        # the 'continue' set, synthetic world only: this fraction of its
+                                   # windows moves another way during the context, then as the caption
+                                   # says (a story's next prompt); the cache stores each window's n
     )
 
     c.train = dict(

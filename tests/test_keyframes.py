@@ -444,6 +444,28 @@ def test_continue_set_trains_on_the_window_one_latent_later():
         task.training_inputs(z, z[:, :1], jnp.zeros((B, 4), jnp.int32), jax.random.key(0))
 
 
+def test_continue_set_takes_each_turning_window_own_context_length():
+    """With the cache's shift_context (turning windows: config.cond.continue_turns), a 'continue'
+    example's context is exactly its window's n latents, not a fresh draw; other sets ignore it."""
+    B, T = 4000, 5
+    task = _task(**{"cond.keyframe_sets": "first:1,continue:1", "cond.noise": 0.0, "cond.context_frames": 3})
+    n = np.where(np.arange(B) % 3 == 0, 1, np.where(np.arange(B) % 3 == 1, 2, 3)).astype(np.int32)[:, None]
+    z = jnp.broadcast_to(10.0 + jnp.arange(T, dtype=jnp.float32)[None, :, None, None, None], (B, T, 1, 1, 1))
+    x = jax.jit(lambda n: task.training_inputs(z, z[:, :1], jnp.zeros((B, 4), jnp.int32), jax.random.key(1),
+                                               z_shift=z + 30.0, shift_context=n))(n)
+    context, given = np.asarray(x["context"]), np.asarray(x["keyframes"])
+    shifted = context.any(1)
+    assert 0.45 < shifted.mean() < 0.55
+    np.testing.assert_array_equal(context[shifted], np.arange(T)[None] < n[shifted])
+    np.testing.assert_array_equal(given[shifted], context[shifted])
+    np.testing.assert_array_equal(given[~shifted], np.arange(T)[None].repeat((~shifted).sum(), 0) == 0)
+    np.testing.assert_array_equal(np.asarray(x["loss_mask"])[shifted, :, 0, 0, 0], np.where(context[shifted], 0.0, 1.0))
+    # Without it the lengths are drawn (uniform in 1..3), so a window's own n is what pins them.
+    x = task.training_inputs(z, z[:, :1], jnp.zeros((B, 4), jnp.int32), jax.random.key(1), z_shift=z + 30.0)
+    drawn = np.asarray(x["context"])
+    assert (drawn[shifted].sum(1) != n[shifted, 0]).mean() > 0.5
+
+
 def test_clip_latents_and_missing_frame_latents():
     """keyframe_latents='clip' takes middle keyframes from z; 'frames' without z_frames is a clear error;
     one-frame batches (images) get no keyframes; T = 2 has no middle frame."""
@@ -554,6 +576,123 @@ def test_cache_shift_windows_are_the_longer_read_one_latent_later():
     # Buckets are refused in one line (the windows need one clip shape).
     with pytest.raises(ValueError, match="buckets"):
         cache_stage.cache_latents(configs.override(config, **{"data.buckets": "9x32x32"}), "/nonexistent")
+
+
+def _centroids(video, rgb):
+    """float [F, 2]: the (x, y) centroid of the pixels of colour `rgb` in each frame."""
+    mask = np.all(video == np.asarray(rgb, np.uint8), axis=-1)  # [F, R, R]
+    assert mask.sum((1, 2)).min() > 0
+    rows, cols = np.arange(video.shape[1]) + 0.5, np.arange(video.shape[2]) + 0.5
+    x = (mask * cols[None, None]).sum((1, 2)) / mask.sum((1, 2))
+    y = (mask * rows[None, :, None]).sum((1, 2)) / mask.sum((1, 2))
+    return np.stack([x, y], 1)
+
+
+def _heading(steps):
+    """The direction (index into DIRECTIONS) of mean step [2] (x, y)."""
+    from pixeldance.data import synthetic
+    vectors = np.array([synthetic.DIRECTION_VECTORS[d] for d in synthetic.DIRECTIONS], np.float64)
+    return int(np.argmax(vectors @ steps))
+
+
+@pytest.mark.parametrize("num_objects", [1, 2])
+def test_turn_windows_change_direction_where_the_context_ends(num_objects):
+    """synthetic.TurnWindows: item i keeps item i's caption, colours, size and background; a turned
+    window moves another way (prior_direction) up to frame 4n and the caption's way after it,
+    fully inside the frame, at the item's own speed; an unturned one is the item read 4 frames
+    longer; n in 1..max_context; the rate holds; the base items are untouched."""
+    from pixeldance.data import synthetic
+    world = synthetic.WorldConfig(num_frames=17, resolution=64, num_objects=num_objects)
+    base = synthetic.ShapesSource("train", size=400, config=world)
+    windows = synthetic.TurnWindows(base, extra_frames=4, group=4, max_context=2, rate=0.75)
+    longer = synthetic.ShapesSource("train", size=400, config=synthetic.WorldConfig(21, 64, num_objects))
+    turned, counts = 0, set()
+    for i in range(0, 400, 5):
+        item, short = windows[i], base[i]
+        n = item["context_latents"]
+        counts.add(n)
+        assert item["caption"] == short["caption"] and item["video"].shape == (21, 64, 64, 3)
+        np.testing.assert_array_equal(item["video"][0, 0, 0], short["video"][0, 0, 0])  # background
+        if np.array_equal(item["prior_direction"], item["direction"]):
+            np.testing.assert_array_equal(item["video"], longer[i]["video"])
+            continue
+        turned += 1
+        for k in range(num_objects):
+            rgb = synthetic.COLOUR_RGB[synthetic.COLOURS[item["colour"][k]]]
+            c = _centroids(item["video"], rgb)
+            assert _heading(c[4 * n] - c[0]) == item["prior_direction"][k] != item["direction"][k]
+            assert _heading(c[-1] - c[4 * n]) == item["direction"][k]
+            speed = np.abs(np.diff(_centroids(short["video"], rgb), axis=0)).sum(1).mean()
+            np.testing.assert_allclose(np.abs(c[-1] - c[4 * n]).sum() / (20 - 4 * n), speed, rtol=0.15)
+    assert counts == {1, 2}
+    assert 0.6 < turned / 80 < 0.9
+    np.testing.assert_array_equal(windows[5]["video"], windows[5]["video"])  # a pure function of i
+    # Every window turns at rate 1, none at rate 0; both are refused outside [0, 1].
+    assert all(not np.array_equal(w["prior_direction"], w["direction"])
+               for w in (synthetic.TurnWindows(base, 4, 4, 2, 1.0)[i] for i in range(20)))
+    assert all(np.array_equal(synthetic.TurnWindows(base, 4, 4, 2, 0.0)[i]["video"], longer[i]["video"])
+               for i in range(20))
+    with pytest.raises(ValueError, match="rate"):
+        synthetic.TurnWindows(base, 4, 4, 2, 1.5)
+    # The placement keeps every centre fully inside (s/2 <= centre <= R - s/2) for every turn,
+    # including the longest legs (an object crossing the whole frame, turning back or aside).
+    rng = np.random.default_rng(0)
+    for direction in synthetic.DIRECTIONS:
+        obj = synthetic._place(rng, "red", "square", direction, synthetic.WorldConfig(17, 64))
+        obj = dict(obj, size=64 / 5, **{v: obj[v] / abs(obj[v] or 1) * (64 - 64 / 5) / 16 for v in ("vx", "vy")})
+        with pytest.raises(ValueError, match="cannot turn"):  # not a turn: 20 frames of the whole travel
+            synthetic.turned(rng, obj, direction, 4, 21, 64)
+        for prior in set(synthetic.DIRECTIONS) - {direction}:
+            for turn in (4, 8):
+                for _ in range(20):
+                    c = synthetic.centres(synthetic.turned(rng, obj, prior, turn, 21, 64), 21)
+                    assert c.min() >= 6.4 - 1e-4 and c.max() <= 64 - 6.4 + 1e-4
+                    assert _heading(c[-1] - c[turn]) == synthetic.DIRECTIONS.index(direction)
+    with pytest.raises(ValueError, match="context latents"):
+        synthetic.TurnWindows(base, 4, 4, 5, 0.5)
+
+
+def test_cache_records_each_turning_window_context_length():
+    """config.cond.continue_turns: the cache reads turning windows (synthetic world only), each
+    record stores shift_context (the window's n), meta.json records the rate and the context
+    length, and bad settings are one-line errors naming the field."""
+    from pixeldance.data import synthetic
+    config = configs.override(configs.load_config("experiments/base.py:runlocal"),
+                              **{"cond.keyframe_sets": "first:1,continue:1", "cond.continue_turns": 0.5})
+    source = cache_stage.longer_source(config, 6, 4)
+    assert isinstance(source, synthetic.TurnWindows) and source.rate == 0.5
+    assert cache_stage.cache_info(config, "/nowhere", None)["shift_turns"] == dict(rate=0.5, context_frames=2)
+    assert "shift_turns" not in cache_stage.cache_info(
+        configs.override(config, **{"cond.continue_turns": 0.0}), "/nowhere", None)
+    for bad, match in (({"cond.continue_turns": 1.5}, r"continue_turns must be in \[0, 1\]"),
+                       ({"cond.keyframe_sets": "first:1"}, "does not draw 'continue'"),
+                       ({"data.name": "video_folder", "data.root": "/x"}, "needs config.data.name='shapes'")):
+        with pytest.raises(ValueError, match=match):
+            cache_stage.longer_source(configs.override(config, **bad), 6, 4)
+
+    class Source:  # items i: frames i*10 + f, caption str(i), context_latents 1 + i % 2
+        def __init__(self, frames, context):
+            self.frames, self.context = frames, context
+
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            f = np.arange(self.frames, dtype=np.uint8) + 10 * i
+            item = dict(video=np.broadcast_to(f[:, None, None, None], (self.frames, 2, 2, 3)).copy(), caption=str(i))
+            return dict(item, context_latents=1 + i % 2) if self.context else item
+
+    text = types.SimpleNamespace(record=lambda captions: dict(tokens=np.zeros((len(captions), 4), np.int32)))
+    encode = cache_stage.batch_encoder(_PixelVAE(), text, Source(9, False), 2, 1, shift_source=Source(13, True))
+    records = [r for batch in encode(0, 5) for r in batch]
+    assert [int(r["shift_context"][0]) for r in records] == [1, 2, 1, 2, 1]
+    assert all(r["shift_context"].dtype == np.int32 and r["shift_context"].shape == (1,) for r in records)
+    assert latent_cache.record_fields(records[0])[-2:] == ("z_shift", "shift_context")
+    back = latent_cache.decode_record(latent_cache.encode_record(
+        {k: records[1][k] for k in latent_cache.record_fields(records[1])}))
+    np.testing.assert_array_equal(back["shift_context"], [2])
+    encode = cache_stage.batch_encoder(_PixelVAE(), text, Source(9, False), 2, 1, shift_source=Source(13, False))
+    assert all("shift_context" not in r for batch in encode(0, 5) for r in batch)
 
 
 class _Seen:

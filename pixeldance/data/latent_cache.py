@@ -21,6 +21,9 @@ C-order bytes at their offsets (relative to the end of the header). A cache reco
   z_shift float32 [T, h, w, C]  optional (the keyframe set 'continue'): latents 1..T of the same
                                 item read tf (the VAE's temporal factor) frames longer, so the
                                 window starts at a 4-frame group latent
+  shift_context int32 [1]       optional (config.cond.continue_turns): the clean context latents
+                                n the z_shift window was drawn for (a turning window changes
+                                direction where they end)
   tokens  int32 [S]             the tokenised caption (the DiT's own trained text encoder), or
   text_states bfloat16 [S, D]   a frozen pretrained encoder's last hidden states (CLIP / T5 /
   text_mask   bool [S]          umT5, config.text.encoder) and their padding mask, instead
@@ -82,7 +85,7 @@ STATE_FIELDS = ("z", "z_last", "text_states", "text_mask")
 NULL_TEXT = "null_text.record"
 
 
-OPTIONAL_FIELDS = ("z_frames", "z_shift")
+OPTIONAL_FIELDS = ("z_frames", "z_shift", "shift_context")
 
 
 def record_fields(record: dict) -> tuple[str, ...]:

@@ -121,22 +121,23 @@ def render(objects: list[dict], background: tuple[int, int, int], num_frames: in
            resolution: int) -> np.ndarray:
     """Draws the clip: uint8 [F, R, R, 3], F = num_frames, R = resolution.
 
-    objects: dicts with `shape` (in SHAPES), `colour` (in COLOURS), `size` (pixels, float),
-        `x0`, `y0` (centre at frame 0, pixels) and `vx`, `vy` (pixels per frame); other keys are
-        ignored. Later objects are painted over earlier ones.
+    objects: dicts with `shape` (in SHAPES), `colour` (in COLOURS), `size` (pixels, float) and a
+        path (`centres`): `x0`, `y0` (centre at frame 0, pixels) and `vx`, `vy` (pixels per
+        frame), optionally a turn; other keys are ignored. Later objects are painted over
+        earlier ones.
     background: RGB in [0, 255].
 
     Masks are hard-edged (no antialiasing), so object pixels are exactly the primary colour.
     """
-    f = np.arange(num_frames, dtype=np.float32)[:, None, None]  # [F, 1, 1]
     p = np.arange(resolution, dtype=np.float32) + 0.5  # pixel centres
     px, py = p[None, None, :], p[None, :, None]  # [1, 1, R], [1, R, 1]
     video = np.empty((num_frames, resolution, resolution, 3), np.uint8)
     video[...] = np.asarray(background, np.uint8)
     for obj in objects:
         half = obj["size"] / 2
-        dx = px - (obj["x0"] + obj["vx"] * f)  # [F, 1, R]
-        dy = py - (obj["y0"] + obj["vy"] * f)  # [F, R, 1]
+        cx, cy = centres(obj, num_frames).T[:, :, None, None]  # each [F, 1, 1]
+        dx = px - cx  # [F, 1, R]
+        dy = py - cy  # [F, R, 1]
         if obj["shape"] == "circle":
             mask = dx * dx + dy * dy <= half * half
         elif obj["shape"] == "square":
@@ -168,13 +169,28 @@ def _place(rng: np.random.Generator, colour: str, shape: str, direction: str,
                 x0=x0, y0=y0, vx=ux * speed, vy=uy * speed)
 
 
+def centres(obj: dict, num_frames: int, dtype=np.float32) -> np.ndarray:
+    """[F, 2] of `dtype`: the object's centre (x, y) in each frame (float32 as `render` draws it).
+
+    A straight path is x0 + vx f, y0 + vy f. With a turn (keys `turn`: frame k >= 0, `pvx`, `pvy`:
+    the velocity before it) the object moves at (pvx, pvy) up to frame k and at (vx, vy) from
+    there, through the point x0 + vx k, y0 + vy k, so frames >= k are the straight path's."""
+    f = np.arange(num_frames, dtype=dtype)
+    x = obj["x0"] + obj["vx"] * f
+    y = obj["y0"] + obj["vy"] * f
+    k = obj.get("turn")
+    if k is not None:
+        before = f < k
+        x = np.where(before, obj["x0"] + obj["vx"] * k + obj["pvx"] * (f - k), x)
+        y = np.where(before, obj["y0"] + obj["vy"] * k + obj["pvy"] * (f - k), y)
+    return np.stack([x, y], axis=1).astype(dtype)
+
+
 def _overlap(a: dict, b: dict, num_frames: int) -> bool:
     """Whether the bounding boxes of two objects come within a pixel of each other in any frame."""
-    f = np.arange(num_frames)
     gap = (a["size"] + b["size"]) / 2 + 1
-    dx = np.abs(a["x0"] + a["vx"] * f - b["x0"] - b["vx"] * f)
-    dy = np.abs(a["y0"] + a["vy"] * f - b["y0"] - b["vy"] * f)
-    return bool(np.any((dx < gap) & (dy < gap)))
+    d = np.abs(centres(a, num_frames, np.float64) - centres(b, num_frames, np.float64))  # [F, 2]
+    return bool(np.any((d[:, 0] < gap) & (d[:, 1] < gap)))
 
 
 def sample_objects(rng: np.random.Generator, combos, cfg: WorldConfig):
@@ -230,7 +246,9 @@ class ShapesSource:
         # grain's checkpointing compares reprs, so this must pin down every sample.
         return f"ShapesSource(split={self.split!r}, size={self.size}, config={self.config!r})"
 
-    def __getitem__(self, index: int) -> dict:
+    def objects(self, index: int):
+        """(combos, objects, background) of item `index`: its (colour, shape, direction) triples,
+        the object dicts `render` draws and the background RGB."""
         index = int(index)
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self!r}")
@@ -241,11 +259,105 @@ class ShapesSource:
             others = [c for c in self._combos if c[0] != combos[0][0]]
             combos.append(others[rng.integers(len(others))])
         objects, background = sample_objects(rng, combos, cfg)
-        return {
-            "video": render(objects, background, cfg.num_frames, cfg.resolution),
-            "caption": caption(combos),
-            "colour": np.array([COLOURS.index(c) for c, _, _ in combos], np.int32),
-            "shape": np.array([SHAPES.index(s) for _, s, _ in combos], np.int32),
-            "direction": np.array([DIRECTIONS.index(d) for _, _, d in combos], np.int32),
-            "index": index,
-        }
+        return combos, objects, background
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        cfg = self.config
+        combos, objects, background = self.objects(index)
+        return _item(render(objects, background, cfg.num_frames, cfg.resolution), combos, index)
+
+
+def _item(video: np.ndarray, combos, index: int) -> dict:
+    """A source item (`ShapesSource`'s fields) of a rendered video and its combos."""
+    return {
+        "video": video,
+        "caption": caption(combos),
+        "colour": np.array([COLOURS.index(c) for c, _, _ in combos], np.int32),
+        "shape": np.array([SHAPES.index(s) for _, s, _ in combos], np.int32),
+        "direction": np.array([DIRECTIONS.index(d) for _, _, d in combos], np.int32),
+        "index": index,
+    }
+
+
+def turned(rng: np.random.Generator, obj: dict, prior: str, turn: int, num_frames: int,
+           resolution: int) -> dict:
+    """`obj` moving `prior` up to frame `turn` and its own direction from there, at its own speed
+    and size, placed uniformly among the positions that keep the whole F-frame path fully inside.
+
+    Every frame's centre is the turn point P plus an offset fixed by the two velocities, so each
+    coordinate of P has an interval of inside positions (empty only if the path is longer than
+    the frame, which the callers' lengths rule out: both legs are at most the item's own travel)."""
+    speed = float(np.hypot(obj["vx"], obj["vy"]))
+    ux, uy = DIRECTION_VECTORS[prior]
+    turning = dict(obj, turn=turn, pvx=ux * speed, pvy=uy * speed)
+    off = centres(dict(turning, x0=-obj["vx"] * turn, y0=-obj["vy"] * turn), num_frames, np.float64)
+    half = obj["size"] / 2
+    lo = half - off.min(axis=0)
+    hi = resolution - half - off.max(axis=0)
+    if np.any(lo > hi + 1e-9):
+        raise ValueError(f"a {obj['size']:.1f} px object at {speed:.2f} px/frame cannot turn at frame {turn} "
+                         f"of {num_frames} inside {resolution} px")
+    px, py = rng.uniform(lo, np.maximum(lo, hi))
+    return dict(turning, x0=px - obj["vx"] * turn, y0=py - obj["vy"] * turn)
+
+
+class TurnWindows:
+    """Longer windows of a ShapesSource's items that may change direction where a context ends.
+
+    Item i is item i of `base` (F frames, its caption, object, size and speed) read over
+    F + `extra_frames` frames, for training a continued clip (the DiT's 'continue' keyframe set:
+    the window's first n latents are clean context, n in 1..`max_context`, one latent =
+    `group` frames). With probability `rate` every object moves another way (uniform among the
+    three other directions) up to frame n * group, the end of the context's frames, and then as
+    its caption says: the clip k + 1 of a story, whose context latents move as clip k's prompt said
+    and whose own prompt says something else. Otherwise the window is the base item read longer
+    (`ShapesSource` at F + extra_frames frames: the same path, 16 % slower at F = 17). The draws
+    (n, whether and where from it turns, the placement) come from their own generator
+    [seed, split, i, 1], so the base items are unchanged.
+
+    Each item is the base item's dict (`video` uint8 [F + extra_frames, R, R, 3]) plus
+    context_latents: int, n; prior_direction: int32 [num_objects], indices into DIRECTIONS of
+    the motion before frame n * group (the caption's own where the window does not turn).
+    """
+
+    def __init__(self, base: ShapesSource, extra_frames: int, group: int, max_context: int,
+                 rate: float):
+        cfg = base.config
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"turn rate must be in [0, 1], got {rate}")
+        if not 1 <= max_context * group < cfg.num_frames:
+            raise ValueError(f"{max_context} context latents of {group} frames do not fit before the end "
+                             f"of a {cfg.num_frames}-frame clip")
+        self.base = base
+        self.longer = ShapesSource(base.split, size=base.size,
+                                   config=dataclasses.replace(cfg, num_frames=cfg.num_frames + extra_frames))
+        self.extra_frames, self.group, self.max_context, self.rate = extra_frames, group, max_context, rate
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __repr__(self) -> str:
+        return (f"TurnWindows({self.base!r}, extra_frames={self.extra_frames}, group={self.group}, "
+                f"max_context={self.max_context}, rate={self.rate})")
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        cfg = self.base.config
+        combos, objects, background = self.base.objects(index)
+        rng = np.random.default_rng([cfg.seed, SPLITS.index(self.base.split), index, 1])
+        n = int(rng.integers(1, self.max_context + 1))
+        if rng.random() >= self.rate:
+            item = self.longer[index]
+            return dict(item, context_latents=n, prior_direction=item["direction"].copy())
+        num_frames = cfg.num_frames + self.extra_frames
+        priors = [DIRECTIONS[(DIRECTIONS.index(d) + 1 + int(rng.integers(3))) % 4] for _, _, d in combos]
+        for _ in range(1000):
+            moved = [turned(rng, obj, prior, n * self.group, num_frames, cfg.resolution)
+                     for obj, prior in zip(objects, priors)]
+            if not any(_overlap(a, b, num_frames) for i, a in enumerate(moved) for b in moved[i + 1:]):
+                break
+        else:
+            raise RuntimeError(f"could not place the turning objects of item {index} of {self!r} apart")
+        return dict(_item(render(moved, background, num_frames, cfg.resolution), combos, index), context_latents=n,
+                    prior_direction=np.array([DIRECTIONS.index(p) for p in priors], np.int32))

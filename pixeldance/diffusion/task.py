@@ -166,13 +166,17 @@ class PixelDanceTask:
 
     # -- training -------------------------------------------------------------------------------
 
-    def training_inputs(self, z, z_last, text, rng, null_text=None, z_frames=None, z_shift=None) -> dict:
+    def training_inputs(self, z, z_last, text, rng, null_text=None, z_frames=None, z_shift=None,
+                        shift_context=None) -> dict:
         """The denoiser's inputs for a batch of normalised latents.
 
         z [B, T, h, w, C]; z_last [B, J, h, w, C], candidate last-frame latents (latest first);
         z_frames [B, T, h, w, C] or None: one-frame latents of pixel frames 4k (the cache's, for
         keyframe_latents='frames'); z_shift [B, T, h, w, C] or None: latents 1..T of the same item
-        read tf frames longer (the cache's, for the 'continue' set);
+        read tf frames longer (the cache's, for the 'continue' set); shift_context int [B, 1] or
+        None: the context length each z_shift window was drawn for (the cache's, with
+        config.cond.continue_turns: a turning window changes direction where that context ends, so
+        a 'continue' example takes exactly that many; None: drawn as for 'context');
         text: tokens int32 [B, S] or frozen states (module docstring; null_text: their empty
         prompt). Per example: a first-frame instruction with probability p_first;
         given one, a last-frame instruction with probability p_last, picked uniformly among the
@@ -208,7 +212,7 @@ class PixelDanceTask:
         last = jnp.take_along_axis(z_last, pick[:, None, None, None, None], axis=1)[:, 0]
         context = jnp.zeros((B, T), bool)
         if self.keyframe_sets:
-            given, context, shifted = self._keyframe_sets(keys[0], B, T)
+            given, context, shifted = self._keyframe_sets(keys[0], B, T, shift_context)
             if self.needs_shift_latents:
                 if z_shift is None:
                     raise ValueError("config.cond.keyframe_sets with 'continue' needs the latent cache's z_shift "
@@ -245,10 +249,11 @@ class PixelDanceTask:
         return dict(x_t=x_t, t=t, c_image=c_image, c_mask=c_mask, text=text, noise=noise, loss_mask=loss_mask,
                     has_first=has_first, has_last=has_last, last_pick=pick, keyframes=given, context=context, z=z)
 
-    def _keyframe_sets(self, rng, B: int, T: int):
+    def _keyframe_sets(self, rng, B: int, T: int, shift_context=None):
         """(given, context, shifted): bool [B, T] the latent frames given as keyframes, one set of
         `KEYFRAME_SETS` drawn per example (`training_inputs`); bool [B, T] those of the context
-        sets; bool [B] the examples of the 'continue' set. One-frame batches (images) get none."""
+        sets; bool [B] the examples of the 'continue' set, whose context length is shift_context
+        (int [B, 1]) where given. One-frame batches (images) get none."""
         k_set, k_middle, k_random, k_drop = jax.random.split(rng, 4)
         k_random, k_context = jax.random.split(k_random)
         which = jax.random.choice(k_set, len(KEYFRAME_SETS), (B,), p=jnp.asarray(self.keyframe_sets, jnp.float32))
@@ -264,6 +269,9 @@ class PixelDanceTask:
             given |= (frames == middle) & is_set["first_middle"]
         given |= (jax.random.uniform(k_random, (B, T)) < self.keyframe_rate) & is_set["random"]
         n_context = jax.random.randint(k_context, (B, 1), 1, min(self.context_frames, T - 1) + 1)
+        if shift_context is not None:  # the windows' own, capped as the draws are
+            n_shift = jnp.clip(jnp.asarray(shift_context).reshape(B, 1), 1, T - 1)
+            n_context = jnp.where(is_set["continue"], n_shift, n_context)
         context = (frames < n_context) & (is_set["context"] | is_set["continue"])
         dropped = (jax.random.uniform(k_drop, (B, T)) < self.keyframe_drop) & (frames > 0) & ~context
         return (given & ~dropped) | context, context, is_set["continue"][:, 0]
@@ -294,7 +302,7 @@ class PixelDanceTask:
         path, the training times (flow: time_sampling; eps / v: uniform over DDPM's 1000 steps)
         and the regression target."""
         x = self.training_inputs(batch["z"], batch["z_last"], text_lib.text_input(batch), rng, null_text,
-                                 batch.get("z_frames"), batch.get("z_shift"))
+                                 batch.get("z_frames"), batch.get("z_shift"), batch.get("shift_context"))
         z = x["z"]  # the 'continue' set's examples train on z_shift
         out = model.apply(params, x["x_t"], x["t"], x["c_image"], x["c_mask"], x["text"])
         loss, _ = objectives.loss(out, z, x["noise"], x["t"], x["loss_mask"], objective=self.objective,

@@ -15,7 +15,8 @@ as an image, latest first), with keyframes anywhere (`keyframe_frames`) z_frames
 latents, as sampling encodes a keyframe image), with the keyframe set 'continue'
 (`shift_windows`) z_shift float32 [T, h, w, C] (latents 1..T of the same item read tf more
 frames, tf the VAE's temporal factor: a window that starts at a 4-frame group latent, as a
-continued clip's context does), the text fields and the caption: tokens int32 [S] (config.text's
+continued clip's context does; with config.cond.continue_turns also shift_context int32 [1], the
+context length its window was drawn for, where a turning window changes direction), the text fields and the caption: tokens int32 [S] (config.text's
 tokenizer, the encoder trained with the DiT), or with a frozen pretrained encoder
 (config.text.encoder = clip / t5 / umt5) its last hidden states text_states bfloat16 [S, D] and
 text_mask bool [S], computed here once, with the empty prompt's stored once beside the shards
@@ -78,7 +79,7 @@ from tqdm import tqdm
 
 from pixeldance import build, sharding, train_lib
 from pixeldance import workdir as workdir_lib
-from pixeldance.data import buckets, latent_cache, mixture, sources
+from pixeldance.data import buckets, latent_cache, mixture, sources, synthetic
 from pixeldance.sample import inference_mesh, load_vae
 from pixeldance.trainers.dit import image_source_name
 
@@ -129,7 +130,9 @@ def cache_info(config, workdir: str, source) -> dict:
                 num_frames=config.data.num_frames, resolution=config.data.resolution,
                 last_from=config.cond.last_from,
                 **({"keyframe_frames": True} if keyframe_frames(config) else {}),
-                **({"shift_windows": True} if shift_windows(config) else {}))
+                **({"shift_windows": True} if shift_windows(config) else {}),
+                **({"shift_turns": dict(rate=shift_turns(config), context_frames=config.cond.context_frames)}
+                   if shift_turns(config) > 0 else {}))
 
 
 def keyframe_frames(config) -> bool:
@@ -145,11 +148,36 @@ def shift_windows(config) -> bool:
     return build.task(config).needs_shift_latents
 
 
+def shift_turns(config) -> float:
+    """config.cond.continue_turns: the fraction of z_shift windows that change direction where
+    their context ends (`synthetic.TurnWindows`; 0: none, the window is the item read longer).
+    Raises ValueError, naming the field, outside [0, 1] or without the 'continue' set."""
+    rate = float(config.cond.get("continue_turns", 0.0))
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"config.cond.continue_turns must be in [0, 1], got {rate}")
+    if rate > 0 and not shift_windows(config):
+        raise ValueError(f"config.cond.continue_turns={rate} turns the 'continue' set's windows, but "
+                         f"config.cond.keyframe_sets={config.cond.get('keyframe_sets', '')!r} does not draw 'continue'")
+    return rate
+
+
 def longer_source(config, size: int, extra_frames: int):
     """The training source of config.data read `extra_frames` more frames per item (z_shift's).
     The synthetic world draws the same objects, sizes, starts and paths' lengths for the same
     index (its draws do not depend on the clip length; the speed is the path over the frames),
-    so the longer clip shows the item's caption over a longer, slightly slower move."""
+    so the longer clip shows the item's caption over a longer, slightly slower move.
+
+    With config.cond.continue_turns > 0 (the synthetic world only), `synthetic.TurnWindows`: that
+    fraction of the windows moves another way up to the end of its context (n latents of
+    `extra_frames` frames, n in 1..config.cond.context_frames, drawn per item and stored in the
+    record as shift_context), then as its caption says."""
+    rate = shift_turns(config)
+    if rate > 0:
+        if config.data.name != "shapes":
+            raise ValueError(f"config.cond.continue_turns={rate} draws turning windows of the synthetic world: "
+                             f"it needs config.data.name='shapes', not {config.data.name!r} (0: off)")
+        return synthetic.TurnWindows(sources.make_source(config, "train", size=size), extra_frames,
+                                     group=extra_frames, max_context=config.cond.context_frames, rate=rate)
     longer = ml_collections.ConfigDict(config.to_dict())
     longer.data.num_frames = config.data.num_frames + extra_frames
     return sources.make_source(longer, "train", size=size)
@@ -160,19 +188,22 @@ def _same(a, b) -> bool:
 
 
 def _video_and_caption(item: dict) -> dict:
-    return dict(video=item["video"], caption=item["caption"])
+    # context_latents: a turning window's (synthetic.TurnWindows), which its record keeps.
+    return dict(video=item["video"], caption=item["caption"],
+                **({"context_latents": item["context_latents"]} if "context_latents" in item else {}))
 
 
 def _video_batches(source, start: int, end: int, batch_size: int, num_workers: int):
-    """(videos uint8 [B, F, H, W, 3], captions: B str) for items start..end-1, in order;
-    B = batch_size except maybe the last batch."""
+    """(videos uint8 [B, F, H, W, 3], captions: B str, context int64 [B] or None: the items'
+    context_latents where they have it) for items start..end-1, in order; B = batch_size except
+    maybe the last batch."""
     # A few batches read ahead by threads (grain's default would hold up to 500 batches of videos).
     ds = (grain.MapDataset.source(source)[start:end].map(_video_and_caption).batch(batch_size)
           .to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=4)))
     if num_workers > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     for batch in ds:
-        yield batch["video"], [str(c) for c in batch["caption"]]
+        yield batch["video"], [str(c) for c in batch["caption"]], batch.get("context_latents")
 
 
 def batch_encoder(vae, text, source, batch_size: int, last_from: int, num_workers: int = 0,
@@ -184,7 +215,8 @@ def batch_encoder(vae, text, source, batch_size: int, last_from: int, num_worker
     0, tf, ..., tf (T - 1) (tf = (F - 1) / (T - 1), the VAE's temporal factor) each encoded as an
     image (images: z_frames = z). shift_source: the same items read F + tf frames
     (`longer_source`); records then also hold z_shift float32 [T, h, w, C], latents 1..T of its
-    videos. vae.encode: uint8 [B, F, H, W, 3] -> float32 [B, T, h, w, C]; text:
+    videos, and where its items have context_latents (turning windows) shift_context int32 [1],
+    the number of clean context latents the window was drawn for. vae.encode: uint8 [B, F, H, W, 3] -> float32 [B, T, h, w, C]; text:
     `build.text_conditioner`, whose record(B captions) gives the text fields (tokens int32
     [B, S], or a frozen encoder's text_states [B, S, D] and text_mask [B, S])."""
     J = last_from
@@ -192,7 +224,7 @@ def batch_encoder(vae, text, source, batch_size: int, last_from: int, num_worker
     def encode_range(start: int, end: int):
         longer = (_video_batches(shift_source, start, end, batch_size, num_workers)
                   if shift_source is not None else None)
-        for videos, captions in _video_batches(source, start, end, batch_size, num_workers):
+        for videos, captions, _ in _video_batches(source, start, end, batch_size, num_workers):
             B = len(videos)
             if B < batch_size:  # pad with the last video: one compiled shape for every batch
                 videos = np.concatenate([videos, np.repeat(videos[-1:], batch_size - B, axis=0)])
@@ -207,7 +239,10 @@ def batch_encoder(vae, text, source, batch_size: int, last_from: int, num_worker
             if frames:
                 extra["z_frames"] = _frame_latents(vae, videos, z.shape[1])[:B]
             if longer is not None:
-                extra["z_shift"] = _shift_latents(vae, next(longer)[0], batch_size, z.shape[1])[:B]
+                long_videos, _, context = next(longer)
+                extra["z_shift"] = _shift_latents(vae, long_videos, batch_size, z.shape[1])[:B]
+                if context is not None:
+                    extra["shift_context"] = np.asarray(context, np.int32).reshape(-1, 1)[:B]
             fields = text.record(captions)
             yield [dict(z=z[i], z_last=z_last[i], caption=captions[i], **{k: v[i] for k, v in extra.items()},
                         **{k: v[i] for k, v in fields.items()})

@@ -251,6 +251,10 @@ def train_dit(config, workdir: str):
         raise latent_cache.CacheError(
             f"latent cache {source.path} has no z_shift, which config.cond.keyframe_sets with 'continue' "
             f"needs: rerun the 'cache' stage")
+    if build.task(config).needs_shift_latents and config.cond.get("continue_turns", 0.0) > 0 and "shift_context" not in first:
+        raise latent_cache.CacheError(
+            f"latent cache {source.path} has no shift_context, which config.cond.continue_turns "
+            f"({config.cond.continue_turns}) needs (its windows turn where their context ends): rerun the 'cache' stage")
     null_text = text_lib.text_input(source.null_text()) if frozen else None
     example = jax.tree.map(lambda v: np.asarray(v)[None], text_lib.text_input(first))  # batch of 1
     model, init_fn, tx, loss_fn = train_setup(config, first["z"].shape, stats, example, null_text)
