@@ -18,6 +18,10 @@ pixeldance.tools.paper_tables --workdirs=DIR` prints them beside the paper's tab
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before JAX is imported: glibc reads it only at start (hugepages.py)
+    from pixeldance import hugepages
+    hugepages.reexec()
+
 import json
 import os
 

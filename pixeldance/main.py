@@ -18,6 +18,10 @@ checkpoint of the stage it was in. Single fields: `--config.train.num_steps=100`
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before JAX is imported: glibc reads it only at start (hugepages.py)
+    from pixeldance import hugepages
+    hugepages.reexec()
+
 import glob
 import json
 import os

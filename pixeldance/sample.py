@@ -27,6 +27,10 @@ T latent frames, h/w latent height/width, C latent channels.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before JAX is imported: glibc reads it only at start (hugepages.py)
+    from pixeldance import hugepages
+    hugepages.reexec()
+
 import functools
 import os
 import tempfile

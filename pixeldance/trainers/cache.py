@@ -16,7 +16,8 @@ latents, as sampling encodes a keyframe image), with the keyframe set 'continue'
 (`shift_windows`) z_shift float32 [T, h, w, C] (latents 1..T of the same item read tf more
 frames, tf the VAE's temporal factor: a window that starts at a 4-frame group latent, as a
 continued clip's context does; with config.cond.continue_turns also shift_context int32 [1], the
-context length its window was drawn for, where a turning window changes direction), the text fields and the caption: tokens int32 [S] (config.text's
+context length its window was drawn for, where a turning window changes direction), the text
+fields and the caption: tokens int32 [S] (config.text's
 tokenizer, the encoder trained with the DiT), or with a frozen pretrained encoder
 (config.text.encoder = clip / t5 / umt5) its last hidden states text_states bfloat16 [S, D] and
 text_mask bool [S], computed here once, with the empty prompt's stored once beside the shards
@@ -216,7 +217,8 @@ def batch_encoder(vae, text, source, batch_size: int, last_from: int, num_worker
     image (images: z_frames = z). shift_source: the same items read F + tf frames
     (`longer_source`); records then also hold z_shift float32 [T, h, w, C], latents 1..T of its
     videos, and where its items have context_latents (turning windows) shift_context int32 [1],
-    the number of clean context latents the window was drawn for. vae.encode: uint8 [B, F, H, W, 3] -> float32 [B, T, h, w, C]; text:
+    the number of clean context latents the window was drawn for. vae.encode: uint8
+    [B, F, H, W, 3] -> float32 [B, T, h, w, C]; text:
     `build.text_conditioner`, whose record(B captions) gives the text fields (tokens int32
     [B, S], or a frozen encoder's text_states [B, S, D] and text_mask [B, S])."""
     J = last_from
