@@ -695,6 +695,25 @@ def test_cache_records_each_turning_window_context_length():
     assert all("shift_context" not in r for batch in encode(0, 5) for r in batch)
 
 
+def test_dit_stage_refuses_a_cache_without_what_training_reads():
+    """trainers/dit.check_cache_record: z_frames, z_shift and (with continue_turns) shift_context,
+    each a one-line CacheError naming the cache and the field; a record with them passes."""
+    from pixeldance.trainers import dit as dit_stage
+    config = configs.override(configs.load_config("experiments/base.py:runlocal"),
+                              **{"cond.keyframe_sets": "first_middle:1,continue:1", "cond.continue_turns": 0.5})
+    full = dict(z=0, z_last=0, tokens=0, z_frames=0, z_shift=0, shift_context=0)
+    dit_stage.check_cache_record(config, full, "/c")
+    for field in ("z_frames", "z_shift", "shift_context"):
+        with pytest.raises(latent_cache.CacheError, match=f"latent cache /c has no {field}") as e:
+            dit_stage.check_cache_record(config, {k: v for k, v in full.items() if k != field}, "/c")
+        assert "\n" not in str(e.value)
+    # Without turns, an old cache of straight windows is still read.
+    dit_stage.check_cache_record(configs.override(config, **{"cond.continue_turns": 0.0}),
+                                 {k: v for k, v in full.items() if k != "shift_context"}, "/c")
+    with pytest.raises(latent_cache.CacheError, match="holds tokens"):
+        dit_stage.check_cache_record(configs.override(config, **{"text.encoder": "clip"}), full, "/c")
+
+
 class _Seen:
     """A stand-in DiT that records the instructions it is given (under jit too)."""
 

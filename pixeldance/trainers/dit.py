@@ -45,6 +45,32 @@ def make_loss(task: PixelDanceTask, model, stats: workdir_lib.LatentStats, null_
     return loss_fn
 
 
+def check_cache_record(config, first: dict, path: str):
+    """Raises latent_cache.CacheError (one line, naming the cache `path` and the field) where a
+    cache record `first` lacks what config's DiT training reads: frozen text states or tokens as
+    config.text.encoder says, z_frames for middle keyframes from one-frame latents, z_shift for
+    the 'continue' set, shift_context for its turning windows (config.cond.continue_turns)."""
+    frozen = config.text.get("encoder", "word") != "word"
+    if frozen != ("text_states" in first):
+        raise latent_cache.CacheError(
+            f"latent cache {path} holds {'frozen text states' if 'text_states' in first else 'tokens'}, "
+            f"but config.text.encoder={config.text.get('encoder', 'word')!r}: rerun the 'cache' stage")
+    task = build.task(config)
+    if task.needs_frame_latents and "z_frames" not in first:
+        raise latent_cache.CacheError(
+            f"latent cache {path} has no z_frames, which config.cond.keyframe_sets with "
+            f"keyframe_latents='frames' needs: rerun the 'cache' stage (or set config.cond.keyframe_latents='clip')")
+    if task.needs_shift_latents and "z_shift" not in first:
+        raise latent_cache.CacheError(
+            f"latent cache {path} has no z_shift, which config.cond.keyframe_sets with 'continue' "
+            f"needs: rerun the 'cache' stage")
+    turns = config.cond.get("continue_turns", 0.0)
+    if task.needs_shift_latents and turns > 0 and "shift_context" not in first:
+        raise latent_cache.CacheError(
+            f"latent cache {path} has no shift_context, which config.cond.continue_turns "
+            f"({turns}) needs (its windows turn where their context ends): rerun the 'cache' stage")
+
+
 def train_setup(config, latent: tuple[int, int, int, int], stats: workdir_lib.LatentStats,
                 text_example=None, null_text=None):
     """(model, init_fn, tx, loss_fn): what `train_dit` trains on latents (T, h, w, C), and what the
@@ -238,23 +264,8 @@ def train_dit(config, workdir: str):
     # Model, optimizer, sharded init or restore, at the shape of the first cached example (jit
     # compiles the step once per bucket shape).
     first = source[0]
-    frozen = config.text.get("encoder", "word") != "word"
-    if frozen != ("text_states" in first):
-        raise latent_cache.CacheError(
-            f"latent cache {source.path} holds {'frozen text states' if 'text_states' in first else 'tokens'}, "
-            f"but config.text.encoder={config.text.get('encoder', 'word')!r}: rerun the 'cache' stage")
-    if build.task(config).needs_frame_latents and "z_frames" not in first:
-        raise latent_cache.CacheError(
-            f"latent cache {source.path} has no z_frames, which config.cond.keyframe_sets with "
-            f"keyframe_latents='frames' needs: rerun the 'cache' stage (or set config.cond.keyframe_latents='clip')")
-    if build.task(config).needs_shift_latents and "z_shift" not in first:
-        raise latent_cache.CacheError(
-            f"latent cache {source.path} has no z_shift, which config.cond.keyframe_sets with 'continue' "
-            f"needs: rerun the 'cache' stage")
-    if build.task(config).needs_shift_latents and config.cond.get("continue_turns", 0.0) > 0 and "shift_context" not in first:
-        raise latent_cache.CacheError(
-            f"latent cache {source.path} has no shift_context, which config.cond.continue_turns "
-            f"({config.cond.continue_turns}) needs (its windows turn where their context ends): rerun the 'cache' stage")
+    check_cache_record(config, first, source.path)
+    frozen = "text_states" in first
     null_text = text_lib.text_input(source.null_text()) if frozen else None
     example = jax.tree.map(lambda v: np.asarray(v)[None], text_lib.text_input(first))  # batch of 1
     model, init_fn, tx, loss_fn = train_setup(config, first["z"].shape, stats, example, null_text)
