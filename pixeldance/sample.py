@@ -567,9 +567,15 @@ class Pipeline:
             # All that is kept of clip k, on the host (K latent frames): as clip 0's zeros, so the
             # sampler's inputs have one placement and it compiles once.
             z_context = np.zeros(z.shape, np.float32)
-            z_context[:, :K] = np.asarray(z[:, T - K:])
+            z_context[:, :K] = self._carried_latents(z, K)
             context = np.arange(T)[None] < K
             yield np.asarray(frames[0])
+
+    def _carried_latents(self, z, K: int) -> np.ndarray:
+        """What clip k + 1 continues from in latent space: clip k's last K latents [B, K, h, w, C]
+        (normalised, as sampled) of its latents z [B, T, h, w, C]. A seam for probes
+        (benchmarks/probe_reencoded_context.py)."""
+        return np.asarray(z[:, z.shape[1] - K:])
 
     def _chain_clips(self, prompts, first_frame, last_frames, seed, settings, keyframes=None) -> Iterator[np.ndarray]:
         """generate_clips' iteration, after its checks (a generator runs nothing until iterated)."""
