@@ -344,12 +344,12 @@ class TurnWindows:
     def __getitem__(self, index: int) -> dict:
         index = int(index)
         cfg = self.base.config
-        combos, objects, background = self.base.objects(index)
         rng = np.random.default_rng([cfg.seed, SPLITS.index(self.base.split), index, 1])
         n = int(rng.integers(1, self.max_context + 1))
         if rng.random() >= self.rate:
             item = self.longer[index]
             return dict(item, context_latents=n, prior_direction=item["direction"].copy())
+        combos, objects, background = self.base.objects(index)  # only a turning window re-places them
         num_frames = cfg.num_frames + self.extra_frames
         priors = [DIRECTIONS[(DIRECTIONS.index(d) + 1 + int(rng.integers(3))) % 4] for _, _, d in combos]
         for _ in range(1000):
