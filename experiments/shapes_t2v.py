@@ -14,4 +14,5 @@ base = configs.import_sibling(__file__, "base")
 def get_config(arg=None):
     config = base.get_config(arg)
     config.cond.p_first = 0.0
+    config.sample.text_to_video = "direct"  # a first frame of its own would be ignored: one pass
     return config

@@ -53,6 +53,10 @@ from pixeldance.models import vae_inference
 
 INFERENCE_PRESET = "fsdp"
 CONTINUATIONS = ("reencode", "latent")  # how a long video's clips continue (`Pipeline.generate_clips`)
+# How an example with no first frame is sampled (config.sample.text_to_video): 'direct', one
+# text-only pass; 'first_frame', the paper's route: a text-only pass makes the first frame, then
+# image-to-video from it with the same text (`Pipeline._sample_batch`).
+TEXT_TO_VIDEO = ("direct", "first_frame")
 
 
 def inference_mesh(devices=None):
@@ -275,15 +279,21 @@ class Pipeline:
         return image
 
     def _settings(self, num_frames, steps, guidance, tau, sampler, image_guidance, height=None,
-                  width=None, *, num_clips: int = 1, prefix: str = "") -> dict:
+                  width=None, *, num_clips: int = 1, prefix: str = "", text_to_video: str | None = None) -> dict:
         """The sampling settings, None filled in from the workdir's config.sample (and the
-        training clip size), checked (`check_settings`, `check_tau`, and whether the size fits
-        the VAE and the DiT): one-line ValueErrors naming `prefix` + the argument."""
+        training clip size; text_to_video 'direct' for a workdir whose config predates it),
+        checked (`check_settings`, `check_tau`, and whether the size fits the VAE and the DiT):
+        one-line ValueErrors naming `prefix` + the argument."""
         samplers.check_settings(prefix, steps=steps, guidance=guidance, image_guidance=image_guidance, num_frames=num_frames,
                        height=height, width=width, num_clips=num_clips, sampler=sampler)
         s = self.config.sample
         check_tau(tau, steps, s.steps, prefix)
         sampler = s.sampler if sampler is None else sampler
+        source = "" if text_to_video is not None else " (from the workdir's config.sample.text_to_video)"
+        text_to_video = s.get("text_to_video", "direct") if text_to_video is None else text_to_video
+        if text_to_video not in TEXT_TO_VIDEO:
+            raise ValueError(f"{prefix}text_to_video must be one of {', '.join(TEXT_TO_VIDEO)}, got "
+                             f"{text_to_video!r}{source}")
         if sampler not in samplers.SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r} in the workdir's config.sample; choose from "
                              f"{samplers.SAMPLERS}")
@@ -304,7 +314,7 @@ class Pipeline:
             raise ValueError(f"{prefix}num_clips > 1 needs {prefix}num_frames >= 5 (clips share a frame), got {F}")
         return dict(num_frames=F, height=H, width=W, steps=s.steps if steps is None else int(steps),
                     guidance=s.guidance if guidance is None else float(guidance),
-                    tau=s.tau if tau is None else int(tau), sampler=sampler,
+                    tau=s.tau if tau is None else int(tau), sampler=sampler, text_to_video=text_to_video,
                     image_guidance=s.get("image_guidance", 1.0) if image_guidance is None else float(image_guidance))
 
     def _misfits(self, F: int, H: int, W: int, prefix: str) -> str:
@@ -341,8 +351,8 @@ class Pipeline:
     def generate_batch(self, prompts: Sequence[str], first_frames=None, last_frames=None, *, keyframes=None,
                        num_frames: int | None = None, height: int | None = None, width: int | None = None,
                        steps: int | None = None, guidance: float | None = None, tau: int | None = None,
-                       seed: int = 0, sampler: str | None = None,
-                       image_guidance: float | None = None, keyframe_guidance: float | None = None) -> np.ndarray:
+                       seed: int = 0, sampler: str | None = None, image_guidance: float | None = None,
+                       keyframe_guidance: float | None = None, text_to_video: str | None = None) -> np.ndarray:
         """B prompts, optional per-example first/last frames (uint8 [H, W, 3] or None) -> uint8 [B, F, H, W, 3].
 
         keyframes: None or B entries, each None or {pixel frame: image or (image, tau_k)}: images
@@ -356,12 +366,15 @@ class Pipeline:
         batch); both default to the workdir's config.sample. keyframe_guidance (None: image_guidance)
         scales the keyframes after the first frame on their own, image_guidance then the first
         frame (a fourth guidance branch, `guidance.combine`); last_frames are such keyframes too.
+        text_to_video (`TEXT_TO_VIDEO`; default the workdir's config.sample.text_to_video): how
+        an example without a first frame is made; 'first_frame' samples it twice, the text-only
+        pass's first latent frame becoming the first-frame instruction of the second.
         """
         samplers.check_settings(keyframe_guidance=keyframe_guidance)
         return self._generate_batch(prompts, first_frames, last_frames, jax.random.key(seed), keyframes=keyframes,
                                     keyframe_guidance=keyframe_guidance,
                                     **self._settings(num_frames, steps, guidance, tau, sampler, image_guidance,
-                                                     height, width))
+                                                     height, width, text_to_video=text_to_video))
 
     def _generate_batch(self, prompts, first_frames, last_frames, key, **kwargs) -> np.ndarray:
         """generate_batch with a random key and checked settings (`_settings`): `_sample_batch`,
@@ -372,12 +385,14 @@ class Pipeline:
     def _sample_batch(self, prompts, first_frames, last_frames, key, *, num_frames: int, height: int,
                       width: int, steps: int, guidance: float, tau: int, sampler: str,
                       image_guidance: float, keyframes=None, keyframe_guidance: float | None = None,
-                      context=None) -> jax.Array:
+                      context=None, text_to_video: str = "direct") -> jax.Array:
         """Normalised latents [B, T, h, w, C] of generate_batch with a random key and checked
         settings (`_settings`); the key's streams 0 and 1 draw the initial noise and the
         instruction noise. context: None, or (z_context [B, T, h, w, C] normalised, bool [B, T]),
         latents given as context (continuation in latent space; an example with context needs
-        no first frame for its last frame)."""
+        no first frame for its last frame). text_to_video='first_frame': the examples with
+        neither a first frame nor a context latent at frame 0 are sampled again (streams 3 and
+        4), their first latent frame from the first pass given as their first frame."""
         F, B, H, W = num_frames, len(prompts), height, width
         first_frames = [None] * B if first_frames is None else list(first_frames)
         last_frames = [None] * B if last_frames is None else list(last_frames)
@@ -400,18 +415,38 @@ class Pipeline:
         noise = rng_lib.normal(jax.random.fold_in(key, 0), (B, T, h, w, C))
         text = self.text(prompts)
         z_context, in_context = (None, None) if context is None else (jnp.asarray(c) for c in context)
-        return self.sample_keyframe_latents(noise, jnp.asarray(z_keys), jnp.asarray(positions), jnp.asarray(given),
-                                            jnp.asarray(key_tau), text, jax.random.fold_in(key, 1),
-                                            jnp.float32(guidance), jnp.float32(image_guidance),
-                                            None if keyframe_guidance is None else jnp.float32(keyframe_guidance),
-                                            z_context, in_context, steps=steps, sampler=sampler,
-                                            branches=guidance_lib.num_branches(image_guidance, keyframe_guidance))
+        branches = guidance_lib.num_branches(image_guidance, keyframe_guidance)
+
+        def run(noise, z_keys, given, rng):
+            return self.sample_keyframe_latents(noise, jnp.asarray(z_keys), jnp.asarray(positions), jnp.asarray(given),
+                                                jnp.asarray(key_tau), text, rng, jnp.float32(guidance),
+                                                jnp.float32(image_guidance),
+                                                None if keyframe_guidance is None else jnp.float32(keyframe_guidance),
+                                                z_context, in_context, steps=steps, sampler=sampler, branches=branches)
+
+        z = run(noise, z_keys, given, jax.random.fold_in(key, 1))
+        # Examples with no first frame (and no context latent at frame 0) get one of their own:
+        # the paper's text-to-video route (a text-to-image first frame, then image-to-video).
+        own = ~given[:, 1] & ~(np.zeros(B, bool) if context is None else np.asarray(context[1])[:, 0])
+        if text_to_video == "first_frame" and own.any():
+            # The text-only pass's latent 0 is the causal VAE's latent of its frame 0 alone, so it
+            # stands in for an encoded first frame exactly (no decode and re-encode). Fresh
+            # noise for the second pass: the first pass's also carries a motion of its own.
+            z_keys = np.array(z_keys)
+            z_keys[own, 1] = np.asarray(z)[own, 0]
+            given = given | (own[:, None] & (np.arange(K) == 1)[None])
+            z2 = run(rng_lib.normal(jax.random.fold_in(key, 3), (B, T, h, w, C)), z_keys, given,
+                     jax.random.fold_in(key, 4))
+            # The others keep their first pass: what 'direct' samples for them.
+            z = jnp.where(jnp.asarray(own)[:, None, None, None, None], z2, z)
+        return z
 
     def generate(self, prompt: str | Sequence[str], first_frame=None, last_frame=None, *, num_clips: int = 1,
                  num_frames: int | None = None, height: int | None = None, width: int | None = None,
                  steps: int | None = None, guidance: float | None = None, tau: int | None = None, seed: int = 0,
                  sampler: str | None = None, image_guidance: float | None = None, keyframes=None,
-                 continuation: str = "reencode", context_latents: int | None = None) -> np.ndarray:
+                 continuation: str = "reencode", context_latents: int | None = None,
+                 text_to_video: str | None = None) -> np.ndarray:
         """One video, uint8 [F + (num_clips - 1)(F - 1), H, W, 3] (F = num_frames; H, W = height,
         width, default the training resolution): with num_clips > 1 a long video of clips chained
         on their boundary frames (see `generate_clips` for prompt, last_frame and keyframes per
@@ -421,14 +456,15 @@ class Pipeline:
             prompt, first_frame, last_frame, num_clips=num_clips, num_frames=num_frames, height=height,
             width=width, steps=steps, guidance=guidance, tau=tau, seed=seed, sampler=sampler,
             image_guidance=image_guidance, keyframes=keyframes, continuation=continuation,
-            context_latents=context_latents)))
+            context_latents=context_latents, text_to_video=text_to_video)))
 
     def generate_clips(self, prompt: str | Sequence[str], first_frame=None, last_frame=None, *,
                        num_clips: int = 1, num_frames: int | None = None, height: int | None = None,
                        width: int | None = None, steps: int | None = None, guidance: float | None = None,
                        tau: int | None = None, seed: int = 0, sampler: str | None = None,
                        image_guidance: float | None = None, keyframes=None, continuation: str = "reencode",
-                       context_latents: int | None = None) -> Iterator[np.ndarray]:
+                       context_latents: int | None = None, text_to_video: str | None = None
+                       ) -> Iterator[np.ndarray]:
         """A long video, autoregressively: yields the new frames of each of `num_clips` clips.
 
         continuation='reencode' (the default, PixelDance's): clip k + 1 takes the last decoded
@@ -463,6 +499,7 @@ class Pipeline:
         seed: the first clip draws as `generate(..., seed=seed)` does (so num_clips=1 is the
           plain single clip); clip k > 0 draws from a key derived from (seed, k), with either
           continuation.
+        text_to_video: how a first clip without first_frame is made (`generate_batch`).
 
         The arguments are checked at the call, before any clip is sampled (one-line ValueErrors:
         guidance scales finite and >= 0, steps >= 1, tau in [0, steps], sizes the VAE and the
@@ -472,7 +509,7 @@ class Pipeline:
         shapes, so the jitted sampler compiles once for any num_clips.
         """
         settings = self._settings(num_frames, steps, guidance, tau, sampler, image_guidance, height, width,
-                                  num_clips=num_clips)
+                                  num_clips=num_clips, text_to_video=text_to_video)
         H, W = settings["height"], settings["width"]
         K = self.context_latents(continuation, context_latents, settings["num_frames"], H, W)
         if isinstance(prompt, str):
@@ -583,7 +620,8 @@ class Pipeline:
         keyframes = [None] * len(prompts) if keyframes is None else keyframes
         for k, (prompt, last, kf) in enumerate(zip(prompts, last_frames, keyframes)):
             # Later clips draw from stream 2 of the seed's key, which a clip leaves unused
-            # (0: noise, 1: instruction noise), so no clip repeats another's draws.
+            # (0: noise, 1: instruction noise, 3 and 4: text_to_video='first_frame''s second
+            # pass), so no clip repeats another's draws.
             clip_key = key if k == 0 else jax.random.fold_in(jax.random.fold_in(key, 2), k)
             video = self._generate_batch([prompt], [first_frame], [last], clip_key, keyframes=[kf], **settings)[0]
             first_frame = video[-1].copy()  # a copy: a view would keep the whole clip alive
@@ -750,7 +788,8 @@ def main(argv):
         keyframes[pixel] = img if k_tau is None else (img, k_tau)
     pipe = load_pipeline(FLAGS.workdir)
     kwargs = dict(num_frames=FLAGS.num_frames, height=H, width=W, steps=FLAGS.steps, guidance=FLAGS.guidance,
-                  tau=FLAGS.tau, sampler=FLAGS.sampler, image_guidance=FLAGS.image_guidance)
+                  tau=FLAGS.tau, sampler=FLAGS.sampler, image_guidance=FLAGS.image_guidance,
+                  text_to_video=FLAGS.text_to_video)
     settings = pipe._settings(prefix="--", num_clips=FLAGS.num_clips, **kwargs)  # the size against the model
     pipe.context_latents(FLAGS.continuation, FLAGS.context_latents, settings["num_frames"], H, W, prefix="--")
     clips = pipe.generate_clips(prompt, images.get("first_frame"), images.get("last_frame"),
@@ -825,6 +864,9 @@ def define_flags():
     flags.DEFINE_integer("tau", None, "Steps during which the last frame is used, 0 to the steps; default: "
                          "config.sample.tau.")
     flags.DEFINE_string("sampler", None, f"One of {', '.join(samplers.SAMPLERS)}; default: config.sample.sampler.")
+    flags.DEFINE_string("text_to_video", None, f"Without --first_frame: {', '.join(TEXT_TO_VIDEO)} ('first_frame': "
+                        "a text-only pass makes the first frame, then image-to-video from it); default: "
+                        "config.sample.text_to_video.")
     flags.DEFINE_integer("seed", 0, "Random seed.")
     flags.DEFINE_string("output", None, "Output .mp4 or .gif file path (missing parent folders are created).")
     flags.DEFINE_string("storyboard", None, "A story from a JSON or YAML storyboard: segments, each a prompt, a "
