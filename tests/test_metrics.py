@@ -202,3 +202,25 @@ def test_list_videos_subset_and_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(videos.VideoSetError, match="no videos"):
         videos.list_videos(str(tmp_path / "empty"))
+
+
+def test_feature_net_chunks_its_batches():
+    """per_device bounds the inputs of one call (pads the last chunk to the devices); the
+    outputs are those of the whole batch in one call, in order."""
+    from pixeldance.metrics import networks
+
+    seen = []
+
+    def fn(v, x):
+        seen.append(x.shape[0])  # at trace time: one entry per distinct input shape
+        return {"s": x.reshape(len(x), -1).sum(-1) * v["w"], "first": x[:, 0]}
+
+    mesh = networks.default_mesh()
+    x = np.random.default_rng(0).normal(size=(300, 3, 2)).astype(np.float32)
+    whole = networks.FeatureNet("t", fn, {"w": np.float32(2.0)}, "", mesh)(x)
+    chunked = networks.FeatureNet("t", fn, {"w": np.float32(2.0)}, "", mesh, per_device=2)(x)
+    D = mesh.size
+    assert seen[0] == 300 + (-300 % D) and max(seen[1:]) == 2 * D
+    for k in whole:
+        np.testing.assert_allclose(chunked[k], whole[k], rtol=1e-6)
+        assert chunked[k].shape[0] == 300

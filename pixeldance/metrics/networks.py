@@ -54,6 +54,10 @@ class FeatureNet:
     mesh: jax.sharding.Mesh
     outputs: tuple[str, ...] = ()  # the keys `__call__` returns (documentation and checks)
     path: str = ""
+    # Inputs per call and device (None: the whole batch at once). InceptionV3 at 299 x 299 holds
+    # ~40 MB of activations per frame: 136 frames (8 videos x 17, all frames for FID) would take
+    # gigabytes of temporaries, faulted in afresh by every call.
+    per_device: int | None = None
 
     def __post_init__(self):
         self.variables = jax.device_put(self.variables, sharding.replicated(self.mesh))
@@ -61,6 +65,10 @@ class FeatureNet:
 
     def __call__(self, x) -> dict[str, np.ndarray]:
         x = np.asarray(x)
+        chunk = None if self.per_device is None else self.per_device * self.mesh.size
+        if chunk is not None and len(x) > chunk:
+            parts = [self(x[i:i + chunk]) for i in range(0, len(x), chunk)]
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         n, devices = len(x), self.mesh.size
         pad = -n % devices
         if pad:
@@ -104,7 +112,7 @@ def load(key: str, root: str, mesh=None) -> FeatureNet:
         def fn(v, frames):  # the model resizes to 299 (TF1 bilinear) and normalises itself
             return model.apply(v, frames.astype(jnp.float32))
         outputs = ("pool", "logits", "logits_unbiased") if model.num_classes else ("pool",)
-        return FeatureNet(key, fn, variables, _sha(path, key), mesh, outputs, path)
+        return FeatureNet(key, fn, variables, _sha(path, key), mesh, outputs, path, per_device=16)
     elif key == "c3d":
         from pixeldance.models import c3d
         model, variables = c3d.load_c3d(path)
