@@ -82,6 +82,22 @@ def frames_per_clip(mode: str, F: int, T: int, K: int) -> int:
     return F - 1 if mode == "reencode" else (F - 1) // (T - 1) * (T - K)
 
 
+def open_workdir(workdir: str, context_latents: int | None, world_seed_offset: int, size: int):
+    """(pipe, F, T, K, world, items): the trained pipeline, its clip's frames and latent frames,
+    K (config.cond.context_frames unless given), and `size` held-out items of the synthetic world
+    at seed + world_seed_offset."""
+    import pixeldance
+    from pixeldance.data import synthetic
+
+    pipe = pixeldance.load_pipeline(workdir)
+    F = pipe.num_frames
+    T = pipe.vae.latent_shape(F, pipe.resolution, pipe.resolution)[0]
+    K = pipe.config.cond.get("context_frames", 1) if context_latents is None else context_latents
+    world = synthetic.world_config(pipe.config)
+    world = synthetic.WorldConfig(**{**world.__dict__, "seed": world.seed + world_seed_offset})
+    return pipe, F, T, K, world, synthetic.ShapesSource("heldout", size=size, config=world)
+
+
 def windows(video: np.ndarray, size: int = WINDOW) -> np.ndarray:
     """uint8 [F_total, R, R, 3] -> [J, size, R, R, 3], the whole windows from frame 0."""
     J = len(video) // size
@@ -236,20 +252,13 @@ def main():
     if not modes or any(m not in ("reencode", "latent") for m in modes):
         parser.error(f"--continuation must list reencode and/or latent, got {args.continuation!r}")
 
-    import pixeldance
-    from pixeldance.data import synthetic
     from pixeldance.evaluators.synthetic import score_video
     from pixeldance.metrics import networks
 
     start = time.time()
-    pipe = pixeldance.load_pipeline(args.workdir)
-    F = pipe.num_frames
-    T = pipe.vae.latent_shape(F, pipe.resolution, pipe.resolution)[0]
-    K = pipe.config.cond.get("context_frames", 1) if args.context_latents is None else args.context_latents
-    world = synthetic.world_config(pipe.config)
-    world = synthetic.WorldConfig(**{**world.__dict__, "seed": world.seed + args.world_seed_offset})
-    items = synthetic.ShapesSource("heldout", size=max(args.num_videos, args.num_real, args.keyframe_videos,
-                                                       args.ceiling_videos), config=world)
+    pipe, F, T, K, world, items = open_workdir(args.workdir, args.context_latents, args.world_seed_offset,
+                                               max(args.num_videos, args.num_real, args.keyframe_videos,
+                                                   args.ceiling_videos))
     i3d = None
     if args.networks != "none":
         i3d = networks.load("i3d", args.networks or networks.default_root(), pipe.mesh)

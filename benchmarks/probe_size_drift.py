@@ -71,17 +71,11 @@ def main():
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
 
-    import pixeldance
     from pixeldance.data import synthetic
     from pixeldance.evaluators.synthetic import analyse_objects
 
-    pipe = pixeldance.load_pipeline(args.workdir)
-    F = pipe.num_frames
-    T = pipe.vae.latent_shape(F, pipe.resolution, pipe.resolution)[0]
-    K = pipe.config.cond.get("context_frames", 1) if args.context_latents is None else args.context_latents
-    world = synthetic.world_config(pipe.config)
-    world = synthetic.WorldConfig(**{**world.__dict__, "seed": world.seed + args.world_seed_offset})
-    items = synthetic.ShapesSource("heldout", size=args.num_videos, config=world)
+    pipe, F, T, K, _, items = lv.open_workdir(args.workdir, args.context_latents, args.world_seed_offset,
+                                              args.num_videos)
     result = dict(workdir=os.path.abspath(args.workdir), dit_step=pipe.step, num_videos=args.num_videos,
                   num_clips=args.num_clips, context_latents=K, latent_frames=T, modes={})
     for mode in MODES:
