@@ -1,6 +1,7 @@
 """The sampling CLI run in-process on a stand-in pipeline, for tests (`sample.main` with the
 workdir's pipeline replaced; the workdir holds the stand-in's config.json only, since main checks
 the flags against it before it loads anything)."""
+import numpy as np
 from absl import flags
 
 from pixeldance import sample
@@ -28,3 +29,16 @@ def in_process_cli(monkeypatch, tmp_path_factory, pipe):
 
     yield run
     flags.FLAGS.unparse_flags()
+
+
+def record_latents(pipe):
+    """Makes `pipe` record every `_sample_batch` result (numpy) in `pipe.latents`; returns pipe."""
+    pipe.latents = []
+    sample_batch = pipe._sample_batch
+
+    def recording(*args, **kwargs):
+        z = sample_batch(*args, **kwargs)
+        pipe.latents.append(np.asarray(z))
+        return z
+    pipe._sample_batch = recording
+    return pipe

@@ -20,7 +20,7 @@ from pixeldance.models import vae_inference
 from pixeldance.models.vae import vae_from_variant
 from pixeldance.sample import Pipeline, VideoVAE
 from pixeldance.workdir import LatentStats
-from sample_cli import in_process_cli
+from sample_cli import in_process_cli, record_latents
 
 R, F, T = 16, 9, 3  # 16 x 16 frames, 9-frame clips: 3 latent frames of 2 x 2 x 16
 C = 16
@@ -180,15 +180,7 @@ def _pipeline(vae) -> Pipeline:
     config.sample.update(steps=1, sampler="euler", guidance=1.0, image_guidance=1.0, tau=1)
     pipe = Pipeline(config, vae, _ChainModel(), None, build.text_conditioner(config),
                     LatentStats(np.zeros(C, np.float32), np.ones(C, np.float32)))
-    pipe.latents = []  # every clip's sampled latents, recorded
-    sample_batch = pipe._sample_batch
-
-    def recording(*args, **kwargs):
-        z = sample_batch(*args, **kwargs)
-        pipe.latents.append(np.asarray(z))
-        return z
-    pipe._sample_batch = recording
-    return pipe
+    return record_latents(pipe)  # every clip's sampled latents, in pipe.latents
 
 
 @pytest.fixture(scope="module")

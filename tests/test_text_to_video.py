@@ -17,7 +17,7 @@ from pixeldance import build, configs
 from pixeldance.models.vae import vae_from_variant
 from pixeldance.sample import Pipeline, VideoVAE
 from pixeldance.workdir import LatentStats
-from sample_cli import in_process_cli
+from sample_cli import in_process_cli, record_latents
 
 R, F, T, C = 16, 9, 3, 16
 STEP = 0.1    # latent value a prompt word adds per latent frame
@@ -59,15 +59,7 @@ def _pipeline(vae, **sample) -> Pipeline:
     config.sample.update(steps=1, sampler="euler", guidance=1.0, image_guidance=1.0, tau=1, **sample)
     pipe = Pipeline(config, vae, _FirstFrameModel(), None, build.text_conditioner(config),
                     LatentStats(np.zeros(C, np.float32), np.ones(C, np.float32)))
-    pipe.latents = []
-    sample_batch = pipe._sample_batch
-
-    def recording(*args, **kwargs):
-        z = sample_batch(*args, **kwargs)
-        pipe.latents.append(np.asarray(z))
-        return z
-    pipe._sample_batch = recording
-    return pipe
+    return record_latents(pipe)  # every clip's sampled latents, in pipe.latents
 
 
 def _image(value):
