@@ -246,6 +246,7 @@ def main():
     parser.add_argument("--ceiling_long_frames", type=int, default=129,
                         help="frames of the long real streams of the VAE's long ceiling (1 + 4k; 0 skips)")
     parser.add_argument("--world_seed_offset", type=int, default=3000)
+    parser.add_argument("--guidance", type=float, default=None, help="text guidance (default: the workdir's config.sample)")
     parser.add_argument("--output", required=True, help=".json (a .png of the same name is written too)")
     args = parser.parse_args()
     modes = [m.strip() for m in args.continuation.split(",") if m.strip()]
@@ -271,7 +272,8 @@ def main():
         scores_k = [[] for _ in range(args.num_clips)]
         scores_b = [[] for _ in range(args.num_clips - 1)]
         gen_windows, t_mode = [], time.time()
-        extra = {} if mode == "reencode" else dict(continuation="latent", context_latents=K)
+        extra = dict(guidance=args.guidance) if mode == "reencode" else dict(
+            continuation="latent", context_latents=K, guidance=args.guidance)
         for v in range(args.num_videos):
             item = items[v]
             prompts = clip_prompts(item["caption"], args.num_clips)
@@ -303,7 +305,8 @@ def main():
                                   for j in range(0, J - args.group + 1, args.group)]
         per_mode[mode] = m
     result = dict(
-        workdir=os.path.abspath(args.workdir), dit_step=pipe.step, num_videos=args.num_videos,
+        workdir=os.path.abspath(args.workdir), dit_step=pipe.step,
+        guidance=pipe.config.sample.guidance if args.guidance is None else args.guidance, num_videos=args.num_videos,
         num_clips=args.num_clips, context_latents=K, latent_frames=T, num_real_windows=args.num_real,
         group=args.group, i3d_sha256=None if i3d is None else i3d.sha256, modes=per_mode)
     if "latent" in per_mode and "reencode" in per_mode:

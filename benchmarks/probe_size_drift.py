@@ -68,6 +68,7 @@ def main():
     parser.add_argument("--num_clips", type=int, default=24)
     parser.add_argument("--context_latents", type=int, default=None, help="K (default config.cond.context_frames)")
     parser.add_argument("--world_seed_offset", type=int, default=2000)
+    parser.add_argument("--guidance", type=float, default=None, help="text guidance (default: the workdir's config.sample)")
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
 
@@ -76,11 +77,13 @@ def main():
 
     pipe, F, T, K, _, items = lv.open_workdir(args.workdir, args.context_latents, args.world_seed_offset,
                                               args.num_videos)
-    result = dict(workdir=os.path.abspath(args.workdir), dit_step=pipe.step, num_videos=args.num_videos,
+    result = dict(workdir=os.path.abspath(args.workdir), dit_step=pipe.step,
+                  guidance=pipe.config.sample.guidance if args.guidance is None else args.guidance, num_videos=args.num_videos,
                   num_clips=args.num_clips, context_latents=K, latent_frames=T, modes={})
     for mode in MODES:
         step = lv.frames_per_clip(mode, F, T, K)
-        extra = {} if mode == "reencode" else dict(continuation="latent", context_latents=K)
+        extra = dict(guidance=args.guidance) if mode == "reencode" else dict(
+            continuation="latent", context_latents=K, guidance=args.guidance)
         rows = []
         for v in range(args.num_videos):
             item = items[v]

@@ -97,3 +97,61 @@ def test_feature_speed_quick(tmp_path):
     assert result["cpu"] and len(result["results"]) == 1
     r = result["results"][0]
     assert r["network"] == "inception" and r["batch"] == 2 and r["ours_per_s"] > 0 and r["ratio"] > 0
+
+
+def test_fvd_vae_ceiling_scores_the_reconstructions_against_the_evaluators_real_set(
+        runlocal_workdir, networks_root, tmp_path):
+    """benchmarks/fvd_vae_ceiling.py: the protocol's real items 0..N-1 reconstructed by the workdir's
+    VAE, written as mp4 and scored against the real set `pixeldance.evaluate` uses; the same two
+    folders through `tools.metrics` give the same numbers."""
+    import shutil
+    from pixeldance import sample
+    from pixeldance import workdir as workdir_lib
+    from pixeldance.data import video_io
+    from pixeldance.evaluators import metrics as metrics_eval
+    from pixeldance.evaluators import reconstruction
+    from pixeldance.evaluators import synthetic as scoring
+    from pixeldance.metrics import protocols
+    wd = str(tmp_path / "wd")
+    shutil.copytree(runlocal_workdir, wd)
+    out = tmp_path / "ceiling.json"
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "fvd_vae_ceiling.py"), f"--workdir={wd}",
+           f"--networks={networks_root}", "--protocol=runlocal", "--metrics=fvd,fid", "--num_videos=4",
+           f"--stats_dir={tmp_path / 'stats'}", f"--output={out}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["num_generated"] == 4 and result["num_real_videos"] == 16 and np.isfinite(result["fvd"])
+    folder = os.path.join(wd, "eval", "runlocal")
+    recon_dir = os.path.join(folder, "vae_reconstructions")
+    assert sorted(os.listdir(recon_dir)) == [f"{i:06d}.mp4" for i in range(4)]
+    # The files are the VAE's reconstructions of real items 0..3, in order (the same mp4 encode).
+    source = metrics_eval.real_source(workdir_lib.read_config(wd), protocols.get("runlocal"))
+    direct = reconstruction.reconstruct(sample.load_vae(wd), np.stack([source[i]["video"] for i in range(4)]))
+    expected = []
+    for i in range(4):
+        path = str(tmp_path / f"direct_{i}.mp4")
+        video_io.write_mp4(path, direct["recon"][i], fps=metrics_eval.fps_of(protocols.get("runlocal")))
+        expected.append(video_io.read_video(path))
+    for i in range(4):
+        written = video_io.read_video(os.path.join(recon_dir, f"{i:06d}.mp4"))
+        # (not bit-equal: another process's float rounding moves the codec's choices a little)
+        assert scoring.psnr(written, expected[i]) > 30
+        assert scoring.psnr(written, expected[(i + 1) % 4]) < 20
+    # The same numbers from the two folders through the metrics CLI.
+    other = tmp_path / "metrics.json"
+    proc = subprocess.run([sys.executable, "-m", "pixeldance.tools.metrics", f"--real={folder}/real",
+                           f"--generated={recon_dir}", "--metrics=fvd,fid", "--protocol=runlocal",
+                           f"--networks={networks_root}", f"--stats_dir={tmp_path / 'stats2'}",
+                           f"--output={other}"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    independent = json.loads(other.read_text())
+    for m in ("fvd", "fid"):
+        np.testing.assert_allclose(result[m], independent[m], rtol=1e-6)
+    # A second run reuses the files (nothing reconstructed) and gives the same numbers.
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    again = json.loads(out.read_text())
+    assert proc.returncode == 0 and again["psnr_this_run"] is None and again["fvd"] == result["fvd"]
+    bad = subprocess.run(cmd[:2] + [f"--workdir={wd}", f"--networks={networks_root}", "--metrics=is"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--metrics" in bad.stderr

@@ -124,7 +124,7 @@ class ProtocolMetrics(Evaluator):
         text = json.dumps([clips, self.config.data.to_dict(), "heldout"], sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def _write_real(self, folder: str, source) -> str:
+    def write_real(self, folder: str, source) -> str:
         os.makedirs(folder, exist_ok=True)
         for i in range(min(len(source), self.protocol.num_real)):
             path = os.path.join(folder, video_name(i))
@@ -179,7 +179,7 @@ class ProtocolMetrics(Evaluator):
             extractor = suite.Extractor(p, p.metrics, self.root, pipe.mesh)
             ref = {}
             if any(m in suite.FRECHET for m in p.metrics):
-                ref = suite.real_stats(extractor, lambda: self._write_real(os.path.join(folder, "real"), source),
+                ref = suite.real_stats(extractor, lambda: self.write_real(os.path.join(folder, "real"), source),
                                        stats_dir=self.stats_dir, batch_size=8, fingerprint=self.real_key())
             captions = self.generate(pipe, folder, source)
             # Exactly the videos of this plan: a folder kept from an earlier run with a larger

@@ -4,7 +4,8 @@ r"""Sampling sweeps on a trained workdir: faithfulness for each setting of a gri
       --output=benchmarks/results/sweep_tau.jsonl
 
 The grid is `config.sweep.grid`, e.g. "sampler=euler,heun;steps=4,8,16" (fields of
-`config.sample`, values comma-separated, fields `;`-separated: every combination is run);
+`config.sample`: sampler, steps, guidance, image_guidance, tau, text_to_video; values
+comma-separated, fields `;`-separated: every combination is run);
 `config.sweep.num_per_mode` videos per mode (half held-out). Each setting samples the same
 evaluation videos as the main job's last stage (the 'faithfulness' evaluator,
 `evaluators/samples.py`), with the same seeds, so rows differ only by the setting. The workdir is
@@ -26,7 +27,8 @@ from pixeldance import workdir as workdir_lib
 from pixeldance.evaluators import samples
 from pixeldance.sample import load_pipeline
 
-GRID_FIELDS = {"sampler": str, "steps": int, "guidance": float, "image_guidance": float, "tau": int}
+GRID_FIELDS = {"sampler": str, "steps": int, "guidance": float, "image_guidance": float, "tau": int,
+               "text_to_video": str}
 
 
 def parse_grid(grid: str) -> list[dict]:
@@ -63,8 +65,9 @@ def run_sweep(config, workdir: str, output: str | None = None) -> list[dict]:
     pipe = load_pipeline(workdir)
     rows = []
     for setting in settings:
-        for key, value in setting.items():
-            pipe.config.sample[key] = value
+        with pipe.config.unlocked():  # a workdir older than a field (text_to_video) lacks it
+            for key, value in setting.items():
+                pipe.config.sample[key] = value
         t0 = time.time()
         report = faithfulness.report(pipe)
         row = dict(setting=setting, seconds=round(time.time() - t0, 1),
