@@ -1,6 +1,7 @@
 """config.sample.text_to_video (issue 19): 'first_frame', the paper's text-to-video route, samples
-an example without a first frame twice: the text-only pass's latent frame 0 becomes the first-
-frame instruction of a second, image-to-video pass. 'direct' is one pass.
+an example without a first frame twice: the text-only pass's frame 0, decoded and encoded again,
+becomes the first-frame instruction of a second, image-to-video pass ('first_latent': its latent
+frame 0 as it is). 'direct' is one pass.
 
 The VAE is the runlocal one ('mu', random weights); the DiT is a stand-in (flow, x0 prediction,
 one Euler step lands on its output) whose output shows what reached it. 16 x 16 frames, 9-frame
@@ -70,11 +71,11 @@ def _ramp(words):
     return (1 + np.arange(T)) * words * STEP
 
 
-def test_first_frame_route(vae):
+def test_first_latent_route(vae):
     """A batch of a text-only example and one with its own first frame: the text-only one is
     sampled again with the first pass's latent 0 as its first frame (shown at latent 0, held
     there), the other keeps its one pass; 'direct' samples each once."""
-    pipe = _pipeline(vae, text_to_video="first_frame")
+    pipe = _pipeline(vae, text_to_video="first_latent")
     prompts, firsts = ["a red", "a red circle"], [None, _image(90)]
     pipe.model.seen.clear()
     pipe.generate_batch(prompts, firsts, seed=3)
@@ -101,8 +102,33 @@ def test_first_frame_route(vae):
     # The second pass draws its own noise: not the first pass's again.
     assert np.abs(z[0, 1:] - SHOWN - direct.latents[-1][0, 1:]).max() > GAIN / 10
     # The call's argument over the config's.
-    direct.generate_batch(prompts, firsts, seed=3, text_to_video="first_frame")
+    direct.generate_batch(prompts, firsts, seed=3, text_to_video="first_latent")
     np.testing.assert_array_equal(direct.latents[-1], z)
+
+
+def test_first_frame_route_reencodes_the_first_frame(vae):
+    """'first_frame': the same two passes, the second shown the first pass's latent 0 decoded to
+    a frame and encoded again (the VAE's own round trip, not the latent itself); the example with
+    its own first frame is untouched."""
+    prompts, firsts = ["a red", "a red circle"], [None, _image(90)]
+    latent = _pipeline(vae, text_to_video="first_latent")
+    latent.generate_batch(prompts, firsts, seed=3)
+    jax.effects_barrier()
+    z0 = latent.model.seen[1][0][0, 0]  # the first pass's latent 0 (identity latent statistics)
+    pipe = _pipeline(vae, text_to_video="first_frame")
+    pipe.model.seen.clear()
+    pipe.generate_batch(prompts, firsts, seed=3)
+    jax.effects_barrier()
+    assert len(pipe.model.seen) == 2
+    (_, m1), (c2, m2) = pipe.model.seen
+    np.testing.assert_array_equal(m1[:2], [[0, 0, 0], [1, 0, 0]])
+    np.testing.assert_array_equal(m2[:2], [[1, 0, 0], [1, 0, 0]])
+    round_trip = vae.encode(vae.decode(z0[None, None]))[0, 0]
+    np.testing.assert_allclose(c2[0, 0], round_trip, atol=1e-5)
+    assert np.abs(round_trip - z0).max() > 0.1  # the round trip is not the identity here
+    np.testing.assert_allclose(pipe.latents[-1][0, 0], round_trip, atol=1e-5)  # held at latent 0
+    np.testing.assert_array_equal(pipe.latents[-1][1], latent.latents[-1][1])
+    np.testing.assert_array_equal(c2[1], latent.model.seen[1][0][1])
 
 
 def test_first_frames_given_is_one_pass(vae):
@@ -137,7 +163,7 @@ def test_old_workdir_config_is_direct(vae):
 def test_bad_route_is_one_line(vae, where):
     pipe = _pipeline(vae, **({"text_to_video": "twice"} if where == "config" else {}))
     kwargs = {"text_to_video": "twice"} if where == "call" else {}
-    with pytest.raises(ValueError, match="text_to_video must be one of direct, first_frame, got 'twice'") as e:
+    with pytest.raises(ValueError, match="text_to_video must be one of direct, first_frame, first_latent, got 'twice'") as e:
         pipe.generate_batch(["a"], **kwargs)
     assert "\n" not in str(e.value)
     assert ("config.sample.text_to_video" in str(e.value)) == (where == "config")
@@ -154,5 +180,5 @@ def test_cli_text_to_video(cli, capsys, tmp_path):
     assert status == 0, stderr
     status, _, stderr = cli(capsys, "--prompt=a red", "--text_to_video=twice", f"--output={tmp_path / 'b.mp4'}")
     assert status == 2 and len(stderr.strip().splitlines()) == 1
-    assert "--text_to_video must be one of direct, first_frame, got 'twice'" in stderr
+    assert "--text_to_video must be one of direct, first_frame, first_latent, got 'twice'" in stderr
     assert os.listdir(tmp_path) == ["a.mp4"]
