@@ -280,8 +280,8 @@ def get_config(arg=None):
         # Text guidance 4: against 8 (two seeds, benchmarks/README.md issue 19), motion is smoother
         # (median smoothness I2V 1.32 -> 1.17, FLF2V 1.34 -> 1.22, text-only 1.37 -> 1.24 on seed
         # 0), objects steadier with a first frame (consistency 0.78 -> 0.85) and the last frame
-        # closer (19.4 -> 21.5 dB), for text-only direction 0.67 -> 0.61. Long videos keep 8
-        # (experiments/shapes_keyframes.py).
+        # closer (19.4 -> 21.5 dB), for text-only consistency (0.67 -> 0.63) and, on seed 0,
+        # direction (0.67 -> 0.61). Long videos keep 8 (experiments/shapes_keyframes.py).
         guidance=4.0,
         image_guidance=1.5,        # image-instruction guidance (1: off, 2 branches per model call;
                                    # 1.5: I2V direction 0.797 -> 0.813 held-out, see README)
