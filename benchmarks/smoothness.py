@@ -21,6 +21,12 @@ Sets:
                   evaluator's files); `captions.txt` there, when present, gives line k's colours
                   to separate two objects (else all foreground is one object).
 
+With `--latent_noise=0.1,0.2,0.4`, also 'noisy_reconstructions/<kind>_<sigma>': the held-out clips'
+latents (posterior mean) plus Gaussian noise of sigma latent standard deviations per channel
+(the workdir's latent_stats.json), decoded: 'iid' draws every latent value, 'shared' one draw per
+clip repeated on every latent frame (an error that moves nothing in time). Whether the decoder
+itself makes steps out of latents that are not quite the encoder's (issue 19: it does not).
+
 Also, for reading the figure: the same ratio without the frame-0 step (boundaries 4 -> 5,
 8 -> 9, ... only), and consecutive-frame PSNR across boundaries and inside groups (the issue's
 27.1 dB against 32.6 for the reconstructions); and, for the still-object threshold
@@ -78,6 +84,26 @@ def score_set(videos, captions, g: int, min_step: float) -> dict:
     return out
 
 
+def noisy_reconstructions(vae, videos, captions, std, sigmas, g: int, min_step: float, batch_size: int,
+                          seed: int = 0) -> dict:
+    """{'noisy_reconstructions/<kind>_<sigma>': score_set + psnr} (see the module docstring).
+    videos uint8 [N, F, H, W, 3]; std float [C], the latents' per-channel std."""
+    from pixeldance.evaluators import synthetic as scoring
+    z = np.concatenate([vae.encode(videos[i:i + batch_size]) for i in range(0, len(videos), batch_size)])
+    rng = np.random.default_rng(seed)
+    out = {}
+    for kind in ("iid", "shared"):
+        for sigma in sigmas:
+            shape = z.shape if kind == "iid" else (z.shape[0], 1, *z.shape[2:])
+            noise = np.broadcast_to(rng.standard_normal(shape, dtype=np.float32), z.shape)
+            noisy = z + np.float32(sigma) * std * noise
+            recon = np.concatenate([vae.decode(noisy[i:i + batch_size]) for i in range(0, len(z), batch_size)])
+            out[f"noisy_reconstructions/{kind}_{sigma:g}"] = dict(
+                score_set(recon, captions, g, min_step), sigma=sigma, kind=kind,
+                psnr=float(np.mean([scoring.psnr(a, b) for a, b in zip(recon, videos)])))
+    return out
+
+
 def _sample_sets(folder: str) -> dict:
     """{mode: (videos, captions or None)} from a folder of `<mode>_<k>.mp4`."""
     from pixeldance.data import video_io
@@ -113,6 +139,7 @@ def main(argv=None):
     p.add_argument("--group_frames", type=int, default=0, help="latent group length (default: the VAE's temporal_factor)")
     p.add_argument("--min_mean_step", type=float, default=None, help="pixels/frame (default: the evaluator's)")
     p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--latent_noise", default="", help="comma-separated sigmas (latent stds) for noisy_reconstructions")
     p.add_argument("--output", default=None, help="JSON file to write (e.g. benchmarks/results/smoothness.json)")
     args = p.parse_args(argv)
     run(args)
@@ -123,6 +150,9 @@ def run(args):
         raise ValueError(f"--num_clips must be >= 1, got {args.num_clips}")
     if args.group_frames < 0:
         raise ValueError(f"--group_frames must be >= 1 (0: the VAE's), got {args.group_frames}")
+    sigmas = [float(x) for x in args.latent_noise.split(",") if x.strip()]
+    if any(not np.isfinite(x) or x < 0 for x in sigmas):
+        raise ValueError(f"--latent_noise takes finite sigmas >= 0, got {args.latent_noise!r}")
     if args.samples and not os.path.isdir(args.samples):
         raise FileNotFoundError(f"--samples folder not found: {args.samples}")
     import jax
@@ -158,6 +188,9 @@ def run(args):
         unthresholded=scoring.smoothness_summary(scoring.smoothness_scores(still_recon, captions, g, 0.0)))
     sets["reconstructions"]["psnr"] = float(out["psnr"].mean())
     sets["reconstructions"]["psnr_per_video"] = np.round(out["psnr"], 2).tolist()
+    if sigmas:
+        std = workdir_lib.LatentStats.read(args.workdir).std
+        sets.update(noisy_reconstructions(vae, videos, captions, std, sigmas, g, min_step, args.batch_size))
     if args.samples:
         for mode, (vids, caps, names) in _sample_sets(args.samples).items():
             sets[f"samples/{mode}"] = dict(score_set(vids, caps, g, min_step), files=names,

@@ -428,3 +428,43 @@ def test_benchmark_scores_a_sample_folder(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(repo, "benchmarks", "smoothness.py"),
                            f"--workdir={tmp_path / 'none'}"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: no pixeldance workdir")
+
+
+class _PixelVAE:
+    """A stand-in VAE whose latents are the frames themselves (float, /255): encode and decode
+    invert each other exactly, so the noise the benchmark adds is all that changes."""
+
+    def encode(self, videos):
+        return np.asarray(videos, np.float32) / 255.0
+
+    def decode(self, z):
+        return np.clip(np.round(np.asarray(z) * 255.0), 0, 255).astype(np.uint8)
+
+
+def test_benchmark_noisy_reconstructions():
+    """--latent_noise: sigma 0 gives the clips back; 'shared' adds one draw on every frame,
+    'iid' a draw per frame; sigmas are in the latents' own standard deviations."""
+    import importlib.util
+    import os
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("smoothness_bench", os.path.join(repo, "benchmarks", "smoothness.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    src = world.ShapesSource("heldout", size=3, config=world.WorldConfig())
+    items = [src[i] for i in range(3)]
+    videos, captions = np.stack([it["video"] for it in items]), [it["caption"] for it in items]
+    std = np.full(3, 4.0 / 255, np.float32)  # noise of sigma 1 is 4 grey levels
+    out = bench.noisy_reconstructions(_PixelVAE(), videos, captions, std, [0.0, 1.0], 4, faith.MIN_MEAN_STEP, 2)
+    assert sorted(out) == [f"noisy_reconstructions/{k}_{s}" for k in ("iid", "shared") for s in ("0", "1")]
+    clean = out["noisy_reconstructions/iid_0"]
+    assert clean["psnr"] == 100.0 and clean["per_video"] == bench.score_set(videos, captions, 4,
+                                                                               faith.MIN_MEAN_STEP)["per_video"]
+    for kind in ("iid", "shared"):
+        r = out[f"noisy_reconstructions/{kind}_1"]
+        assert 30 < r["psnr"] < 45 and r["sigma"] == 1.0 and r["kind"] == kind
+    # On still clips: one draw on every frame keeps the frames equal; a draw per frame does not.
+    still = np.repeat(videos[:, :1], videos.shape[1], axis=1)
+    out = bench.noisy_reconstructions(_PixelVAE(), still, captions, std, [1.0], 4, faith.MIN_MEAN_STEP, 2)
+    shared, iid = (out[f"noisy_reconstructions/{k}_1"]["consecutive_psnr"] for k in ("shared", "iid"))
+    assert shared == dict(across=100.0, inside=100.0) and 30 < iid["inside"] < 45 and 30 < iid["across"] < 45
