@@ -43,6 +43,7 @@ def run(args) -> dict:
     from pixeldance.evaluators import metrics as metrics_eval
     from pixeldance.evaluators import reconstruction
     from pixeldance.metrics import suite
+    from pixeldance.tools import metrics as metrics_tool
 
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     bad = [m for m in metrics if m not in suite.FRECHET]
@@ -87,10 +88,7 @@ def run(args) -> dict:
                   reconstruct_seconds=round(reconstruct_seconds, 1), **report)
     print(json.dumps({k: result[k] for k in (*metrics, "num_generated", "protocol")}))
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=1)
-            f.write("\n")
+        metrics_tool.write_json(args.output, result)
         print(f"wrote {args.output}")
     return result
 

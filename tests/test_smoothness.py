@@ -394,11 +394,21 @@ def test_faithfulness_evaluator_uses_the_pipelines_vae():
     assert not [k for k in result.scalars if "smoothness" in k]
 
 
+def _benchmark():
+    """benchmarks/smoothness.py as a module (benchmarks/ is not a package)."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "smoothness.py")
+    spec = importlib.util.spec_from_file_location("smoothness_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def test_benchmark_scores_a_sample_folder(tmp_path):
     """benchmarks/smoothness.py's pieces: a folder of `<mode>_<k>.mp4` with captions.txt is read
     per mode and scored (mp4 compression leaves the world's clips about 1 and a stepped clip high);
     a missing workdir is one line."""
-    import importlib.util
     import os
     import subprocess
     import sys
@@ -406,9 +416,7 @@ def test_benchmark_scores_a_sample_folder(tmp_path):
     from pixeldance.data import video_io
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("smoothness_bench", os.path.join(repo, "benchmarks", "smoothness.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark()
     src = world.ShapesSource("heldout", size=4, config=world.WorldConfig())
     items = [src[i] for i in range(4)]
     stepped = _render_path(_path(_steps_with(3.0, 1.5)))
@@ -444,13 +452,7 @@ class _PixelVAE:
 def test_benchmark_noisy_reconstructions():
     """--latent_noise: sigma 0 gives the clips back; 'shared' adds one draw on every frame,
     'iid' a draw per frame; sigmas are in the latents' own standard deviations."""
-    import importlib.util
-    import os
-
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("smoothness_bench", os.path.join(repo, "benchmarks", "smoothness.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _benchmark()
     src = world.ShapesSource("heldout", size=3, config=world.WorldConfig())
     items = [src[i] for i in range(3)]
     videos, captions = np.stack([it["video"] for it in items]), [it["caption"] for it in items]
