@@ -155,3 +155,18 @@ def test_fvd_vae_ceiling_scores_the_reconstructions_against_the_evaluators_real_
     bad = subprocess.run(cmd[:2] + [f"--workdir={wd}", f"--networks={networks_root}", "--metrics=is"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--metrics" in bad.stderr
+
+
+def test_probe_t2v_first_frame_summary():
+    probe = _load("probe_t2v_first_frame")
+    real = [np.full(5, 100)] * 4  # the real objects: 100 px throughout; "small" is under 50
+    first_pass = [np.array([90, 90, 90, 90, 90])] * 4
+    route = [np.array([100, 100, 100, 100, 100]), np.array([20, 60, 100, 100, 100]),
+             np.array([100, 100, 100, 60, 30]), np.array([40, 80, 100, 100, 100])]
+    s = probe.summary(route, first_pass, real, [True, False, False, False])
+    assert s["consistent"] == 0.25 and s["small_threshold_px"] == 50.0
+    assert s["frame0_area_median"] == dict(real=100.0, first_pass=90.0, route=70.0)
+    assert s["route_frame0_area_median"] == dict(consistent=100.0, inconsistent=40.0)
+    assert s["route_median_over_frame0"] == dict(consistent=1.0, inconsistent=2.5)
+    assert s["route_starts_small"] == 0.5 and s["route_ends_small"] == 0.25
+    assert s["inconsistent_starting_small"] == 2 / 3
