@@ -56,7 +56,7 @@ def test_generate_plan_modes_and_resume(tmp_path):
     # Cycling through the real items past num_real: item i % num_real.
     assert rows[ev.protocol.num_real % 10]["caption"] == source[ev.protocol.num_real % 10]["caption"]
     gen = tmp_path / metrics_ev.GENERATED
-    assert sorted(os.listdir(gen)) == [f"{i:06d}.mp4" for i in range(10)]
+    assert sorted(os.listdir(gen)) == [f"{i:06d}.mp4" for i in range(10)] + [metrics_ev.GENERATION_KEY]
     # Interrupted after the first shard: a rerun regenerates only the missing shards, same seeds.
     for i in range(bs, 10):
         os.remove(gen / f"{i:06d}.mp4")
@@ -78,11 +78,50 @@ def test_generate_modes(tmp_path, mode, has_first, has_last):
 
 
 
+def test_videos_of_another_generation_are_made_again(tmp_path):
+    """A rerun after more training (another step), with other weights or other sampler settings,
+    or on a folder from before generation keys, regenerates every video instead of scoring the
+    old ones as this pipeline's; the same generation resumes."""
+    ev = metrics_ev.ProtocolMetrics(_config(), num_generated=6, root=str(tmp_path / "nets"))
+    source = metrics_ev.real_source(ev.config, ev.protocol)
+    shards = list(range(-(-6 // ev.config.sample.batch_size)))
+    gen = tmp_path / metrics_ev.GENERATED
+
+    def run(step=1, params=None, guidance=8.0):
+        pipe = FakePipe()
+        pipe.config, pipe.params = _config(), params if params is not None else {"w": np.ones(3)}
+        pipe.config.sample.guidance = guidance
+        ev.generate(pipe, str(tmp_path), source, step=step)
+        return [c["seed"] for c in pipe.calls]
+
+    assert run() == shards
+    assert run() == []  # the same generation: nothing to make
+    assert json.loads((gen / metrics_ev.GENERATION_KEY).read_text())["step"] == 1
+    assert run(step=2) == shards
+    assert run(step=2, params={"w": np.full(3, 2.0)}) == shards
+    assert run(step=2, params={"w": np.full(3, 2.0)}, guidance=4.0) == shards
+    assert run(step=2, params={"w": np.full(3, 2.0)}, guidance=4.0) == []
+    (gen / metrics_ev.GENERATION_KEY).unlink()  # a folder written before the key existed
+    assert run(step=2, params={"w": np.full(3, 2.0)}, guidance=4.0) == shards
+    assert sorted(os.listdir(gen)) == [f"{i:06d}.mp4" for i in range(6)] + [metrics_ev.GENERATION_KEY]
+
+
+def test_weights_fingerprint():
+    a = {"dense": {"kernel": np.arange(6.0).reshape(2, 3), "bias": np.zeros(3)}}
+    same = {"dense": {"kernel": np.arange(6.0).reshape(2, 3), "bias": np.zeros(3)}}
+    assert metrics_ev.weights_fingerprint(a) == metrics_ev.weights_fingerprint(same)
+    assert metrics_ev.weights_fingerprint(None, a) == metrics_ev.weights_fingerprint(a)
+    assert metrics_ev.weights_fingerprint(None) is None
+    scaled = {"dense": {"kernel": np.arange(6.0).reshape(2, 3) * 1.001, "bias": np.zeros(3)}}
+    assert metrics_ev.weights_fingerprint(a) != metrics_ev.weights_fingerprint(scaled)
+    assert metrics_ev.weights_fingerprint(a) != metrics_ev.weights_fingerprint(a, {"vae": np.ones(1)})
+
+
 def test_evaluate_scores_exactly_its_plan(tmp_path, monkeypatch):
     """A folder kept from a run with a larger --num_generated: the rerun generates nothing and
     scores its own first videos, not a subset of the stale ones."""
     ev = metrics_ev.ProtocolMetrics(_config(), num_generated=10, root=str(tmp_path / "nets"))
-    ev.generate(FakePipe(), str(tmp_path), metrics_ev.real_source(ev.config, ev.protocol))
+    ev.generate(FakePipe(), str(tmp_path), metrics_ev.real_source(ev.config, ev.protocol), step=0)
     seen = {}
 
     def fake_score(extractor, generated, ref, *, captions, batch_size, names=None):

@@ -175,7 +175,8 @@ def test_evaluate_a_workdir(evaluated_workdir):
         assert np.isfinite(result[key]), key
     assert result["num_generated"] == 6 and result["mode"] == "flf2v" and result["warnings"]
     gen = os.path.join(workdir, "eval", "runlocal", "generated")
-    assert sorted(os.listdir(gen)) == [f"{i:06d}.mp4" for i in range(6)]
+    assert sorted(os.listdir(gen)) == [f"{i:06d}.mp4" for i in range(6)] + ["generation.json"]
+    assert json.load(open(os.path.join(gen, "generation.json")))["step"] == result["step"]
     video = video_io.read_video(os.path.join(gen, "000000.mp4"))
     assert video.shape == (9, 32, 32, 3)
     lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
