@@ -31,6 +31,6 @@ def get_config(arg=None):
     config.cond.context_frames = 2
     # Long videos keep their objects under strong text guidance: on this model's 24-clip videos
     # consistency fell from 0.864 to 0.707 (re-encoding) and from 0.690 to 0.592 (latent
-    # continuation) at the main job's guidance 4 (benchmarks/results/issue20_size_drift_guidance4.json).
+    # continuation) at the main job's guidance 4 (benchmarks/results/issue20_size_drift_guidance.json).
     config.sample.guidance = 8.0
     return config
