@@ -36,6 +36,7 @@ import shutil
 import tempfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -77,18 +78,25 @@ def real_config(config, protocol: protocols.Protocol):
     return cfg
 
 
+@jax.jit
+def _moments(leaves):
+    """float32 [n, 2]: each leaf's sum and sum of squares, reduced where the leaf lives."""
+    return jnp.stack([jnp.stack([jnp.sum(x.astype(jnp.float32)), jnp.sum(jnp.square(x.astype(jnp.float32)))])
+                      for x in leaves])
+
+
 def weights_fingerprint(*trees) -> str | None:
-    """A short hash of parameter trees (None entries skipped; None if all are): per leaf its
-    shape, sum and sum of squares in float64, so a retrained or other checkpoint differs."""
-    rows = []
-    for tree in trees:
-        if tree is None:
-            continue
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            x = np.asarray(jax.device_get(leaf), np.float64)
-            rows.append([jax.tree_util.keystr(path), list(x.shape), float(x.sum()), float(np.square(x).sum())])
-    if not rows:
+    """A short hash of parameter trees (None entries skipped; None if all are): per leaf its path,
+    shape, sum and sum of squares (6 significant digits), so a retrained or other checkpoint
+    differs. The sums are reduced on the devices holding the (possibly sharded, multi-host)
+    leaves; only [n, 2] numbers come back."""
+    named = [(jax.tree_util.keystr(path), leaf) for tree in trees if tree is not None
+             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    if not named:
         return None
+    moments = _moments([leaf for _, leaf in named])
+    moments = np.asarray(moments.addressable_data(0))  # replicated: every process holds it
+    rows = [[name, list(np.shape(leaf)), f"{m[0]:.6e}", f"{m[1]:.6e}"] for (name, leaf), m in zip(named, moments)]
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 
