@@ -439,8 +439,9 @@ class Pipeline:
             # encoded frames only: decoding frame 0 and encoding it again, as the paper's route
             # hands a text-to-image frame over, gave smoother motion (text-only smoothness 1.36 ->
             # 1.24 at guidance 4, 1.50 -> 1.37 at 8) and steadier objects (benchmarks/README.md,
-            # issue 19). One frame each way: (B, 1) latents, whichever rows need it. Fresh noise
-            # for the second pass: the first pass's also carries a motion of its own.
+            # issue 19). One frame each way for all B rows (one program shape for any mix of
+            # rows); only the rows without a first frame take theirs. Fresh noise for the second
+            # pass: the first pass's also carries a motion of its own.
             z_keys = np.array(z_keys)
             first = np.asarray(z)[:, 0]
             if text_to_video == "first_frame":
