@@ -122,6 +122,10 @@ def test_fvd_vae_ceiling_scores_the_reconstructions_against_the_evaluators_real_
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["num_generated"] == 4 and result["num_real_videos"] == 16 and np.isfinite(result["fvd"])
+    # The real statistics are cached under the evaluator's key, so `evaluate` and this share them.
+    key = metrics_eval.ProtocolMetrics(workdir_lib.read_config(wd), "runlocal", root=networks_root).real_key()
+    cached = sorted(os.listdir(tmp_path / "stats"))
+    assert len(cached) == 2 and all(name.endswith(f"-{key}.npz") for name in cached), cached
     folder = os.path.join(wd, "eval", "runlocal")
     recon_dir = os.path.join(folder, "vae_reconstructions")
     assert sorted(os.listdir(recon_dir)) == [f"{i:06d}.mp4" for i in range(4)]
