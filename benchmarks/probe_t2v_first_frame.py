@@ -10,7 +10,10 @@ pass, same seeds) and with the workdir's text-to-video route (`--route`, default
 Reports the evaluator's consistency of each, the object's frame-0 area (pixels) in the real
 clips, the first pass and the route, the route's frame-0 area and median-over-frame-0 area for
 consistent and inconsistent samples, and how many start or end with the object smaller than
-half the real clips' median size (partly outside the frame, or faint).
+half the real clips' median size (partly outside the frame, or faint). And where objects are
+along their asked direction (`placement`): each frame's median position from the edge the
+motion leaves (0) to the edge it goes to (R), and the share of clips starting past the centre;
+the world's own clips start on the side they leave and cross the frame.
 """
 from __future__ import annotations
 
@@ -27,6 +30,25 @@ def analyse(videos, captions) -> list[dict]:
     from pixeldance.data import synthetic as world
     from pixeldance.evaluators import synthetic as scoring
     return [scoring.analyse_objects(v, [world.parse_caption(c)[0][0]])[0] for v, c in zip(videos, captions)]
+
+
+def progress(centroid, direction: str, resolution: int) -> np.ndarray:
+    """The object's position along its asked direction, float [F] in [0, resolution] (NaN where
+    absent): 0 is the frame's edge the motion leaves, resolution the edge it goes to.
+    centroid: float [F, 2] (x, y) pixels."""
+    x, y = np.asarray(centroid, float).T
+    return {"right": x, "left": resolution - x, "down": y, "up": resolution - y}[direction]
+
+
+def placement(progresses: list[np.ndarray], resolution: int) -> dict:
+    """Where objects start and go along their asked direction: the median over videos of each
+    frame's `progress` (list of F), and the share of videos starting past the frame's centre
+    (with less than half the frame left to move into; the world's clips move R/3 or more)."""
+    p = np.stack(progresses)
+    with np.errstate(invalid="ignore"):
+        past = np.where(np.isnan(p[:, 0]), np.nan, p[:, 0] > resolution / 2)
+    return dict(median_progress=[round(float(v), 2) for v in np.nanmedian(p, axis=0)],
+                start_past_centre=float(np.nanmean(past)))
 
 
 def summary(route: list[np.ndarray], first_pass: list[np.ndarray], real: list[np.ndarray], consistent) -> dict:
@@ -58,6 +80,7 @@ def main():
     args = parser.parse_args()
 
     from pixeldance.data import sources
+    from pixeldance.data import synthetic as world
     from pixeldance.sample import load_pipeline
 
     pipe = load_pipeline(args.workdir)
@@ -68,13 +91,18 @@ def main():
     for route in ("direct", args.route):
         made[route] = np.concatenate([pipe.generate_batch(captions[i:i + 16], seed=i, text_to_video=route)
                                       for i in range(0, len(captions), 16)])
-    real = [o["area"] for o in analyse([it["video"] for it in items], captions)]
+    real_objects = analyse([it["video"] for it in items], captions)
+    real = [o["area"] for o in real_objects]
     first_pass, route = analyse(made["direct"], captions), analyse(made[args.route], captions)
+    R = pipe.config.data.resolution
+    asked = [world.parse_caption(c)[0][2] for c in captions]
+    along = lambda objects: placement([progress(o["centroid"], d, R) for o, d in zip(objects, asked)], R)  # noqa: E731
     result = dict(workdir=os.path.abspath(args.workdir), dit_step=pipe.step, route=args.route,
                   guidance=pipe.config.sample.guidance, num_videos=args.num_videos,
                   direct_consistent=float(np.mean([o["consistent"] for o in first_pass])),
                   **summary([o["area"] for o in route], [o["area"] for o in first_pass], real,
                             [o["consistent"] for o in route]),
+                  placement=dict(real=along(real_objects), direct=along(first_pass), route=along(route)),
                   areas=dict(real=[a.tolist() for a in real], direct=[o["area"].tolist() for o in first_pass],
                              route=[o["area"].tolist() for o in route]))
     print(json.dumps({k: v for k, v in result.items() if k != "areas"}, indent=1))

@@ -57,8 +57,10 @@ CONTINUATIONS = ("reencode", "latent")  # how a long video's clips continue (`Pi
 # text-only pass; 'first_frame', the paper's route: a text-only pass makes the first frame, then
 # image-to-video from it with the same text (`Pipeline._sample_batch`), the frame decoded and
 # encoded as any given first frame is; 'first_latent', the same with the text-only pass's latent
-# frame 0 given as it is (no pixels in between).
-TEXT_TO_VIDEO = ("direct", "first_frame", "first_latent")
+# frame 0 given as it is (no pixels in between); 'image', the paper's route proper: a one-frame
+# text-to-image pass (a DiT trained with image batches, config.train.image_every) makes the first
+# frame, then one image-to-video pass.
+TEXT_TO_VIDEO = ("direct", "first_frame", "first_latent", "image")
 
 
 def inference_mesh(devices=None):
@@ -186,10 +188,11 @@ class Pipeline:
         """Normalised latents [B, T, h, w, C] (`sampler_fn`), compiled once per static setting and
         shape, run on this pipeline's mesh. Instruction latents are normalised; text: the DiT's
         text input (`self.text(prompts)`), guided against `self.text.null`."""
-        key = (steps, sampler, branches)
+        shift = self.config.sample.get("shift", 1.0)  # in the key: a sweep may change it between calls
+        key = (steps, sampler, branches, shift)
         if key not in self._jitted:
             self._jitted[key] = jax.jit(sampler_fn(self.task, self.model, steps=steps, sampler=sampler,
-                                                   branches=branches, shift=self.config.sample.get("shift", 1.0)))
+                                                   branches=branches, shift=shift))
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.rules(INFERENCE_PRESET)):
             return self._jitted[key](self.params, noise, z_first, z_last, has_first, has_last, text, rng,
                                      guidance, image_guidance, tau, self.text.null)
@@ -203,11 +206,12 @@ class Pipeline:
         normalised with context bool [B, T]: latents given as context, continuation in latent
         space), compiled once per static setting and shape (with context or without), run on
         this pipeline's mesh."""
-        key = ("keyframes" if context is None else "context", steps, sampler, branches)
+        shift = self.config.sample.get("shift", 1.0)
+        key = ("keyframes" if context is None else "context", steps, sampler, branches, shift)
         if key not in self._jitted:
             self._jitted[key] = jax.jit(functools.partial(
                 self.task.keyframe_sample, self.model, steps=steps, sampler=sampler, branches=branches,
-                shift=self.config.sample.get("shift", 1.0)))
+                shift=shift))
         args = (self.params, noise, z_keys, positions, given, key_tau, text, rng, guidance, image_guidance,
                 self.text.null, keyframe_guidance) + (() if context is None else (z_context, context))
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.rules(INFERENCE_PRESET)):
@@ -428,10 +432,16 @@ class Pipeline:
                                                 None if keyframe_guidance is None else jnp.float32(keyframe_guidance),
                                                 z_context, in_context, steps=steps, sampler=sampler, branches=branches)
 
-        z = run(noise, z_keys, given, jax.random.fold_in(key, 1))
-        # Examples with no first frame (and no context latent at frame 0) get one of their own:
-        # the paper's text-to-video route (a text-to-image first frame, then image-to-video).
+        # Examples with no first frame (and no context latent at frame 0) get one of their own.
         own = ~given[:, 1] & ~(np.zeros(B, bool) if context is None else np.asarray(context[1])[:, 0])
+        if text_to_video == "image" and own.any():
+            # A one-frame text-to-image pass (streams 5 and 6), decoded and encoded as a given
+            # first frame is; then the rows without one sample image-to-video from it. A frame
+            # drawn alone is placed as the world's first frames are (the DiT learned them from
+            # image batches), where frame 0 of a text-only video pass is not (issue 19).
+            z_keys, given = self._own_first_frames(z_keys, given, own, run, (B, 1, h, w, C), key)
+        z = run(noise, z_keys, given, jax.random.fold_in(key, 1))
+        # The paper's route from a text-only video pass's frame 0: sample those rows again.
         if text_to_video in ("first_frame", "first_latent") and own.any():
             # The text-only pass's latent 0 is the causal VAE's latent of its frame 0 alone, so it
             # could stand in for an encoded first frame as it is ('first_latent'). But the DiT's
@@ -454,6 +464,19 @@ class Pipeline:
             # The others keep their first pass: what 'direct' samples for them.
             z = jnp.where(jnp.asarray(own)[:, None, None, None, None], z2, z)
         return z
+
+    def _own_first_frames(self, z_keys, given, own, run, shape, key):
+        """(z_keys, given) with the first-frame slot (1) of the rows `own` (bool [B]) filled by a
+        one-frame text-only pass of `run` from noise of `shape` [B, 1, h, w, C] (key streams 5 and
+        6), its frame decoded and encoded again; the other rows as they were."""
+        K = z_keys.shape[1]
+        none = np.zeros_like(np.asarray(given))
+        z1 = run(rng_lib.normal(jax.random.fold_in(key, 5), shape), z_keys, none, jax.random.fold_in(key, 6))
+        frame = self.vae.decode(self.stats.denormalise(z1[:, :1]))  # uint8 [B, 1, H, W, 3]
+        first = np.asarray(self.stats.normalise(self.vae.encode(frame)[:, 0]))
+        z_keys = np.array(z_keys)
+        z_keys[own, 1] = first[own]
+        return z_keys, given | (own[:, None] & (np.arange(K) == 1)[None])
 
     def generate(self, prompt: str | Sequence[str], first_frame=None, last_frame=None, *, num_clips: int = 1,
                  num_frames: int | None = None, height: int | None = None, width: int | None = None,
@@ -880,7 +903,8 @@ def define_flags():
     flags.DEFINE_string("sampler", None, f"One of {', '.join(samplers.SAMPLERS)}; default: config.sample.sampler.")
     flags.DEFINE_string("text_to_video", None, f"Without --first_frame: {', '.join(TEXT_TO_VIDEO)} ('first_frame': "
                         "a text-only pass makes the first frame, then image-to-video from it; 'first_latent': "
-                        "its latent frame 0 without the decode and encode); default: config.sample.text_to_video.")
+                        "its latent frame 0 without the decode and encode; 'image': a one-frame text-to-image pass "
+                        "makes it, for a DiT trained with image batches); default: config.sample.text_to_video.")
     flags.DEFINE_integer("seed", 0, "Random seed.")
     flags.DEFINE_string("output", None, "Output .mp4 or .gif file path (missing parent folders are created).")
     flags.DEFINE_string("storyboard", None, "A story from a JSON or YAML storyboard: segments, each a prompt, a "

@@ -533,6 +533,32 @@ def test_task_loss_is_zero_for_the_exact_output(objective, prediction):
     assert float(wrong) > 0.1  # the zero output is not exact
 
 
+@pytest.mark.parametrize("weight", [1.0, 4.0])
+def test_first_latent_weight(weight):
+    """cond.first_latent_weight weighs latent 0 where it is generated (no first frame), and only
+    there: the mask is the weight there, 0 where the first frame replaced it, 1 elsewhere; an
+    output wrong by 1 on latent 0 alone costs each example weight / (weight + T - 1) or nothing."""
+    B, T = 512, 3
+    task, batch = _loss_setup("v", B=B, **{"cond.p_first": 0.5, "cond.first_latent_weight": weight})
+    x = task.training_inputs(batch["z"], batch["z_last"], batch["tokens"], jax.random.key(4))
+    mask, has_first = np.asarray(x["loss_mask"])[:, :, 0, 0, 0], np.asarray(x["has_first"])
+    assert 0.4 < has_first.mean() < 0.6
+    np.testing.assert_array_equal(mask[:, 0], np.where(has_first, 0.0, weight))
+    np.testing.assert_array_equal(mask[:, 1:], 1.0)
+
+    def off_on_latent_0(x_t, t):  # the exact v target plus 1 on latent 0
+        tb = t[:, None, None, None, None]
+        alpha, sigma = schedules.alpha_sigma(tb, "ddpm")
+        eps = (x_t - alpha * batch["z"]) / sigma
+        return (alpha * eps - sigma * batch["z"]).at[:, 0].add(1.0)
+
+    ((loss, _),) = _task_loss([_Recorder(off_on_latent_0)], task, batch)
+    expected = np.mean(np.where(has_first, 0.0, weight / (weight + T - 1)))
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-3)
+    with pytest.raises(ValueError, match="first_latent_weight"):
+        _loss_setup("v", **{"cond.first_latent_weight": 0.0})
+
+
 # ---------------------------------------------------------------------------------------------
 # Joint image-video training
 # ---------------------------------------------------------------------------------------------

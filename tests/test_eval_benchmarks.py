@@ -174,3 +174,19 @@ def test_probe_t2v_first_frame_summary():
     assert s["route_median_over_frame0"] == dict(consistent=1.0, inconsistent=2.5)
     assert s["route_starts_small"] == 0.5 and s["route_ends_small"] == 0.25
     assert s["inconsistent_starting_small"] == 2 / 3
+
+
+def test_probe_t2v_first_frame_placement():
+    """Positions along the asked direction: 0 at the edge the motion leaves, R at the edge it
+    goes to, for each direction; medians per frame, starts past the centre, absent frames ignored."""
+    probe = _load("probe_t2v_first_frame")
+    R = 64
+    c = np.array([[10.0, 50.0], [20.0, 40.0]])  # (x, y) at two frames
+    np.testing.assert_allclose(probe.progress(c, "right", R), [10, 20])
+    np.testing.assert_allclose(probe.progress(c, "left", R), [54, 44])
+    np.testing.assert_allclose(probe.progress(c, "down", R), [50, 40])
+    np.testing.assert_allclose(probe.progress(c, "up", R), [14, 24])
+    p = probe.placement([np.array([10.0, 40.0]), np.array([40.0, 50.0]), np.array([np.nan, 60.0]),
+                         np.array([20.0, 30.0])], R)
+    assert p["median_progress"] == [20.0, 45.0]
+    assert p["start_past_centre"] == 1 / 3

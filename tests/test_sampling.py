@@ -269,6 +269,23 @@ def test_pipeline_modes(pipe, example):
     assert not np.array_equal(pipe.generate(example["caption"], first, seed=1), videos["I2V"])
 
 
+def test_pipeline_follows_a_changed_shift(runlocal_workdir, example):
+    """config.sample.shift changed after a first call (as tools.sweep does) samples with the new
+    grid, as a pipeline made with it does: the compiled sampler is not reused."""
+    first = example["video"][0]
+    pipe = pixeldance.load_pipeline(runlocal_workdir)
+    assert pipe.config.sample.steps >= 2  # one interval's grid is the same at any shift
+    before = pipe.generate(example["caption"], first, seed=0)
+    with pipe.config.unlocked():
+        pipe.config.sample.shift = 3.0
+    after = pipe.generate(example["caption"], first, seed=0)
+    fresh = pixeldance.load_pipeline(runlocal_workdir)
+    with fresh.config.unlocked():
+        fresh.config.sample.shift = 3.0
+    np.testing.assert_array_equal(after, fresh.generate(example["caption"], first, seed=0))
+    assert not np.array_equal(after, before)
+
+
 def test_pipeline_num_frames(pipe, example):
     video = pipe.generate(example["caption"], example["video"][0], num_frames=5)
     assert video.dtype == np.uint8 and video.shape == (5, 32, 32, 3)

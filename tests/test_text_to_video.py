@@ -131,6 +131,33 @@ def test_first_frame_route_reencodes_the_first_frame(vae):
     np.testing.assert_array_equal(c2[1], latent.model.seen[1][0][1])
 
 
+def test_image_route_is_a_one_frame_pass_then_one_video_pass(vae):
+    """'image': a one-frame text-only pass (no instruction shown to any row), its frame decoded
+    and encoded again as the text-only example's first frame of the one video pass; the example
+    with its own first frame gets exactly what 'direct' gives it."""
+    prompts, firsts = ["a red", "a red circle"], [None, _image(90)]
+    pipe = _pipeline(vae, text_to_video="image")
+    pipe.model.seen.clear()
+    pipe.generate_batch(prompts, firsts, seed=3)
+    jax.effects_barrier()
+    assert len(pipe.model.seen) == 2
+    (c1, m1), (c2, m2) = pipe.model.seen
+    assert c1.shape[1] == 1  # one latent frame
+    np.testing.assert_array_equal(m1[:2], [[0], [0]])
+    np.testing.assert_array_equal(m2[:2], [[1, 0, 0], [1, 0, 0]])
+    # The one-frame pass makes STEP per word (+ GAIN * its noise): its VAE round trip is shown.
+    round_trip = vae.encode(vae.decode(jnp.full((1, 1, 2, 2, C), 2 * STEP)))[0, 0]
+    assert np.abs(round_trip - 2 * STEP).max() > 0.1  # the round trip is not the identity here
+    np.testing.assert_allclose(c2[0, 0], round_trip, atol=0.05)
+    np.testing.assert_allclose(pipe.latents[-1][0, 0], c2[0, 0])  # held at latent 0
+    direct = _pipeline(vae, text_to_video="direct")
+    direct.model.seen.clear()
+    direct.generate_batch(prompts, firsts, seed=3)
+    jax.effects_barrier()
+    np.testing.assert_array_equal(c2[1], direct.model.seen[0][0][1])
+    np.testing.assert_array_equal(pipe.latents[-1][1], direct.latents[-1][1])
+
+
 def test_first_frames_given_is_one_pass(vae):
     pipe = _pipeline(vae, text_to_video="first_frame")
     pipe.model.seen.clear()
@@ -163,7 +190,7 @@ def test_old_workdir_config_is_direct(vae):
 def test_bad_route_is_one_line(vae, where):
     pipe = _pipeline(vae, **({"text_to_video": "twice"} if where == "config" else {}))
     kwargs = {"text_to_video": "twice"} if where == "call" else {}
-    with pytest.raises(ValueError, match="text_to_video must be one of direct, first_frame, first_latent, got 'twice'") as e:
+    with pytest.raises(ValueError, match="text_to_video must be one of direct, first_frame, first_latent, image, got 'twice'") as e:
         pipe.generate_batch(["a"], **kwargs)
     assert "\n" not in str(e.value)
     assert ("config.sample.text_to_video" in str(e.value)) == (where == "config")
@@ -180,5 +207,5 @@ def test_cli_text_to_video(cli, capsys, tmp_path):
     assert status == 0, stderr
     status, _, stderr = cli(capsys, "--prompt=a red", "--text_to_video=twice", f"--output={tmp_path / 'b.mp4'}")
     assert status == 2 and len(stderr.strip().splitlines()) == 1
-    assert "--text_to_video must be one of direct, first_frame, first_latent, got 'twice'" in stderr
+    assert "--text_to_video must be one of direct, first_frame, first_latent, image, got 'twice'" in stderr
     assert os.listdir(tmp_path) == ["a.mp4"]

@@ -156,7 +156,7 @@ def test_latent_shape_from_the_vae_factors():
 def test_task_from_config_checks_its_fields():
     config = configs.load_config("experiments/base.py:runlocal")
     task = build.task(config)
-    assert (task.objective, task.first_frame, task.last_from, task.replace) == ("v", "replace", 3, True)
+    assert (task.objective, task.first_frame, task.last_from, task.replace) == ("v_zero_snr", "replace", 3, True)
     with pytest.raises(ValueError, match="first_frame"):
         build.task(configs.override(config, **{"cond.first_frame": "both"}))
     with pytest.raises(ValueError, match="objective"):
