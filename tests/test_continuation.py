@@ -228,11 +228,12 @@ def test_latent_continuation_compiles_once_and_keeps_reencode(pipe):
     """One compiled sampler for every clip of a latent continuation, any num_clips; clip 0 is the
     re-encode path's clip 0; continuation='reencode' is the default, bit for bit."""
     pipe.generate("a red", _image(60), num_clips=2, continuation="latent", context_latents=1)
-    traces, compiled = pipe.model.traces, pipe._jitted[("context", 1, "euler", 2)]._cache_size()
+    key = ("context", 1, "euler", 2, pipe.config.sample.shift)
+    traces, compiled = pipe.model.traces, pipe._jitted[key]._cache_size()
     assert compiled == 1
     latent = pipe.generate(["a", "a red", "a red circle"], None, [None, _image(90), None], num_clips=3,
                            continuation="latent", context_latents=1, seed=2)
-    assert pipe.model.traces == traces and pipe._jitted[("context", 1, "euler", 2)]._cache_size() == 1
+    assert pipe.model.traces == traces and pipe._jitted[key]._cache_size() == 1
     default = pipe.generate(["a", "a red", "a red circle"], None, [None, _image(90), None], num_clips=3, seed=2)
     reencode = pipe.generate(["a", "a red", "a red circle"], None, [None, _image(90), None], num_clips=3, seed=2,
                              continuation="reencode", context_latents=2)
