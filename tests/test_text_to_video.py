@@ -71,6 +71,16 @@ def _ramp(words):
     return (1 + np.arange(T)) * words * STEP
 
 
+def _sampled(vae, route, prompts, firsts, seed=3) -> Pipeline:
+    """A stand-in pipeline with route `route` after one generate_batch: model.seen holds that call's
+    passes, latents[-1] its latents."""
+    pipe = _pipeline(vae, text_to_video=route)
+    pipe.model.seen.clear()
+    pipe.generate_batch(prompts, firsts, seed=seed)
+    jax.effects_barrier()
+    return pipe
+
+
 def test_first_latent_route(vae):
     """A batch of a text-only example and one with its own first frame: the text-only one is
     sampled again with the first pass's latent 0 as its first frame (shown at latent 0, held
@@ -115,10 +125,7 @@ def test_first_frame_route_reencodes_the_first_frame(vae):
     latent.generate_batch(prompts, firsts, seed=3)
     jax.effects_barrier()
     z0 = latent.model.seen[1][0][0, 0]  # the first pass's latent 0 (identity latent statistics)
-    pipe = _pipeline(vae, text_to_video="first_frame")
-    pipe.model.seen.clear()
-    pipe.generate_batch(prompts, firsts, seed=3)
-    jax.effects_barrier()
+    pipe = _sampled(vae, "first_frame", prompts, firsts)
     assert len(pipe.model.seen) == 2
     (_, m1), (c2, m2) = pipe.model.seen
     np.testing.assert_array_equal(m1[:2], [[0, 0, 0], [1, 0, 0]])
@@ -136,10 +143,7 @@ def test_image_route_is_a_one_frame_pass_then_one_video_pass(vae):
     and encoded again as the text-only example's first frame of the one video pass; the example
     with its own first frame gets exactly what 'direct' gives it."""
     prompts, firsts = ["a red", "a red circle"], [None, _image(90)]
-    pipe = _pipeline(vae, text_to_video="image")
-    pipe.model.seen.clear()
-    pipe.generate_batch(prompts, firsts, seed=3)
-    jax.effects_barrier()
+    pipe = _sampled(vae, "image", prompts, firsts)
     assert len(pipe.model.seen) == 2
     (c1, m1), (c2, m2) = pipe.model.seen
     assert c1.shape[1] == 1  # one latent frame
@@ -150,10 +154,7 @@ def test_image_route_is_a_one_frame_pass_then_one_video_pass(vae):
     assert np.abs(round_trip - 2 * STEP).max() > 0.1  # the round trip is not the identity here
     np.testing.assert_allclose(c2[0, 0], round_trip, atol=0.05)
     np.testing.assert_allclose(pipe.latents[-1][0, 0], c2[0, 0])  # held at latent 0
-    direct = _pipeline(vae, text_to_video="direct")
-    direct.model.seen.clear()
-    direct.generate_batch(prompts, firsts, seed=3)
-    jax.effects_barrier()
+    direct = _sampled(vae, "direct", prompts, firsts)
     np.testing.assert_array_equal(c2[1], direct.model.seen[0][0][1])
     np.testing.assert_array_equal(pipe.latents[-1][1], direct.latents[-1][1])
 
