@@ -435,11 +435,13 @@ class Pipeline:
         # Examples with no first frame (and no context latent at frame 0) get one of their own.
         own = ~given[:, 1] & ~(np.zeros(B, bool) if context is None else np.asarray(context[1])[:, 0])
         if text_to_video == "image" and own.any():
-            # A one-frame text-to-image pass (streams 5 and 6), decoded and encoded as a given
-            # first frame is; then the rows without one sample image-to-video from it. A frame
-            # drawn alone is placed as the world's first frames are (the DiT learned them from
-            # image batches), where frame 0 of a text-only video pass is not (issue 19).
-            z_keys, given = self._own_first_frames(z_keys, given, own, run, (B, 1, h, w, C), key)
+            # The paper's route proper: a one-frame text-to-image pass (streams 5 and 6), decoded
+            # and encoded as a given first frame is; then the rows without one sample
+            # image-to-video from it. Needs a DiT trained with image batches; on the synthetic
+            # world those cost the video model its motion (issue 19), so it is not the default.
+            z1 = run(rng_lib.normal(jax.random.fold_in(key, 5), (B, 1, h, w, C)), z_keys,
+                     np.zeros_like(np.asarray(given)), jax.random.fold_in(key, 6))
+            z_keys, given = self._give_first_frames(z_keys, given, own, np.asarray(z1)[:, 0], reencode=True)
         z = run(noise, z_keys, given, jax.random.fold_in(key, 1))
         # The paper's route from a text-only video pass's frame 0: sample those rows again.
         if text_to_video in ("first_frame", "first_latent") and own.any():
@@ -449,34 +451,27 @@ class Pipeline:
             # encoded frames only: decoding frame 0 and encoding it again, as the paper's route
             # hands a text-to-image frame over, gave smoother motion (text-only smoothness 1.36 ->
             # 1.24 at guidance 4, 1.50 -> 1.37 at 8) and steadier objects (benchmarks/README.md,
-            # issue 19). One frame each way for all B rows (one program shape for any mix of
-            # rows); only the rows without a first frame take theirs. Fresh noise for the second
-            # pass: the first pass's also carries a motion of its own.
-            z_keys = np.array(z_keys)
-            first = np.asarray(z)[:, 0]
-            if text_to_video == "first_frame":
-                frame = self.vae.decode(self.stats.denormalise(first[:, None]))  # uint8 [B, 1, H, W, 3]
-                first = np.asarray(self.stats.normalise(self.vae.encode(frame)[:, 0]))
-            z_keys[own, 1] = first[own]
-            given = given | (own[:, None] & (np.arange(K) == 1)[None])
+            # issue 19). Only the rows without a first frame take theirs. Fresh noise for the
+            # second pass: the first pass's also carries a motion of its own.
+            z_keys, given = self._give_first_frames(z_keys, given, own, np.asarray(z)[:, 0],
+                                                    reencode=text_to_video == "first_frame")
             z2 = run(rng_lib.normal(jax.random.fold_in(key, 3), (B, T, h, w, C)), z_keys, given,
                      jax.random.fold_in(key, 4))
             # The others keep their first pass: what 'direct' samples for them.
             z = jnp.where(jnp.asarray(own)[:, None, None, None, None], z2, z)
         return z
 
-    def _own_first_frames(self, z_keys, given, own, run, shape, key):
-        """(z_keys, given) with the first-frame slot (1) of the rows `own` (bool [B]) filled by a
-        one-frame text-only pass of `run` from noise of `shape` [B, 1, h, w, C] (key streams 5 and
-        6), its frame decoded and encoded again; the other rows as they were."""
-        K = z_keys.shape[1]
-        none = np.zeros_like(np.asarray(given))
-        z1 = run(rng_lib.normal(jax.random.fold_in(key, 5), shape), z_keys, none, jax.random.fold_in(key, 6))
-        frame = self.vae.decode(self.stats.denormalise(z1[:, :1]))  # uint8 [B, 1, H, W, 3]
-        first = np.asarray(self.stats.normalise(self.vae.encode(frame)[:, 0]))
+    def _give_first_frames(self, z_keys, given, own, latents, *, reencode: bool):
+        """(z_keys [B, K, h, w, C], given bool [B, K]) with the first-frame slot (1) of the rows
+        `own` (bool [B]) set to `latents` [B, h, w, C] (normalised), decoded to a frame and
+        encoded again if `reencode`; the other rows as they were. One frame each way for all B
+        rows: one program shape for any mix of rows."""
+        if reencode:
+            frame = self.vae.decode(self.stats.denormalise(latents[:, None]))  # uint8 [B, 1, H, W, 3]
+            latents = np.asarray(self.stats.normalise(self.vae.encode(frame)[:, 0]))
         z_keys = np.array(z_keys)
-        z_keys[own, 1] = first[own]
-        return z_keys, given | (own[:, None] & (np.arange(K) == 1)[None])
+        z_keys[own, 1] = latents[own]
+        return z_keys, given | (own[:, None] & (np.arange(z_keys.shape[1]) == 1)[None])
 
     def generate(self, prompt: str | Sequence[str], first_frame=None, last_frame=None, *, num_clips: int = 1,
                  num_frames: int | None = None, height: int | None = None, width: int | None = None,

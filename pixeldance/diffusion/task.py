@@ -92,8 +92,8 @@ class PixelDanceTask:
 
     first_latent_weight: the loss weight of latent frame 0 in examples that generate it (no first
     frame given, no context there); 1 weighs every latent alike. With p_first = 0.7 latent 0 is
-    in the loss of 30 % of the examples only, which left text-only samples' first frames poorly
-    placed (`training_inputs`).
+    in the loss of 30 % of the examples only; weighting it 4x did not place text-only samples'
+    first frames better (benchmarks/README.md, issue 19), so 1 is the default.
     """
 
     objective: str = "flow"
