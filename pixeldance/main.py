@@ -36,7 +36,7 @@ from pixeldance.checkpoint import CheckpointWriteError
 from pixeldance import workdir as workdir_lib
 from pixeldance.evaluators import common as eval_common
 from pixeldance.evaluators import registry as eval_registry
-from pixeldance.sample import load_pipeline
+from pixeldance.sample import check_sample_config, load_pipeline
 from pixeldance.tools import plan
 from pixeldance.trainers.cache import cache_latents
 from pixeldance.trainers.dit import train_dit
@@ -121,6 +121,11 @@ def _main(argv):
         # A frozen encoder's folder is read by the cache and sample stages: check it before the
         # VAE stage spends hours (its config.json only; the weights load where they are used).
         build.text_conditioner(config)
+    if "train_dit" in stages or "sample" in stages:
+        # Settings the last stages read, checked before the first one spends minutes to hours:
+        # config.diffusion and config.cond (the task) and config.sample; one line each, exit 2.
+        build.task(config)
+        check_sample_config(config.sample)
     workdir_lib.write_config(workdir, config)
     timing_path = os.path.join(workdir, workdir_lib.TIMING)
     timing = json.load(open(timing_path)) if os.path.exists(timing_path) else {}

@@ -156,6 +156,27 @@ def check_tau(tau, steps, config_steps: int, prefix: str = ""):
         raise ValueError(f"{prefix}tau must be an integer in [0, {S}] (0 to {source}), got {tau}")
 
 
+def check_sample_config(sample, prefix: str = "config.sample.") -> None:
+    """Sampling settings from a config (config.sample, or one setting of a sweep's grid: a
+    mapping with any of its fields), checked before anything runs: `pixeldance.main` checks
+    config.sample before its first stage and `tools.sweep` every grid setting before loading the
+    model, so a typo fails in a second, not after the VAE and DiT stages or the sweep's first
+    settings. One-line ValueErrors naming `prefix` + the field: the ranges of
+    `samplers.check_settings` (steps, guidance, image_guidance, sampler, shift), text_to_video one
+    of `TEXT_TO_VIDEO`, tau an integer >= 0 (above the steps it keeps the last frame at every step,
+    `check_tau`), batch_size an integer >= 1."""
+    get = sample.get
+    samplers.check_settings(prefix, steps=get("steps"), guidance=get("guidance"),
+                            image_guidance=get("image_guidance"), sampler=get("sampler"), shift=get("shift"))
+    route = get("text_to_video")
+    if route is not None and route not in TEXT_TO_VIDEO:
+        raise ValueError(f"{prefix}text_to_video must be one of {', '.join(TEXT_TO_VIDEO)}, got {route!r}")
+    for name, low in (("tau", 0), ("batch_size", 1)):
+        value = get(name)
+        if value is not None and not (samplers.is_int(value) and value >= low):
+            raise ValueError(f"{prefix}{name} must be an integer >= {low}, got {value}")
+
+
 def _and(names: Sequence[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 

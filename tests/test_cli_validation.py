@@ -296,3 +296,26 @@ def test_clip_tokenizer_counts_past_max_length(tmp_path):
     assert counts[0] == mask[0].sum() and counts[1] == mask[1].sum() > 9  # start and end tokens counted
     ids, mask = tok.tokenize(texts, 9)
     assert ids.shape == (2, 9) and mask[1].all() and mask[0].sum() == counts[0]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("shift", 0.0, "shift must be a finite number > 0, got 0.0"),
+    ("shift", -2.0, "shift must be a finite number > 0, got -2.0"),
+    ("shift", float("inf"), "shift must be a finite number > 0, got inf"),
+    ("text_to_video", "first", "text_to_video must be one of direct, first_frame, first_latent, image, got 'first'"),
+    ("tau", -1, "tau must be an integer >= 0, got -1"),
+    ("tau", 2.5, "tau must be an integer >= 0, got 2.5"),
+    ("batch_size", 0, "batch_size must be an integer >= 1, got 0"),
+    ("steps", 0, "steps must be an integer >= 1, got 0"),
+    ("guidance", float("nan"), "guidance must be a finite number >= 0, got nan"),
+    ("sampler", "eular", "sampler must be one of"),
+])
+def test_sample_config_is_checked_field_by_field(field, value, message):
+    """`sample.check_sample_config`, what pixeldance.main runs on config.sample before its first
+    stage: the shipped defaults pass, and each bad field is one line naming it."""
+    from pixeldance import configs
+    settings = dict(configs.load_config("experiments/shapes.py").sample)
+    sample.check_sample_config(settings)  # the defaults (tau 10 above 8 steps is allowed)
+    sample.check_sample_config({"shift": 0.5, "tau": 0})  # a sweep's partial setting
+    with pytest.raises(ValueError, match="^config.sample." + message.replace("(", r"\(")):
+        sample.check_sample_config({**settings, field: value})

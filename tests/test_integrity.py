@@ -297,6 +297,11 @@ def test_failed_checkpoint_write_stops_training_with_the_cause_last(runlocal_wor
     ("--config=experiments/nope.py", "error: --config=experiments/nope.py: no such config file experiments/nope.py"),
     ("--config=experiments/shapes.py:runlocl", "error: flag --config=experiments/shapes.py:runlocl: Error whilst "
      "parsing config file: ValueError: unknown config argument 'runlocl'"),
+    # Settings only the last stages read, refused before the VAE stage (the workdir is not made):
+    ("--config.sample.shift=0", "error: config.sample.shift must be a finite number > 0, got 0.0"),
+    ("--config.sample.text_to_video=imgae", "error: config.sample.text_to_video must be one of direct, "
+     "first_frame, first_latent, image, got 'imgae'"),
+    ("--config.cond.first_latent_weight=0", "error: config.cond.first_latent_weight must be > 0, got 0.0"),
 ])
 def test_main_config_errors_are_one_line(python_runner, tmp_path, flag, line):
     from conftest import RUNLOCAL

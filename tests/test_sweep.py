@@ -35,3 +35,16 @@ def test_sweep_rows_differ_only_by_the_setting(runlocal_workdir, tmp_path):
     assert rows[0]["T2V_heldout"] == rows[1]["T2V_heldout"] and rows[0]["I2V_heldout"] == rows[1]["I2V_heldout"]
     assert rows[0]["report"]["FLF2V"]["all"]["n"] == 2
     assert sorted(os.listdir(runlocal_workdir)) == before  # the workdir is only read
+
+
+def test_a_bad_setting_is_refused_before_the_model_loads(monkeypatch, tmp_path):
+    """Every grid setting is checked first: the last one's typo fails before a model loads or the
+    first setting spends its minutes (and before --output gets a row)."""
+    config = configs.load_config("experiments/sweep_tau.py:runlocal")
+    config.sweep.grid = "steps=8,0"
+    loads = []
+    monkeypatch.setattr(sweep, "load_pipeline", loads.append)
+    output = tmp_path / "sweep.jsonl"
+    with pytest.raises(ValueError, match=r"^config.sweep.grid: steps must be an integer >= 1, got 0$"):
+        sweep.run_sweep(config, str(tmp_path), str(output))
+    assert loads == [] and not output.exists()

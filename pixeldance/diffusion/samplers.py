@@ -125,12 +125,13 @@ def is_int(value) -> bool:
 
 
 def check_settings(prefix: str = "", *, steps=None, guidance=None, image_guidance=None, num_frames=None,
-                   height=None, width=None, num_clips=None, sampler=None, keyframe_guidance=None):
+                   height=None, width=None, num_clips=None, sampler=None, keyframe_guidance=None, shift=None):
     """Refuses sampling settings that would fail late or run and make garbage (NaN or inf
     guidance gives black videos): a one-line ValueError naming `prefix` + the setting
     (`--guidance` on the command line) unless each given one (None: not given) is in range on
     its own: guidance and image_guidance finite and >= 0; steps, num_frames, height, width and
-    num_clips integers >= 1; sampler one of `SAMPLERS`. tau depends on the steps
+    num_clips integers >= 1; sampler one of `SAMPLERS`; shift finite and > 0 (0 or less folds
+    the time grid onto t = 0 or past it). tau depends on the steps
     (`sample.check_tau`); whether a size fits the VAE and the DiT, on the model
     (`sample.Pipeline._settings`)."""
     for name, value in (("guidance", guidance), ("image_guidance", image_guidance),
@@ -143,3 +144,5 @@ def check_settings(prefix: str = "", *, steps=None, guidance=None, image_guidanc
             raise ValueError(f"{prefix}{name} must be an integer >= 1, got {value}")
     if sampler is not None and sampler not in SAMPLERS:
         raise ValueError(f"{prefix}sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if shift is not None and not (as_number(shift) is not None and math.isfinite(as_number(shift)) and as_number(shift) > 0):
+        raise ValueError(f"{prefix}shift must be a finite number > 0, got {shift}")

@@ -25,7 +25,7 @@ from ml_collections import config_flags
 from pixeldance import cli
 from pixeldance import workdir as workdir_lib
 from pixeldance.evaluators import samples
-from pixeldance.sample import load_pipeline
+from pixeldance.sample import check_sample_config, load_pipeline
 
 GRID_FIELDS = {"sampler": str, "steps": int, "guidance": float, "image_guidance": float, "tau": int,
                "shift": float, "text_to_video": str}
@@ -61,6 +61,8 @@ def summary(report: dict) -> dict:
 
 def run_sweep(config, workdir: str, output: str | None = None) -> list[dict]:
     settings = parse_grid(config.sweep.grid)
+    for setting in settings:  # all of them before the model loads and the first setting runs
+        check_sample_config(setting, prefix="config.sweep.grid: ")
     faithfulness = samples.Faithfulness(config, num_per_mode=config.sweep.num_per_mode)
     pipe = load_pipeline(workdir)
     rows = []
