@@ -247,6 +247,10 @@ def main():
                         help="frames of the long real streams of the VAE's long ceiling (1 + 4k; 0 skips)")
     parser.add_argument("--world_seed_offset", type=int, default=3000)
     parser.add_argument("--guidance", type=float, default=None, help="text guidance (default: the workdir's config.sample)")
+    parser.add_argument("--image_guidance", type=float, default=None,
+                        help="image guidance (default: the workdir's config.sample); 1 samples without the none branch")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the workdir's config.sample)")
+    parser.add_argument("--shift", type=float, default=None, help="time shift (default: the workdir's config.sample)")
     parser.add_argument("--output", required=True, help=".json (a .png of the same name is written too)")
     args = parser.parse_args()
     modes = [m.strip() for m in args.continuation.split(",") if m.strip()]
@@ -260,6 +264,9 @@ def main():
     pipe, F, T, K, world, items = open_workdir(args.workdir, args.context_latents, args.world_seed_offset,
                                                max(args.num_videos, args.num_real, args.keyframe_videos,
                                                    args.ceiling_videos))
+    if args.shift is not None:
+        with pipe.config.unlocked():  # the Pipeline reads it per call (its compiled samplers are keyed on it)
+            pipe.config.sample.shift = args.shift
     i3d = None
     if args.networks != "none":
         i3d = networks.load("i3d", args.networks or networks.default_root(), pipe.mesh)
@@ -272,8 +279,9 @@ def main():
         scores_k = [[] for _ in range(args.num_clips)]
         scores_b = [[] for _ in range(args.num_clips - 1)]
         gen_windows, t_mode = [], time.time()
-        extra = dict(guidance=args.guidance) if mode == "reencode" else dict(
-            continuation="latent", context_latents=K, guidance=args.guidance)
+        extra = dict(guidance=args.guidance, image_guidance=args.image_guidance, steps=args.steps)
+        if mode == "latent":
+            extra.update(continuation="latent", context_latents=K)
         for v in range(args.num_videos):
             item = items[v]
             prompts = clip_prompts(item["caption"], args.num_clips)
@@ -307,6 +315,9 @@ def main():
     result = dict(
         workdir=os.path.abspath(args.workdir), dit_step=pipe.step,
         guidance=pipe.config.sample.guidance if args.guidance is None else args.guidance, num_videos=args.num_videos,
+        image_guidance=pipe.config.sample.image_guidance if args.image_guidance is None else args.image_guidance,
+        steps=pipe.config.sample.steps if args.steps is None else args.steps,
+        shift=pipe.config.sample.get("shift", 1.0),
         num_clips=args.num_clips, context_latents=K, latent_frames=T, num_real_windows=args.num_real,
         group=args.group, i3d_sha256=None if i3d is None else i3d.sha256, modes=per_mode)
     if "latent" in per_mode and "reencode" in per_mode:

@@ -69,6 +69,8 @@ def main():
     parser.add_argument("--context_latents", type=int, default=None, help="K (default config.cond.context_frames)")
     parser.add_argument("--world_seed_offset", type=int, default=2000)
     parser.add_argument("--guidance", type=float, default=None, help="text guidance (default: the workdir's config.sample)")
+    parser.add_argument("--image_guidance", type=float, default=None,
+                        help="image guidance (default: the workdir's config.sample); 1 samples without the none branch")
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
 
@@ -79,11 +81,13 @@ def main():
                                               args.num_videos)
     result = dict(workdir=os.path.abspath(args.workdir), dit_step=pipe.step,
                   guidance=pipe.config.sample.guidance if args.guidance is None else args.guidance, num_videos=args.num_videos,
+                  image_guidance=pipe.config.sample.image_guidance if args.image_guidance is None else args.image_guidance,
                   num_clips=args.num_clips, context_latents=K, latent_frames=T, modes={})
     for mode in MODES:
         step = lv.frames_per_clip(mode, F, T, K)
-        extra = dict(guidance=args.guidance) if mode == "reencode" else dict(
-            continuation="latent", context_latents=K, guidance=args.guidance)
+        extra = dict(guidance=args.guidance, image_guidance=args.image_guidance)
+        if mode == "latent":
+            extra.update(continuation="latent", context_latents=K)
         rows = []
         for v in range(args.num_videos):
             item = items[v]
