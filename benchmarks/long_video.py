@@ -251,6 +251,8 @@ def main():
                         help="image guidance (default: the workdir's config.sample); 1 samples without the none branch")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the workdir's config.sample)")
     parser.add_argument("--shift", type=float, default=None, help="time shift (default: the workdir's config.sample)")
+    parser.add_argument("--guidance_rescale", type=float, default=None,
+                        help="guidance rescale in [0, 1] (default: the workdir's config.sample, else 0)")
     parser.add_argument("--output", required=True, help=".json (a .png of the same name is written too)")
     args = parser.parse_args()
     modes = [m.strip() for m in args.continuation.split(",") if m.strip()]
@@ -264,9 +266,11 @@ def main():
     pipe, F, T, K, world, items = open_workdir(args.workdir, args.context_latents, args.world_seed_offset,
                                                max(args.num_videos, args.num_real, args.keyframe_videos,
                                                    args.ceiling_videos))
-    if args.shift is not None:
-        with pipe.config.unlocked():  # the Pipeline reads it per call (its compiled samplers are keyed on it)
+    with pipe.config.unlocked():  # the Pipeline reads these per call (its compiled samplers are keyed on them)
+        if args.shift is not None:
             pipe.config.sample.shift = args.shift
+        if args.guidance_rescale is not None:
+            pipe.config.sample.guidance_rescale = args.guidance_rescale
     i3d = None
     if args.networks != "none":
         i3d = networks.load("i3d", args.networks or networks.default_root(), pipe.mesh)
@@ -318,6 +322,7 @@ def main():
         image_guidance=pipe.config.sample.image_guidance if args.image_guidance is None else args.image_guidance,
         steps=pipe.config.sample.steps if args.steps is None else args.steps,
         shift=pipe.config.sample.get("shift", 1.0),
+        guidance_rescale=pipe.config.sample.get("guidance_rescale", 0.0),
         num_clips=args.num_clips, context_latents=K, latent_frames=T, num_real_windows=args.num_real,
         group=args.group, i3d_sha256=None if i3d is None else i3d.sha256, modes=per_mode)
     if "latent" in per_mode and "reencode" in per_mode:

@@ -297,6 +297,9 @@ def get_config(arg=None):
                                    # 2 against 1 with zero SNR: held-out text-only direction 0.80 ->
                                    # 0.81 on seed 0 (0.97 both on seed 1), every other number within
                                    # 0.05 (benchmarks/README.md, issue 19)
+        guidance_rescale=0.0,      # guided x0's spread brought this fraction of the way back to the
+                                   # conditional branch's (Lin et al.; against strong guidance's
+                                   # over-saturated colours); 0: off
         text_to_video="first_frame",  # no first frame given: the paper's route, a text-only pass makes
                                    # the first frame, then image-to-video from it with the text
                                    # (text-only direction 0.55 -> 0.64, 0.47 -> 0.59 held-out on seeds

@@ -137,12 +137,13 @@ def load_vae(workdir_or_path: str, *, mesh=None) -> VideoVAE:
     return VideoVAE(model, params)
 
 
-def sampler_fn(task: PixelDanceTask, model, *, steps: int, sampler: str, branches: int, shift: float = 1.0):
+def sampler_fn(task: PixelDanceTask, model, *, steps: int, sampler: str, branches: int, shift: float = 1.0,
+               guidance_rescale: float = 0.0):
     """The Pipeline's sampler, (params, noise, z_first, z_last, has_first, has_last, text, rng,
     guidance, image_guidance, tau, null_text) -> normalised latents (`PixelDanceTask.guided_sample`
     with the model and the static settings bound): what the Pipeline jits, and the planner compiles."""
     return functools.partial(task.guided_sample, model, steps=steps, sampler=sampler, branches=branches,
-                             shift=shift)
+                             shift=shift, guidance_rescale=guidance_rescale)
 
 
 def check_tau(tau, steps, config_steps: int, prefix: str = ""):
@@ -162,7 +163,8 @@ def check_sample_config(sample, prefix: str = "config.sample.") -> None:
     config.sample before its first stage and `tools.sweep` every grid setting before loading the
     model, so a typo fails in a second, not after the VAE and DiT stages or the sweep's first
     settings. One-line ValueErrors naming `prefix` + the field: the ranges of
-    `samplers.check_settings` (steps, guidance, image_guidance, sampler, shift), text_to_video one
+    `samplers.check_settings` (steps, guidance, image_guidance, sampler, shift), guidance_rescale in
+    [0, 1], text_to_video one
     of `TEXT_TO_VIDEO`, tau an integer >= 0 (above the steps it keeps the last frame at every step,
     `check_tau`), batch_size an integer >= 1."""
     get = sample.get
@@ -171,6 +173,9 @@ def check_sample_config(sample, prefix: str = "config.sample.") -> None:
     route = get("text_to_video")
     if route is not None and route not in TEXT_TO_VIDEO:
         raise ValueError(f"{prefix}text_to_video must be one of {', '.join(TEXT_TO_VIDEO)}, got {route!r}")
+    rescale = get("guidance_rescale")
+    if rescale is not None and not (samplers.as_number(rescale) is not None and 0.0 <= samplers.as_number(rescale) <= 1.0):
+        raise ValueError(f"{prefix}guidance_rescale must be a number in [0, 1], got {rescale}")
     for name, low in (("tau", 0), ("batch_size", 1)):
         value = get(name)
         if value is not None and not (samplers.is_int(value) and value >= low):
@@ -204,16 +209,22 @@ class Pipeline:
         self.num_frames = config.data.num_frames
         self._jitted = {}
 
+    def _static_settings(self) -> dict:
+        """The compiled samplers' static settings read from config.sample at every call (in their
+        cache keys: a sweep may change them between calls): shift and guidance_rescale."""
+        s = self.config.sample
+        return dict(shift=float(s.get("shift", 1.0)), guidance_rescale=float(s.get("guidance_rescale", 0.0)))
+
     def sample_latents(self, noise, z_first, z_last, has_first, has_last, text, rng, guidance,
                        image_guidance, tau, *, steps: int, sampler: str, branches: int):
         """Normalised latents [B, T, h, w, C] (`sampler_fn`), compiled once per static setting and
         shape, run on this pipeline's mesh. Instruction latents are normalised; text: the DiT's
         text input (`self.text(prompts)`), guided against `self.text.null`."""
-        shift = self.config.sample.get("shift", 1.0)  # in the key: a sweep may change it between calls
-        key = (steps, sampler, branches, shift)
+        static = self._static_settings()
+        key = (steps, sampler, branches) + tuple(static.values())
         if key not in self._jitted:
             self._jitted[key] = jax.jit(sampler_fn(self.task, self.model, steps=steps, sampler=sampler,
-                                                   branches=branches, shift=shift))
+                                                   branches=branches, **static))
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.rules(INFERENCE_PRESET)):
             return self._jitted[key](self.params, noise, z_first, z_last, has_first, has_last, text, rng,
                                      guidance, image_guidance, tau, self.text.null)
@@ -227,12 +238,12 @@ class Pipeline:
         normalised with context bool [B, T]: latents given as context, continuation in latent
         space), compiled once per static setting and shape (with context or without), run on
         this pipeline's mesh."""
-        shift = self.config.sample.get("shift", 1.0)
-        key = ("keyframes" if context is None else "context", steps, sampler, branches, shift)
+        static = self._static_settings()
+        key = ("keyframes" if context is None else "context", steps, sampler, branches) + tuple(static.values())
         if key not in self._jitted:
             self._jitted[key] = jax.jit(functools.partial(
                 self.task.keyframe_sample, self.model, steps=steps, sampler=sampler, branches=branches,
-                shift=shift))
+                **static))
         args = (self.params, noise, z_keys, positions, given, key_tau, text, rng, guidance, image_guidance,
                 self.text.null, keyframe_guidance) + (() if context is None else (z_context, context))
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.rules(INFERENCE_PRESET)):

@@ -309,6 +309,7 @@ def test_clip_tokenizer_counts_past_max_length(tmp_path):
     ("steps", 0, "steps must be an integer >= 1, got 0"),
     ("guidance", float("nan"), "guidance must be a finite number >= 0, got nan"),
     ("sampler", "eular", "sampler must be one of"),
+    ("guidance_rescale", 1.5, "guidance_rescale must be a number in [0, 1], got 1.5"),
 ])
 def test_sample_config_is_checked_field_by_field(field, value, message):
     """`sample.check_sample_config`, what pixeldance.main runs on config.sample before its first
@@ -317,5 +318,6 @@ def test_sample_config_is_checked_field_by_field(field, value, message):
     settings = dict(configs.load_config("experiments/shapes.py").sample)
     sample.check_sample_config(settings)  # the defaults (tau 10 above 8 steps is allowed)
     sample.check_sample_config({"shift": 0.5, "tau": 0})  # a sweep's partial setting
-    with pytest.raises(ValueError, match="^config.sample." + message.replace("(", r"\(")):
+    with pytest.raises(ValueError, match="^config.sample." + message.replace("(", r"\(").replace("[", r"\[")):
         sample.check_sample_config({**settings, field: value})
+    sample.check_sample_config({**settings, "guidance_rescale": 0.7})

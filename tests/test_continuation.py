@@ -228,7 +228,7 @@ def test_latent_continuation_compiles_once_and_keeps_reencode(pipe):
     """One compiled sampler for every clip of a latent continuation, any num_clips; clip 0 is the
     re-encode path's clip 0; continuation='reencode' is the default, bit for bit."""
     pipe.generate("a red", _image(60), num_clips=2, continuation="latent", context_latents=1)
-    key = ("context", 1, "euler", 2, pipe.config.sample.shift)
+    key = ("context", 1, "euler", 2) + tuple(pipe._static_settings().values())
     traces, compiled = pipe.model.traces, pipe._jitted[key]._cache_size()
     assert compiled == 1
     latent = pipe.generate(["a", "a red", "a red circle"], None, [None, _image(90), None], num_clips=3,
@@ -240,6 +240,7 @@ def test_latent_continuation_compiles_once_and_keeps_reencode(pipe):
     np.testing.assert_array_equal(reencode, default)
     assert default.shape[0] == F + 2 * (F - 1) and latent.shape[0] == F + 2 * 4 * (T - 1)
     assert np.abs(latent[:F].astype(int) - default[:F].astype(int)).max() <= 1  # clip 0: the same clip
+    assert pipe._static_settings() == dict(shift=float(pipe.config.sample.shift), guidance_rescale=0.0)
 
 
 def test_per_clip_last_frames_and_keyframes(pipe):
@@ -337,3 +338,21 @@ def test_only_the_current_clip_is_held(pipe, monkeypatch):
         assert len(latents) == k + 1
         assert [r() is None for r in latents[:-1]] == [True] * k, f"clip {k}: earlier latents held"
         assert [r() is None for r in frames_seen[:-1]] == [True] * k, f"clip {k}: earlier frames held"
+
+
+def test_guidance_rescale_reaches_the_compiled_samplers(pipe):
+    """config.sample.guidance_rescale, read at every call like shift: a change compiles its own
+    sampler (in the cache key) and changes a guided video; back at 0 the first video again."""
+    args = (["a", "a red circle"], _image(60))
+    before = pipe.generate(*args, num_clips=2, continuation="latent", context_latents=1, seed=1, guidance=5.0)
+    try:
+        with pipe.config.unlocked():
+            pipe.config.sample.guidance_rescale = 1.0
+        rescaled = pipe.generate(*args, num_clips=2, continuation="latent", context_latents=1, seed=1, guidance=5.0)
+        assert ("context", 1, "euler", 2, float(pipe.config.sample.shift), 1.0) in pipe._jitted
+    finally:
+        with pipe.config.unlocked():
+            pipe.config.sample.guidance_rescale = 0.0
+    assert np.abs(rescaled.astype(int) - before.astype(int)).max() > 0
+    np.testing.assert_array_equal(pipe.generate(*args, num_clips=2, continuation="latent", context_latents=1, seed=1, guidance=5.0),
+                                  before)

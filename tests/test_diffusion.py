@@ -253,6 +253,62 @@ def test_guidance_separate_scales():
         guidance.combine(jnp.concatenate([full] * 4), 4, text_scale=1.0)
 
 
+def test_guidance_rescale():
+    """`guidance.rescale`: 0 leaves the guided prediction as it is, 1 gives it the conditional
+    prediction's per-example spread and keeps its direction, between them a linear blend."""
+    full, image, _ = _branches()
+    guided = image + 6.0 * (full - image)
+    np.testing.assert_array_equal(guidance.rescale(guided, full, 0.0), guided)
+    one = guidance.rescale(guided, full, 1.0)
+    np.testing.assert_allclose(jnp.std(one, axis=1), jnp.std(full, axis=1), rtol=1e-5)
+    np.testing.assert_allclose(one / guided, jnp.broadcast_to((one / guided)[:, :1], one.shape), rtol=1e-5)
+    np.testing.assert_allclose(guidance.rescale(guided, full, 0.5), 0.5 * (one + guided), rtol=1e-5)
+
+
+class _PatternModel:
+    """A stand-in DiT whose output varies over the latent (so each example has a spread) and
+    scales with the conditions that reached it: the text and the image mask."""
+
+    def apply(self, params, x, t, c_image, c_mask, tokens):
+        text = jnp.any(tokens[:, 1:] != 0, axis=1).astype(x.dtype)
+        mask = jnp.any(c_mask != 0, axis=(1, 2, 3, 4)).astype(x.dtype)
+        pattern = jnp.sin(jnp.arange(x[0].size, dtype=x.dtype)).reshape(x.shape[1:])
+        return 0.3 * x + (1.0 + 2.0 * text + 0.5 * mask)[:, None, None, None, None] * pattern
+
+
+@pytest.mark.parametrize("objective", ["flow", "v"])
+def test_guidance_rescale_in_the_denoiser(objective):
+    """config.sample.guidance_rescale in the sampler: the guided x0 takes the full branch's spread
+    (phi = 1), the velocity moves with it so that (x0, v) still describe the same x_t (flow
+    coordinates y = x0 + s v), and 0 is the unrescaled program."""
+    config = configs.load_config("experiments/base.py:runlocal")
+    task = _task(config, **{"diffusion.objective": objective})
+    B, T, h, C, L = 2, 3, 2, 4, config.text.max_length
+    c = jnp.ones((B, T, h, h, C))
+    m = jnp.zeros((B, T, h, h, 1)).at[0, 0].set(1.0)
+    tokens = jnp.zeros((B, L), jnp.int32).at[:, :3].set(jnp.array([1, 5, 6]))
+    x = _normal(3, (B, T, h, h, C))
+    t = jnp.float32(0.6)
+
+    def run(guidance_scale, rescale, image_scale=2.0):
+        denoise = task.denoiser(_PatternModel(), None, c, m, tokens, jnp.float32(guidance_scale), jnp.float32(image_scale),
+                                jnp.int32(0), branches=3, guidance_rescale=rescale)
+        return denoise(x, t, 0)
+
+    x0, v = run(7.0, 0.0)
+    x0_full, _ = run(1.0, 0.0, 1.0)  # text and image scales 1: the full branch
+    x0_r, v_r = run(7.0, 1.0)
+    s, scale = schedules.flow_coordinates(t, task.path)
+    y = x / scale
+    np.testing.assert_allclose(x0 + s * v, y, atol=1e-4)          # the unrescaled pair describes x_t
+    np.testing.assert_allclose(x0_r + s * v_r, y, atol=1e-4)      # and so does the rescaled one
+    spread = lambda a: jnp.std(a.reshape(B, -1), axis=1)
+    np.testing.assert_allclose(spread(x0_r), spread(x0_full), rtol=1e-4)
+    assert float(jnp.max(jnp.abs(spread(x0) - spread(x0_full)))) > 0.1  # guidance did inflate it
+    half, _ = run(7.0, 0.5)
+    np.testing.assert_allclose(half, 0.5 * (x0 + x0_r), atol=1e-5)
+
+
 class _BranchModel:
     """A stand-in DiT (flow, x0-prediction) whose output shows which conditions reached it: the
     text (not the empty prompt), the image latents (c_image, not only its mask) and the mask."""

@@ -16,6 +16,7 @@ def test_parse_grid():
     assert sweep.parse_grid("text_to_video=direct,first_frame;guidance=4") == [
         dict(text_to_video="direct", guidance=4.0), dict(text_to_video="first_frame", guidance=4.0)]
     assert sweep.parse_grid("shift=1,3") == [dict(shift=1.0), dict(shift=3.0)]
+    assert sweep.parse_grid("guidance_rescale=0,0.7") == [dict(guidance_rescale=0.0), dict(guidance_rescale=0.7)]
     for bad in ("", "taus=1", "tau", "lr=1e-3"):
         with pytest.raises(ValueError, match="grid"):
             sweep.parse_grid(bad)

@@ -73,3 +73,16 @@ def combine(preds, n: int, *, text_scale, image_scale=1.0, keyframe_scale=None):
         return guided
 
     return jax.tree.map(one, preds)
+
+
+def rescale(guided, full, phi: float):
+    """Guidance rescale (Lin et al. 2024, "Common diffusion noise schedules and sample steps are
+    flawed", section 3.4): guided [B, ...] brought to the per-example standard deviation of the
+    conditional prediction full [B, ...] by the fraction phi in [0, 1] (0: guided unchanged).
+    Strong guidance inflates the guided prediction's spread (over-saturated colours); the rescale
+    keeps its direction and undoes the inflation. Standard deviations over every axis but the first.
+    """
+    axes = tuple(range(1, guided.ndim))
+    ratio = jnp.std(full, axis=axes, keepdims=True) / jnp.maximum(jnp.std(guided, axis=axes, keepdims=True), 1e-12)
+    return phi * (guided * ratio) + (1.0 - phi) * guided
+

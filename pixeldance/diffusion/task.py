@@ -327,7 +327,7 @@ class PixelDanceTask:
     # -- sampling -------------------------------------------------------------------------------
 
     def denoiser(self, model, params, c_full, m_full, text, guidance, image_guidance, tau, *,
-                 branches: int, null_text=None, keyframe_guidance=None):
+                 branches: int, null_text=None, keyframe_guidance=None, guidance_rescale: float = 0.0):
         """denoise(x [B, T, h, w, C], t, i) -> guided (x0_hat, v_hat), the samplers' interface.
 
         c_full [B, T, h, w, C], m_full [B, T, h, w, 1]: the instructions with every given frame;
@@ -340,6 +340,10 @@ class PixelDanceTask:
         them with the text scale `guidance`, the image scale `image_guidance` and, with 4
         branches, the other keyframes' scale `keyframe_guidance` (float32 scalars, traced is
         fine). text, null_text: see `training_inputs`.
+        guidance_rescale (static float in [0, 1]; 0: off, the program unchanged): the guided x0
+        prediction brought by that fraction to the spread of the full branch's
+        (`guidance.rescale`), and the velocity moved with it so that the pair still describes the
+        same x_t (v = (y - x0) / s in flow coordinates: v' = v - (x0' - x0) / s).
         """
         B = text_lib.text_batch_size(text)
         T = c_full.shape[1]
@@ -357,20 +361,28 @@ class PixelDanceTask:
             cc = jnp.concatenate([c, c, jnp.zeros_like(c), c * first_only][:branches])
             mm = jnp.concatenate([m, m, jnp.zeros_like(m), m * first_only][:branches])
             pred = self.denoise(model.apply(params, xx, tt, cc, mm, tok), xx, tt)
-            return guidance_lib.combine(pred, branches, text_scale=guidance, image_scale=image_guidance,
-                                        keyframe_scale=keyframe_guidance)
+            x0, v = guidance_lib.combine(pred, branches, text_scale=guidance, image_scale=image_guidance,
+                                         keyframe_scale=keyframe_guidance)
+            if guidance_rescale:
+                x0_full = jnp.split(pred[0], branches)[0]
+                x0_rescaled = guidance_lib.rescale(x0, x0_full, guidance_rescale)
+                s, _ = schedules.flow_coordinates(jnp.asarray(t, jnp.float32), self.path)
+                # s > 0 at every step the samplers use; Heun's last extra call (at t = 0) is discarded.
+                v = v - (x0_rescaled - x0) / jnp.maximum(s, 1e-3)
+                x0 = x0_rescaled
+            return x0, v
         return denoise
 
     def guided_sample(self, model, params, noise, z_first, z_last, has_first, has_last, text, rng,
                       guidance, image_guidance, tau, null_text=None, *, steps: int, sampler: str,
-                      branches: int, shift: float = 1.0):
+                      branches: int, shift: float = 1.0, guidance_rescale: float = 0.0):
         """Normalised latents [B, T, h, w, C] from `noise` [B, T, h, w, C] at t = 1.
 
         z_first, z_last [B, h, w, C] with has_first, has_last bool [B]: the image instructions
         (noised like training's, from `rng`); text, null_text: see `training_inputs`; guidance, image_guidance:
         float32 scalars; tau: int32 scalar (see `denoiser`); steps, sampler, branches
         (`guidance.num_branches(image_guidance)`) and shift (of the time grid,
-        `schedules.shift_time`; Wan 2.1 samples with 3 to 5) are static. With first_frame='replace' the
+        `schedules.shift_time`; Wan 2.1 samples with 3 to 5) and guidance_rescale (`denoiser`) are static. With first_frame='replace' the
         clean first latent is put back after every step where it is given.
         """
         B, T = noise.shape[:2]
@@ -381,11 +393,11 @@ class PixelDanceTask:
                              jnp.full((B,), conditioning.ALWAYS, jnp.int32)], axis=1)
         return self.keyframe_sample(model, params, noise, z_keys, jnp.array([T - 1, 0]), given, key_tau, text, rng,
                                     guidance, image_guidance, null_text, steps=steps, sampler=sampler,
-                                    branches=branches, shift=shift)
+                                    branches=branches, shift=shift, guidance_rescale=guidance_rescale)
 
     def keyframe_sample(self, model, params, noise, z_keys, positions, given, key_tau, text, rng, guidance,
                         image_guidance, null_text=None, keyframe_guidance=None, z_context=None, context=None, *,
-                        steps: int, sampler: str, branches: int, shift: float = 1.0):
+                        steps: int, sampler: str, branches: int, shift: float = 1.0, guidance_rescale: float = 0.0):
         """Normalised latents [B, T, h, w, C] from `noise` [B, T, h, w, C] at t = 1, guided by
         keyframes anywhere.
 
@@ -418,7 +430,8 @@ class PixelDanceTask:
             frame_tau = jnp.where(context, conditioning.ALWAYS, frame_tau)
         c_full = conditioning.noise_instructions(rng, c_clean, m_full, self.noise)
         denoise = self.denoiser(model, params, c_full, m_full, text, guidance, image_guidance, frame_tau,
-                                branches=branches, null_text=null_text, keyframe_guidance=keyframe_guidance)
+                                branches=branches, null_text=null_text, keyframe_guidance=keyframe_guidance,
+                                guidance_rescale=guidance_rescale)
         has_first = m_full[:, 0, 0, 0, 0] > 0
         project = (lambda x: conditioning.replace_first(x, c_clean[:, 0], has_first)) if self.replace else None
         if self.replace and context is not None:

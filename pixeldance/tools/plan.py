@@ -313,7 +313,7 @@ def plan(config) -> dict:
     s = config.sample
     sampler = sample_lib.sampler_fn(build.task(config), model, steps=s.steps, sampler=s.sampler,
                                     branches=guidance_lib.num_branches(s.get("image_guidance", 1.0)),
-                                    shift=s.get("shift", 1.0))
+                                    shift=s.get("shift", 1.0), guidance_rescale=s.get("guidance_rescale", 0.0))
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules(preset)):
         # Train step: exactly the trainer's (dit_loss, AdamW, EMA, donated state, the schedule's

@@ -4,7 +4,8 @@ r"""Sampling sweeps on a trained workdir: faithfulness for each setting of a gri
       --output=benchmarks/results/sweep_tau.jsonl
 
 The grid is `config.sweep.grid`, e.g. "sampler=euler,heun;steps=4,8,16" (fields of
-`config.sample`: sampler, steps, guidance, image_guidance, tau, shift, text_to_video; values
+`config.sample`: sampler, steps, guidance, image_guidance, tau, shift, guidance_rescale,
+text_to_video; values
 comma-separated, fields `;`-separated: every combination is run);
 `config.sweep.num_per_mode` videos per mode (half held-out). Each setting samples the same
 evaluation videos as the main job's last stage (the 'faithfulness' evaluator,
@@ -28,7 +29,7 @@ from pixeldance.evaluators import samples
 from pixeldance.sample import check_sample_config, load_pipeline
 
 GRID_FIELDS = {"sampler": str, "steps": int, "guidance": float, "image_guidance": float, "tau": int,
-               "shift": float, "text_to_video": str}
+               "shift": float, "guidance_rescale": float, "text_to_video": str}
 
 
 def parse_grid(grid: str) -> list[dict]:
