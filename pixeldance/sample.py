@@ -164,9 +164,8 @@ def check_sample_config(sample, prefix: str = "config.sample.") -> None:
     model, so a typo fails in a second, not after the VAE and DiT stages or the sweep's first
     settings. One-line ValueErrors naming `prefix` + the field: the ranges of
     `samplers.check_settings` (steps, guidance, image_guidance, sampler, shift), guidance_rescale in
-    [0, 1], text_to_video one
-    of `TEXT_TO_VIDEO`, tau an integer >= 0 (above the steps it keeps the last frame at every step,
-    `check_tau`), batch_size an integer >= 1."""
+    [0, 1], text_to_video one of `TEXT_TO_VIDEO`, tau an integer >= 0 (above the steps it keeps the
+    last frame at every step, `check_tau`), batch_size an integer >= 1."""
     get = sample.get
     samplers.check_settings(prefix, steps=get("steps"), guidance=get("guidance"),
                             image_guidance=get("image_guidance"), sampler=get("sampler"), shift=get("shift"))
