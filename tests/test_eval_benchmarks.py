@@ -190,3 +190,30 @@ def test_probe_t2v_first_frame_placement():
                          np.array([20.0, 30.0])], R)
     assert p["median_progress"] == [20.0, 45.0]
     assert p["start_past_centre"] == 1 / 3
+
+
+def test_vae_shape_ceiling_scores_reconstructions_and_reads_fills_per_true_shape(runlocal_workdir, tmp_path):
+    """benchmarks/vae_shape_ceiling.py: the fills of real clips sit where the evaluator's thresholds
+    put each shape; on a workdir, the ceiling is long_video's and the JSON names the VAE stage."""
+    from pixeldance.data import synthetic
+    from pixeldance.evaluators.synthetic import SHAPE_FILL_THRESHOLDS
+    ceiling = _load("vae_shape_ceiling")
+    items = synthetic.ShapesSource("heldout", size=24, config=synthetic.WorldConfig(seed=5))
+    videos = np.stack([items[i]["video"] for i in range(24)])
+    fills = ceiling.fills_by_shape(videos, [items[i]["caption"] for i in range(24)])
+    assert set(fills) == {"circle", "square", "triangle"}, fills
+    low, high = SHAPE_FILL_THRESHOLDS
+    assert fills["square"][0] > high and fills["triangle"][2] < low
+    assert low < fills["circle"][0] <= fills["circle"][1] <= fills["circle"][2] < high
+    out = tmp_path / "ceiling.json"
+    ceiling.main([f"--workdir={runlocal_workdir}", "--num_videos=8", f"--output={out}"])
+    result = json.loads(out.read_text())
+    assert set(result["ceiling"]) == {"colour", "shape", "direction", "consistent"}
+    assert all(0.0 <= v <= 1.0 for v in result["ceiling"].values())
+    assert result["num_videos"] == 8 and np.isfinite(result["psnr"]) and result["vae_steps"] >= 1
+    assert set(result["fill_by_shape"]) <= {"circle", "square", "triangle"}
+    # A bad workdir: one line, exit code 2.
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "vae_shape_ceiling.py"),
+                           f"--workdir={tmp_path / 'missing'}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "missing" in proc.stderr, proc.stderr

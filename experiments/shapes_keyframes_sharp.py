@@ -1,0 +1,26 @@
+r"""Issue 20: shapes_keyframes on a VAE that keeps the world's shapes (the long-video shape target).
+
+The main job's VAE stage (1,500 steps, batches of 4 whole 64 x 64 clips) turns a 13-16 px square
+or triangle into a rounded blob: real held-out clips, encoded and decoded, read as their own
+shape in 0.31 of 64 (`benchmarks/vae_shape_ceiling.py`), so no DiT on its latents can keep shape
+in 0.9 of long-video clips. The same VAE trained on random 32 x 32 crops of the 9-frame clips, 8
+per batch (each step costs about what 2 whole clips do and shows twice the objects), for 9,000
+steps reads shape in 0.875 of 64 at 30.0 dB (issue 20, "Session 23: a VAE that keeps shapes", in
+benchmarks/README.md). Everything
+else — data, DiT, keyframe sets, the 1,600-step DiT budget, sampling — is shapes_keyframes'.
+
+  python -m pixeldance.main --config=experiments/shapes_keyframes_sharp.py --workdir=workdirs/shapes_keyframes_sharp
+"""
+from pixeldance import configs
+
+keyframes = configs.import_sibling(__file__, "shapes_keyframes")
+
+
+def get_config(arg=None):
+    config = keyframes.get_config(arg)
+    if not configs.parse_arg(arg, runlocal=False, vae="shapes", dit="shapes").runlocal:
+        c = config.vae
+        c.train_size = 32    # random spatial crops (the VAE is convolutional: full frames at inference)
+        c.batch_size = 8
+        c.num_steps = 9_000
+    return config
