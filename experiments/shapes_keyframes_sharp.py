@@ -6,8 +6,8 @@ shape in 0.31 of 64 (`benchmarks/vae_shape_ceiling.py`), so no DiT on its latent
 in 0.9 of long-video clips. The same VAE trained on random 32 x 32 crops of the 9-frame clips, 8
 per batch (each step costs about what 2 whole clips do and shows twice the objects), for 9,000
 steps reads shape in 0.875 of 64 at 30.0 dB (issue 20, "Session 23: a VAE that keeps shapes", in
-benchmarks/README.md). Everything
-else — data, DiT, keyframe sets, the 1,600-step DiT budget, sampling — is shapes_keyframes'.
+benchmarks/README.md). Everything else — data, DiT, keyframe sets, the 1,600-step DiT budget,
+sampling — is shapes_keyframes'.
 
   python -m pixeldance.main --config=experiments/shapes_keyframes_sharp.py --workdir=workdirs/shapes_keyframes_sharp
 """
