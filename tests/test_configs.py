@@ -123,3 +123,20 @@ def test_importing_entry_points_defines_no_flags(python_runner):
                          "from pixeldance import sample; sample.define_flags(); print('free')")
     assert proc.returncode == 0, proc.stderr
     assert "free" in proc.stdout
+
+
+def test_shapes_keyframes_sharp_changes_only_the_vae_crops():
+    """Issue 20's sharp-VAE experiment is shapes_keyframes with the VAE on 32 px crops, 8 per batch,
+    9,000 steps: everything else (data, DiT, keyframe sets, sampling) is the same; runlocal is
+    shapes_keyframes' runlocal."""
+    base = configs.load_config(os.path.join(REPO, "experiments", "shapes_keyframes.py")).to_dict()
+    sharp = configs.load_config(os.path.join(REPO, "experiments", "shapes_keyframes_sharp.py")).to_dict()
+    vae_base, vae_sharp = base.pop("vae"), sharp.pop("vae")
+    assert sharp == base
+    assert (vae_sharp["train_size"], vae_sharp["batch_size"], vae_sharp["num_steps"]) == (32, 8, 9_000)
+    assert vae_sharp["train_size"] < base["data"]["resolution"]
+    changed = {k for k in vae_base if vae_base[k] != vae_sharp[k]}
+    assert changed == {"train_size", "batch_size", "num_steps"}, changed
+    small = [configs.load_config(os.path.join(REPO, "experiments", f"{n}.py:runlocal")).to_dict()
+             for n in ("shapes_keyframes", "shapes_keyframes_sharp")]
+    assert small[0] == small[1]
