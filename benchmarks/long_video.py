@@ -24,7 +24,9 @@ left out: it reverses there): an object that changes size or colour at a boundar
 
 Reported per mode and clip index k (fractions over the videos): colour kept, shape kept,
 direction as asked, consistency (the synthetic-world evaluator against clip k's prompt); the
-same averaged over the last 8 clips; per 16-frame window, FVD against `--num_real` real 16-frame
+same averaged over the last 8 clips; what shape each true shape is read as, at clip 0 and over
+the second half of the clips (`shape_confusion`: a DiT that rounds squares reads them as
+circles); per 16-frame window, FVD against `--num_real` real 16-frame
 windows with the real I3D (`--networks`, README "Feature networks"; `--networks=none` skips it),
 and pooled over `--group` windows (few videos make one window's FVD rank-deficient and noisy).
 With both modes: per clip index, latent minus re-encode for each score, and at how many clip
@@ -119,6 +121,19 @@ def per_clip_fractions(scores_k: list[list[dict]], names=None) -> dict:
     for the SCORES named in `names` (None: all)."""
     return {name: [float(np.mean([s[key] for s in clip])) for clip in scores_k] for name, key in SCORES
             if names is None or name in names}
+
+
+def shape_confusion(scores_k: list[list[dict]], true_shapes: list[str]) -> dict:
+    """{true shape: {read shape: fraction}} over the clips and videos of scores_k[k][v] (video v's
+    true shape true_shapes[v]; 'none' where no object or no fill was read): which shapes a model
+    fails to keep, and what the evaluator reads them as."""
+    counts = {}
+    for clip in scores_k:
+        for s, true in zip(clip, true_shapes):
+            read = s["predicted_shapes"][0] if s["predicted_shapes"] and s["predicted_shapes"][0] else "none"
+            counts.setdefault(true, {}).setdefault(read, 0)
+            counts[true][read] += 1
+    return {t: {r: n / sum(c.values()) for r, n in sorted(c.items())} for t, c in sorted(counts.items())}
 
 
 def compare(latent: dict, reencode: dict) -> dict:
@@ -259,6 +274,7 @@ def main():
     if not modes or any(m not in ("reencode", "latent") for m in modes):
         parser.error(f"--continuation must list reencode and/or latent, got {args.continuation!r}")
 
+    from pixeldance.data import synthetic
     from pixeldance.evaluators.synthetic import score_video
     from pixeldance.metrics import networks
 
@@ -300,6 +316,7 @@ def main():
             print(f"{mode} video {v + 1}/{args.num_videos}: {len(video)} frames ({time.time() - start:.0f} s)",
                   flush=True)
         per_clip = per_clip_fractions(scores_k)
+        true_shapes = [synthetic.parse_caption(items[v]["caption"])[0][1] for v in range(args.num_videos)]
         per_boundary = per_clip_fractions(scores_b, BOUNDARY_SCORES)
         half = len(per_boundary["colour"]) // 2
         m = dict(frames_per_video=int(F + (args.num_clips - 1) * step), step=step, F=F, per_clip=per_clip,
@@ -307,6 +324,8 @@ def main():
                  boundaries_second_half={n: float(np.mean(v[half:])) for n, v in per_boundary.items()},
                  last_8_clips={n: float(np.mean(v[-8:])) for n, v in per_clip.items()},
                  at_last_clip={n: v[-1] for n, v in per_clip.items()},
+                 shape_read_first_clip=shape_confusion(scores_k[:1], true_shapes),
+                 shape_read_second_half=shape_confusion(scores_k[args.num_clips // 2:], true_shapes),
                  generate_seconds=round(time.time() - t_mode, 1), fvd_per_window=[], fvd_per_group=[])
         if i3d is not None:
             gw = np.stack(gen_windows)  # [num_videos, J, 16, R, R, 3]

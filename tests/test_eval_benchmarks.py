@@ -53,6 +53,12 @@ def test_clip_prompts_frames_and_windows():
     assert c["shape"] == dict(latent_minus_reencode=[0.5, 0.5], at_or_above=2, clips=2)
     assert c["colour"]["at_or_above"] == 2 and c["colour"]["latent_minus_reencode"] == [0.0, 0.0]
     assert long_video.compare(reencode, latent)["direction"]["at_or_above"] == 0
+    # What each true shape is read as, over clips and videos ('none': nothing read).
+    sq, ci = dict(yes, predicted_shapes=("square",)), dict(yes, predicted_shapes=("circle",))
+    lost = dict(yes, predicted_shapes=())
+    confusion = long_video.shape_confusion([[sq, ci, ci], [ci, ci, lost]], ["square", "circle", "triangle"])
+    assert confusion == {"square": {"circle": 0.5, "square": 0.5}, "circle": {"circle": 1.0},
+                         "triangle": {"circle": 0.5, "none": 0.5}}
 
 
 def test_long_video_end_to_end(runlocal_workdir, networks_root, tmp_path):
@@ -76,6 +82,8 @@ def test_long_video_end_to_end(runlocal_workdir, networks_root, tmp_path):
         assert all(len(v) == 2 for v in m["per_boundary"].values())
         assert len(m["fvd_per_window"]) == m["frames_per_video"] // 16 and all(np.isfinite(m["fvd_per_window"]))
         assert m["fvd_per_group"] == m["fvd_per_window"]  # groups of one window
+        for key in ("shape_read_first_clip", "shape_read_second_half"):
+            assert all(abs(sum(read.values()) - 1.0) < 1e-9 for read in m[key].values()), m[key]
     assert result["latent_vs_reencode"]["shape"]["clips"] == 3
     assert set(result["vae_ceiling"]) == {"colour", "shape", "direction", "consistent"}
     assert all(0.0 <= v <= 1.0 for v in result["vae_ceiling"].values())
