@@ -55,10 +55,11 @@ def test_clip_prompts_frames_and_windows():
     assert long_video.compare(reencode, latent)["direction"]["at_or_above"] == 0
     # What each true shape is read as, over clips and videos ('none': nothing read).
     sq, ci = dict(yes, predicted_shapes=("square",)), dict(yes, predicted_shapes=("circle",))
-    lost = dict(yes, predicted_shapes=())
-    confusion = long_video.shape_confusion([[sq, ci, ci], [ci, ci, lost]], ["square", "circle", "triangle"])
-    assert confusion == {"square": {"circle": 0.5, "square": 0.5}, "circle": {"circle": 1.0},
-                         "triangle": {"circle": 0.5, "none": 0.5}}
+    lost, unread = dict(yes, predicted_shapes=()), dict(yes, predicted_shapes=(None,))
+    confusion = long_video.shape_confusion([[sq, ci, ci], [ci, ci, lost], [ci, ci, unread]],
+                                           ["square", "circle", "triangle"])
+    assert confusion == {"square": {"circle": 2 / 3, "square": 1 / 3}, "circle": {"circle": 1.0},
+                         "triangle": {"circle": 1 / 3, "none": 2 / 3}}
 
 
 def test_long_video_end_to_end(runlocal_workdir, networks_root, tmp_path):
@@ -213,6 +214,9 @@ def test_vae_shape_ceiling_scores_reconstructions_and_reads_fills_per_true_shape
     low, high = SHAPE_FILL_THRESHOLDS
     assert fills["square"][0] > high and fills["triangle"][2] < low
     assert low < fills["circle"][0] <= fills["circle"][1] <= fills["circle"][2] < high
+    from pixeldance.evaluators.synthetic import analyse_video
+    circles = [analyse_video(items[i]["video"])["fill"] for i in range(24) if "circle" in items[i]["caption"]]
+    assert fills["circle"] == [round(float(np.percentile(circles, q)), 3) for q in (0, 50, 100)]
     out = tmp_path / "ceiling.json"
     ceiling.main([f"--workdir={runlocal_workdir}", "--num_videos=8", f"--output={out}"])
     result = json.loads(out.read_text())
