@@ -324,7 +324,7 @@ def main():
                  boundaries_second_half={n: float(np.mean(v[half:])) for n, v in per_boundary.items()},
                  last_8_clips={n: float(np.mean(v[-8:])) for n, v in per_clip.items()},
                  at_last_clip={n: v[-1] for n, v in per_clip.items()},
-                 shape_read_first_clip=shape_confusion(scores_k[:1], true_shapes),
+                 true_shapes=true_shapes, shape_read_first_clip=shape_confusion(scores_k[:1], true_shapes),
                  shape_read_second_half=shape_confusion(scores_k[args.num_clips // 2:], true_shapes),
                  generate_seconds=round(time.time() - t_mode, 1), fvd_per_window=[], fvd_per_group=[])
         if i3d is not None:

@@ -83,8 +83,11 @@ def test_long_video_end_to_end(runlocal_workdir, networks_root, tmp_path):
         assert all(len(v) == 2 for v in m["per_boundary"].values())
         assert len(m["fvd_per_window"]) == m["frames_per_video"] // 16 and all(np.isfinite(m["fvd_per_window"]))
         assert m["fvd_per_group"] == m["fvd_per_window"]  # groups of one window
-        for key in ("shape_read_first_clip", "shape_read_second_half"):
+        for key, clips in (("shape_read_first_clip", slice(0, 1)), ("shape_read_second_half", slice(1, 3))):
             assert all(abs(sum(read.values()) - 1.0) < 1e-9 for read in m[key].values()), m[key]
+            # Read right, weighted by each true shape's videos: the per-clip shape score over those clips.
+            right = np.mean([m[key][t].get(t, 0.0) for t in m["true_shapes"]])
+            assert abs(right - np.mean(m["per_clip"]["shape"][clips])) < 1e-9, (key, m[key], m["per_clip"])
     assert result["latent_vs_reencode"]["shape"]["clips"] == 3
     assert set(result["vae_ceiling"]) == {"colour", "shape", "direction", "consistent"}
     assert all(0.0 <= v <= 1.0 for v in result["vae_ceiling"].values())
