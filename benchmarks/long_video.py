@@ -220,10 +220,19 @@ def vae_ceiling(pipe, items, num: int) -> dict:
     """{score: fraction} of `num` real held-out clips passed through the VAE (encode, decode) and
     scored against their own captions: what the decoder lets the evaluator read at best (the
     main job's VAE blurs a 13-16 px square or triangle towards a disc at 64 px)."""
+    recon = reconstruct(pipe.vae, np.stack([items[i]["video"] for i in range(num)]))
+    return ceiling_scores(recon, [items[i]["caption"] for i in range(num)])
+
+
+def reconstruct(vae, videos: np.ndarray) -> np.ndarray:
+    """uint8 [N, F, R, R, 3] -> the same encoded and decoded by `vae`, 8 videos at a time."""
+    return np.concatenate([vae.decode(vae.encode(videos[i:i + 8])) for i in range(0, len(videos), 8)])
+
+
+def ceiling_scores(recon: np.ndarray, captions) -> dict:
+    """{score: fraction} of reconstructions scored against their own captions."""
     from pixeldance.evaluators.synthetic import score_video
-    videos = np.stack([items[i]["video"] for i in range(num)])
-    recon = np.concatenate([pipe.vae.decode(pipe.vae.encode(videos[i:i + 8])) for i in range(0, num, 8)])
-    scores = [score_video(v, items[i]["caption"]) for i, v in enumerate(recon)]
+    scores = [score_video(v, c) for v, c in zip(recon, captions)]
     return {name: float(np.mean([s[key] for s in scores])) for name, key in SCORES}
 
 
@@ -293,6 +302,7 @@ def main():
         real = np.stack([items[i]["video"][:WINDOW] for i in range(args.num_real)])
         real_logits = np.concatenate([i3d(real[i:i + 16])["logits"] for i in range(0, len(real), 16)])
 
+    true_shapes = [synthetic.parse_caption(items[v]["caption"])[0][1] for v in range(args.num_videos)]
     per_mode = {}
     for mode in modes:
         step = frames_per_clip(mode, F, T, K)
@@ -316,7 +326,6 @@ def main():
             print(f"{mode} video {v + 1}/{args.num_videos}: {len(video)} frames ({time.time() - start:.0f} s)",
                   flush=True)
         per_clip = per_clip_fractions(scores_k)
-        true_shapes = [synthetic.parse_caption(items[v]["caption"])[0][1] for v in range(args.num_videos)]
         per_boundary = per_clip_fractions(scores_b, BOUNDARY_SCORES)
         half = len(per_boundary["colour"]) // 2
         m = dict(frames_per_video=int(F + (args.num_clips - 1) * step), step=step, F=F, per_clip=per_clip,

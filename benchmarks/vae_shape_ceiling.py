@@ -7,7 +7,7 @@ bounding-box fill per true shape (issue 20: shape is read from that fill, `SHAPE
 
 Needs only a trained VAE in the workdir (vae/, vae_model.json, config.json): run it on a VAE stage
 before training a DiT on it. The clips are `long_video.py`'s ceiling clips (the held-out split at
-world seed + `--world_seed_offset`), scored the same way (`long_video.vae_ceiling`), so the
+world seed + `--world_seed_offset`), scored the same way (`long_video.ceiling_scores`), so the
 numbers read beside that benchmark's per-clip shape scores. A generated clip cannot keep its
 shape more often than its VAE's reconstructions of real clips do.
 """
@@ -18,7 +18,6 @@ import json
 import os
 import sys
 import time
-import types
 
 import numpy as np
 
@@ -62,13 +61,13 @@ def main(argv=None):
     world = synthetic.WorldConfig(**{**world.__dict__, "seed": world.seed + args.world_seed_offset})
     items = synthetic.ShapesSource("heldout", size=args.num_videos, config=world)
     videos = np.stack([items[i]["video"] for i in range(args.num_videos)])
-    recon = np.concatenate([vae.decode(vae.encode(videos[i:i + 8])) for i in range(0, len(videos), 8)])
+    recon = lv.reconstruct(vae, videos)
     captions = [items[i]["caption"] for i in range(args.num_videos)]
     result = dict(
         workdir=os.path.abspath(args.workdir), num_videos=args.num_videos,
         vae_steps=config.vae.num_steps, vae_train_size=config.vae.get("train_size", 0),
         vae_batch_size=config.vae.batch_size,
-        ceiling=lv.vae_ceiling(types.SimpleNamespace(vae=vae), items, args.num_videos),
+        ceiling=lv.ceiling_scores(recon, captions),
         psnr=float(np.mean([psnr(r, v) for r, v in zip(recon, videos)])),
         fill_by_shape=fills_by_shape(recon, captions),
         seconds=round(time.time() - start, 1))
