@@ -214,8 +214,10 @@ def get_config(arg=None):
         # x_t = (1 - t) x0 + t eps (experiments/shapes_flow.py; Wan 2.1's); 'eps': the paper's.
         objective="v_zero_snr",
         prediction="x0",           # flow only: network output 'x0' or 'velocity'; the loss is on velocity
-        time_sampling="logit_normal",  # flow only (DDPM draws its 1000 steps uniformly)
-        logit_mean=0.0,
+        time_sampling="logit_normal",  # flow only
+        ddpm_time_sampling="uniform",  # eps / v only: which of DDPM's 1000 steps training draws,
+                                       # 'uniform' or 'logit_normal' (mean < 0: more at low noise)
+        logit_mean=0.0,            # the logit-normal of either time sampling
         logit_std=1.0,
         min_t_for_x0=0.05,         # velocity from an x0 prediction divides by max(t, this)
     )

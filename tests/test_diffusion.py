@@ -158,6 +158,28 @@ def test_ddpm_schedule():
     np.testing.assert_allclose(schedules.time_grid(50, path="ddpm") * 1000, np.arange(1000, -1, -20), atol=1e-3)
 
 
+def test_ddpm_logit_normal_time_sampling():
+    """'logit_normal' on the DDPM path: only the trained steps, n = floor(sigmoid(m + s n) T), so
+    the median step sits at sigmoid(mean) T and mean < 0 moves the draws towards low noise."""
+    for mean, median in ((0.0, 500), (-1.0, 269)):
+        t = schedules.sample_ddpm_time(jax.random.key(1), 8192, kind="logit_normal", mean=mean, std=1.0)
+        steps = np.asarray(t) * 1000
+        np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
+        assert steps.min() >= 1 and steps.max() <= 1000
+        assert abs(np.median(steps) - median) < 12, (mean, np.median(steps))
+        # 68 % within one std of the mean in logit space (uniform draws would give 46 %).
+        u = (np.round(steps) - 0.5) / 1000
+        assert abs(np.mean(np.abs(np.log(u / (1 - u)) - mean) < 1.0) - 0.683) < 0.02
+    # A wide logit-normal reaches both ends of the grid and never leaves it.
+    t = schedules.sample_ddpm_time(jax.random.key(2), 8192, kind="logit_normal", std=8.0)
+    assert float(t.min()) == np.float32(0.001) and float(t.max()) == 1.0
+    # The default stays DDPM's uniform draw, bit for bit.
+    np.testing.assert_array_equal(schedules.sample_ddpm_time(jax.random.key(0), 64),
+                                  (jax.random.randint(jax.random.key(0), (64,), 0, 1000) + 1) / 1000)
+    with pytest.raises(ValueError, match="unknown DDPM time sampling 'sigmoid'"):
+        schedules.sample_ddpm_time(jax.random.key(0), 4, kind="sigmoid")
+
+
 def test_zero_terminal_snr_schedule():
     """'ddpm_zero_snr' (Lin et al.): the first step as DDPM's, the last pure noise, alpha falling
     all the way, and t = 1 an exact clean-sample estimate from v (where eps would say nothing)."""
@@ -505,6 +527,29 @@ def test_task_loss_dropout_rates():
     # Training times: logit-normal for the flow (68 % within one std of the mean in logit space).
     logit = np.log(call["t"] / (1.0 - call["t"]))
     assert abs(np.mean(np.abs(logit) < 1.0) - 0.683) < tol
+
+
+def test_task_ddpm_time_sampling():
+    """config.diffusion.ddpm_time_sampling reaches the training times of the DDPM objectives (with
+    the shared logit_mean / logit_std); the flow objective ignores it; unknown names are refused."""
+    tol = 0.03
+    for objective in ("v", "v_zero_snr", "eps"):
+        task, batch = _loss_setup(objective=objective, **{"diffusion.ddpm_time_sampling": "logit_normal",
+                                                           "diffusion.logit_mean": -1.0})
+        model = _Recorder()
+        _task_loss([model], task, batch)
+        t = np.asarray(model.calls[0]["t"])
+        assert abs(np.median(t) - 0.269) < tol, (objective, np.median(t))
+        task, batch = _loss_setup(objective=objective, **{"diffusion.logit_mean": -1.0})
+        model = _Recorder()
+        _task_loss([model], task, batch)  # the default: uniform, whatever the logit-normal says
+        assert abs(np.median(np.asarray(model.calls[0]["t"])) - 0.5) < tol
+    task, batch = _loss_setup(**{"diffusion.ddpm_time_sampling": "logit_normal", "diffusion.logit_mean": 1.0})
+    model = _Recorder()
+    _task_loss([model], task, batch)
+    assert abs(np.median(np.asarray(model.calls[0]["t"])) - 0.731) < tol  # flow: its own time_sampling
+    with pytest.raises(ValueError, match="ddpm_time_sampling must be one of"):
+        _loss_setup(objective="v", **{"diffusion.ddpm_time_sampling": "cosine"})
 
 
 def test_frozen_text_states_dropped_to_the_stored_null():

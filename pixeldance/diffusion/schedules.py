@@ -53,9 +53,24 @@ def sample_time(rng, batch: int, *, kind: str = "logit_normal", mean: float = 0.
     return shift_time(t, shift)
 
 
-def sample_ddpm_time(rng, batch: int, num_steps: int = DDPM_STEPS):
-    """Training times float32 [batch] for the DDPM path: step n uniform in 0 .. T-1, t = (n + 1) / T."""
-    n = jax.random.randint(rng, (batch,), 0, num_steps)
+DDPM_TIME_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def sample_ddpm_time(rng, batch: int, num_steps: int = DDPM_STEPS, *, kind: str = "uniform",
+                     mean: float = 0.0, std: float = 1.0):
+    """Training times float32 [batch] for the DDPM path: a step n in 0 .. T-1, t = (n + 1) / T.
+
+    kind 'uniform': n uniform (DDPM's draw). 'logit_normal': u = sigmoid(mean + std * normal)
+    snapped down to a step, n = floor(u T) (so still only the trained steps); mean < 0 spends more
+    steps at low noise, where a sample's fine detail (a square's corners) is settled.
+    """
+    if kind == "uniform":
+        n = jax.random.randint(rng, (batch,), 0, num_steps)
+    elif kind == "logit_normal":
+        u = jax.nn.sigmoid(mean + std * jax.random.normal(rng, (batch,)))
+        n = jnp.clip(jnp.floor(u * num_steps), 0, num_steps - 1).astype(jnp.int32)
+    else:
+        raise ValueError(f"unknown DDPM time sampling {kind!r}; choose from {DDPM_TIME_SAMPLINGS}")
     return (n + 1).astype(jnp.float32) / num_steps
 
 

@@ -74,8 +74,9 @@ class PixelDanceTask:
     """The diffusion objective and PixelDance's conditioning rules (see the module docstring).
 
     objective 'flow' | 'eps' | 'v' | 'v_zero_snr'; prediction 'x0' | 'velocity' (flow only); min_t: velocity
-    from an x0 prediction divides by max(t, min_t); time_sampling, logit_mean, logit_std: flow
-    training times. first_frame 'replace' (the clean first latent replaces the noisy one and
+    from an x0 prediction divides by max(t, min_t); time_sampling: flow training times,
+    ddpm_time_sampling: DDPM ones ('uniform' or 'logit_normal' over the 1000 steps,
+    `schedules.sample_ddpm_time`); logit_mean, logit_std: the logit-normal of either. first_frame 'replace' (the clean first latent replaces the noisy one and
     leaves the loss) or 'concat' (channel concatenation only); p_first, p_last: probability of a
     first frame, and of a last frame given one; last_from: the last-frame instruction is one of
     the last `last_from` frames; noise: flow time of the noise on c_image; p_drop_text: text
@@ -100,6 +101,7 @@ class PixelDanceTask:
     prediction: str = "x0"
     min_t: float = 0.05
     time_sampling: str = "logit_normal"
+    ddpm_time_sampling: str = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
     first_frame: str = "replace"
@@ -117,6 +119,9 @@ class PixelDanceTask:
 
     def __post_init__(self):
         objectives.path(self.objective)  # rejects unknown objectives, naming the choices
+        if self.ddpm_time_sampling not in schedules.DDPM_TIME_SAMPLINGS:
+            raise ValueError(f"config.diffusion.ddpm_time_sampling must be one of "
+                             f"{schedules.DDPM_TIME_SAMPLINGS}, got {self.ddpm_time_sampling!r}")
         if self.first_frame not in FIRST_FRAME_MODES:
             raise ValueError(f"config.cond.first_frame must be one of {FIRST_FRAME_MODES}, got {self.first_frame!r}")
         if self.last_from < 1:
@@ -139,7 +144,8 @@ class PixelDanceTask:
         """From config.diffusion and config.cond."""
         d, c = config.diffusion, config.cond
         return cls(objective=d.objective, prediction=d.prediction, min_t=d.min_t_for_x0,
-                   time_sampling=d.time_sampling, logit_mean=d.logit_mean, logit_std=d.logit_std,
+                   time_sampling=d.time_sampling, ddpm_time_sampling=d.get("ddpm_time_sampling", "uniform"),
+                   logit_mean=d.logit_mean, logit_std=d.logit_std,
                    first_frame=c.first_frame, p_first=c.p_first, p_last=c.p_last, last_from=c.last_from,
                    noise=c.noise, p_drop_text=c.p_drop_text,
                    keyframe_sets=parse_keyframe_sets(c.get("keyframe_sets", "")),
@@ -247,7 +253,8 @@ class PixelDanceTask:
             t = schedules.sample_time(keys[5], B, kind=self.time_sampling, mean=self.logit_mean,
                                       std=self.logit_std)
         else:
-            t = schedules.sample_ddpm_time(keys[5], B)
+            t = schedules.sample_ddpm_time(keys[5], B, kind=self.ddpm_time_sampling, mean=self.logit_mean,
+                                           std=self.logit_std)
         noise = rng_lib.normal(keys[6], z.shape)
         x_t = objectives.add_noise(z, noise, t, objective=self.objective)
         loss_mask = conditioning.first_frame_loss_mask(has_first, T, self.replace)
@@ -312,7 +319,7 @@ class PixelDanceTask:
         """(loss, dict(x0_mse)) on a batch of normalised latents: z [B, T, h, w, C], z_last
         [B, J, h, w, C] and tokens int32 [B, S] or frozen text states (text_states [B, S, D],
         text_mask [B, S]; `models.text.text_input`), see `training_inputs`. The objective sets the noise
-        path, the training times (flow: time_sampling; eps / v: uniform over DDPM's 1000 steps)
+        path, the training times (flow: time_sampling; eps / v: ddpm_time_sampling over DDPM's 1000 steps)
         and the regression target."""
         x = self.training_inputs(batch["z"], batch["z_last"], text_lib.text_input(batch), rng, null_text,
                                  batch.get("z_frames"), batch.get("z_shift"), batch.get("shift_context"))
