@@ -1,11 +1,12 @@
 r"""Issue 20: shapes_keyframes on a VAE that keeps the world's shapes (the long-video shape target).
 
-The main job's VAE stage (1,500 steps, batches of 4 whole 64 x 64 clips) turns a 13-16 px square
-or triangle into a rounded blob: real held-out clips, encoded and decoded, read as their own
-shape in 0.31 of 64 (`benchmarks/vae_shape_ceiling.py`), so no DiT on its latents can keep shape
-in 0.9 of long-video clips. The same VAE trained on random 32 x 32 crops of the 9-frame clips, 8
-per batch (each step costs about what 2 whole clips do and shows twice the objects), for 9,000
-steps reads shape in 0.875 of 64 at 30.1 dB. Everything else — data, DiT, keyframe sets, the
+The main job's VAE stage until issue 19's session 25 (1,500 steps, batches of 4 whole 64 x 64
+clips) turned a 13-16 px square or triangle into a rounded blob: real held-out clips, encoded and
+decoded, read as their own shape in 0.31 of 64 (`benchmarks/vae_shape_ceiling.py`), so no DiT on
+its latents could keep shape in 0.9 of long-video clips. Trained on random 32 x 32 crops of the
+9-frame clips, 8 per batch (each step costs about what 2 whole clips do and shows twice the
+objects), it reads shape in 0.66 of 64 after 3,000 steps (today's main job) and 0.875 at 30.1 dB
+after 9,000 (here). Everything else — data, DiT, keyframe sets, the
 1,600-step DiT budget, sampling — is shapes_keyframes'. Measured (benchmarks/README.md, issue 20,
 "Sessions 23-24: a VAE that keeps shapes"): VAE 727 s, cache 76 s, DiT 463 s, sampling 30 s on a
 2-core CPU; text-only direction 0.88, consistency 0.77-0.97, first-frame PSNR 30.6 dB; in 64-clip

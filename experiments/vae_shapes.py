@@ -33,7 +33,7 @@ def get_config(arg=None):
     c.train_size = 32        # random spatial crops (pixels; 0: full frames)
     if c.variant == "shapes_wide":
         c.num_steps = 12_000
-        c.lr = 1e-3          # half the main job's, for the wider VAE
+        c.lr = 1e-3          # the main job's (2e-3 lost colours there), for the wider VAE too
     else:
         c.num_steps = 20_000
     c.warmup_steps = 100

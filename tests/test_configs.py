@@ -127,8 +127,8 @@ def test_importing_entry_points_defines_no_flags(python_runner):
 
 def test_shapes_keyframes_sharp_changes_only_the_vae_crops():
     """Issue 20's sharp-VAE experiment is shapes_keyframes with the VAE on 32 px crops, 8 per batch,
-    9,000 steps: everything else (data, DiT, keyframe sets, sampling) is the same; runlocal is
-    shapes_keyframes' runlocal."""
+    9,000 steps (the main job's stage, 3x longer): everything else (data, DiT, keyframe sets,
+    sampling) is the same; runlocal is shapes_keyframes' runlocal."""
     base = configs.load_config(os.path.join(REPO, "experiments", "shapes_keyframes.py")).to_dict()
     sharp = configs.load_config(os.path.join(REPO, "experiments", "shapes_keyframes_sharp.py")).to_dict()
     vae_base, vae_sharp = base.pop("vae"), sharp.pop("vae")
@@ -136,7 +136,23 @@ def test_shapes_keyframes_sharp_changes_only_the_vae_crops():
     assert (vae_sharp["train_size"], vae_sharp["batch_size"], vae_sharp["num_steps"]) == (32, 8, 9_000)
     assert vae_sharp["train_size"] < base["data"]["resolution"]
     changed = {k for k in vae_base if vae_base[k] != vae_sharp[k]}
-    assert changed == {"train_size", "batch_size", "num_steps"}, changed
+    assert changed == {"num_steps"}, changed  # the main job's VAE stage is on the same crops
+    assert vae_base["num_steps"] < vae_sharp["num_steps"]
     small = [configs.load_config(os.path.join(REPO, "experiments", f"{n}.py:runlocal")).to_dict()
              for n in ("shapes_keyframes", "shapes_keyframes_sharp")]
     assert small[0] == small[1]
+
+
+def test_vae_crops_on_the_synthetic_world_only():
+    """The main job's VAE stage trains on 32 px crops of its 64 px clips (issue 19, session 25);
+    the real-data experiments keep the whole-frame stage they were written with, and every
+    runlocal trains on whole frames."""
+    load = lambda name: configs.load_config(os.path.join(REPO, "experiments", name))
+    main = load("shapes.py")
+    assert (main.vae.train_size, main.vae.batch_size, main.vae.num_steps) == (32, 8, 3000)
+    assert main.vae.train_size < main.data.resolution
+    for name in ("ucf101", "msrvtt", "video_folder", "video_image_mix"):
+        c = load(f"{name}.py")
+        assert (c.vae.train_size, c.vae.batch_size, c.vae.num_steps) == (0, 4, 1500), name
+    for name in ("shapes", "ucf101", "video_folder"):
+        assert load(f"{name}.py:runlocal").vae.train_size == 0, name
