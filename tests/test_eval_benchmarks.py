@@ -208,13 +208,13 @@ def test_vae_shape_ceiling_scores_reconstructions_and_reads_fills_per_true_shape
     """benchmarks/vae_shape_ceiling.py: the fills of real clips sit where the evaluator's thresholds
     put each shape; on a workdir, the ceiling is long_video's and the JSON names the VAE stage."""
     from pixeldance.data import synthetic
-    from pixeldance.evaluators.synthetic import SHAPE_FILL_THRESHOLDS
+    from pixeldance.evaluators.synthetic import fill_thresholds
     ceiling = _load("vae_shape_ceiling")
     items = synthetic.ShapesSource("heldout", size=24, config=synthetic.WorldConfig(seed=5))
     videos = np.stack([items[i]["video"] for i in range(24)])
     fills = ceiling.fills_by_shape(videos, [items[i]["caption"] for i in range(24)])
     assert set(fills) == {"circle", "square", "triangle"}, fills
-    low, high = SHAPE_FILL_THRESHOLDS
+    low, high = fill_thresholds(videos.shape[2])
     assert fills["square"][0] > high and fills["triangle"][2] < low
     assert low < fills["circle"][0] <= fills["circle"][1] <= fills["circle"][2] < high
     from pixeldance.evaluators.synthetic import analyse_video

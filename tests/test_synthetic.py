@@ -410,3 +410,30 @@ def test_shape_from_frames_off_the_border():
     assert cut["shape"] == "circle"  # the trapezoid alone is misread, which is why cut frames wait
     assert faith.analyse_video(video)["shape"] == "triangle"
     assert faith.shape_of_fill(None) is None and faith.analyse_video(video[:0 + 1] * 0)["shape"] is None
+
+
+def test_shape_fill_thresholds_are_the_midpoints_of_real_clips():
+    """Each resolution's thresholds sit halfway between two shapes' fill ranges on 600 real clips
+    (the calibration SHAPE_FILL_THRESHOLDS records), so every real clip reads its own shape; a
+    video reads with the nearest calibrated resolution's pair."""
+    for R in (32, 64):
+        fills = {}
+        for split in ("train", "heldout"):
+            src = world.ShapesSource(split, size=300, config=world.WorldConfig(resolution=R))
+            for i in range(300):
+                item = src[i]
+                (_, shape, _), = world.parse_caption(item["caption"])
+                analysis = faith.analyse_video(item["video"])
+                assert analysis["shape"] == shape, (R, split, i, analysis["fill"])
+                fills.setdefault(shape, []).append(analysis["fill"])
+        low, high = faith.SHAPE_FILL_THRESHOLDS[R]
+        assert abs(low - (max(fills["triangle"]) + min(fills["circle"])) / 2) < 0.005, (R, low)
+        assert abs(high - (max(fills["circle"]) + min(fills["square"])) / 2) < 0.005, (R, high)
+    assert faith.fill_thresholds(64) == faith.fill_thresholds(128) == faith.SHAPE_FILL_THRESHOLDS[64]
+    assert faith.fill_thresholds(32) == faith.fill_thresholds(16) == faith.fill_thresholds(45) \
+        == faith.SHAPE_FILL_THRESHOLDS[32]
+    assert faith.fill_thresholds(46) == faith.SHAPE_FILL_THRESHOLDS[64]
+    # A square with softened corners (fill 0.93): a square at 64 px, where no real circle fills
+    # more than 0.84; a circle at 32 px, where real circles reach 0.92.
+    assert faith.shape_of_fill(0.93, 64) == "square" and faith.shape_of_fill(0.93, 32) == "circle"
+    assert faith.shape_of_fill(0.66, 64) == "circle" and faith.shape_of_fill(0.66, 32) == "triangle"

@@ -49,11 +49,15 @@ MIN_MEAN_STEP = 0.5
 # and ratio +inf; like PSNR_CAP, a cap keeps medians and JSON finite.
 SMOOTHNESS_CAP = 100.0
 
-# Shape from the fraction of its bounding box an object fills. On 600 real clips (medians over
-# frames), at 64 px: squares 1.000 always, circles 0.707-0.837, triangles 0.502-0.583; at 32 px,
-# where small shapes rasterise coarsely: squares 1.000, circles 0.696-0.918, triangles
-# 0.510-0.667. The thresholds separate both.
-SHAPE_FILL_THRESHOLDS = (0.68, 0.96)  # triangle below the first, square above the second
+# Shape from the fraction of its bounding box an object fills: (triangle below, square above) per
+# calibrated resolution, each threshold the midpoint between two shapes' ranges on 600 real clips
+# (300 training, 300 held-out; medians over frames). At 64 px: triangles 0.502-0.583, circles
+# 0.707-0.837, squares 1.000 always -> (0.645, 0.918). At 32 px, where small shapes rasterise
+# coarsely: triangles 0.510-0.667, circles 0.696-0.918, squares 1.000 -> (0.68, 0.96). A video
+# reads with the pair of the calibrated resolution nearest its own (`fill_thresholds`). Until
+# session 25 the 32 px pair read every resolution, which put a 64 px square whose corners a
+# decoder softens (fill 0.93-0.96, nearer a square's 1.0 than any circle's) among the circles.
+SHAPE_FILL_THRESHOLDS = {32: (0.68, 0.96), 64: (0.645, 0.918)}
 
 _PALETTE_NAMES = tuple(COLOUR_RGB)
 _PALETTE = np.array([COLOUR_RGB[c] for c in _PALETTE_NAMES], np.float64)  # [7, 3]
@@ -95,11 +99,19 @@ def nearest_colour(rgb) -> str:
     return _PALETTE_NAMES[int(np.argmin(d))]
 
 
-def shape_of_fill(fill) -> str | None:
-    """'triangle' | 'circle' | 'square' from a bounding-box fill fraction in (0, 1], None for None."""
+def fill_thresholds(resolution: int) -> tuple[float, float]:
+    """(triangle below, square above): `SHAPE_FILL_THRESHOLDS` of the calibrated resolution
+    nearest `resolution` pixels (by ratio; ties go to the coarser)."""
+    return SHAPE_FILL_THRESHOLDS[min(sorted(SHAPE_FILL_THRESHOLDS),
+                                     key=lambda r: abs(math.log(resolution / r)))]
+
+
+def shape_of_fill(fill, resolution: int = 64) -> str | None:
+    """'triangle' | 'circle' | 'square' from a bounding-box fill fraction in (0, 1] of an object in
+    a `resolution`-pixel frame (`fill_thresholds`), None for None."""
     if fill is None:
         return None
-    low, high = SHAPE_FILL_THRESHOLDS
+    low, high = fill_thresholds(resolution)
     return "triangle" if fill < low else ("square" if fill > high else "circle")
 
 
@@ -150,7 +162,7 @@ def _analyse_mask(video: np.ndarray, background: np.ndarray, mask: np.ndarray) -
         "background": background,
         "mask": mask,
         "fill": fill,
-        "shape": shape_of_fill(fill),
+        "shape": shape_of_fill(fill, resolution),
         "area": area,
         "centroid": centroid,
         "mean_colour": mean_colour,
