@@ -232,3 +232,42 @@ def test_vae_shape_ceiling_scores_reconstructions_and_reads_fills_per_true_shape
                            f"--workdir={tmp_path / 'missing'}"], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "missing" in proc.stderr, proc.stderr
+
+
+def test_probe_shape_keeping_ddim_step_and_end_to_end(runlocal_workdir, tmp_path):
+    """benchmarks/probe_shape_keeping.py: its DDIM step is the 'ddim' sampler's at eta 0, lands on
+    x0 at t = 0, and at eta 1 adds DDPM's posterior spread; on a workdir the JSON reads every
+    true shape in each of the three ways."""
+    import jax
+    import jax.numpy as jnp
+    from pixeldance.diffusion import schedules
+    probe = _load("probe_shape_keeping")
+    x0, eps = jnp.full((4096,), 0.3), jnp.full((4096,), -0.5)
+    noise = jax.random.normal(jax.random.key(0), (4096,))
+    t, t_next = jnp.float32(0.6), jnp.float32(0.4)
+    a_n, s_n = schedules.alpha_sigma(t_next, "ddpm")
+    np.testing.assert_allclose(probe.ddim_eta_step(x0, eps, t, t_next, noise, 0.0, "ddpm"), a_n * x0 + s_n * eps, rtol=1e-6)
+    np.testing.assert_allclose(probe.ddim_eta_step(x0, eps, t, jnp.float32(0.0), noise, 1.0, "ddpm"), x0, atol=1e-6)
+    a_t, s_t = schedules.alpha_sigma(t, "ddpm")
+    want = float(jnp.sqrt((s_n ** 2 / s_t ** 2) * (1 - a_t ** 2 / a_n ** 2)))
+    got = probe.ddim_eta_step(x0, eps, t, t_next, noise, 1.0, "ddpm")
+    assert abs(float(jnp.std(got)) - want) < 0.05 * want and 0 < want < float(s_n)
+    assert abs(float(jnp.mean(got)) - float(a_n * 0.3 + jnp.sqrt(s_n ** 2 - want ** 2) * -0.5)) < 0.05
+    # Fills and reads of real clips: every shape read right.
+    from pixeldance.data import synthetic
+    items = synthetic.ShapesSource("heldout", size=12, config=synthetic.WorldConfig(seed=5))
+    read = probe.read_shapes(np.stack([items[i]["video"] for i in range(12)]), [items[i]["caption"] for i in range(12)])
+    assert read["shape"] == 1.0 and all(read[s]["read"] == 1.0 for s in ("circle", "square", "triangle") if s in read)
+    out = tmp_path / "probe.json"
+    probe.main([f"--workdir={runlocal_workdir}", "--num_videos=4", "--levels=0.1,0.5", "--steps=2",
+                f"--output={out}"])
+    result = json.loads(out.read_text())
+    assert set(result["denoise"]) == {"0.1", "0.5"} and set(result["sample"]) == {"steps2_eta0", "steps2_eta1"}
+    for reading in [result["vae"], *result["denoise"].values(), *result["sample"].values()]:
+        assert 0.0 <= reading["shape"] <= 1.0 and 0.0 <= reading["colour"] <= 1.0
+        shapes = [k for k in reading if k in ("circle", "square", "triangle")]
+        assert shapes and sum(reading[k]["n"] for k in shapes) == 4
+    for bad in ("--levels=1.5", "--steps=0", "--levels=x"):
+        proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "probe_shape_keeping.py"),
+                               f"--workdir={runlocal_workdir}", bad], capture_output=True, text=True)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, (bad, proc.stderr)
