@@ -97,7 +97,7 @@ def get_config(arg=None):
         # object per pixel). On seeds 0 / 1 / 2 (benchmarks/README.md, issue 19, session 25):
         # held-out text-only direction 0.92 / 0.97 / 0.94, consistency >= 0.87 in every mode,
         # smoothness 0.74-0.98, first-frame PSNR 28.6-28.9 dB (was 26.1-26.5), and real clips
-        # through it read as their own shape 0.66 of the time (was 0.31).
+        # through it keep their shape more often (0.39 / 0.45 on seeds 1 / 2, was 0.31).
         batch_size=8,
         train_frames=9,      # clips the VAE trains on: the first frame plus two 4-frame groups, so
                              # the decoder learns the steady state of group after group (with

@@ -5,8 +5,9 @@ clips) turned a 13-16 px square or triangle into a rounded blob: real held-out c
 decoded, read as their own shape in 0.31 of 64 (`benchmarks/vae_shape_ceiling.py`), so no DiT on
 its latents could keep shape in 0.9 of long-video clips. Trained on random 32 x 32 crops of the
 9-frame clips, 8 per batch (each step costs about what 2 whole clips do and shows twice the
-objects), it reads shape in 0.66 of 64 after 3,000 steps (today's main job) and 0.875 at 30.1 dB
-after 9,000 (here). Everything else — data, DiT, keyframe sets, the
+objects), it reads shape in 0.39-0.45 of 64 after 3,000 steps (today's main job) and in all 64 at
+30.1 dB after 9,000 (here; 0.875 at the evaluator's 32 px thresholds, which read 64 px clips until
+session 25). Everything else — data, DiT, keyframe sets, the
 1,600-step DiT budget, sampling — is shapes_keyframes'. Measured (benchmarks/README.md, issue 20,
 "Sessions 23-24: a VAE that keeps shapes"): VAE 727 s, cache 76 s, DiT 463 s, sampling 30 s on a
 2-core CPU; text-only direction 0.88, consistency 0.77-0.97, first-frame PSNR 30.6 dB; in 64-clip
