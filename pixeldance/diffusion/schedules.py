@@ -62,7 +62,8 @@ def sample_ddpm_time(rng, batch: int, num_steps: int = DDPM_STEPS, *, kind: str 
 
     kind 'uniform': n uniform (DDPM's draw). 'logit_normal': u = sigmoid(mean + std * normal)
     snapped down to a step, n = floor(u T) (so still only the trained steps); mean < 0 spends more
-    steps at low noise, where a sample's fine detail (a square's corners) is settled.
+    steps at low noise (on the shapes world it kept no more shapes and cost text-only motion:
+    benchmarks/README.md, issue 20, session 25).
     """
     if kind == "uniform":
         n = jax.random.randint(rng, (batch,), 0, num_steps)
