@@ -77,8 +77,9 @@ class PixelDanceTask:
     from an x0 prediction divides by max(t, min_t); time_sampling: flow training times,
     ddpm_time_sampling: DDPM ones ('uniform' or 'logit_normal' over the 1000 steps,
     `schedules.sample_ddpm_time`); logit_mean, logit_std: the logit-normal of either.
-    first_frame 'replace' (the clean first latent replaces the noisy one and leaves the loss) or 'concat' (channel concatenation only); p_first, p_last: probability of a
-    first frame, and of a last frame given one; last_from: the last-frame instruction is one of
+    first_frame 'replace' (the clean first latent replaces the noisy one and leaves the loss)
+    or 'concat' (channel concatenation only); p_first, p_last: probability of a first frame, and
+    of a last frame given one; last_from: the last-frame instruction is one of
     the last `last_from` frames; noise: flow time of the noise on c_image; p_drop_text: text
     dropped (the empty prompt) for classifier-free guidance.
 
