@@ -30,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import long_video as lv  # noqa: E402  (benchmarks/ is not a package)
+import vae_shape_ceiling  # noqa: E402
 
 
 def read_shapes(videos: np.ndarray, captions) -> dict:
@@ -37,16 +38,16 @@ def read_shapes(videos: np.ndarray, captions) -> dict:
     colour and direction as asked and consistent, and per true shape its fraction read right
     and its fills' [min, median, max] (None where no fill was read)."""
     from pixeldance.data import synthetic
-    from pixeldance.evaluators.synthetic import analyse_video, score_video
+    from pixeldance.evaluators.synthetic import score_video
     truth = [synthetic.parse_caption(c)[0][1] for c in captions]
     scores = [score_video(v, c) for v, c in zip(videos, captions)]
     out = {k: float(np.mean([s[f"{k}_correct"] for s in scores])) for k in ("shape", "colour", "direction")}
     out["consistent"] = float(np.mean([s["consistent"] for s in scores]))
+    fills = vae_shape_ceiling.fills_by_shape(videos, captions)
     for shape in sorted(set(truth)):
         mine = [i for i, t in enumerate(truth) if t == shape]
-        fills = [f for f in (analyse_video(videos[i])["fill"] for i in mine) if f is not None]
         out[shape] = dict(n=len(mine), read=float(np.mean([scores[i]["shape_correct"] for i in mine])),
-                          fill=[round(float(np.percentile(fills, q)), 3) for q in (0, 50, 100)] if fills else None)
+                          fill=fills.get(shape))
     return out
 
 
