@@ -38,12 +38,14 @@ from pixeldance.models.text import FrozenText, TextEncoder
 from pixeldance.sharding import constrain
 
 # Size table: width D, depth, heads N (head width K = D / N), MLP width E = mlp_ratio * D.
-# `mu` is for tests; `shapes` for the built-in world on a CPU; S, B, L, XL follow DiT's widths
+# `mu` is for tests; `shapes` for the built-in world on a CPU (`shapes_wide`: twice as wide, for
+# issue 20's question whether width keeps the world's shapes); S, B, L, XL follow DiT's widths
 # and depths; `1.5B` matches the parameter count of PixelDance's UNet (1.5B) with the head count
 # and width of Wan 2.1's 1.3B model (12 x 128) at DiT-XL's depth.
 DIT_VARIANTS = {
     "mu": dict(width=32, depth=2, num_heads=2, mlp_ratio=2),
     "shapes": dict(width=128, depth=4, num_heads=4, mlp_ratio=4),
+    "shapes_wide": dict(width=256, depth=4, num_heads=8, mlp_ratio=4),
     "S": dict(width=384, depth=12, num_heads=6, mlp_ratio=4),
     "B": dict(width=768, depth=12, num_heads=12, mlp_ratio=4),
     "L": dict(width=1024, depth=24, num_heads=16, mlp_ratio=4),
