@@ -316,6 +316,8 @@ def get_config(arg=None):
                                    # 1.36 -> 1.24 against 'first_latent', its latent as it is);
                                    # 'direct': the one text-only pass
         batch_size=16,
+        weights="ema",             # the DiT weights sampled: 'ema' (train.ema_decay's average) or
+                                   # 'train' (the trained weights at the last step)
     )
 
     # Evaluators (pixeldance/evaluators/) of each trained model, by name: the VAE stage runs

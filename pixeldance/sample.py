@@ -164,8 +164,9 @@ def check_sample_config(sample, prefix: str = "config.sample.") -> None:
     model, so a typo fails in a second, not after the VAE and DiT stages or the sweep's first
     settings. One-line ValueErrors naming `prefix` + the field: the ranges of
     `samplers.check_settings` (steps, guidance, image_guidance, sampler, shift), guidance_rescale in
-    [0, 1], text_to_video one of `TEXT_TO_VIDEO`, tau an integer >= 0 (above the steps it keeps the
-    last frame at every step, `check_tau`), batch_size an integer >= 1."""
+    [0, 1], text_to_video one of `TEXT_TO_VIDEO`, weights one of `workdir.WEIGHTS`, tau an
+    integer >= 0 (above the steps it keeps the last frame at every step, `check_tau`),
+    batch_size an integer >= 1."""
     get = sample.get
     samplers.check_settings(prefix, steps=get("steps"), guidance=get("guidance"),
                             image_guidance=get("image_guidance"), sampler=get("sampler"), shift=get("shift"))
@@ -175,6 +176,9 @@ def check_sample_config(sample, prefix: str = "config.sample.") -> None:
     rescale = get("guidance_rescale")
     if rescale is not None and not (samplers.as_number(rescale) is not None and 0.0 <= samplers.as_number(rescale) <= 1.0):
         raise ValueError(f"{prefix}guidance_rescale must be a number in [0, 1], got {rescale}")
+    weights = get("weights")
+    if weights is not None and weights not in workdir_lib.WEIGHTS:
+        raise ValueError(f"{prefix}weights must be one of {', '.join(workdir_lib.WEIGHTS)}, got {weights!r}")
     for name, low in (("tau", 0), ("batch_size", 1)):
         value = get(name)
         if value is not None and not (samplers.is_int(value) and value >= low):
@@ -707,7 +711,8 @@ def read_pipeline_config(workdir: str):
 
 def load_pipeline(workdir: str, *, mesh=None) -> Pipeline:
     """The trained pipeline of a workdir: the EMA weights of the newest VAE and DiT checkpoints
-    (nothing else of their train states), placed on `mesh` (default `inference_mesh()`). A
+    (the DiT's trained weights instead where config.sample.weights is 'train'; nothing else of
+    their train states), placed on `mesh` (default `inference_mesh()`). A
     workdir whose DiT starts from converted weights (config.dit.init_from) and has no DiT
     checkpoint yet samples from those weights (step 0)."""
     config = read_pipeline_config(workdir)
@@ -729,10 +734,11 @@ def load_pipeline(workdir: str, *, mesh=None) -> Pipeline:
         step = 0
         if lora is not None and trained:
             adapters, step = workdir_lib.load_ema_params(dit_dir, build.lora_init_fn(init_fn, lora), mesh,
-                                                         INFERENCE_PRESET)
+                                                         INFERENCE_PRESET, weights=config.sample.get("weights", "ema"))
             params = build.merge_lora(params, adapters, lora, shardings)
     else:
-        params, step = workdir_lib.load_ema_params(dit_dir, init_fn, mesh, INFERENCE_PRESET)
+        params, step = workdir_lib.load_ema_params(dit_dir, init_fn, mesh, INFERENCE_PRESET,
+                                                   weights=config.sample.get("weights", "ema"))
     return Pipeline(config, vae, model, params, text, stats, mesh, step)
 
 

@@ -156,21 +156,30 @@ def abstract_params(init_fn, mesh, preset: str, dtype=None):
     return params, shardings
 
 
-def load_ema_params(directory: str, init_fn, mesh, preset: str = "fsdp", *, step: int | None = None):
-    """(EMA parameters, step) of the newest (or given) train-state checkpoint in `directory`.
+# Which weights of a train state sampling uses: its EMA, or the trained weights themselves.
+WEIGHTS = {"ema": "ema_params", "train": "params"}
 
-    Only the EMA weights are read, each straight into its shards on `mesh` (logical rules of
+
+def load_ema_params(directory: str, init_fn, mesh, preset: str = "fsdp", *, step: int | None = None,
+                    weights: str = "ema"):
+    """(EMA parameters, step) of the newest (or given) train-state checkpoint in `directory`;
+    weights='train': its trained (not averaged) parameters instead (`WEIGHTS`).
+
+    Only those weights are read, each straight into its shards on `mesh` (logical rules of
     `preset`): no optimizer is rebuilt and no other part of the state is touched, so loading
     costs the weights' memory, split over the mesh. init_fn: as in `abstract_params`.
     """
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    field = WEIGHTS[weights]
     ckpt = _open(directory)
     try:
         step = ckpt.latest_step() if step is None else step
         params, shardings = abstract_params(init_fn, mesh, preset)
-        part = ckpt.restore_part({"ema_params": abstract_like(params, shardings)}, step)
+        part = ckpt.restore_part({field: abstract_like(params, shardings)}, step)
     finally:
         ckpt.close()
-    return part["ema_params"], int(step)
+    return part[field], int(step)
 
 
 def load_params(directory: str, init_fn, mesh, preset: str = "fsdp"):

@@ -310,6 +310,7 @@ def test_clip_tokenizer_counts_past_max_length(tmp_path):
     ("guidance", float("nan"), "guidance must be a finite number >= 0, got nan"),
     ("sampler", "eular", "sampler must be one of"),
     ("guidance_rescale", 1.5, "guidance_rescale must be a number in [0, 1], got 1.5"),
+    ("weights", "last", "weights must be one of ema, train, got 'last'"),
 ])
 def test_sample_config_is_checked_field_by_field(field, value, message):
     """`sample.check_sample_config`, what pixeldance.main runs on config.sample before its first

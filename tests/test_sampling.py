@@ -1,4 +1,6 @@
 """Samplers, PixelDance conditioning and objectives (pure functions), and the sampling pipeline."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -284,6 +286,31 @@ def test_pipeline_follows_a_changed_shift(runlocal_workdir, example):
         fresh.config.sample.shift = 3.0
     np.testing.assert_array_equal(after, fresh.generate(example["caption"], first, seed=0))
     assert not np.array_equal(after, before)
+
+
+def test_pipeline_samples_the_weights_config_sample_names(runlocal_workdir, tmp_path):
+    """config.sample.weights = 'train' loads the DiT's trained weights of the last checkpoint
+    instead of their EMA (a short run's EMA still holds early weights): the checkpoint's own
+    'params', which differ from the EMA the default loads."""
+    import shutil
+    from pixeldance import workdir as workdir_lib
+    workdir = str(tmp_path / "w")
+    shutil.copytree(runlocal_workdir, workdir)
+    ema = pixeldance.load_pipeline(workdir)
+    config = workdir_lib.read_config(workdir)
+    config.sample.weights = "train"
+    workdir_lib.write_config(workdir, config)
+    trained = pixeldance.load_pipeline(workdir)
+    from pixeldance.checkpoint import Checkpointer
+    ckpt = Checkpointer(os.path.join(workdir, "dit"), use_async=False)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), trained.params)
+    want = ckpt.restore_part({"params": abstract})["params"]
+    ckpt.close()
+    assert trained.step == ema.step > 0
+    pairs = list(zip(jax.tree.leaves(trained.params), jax.tree.leaves(ema.params), jax.tree.leaves(want)))
+    for got, averaged, stored in pairs:
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(stored))
+    assert any(not np.array_equal(np.asarray(got), np.asarray(averaged)) for got, averaged, _ in pairs)
 
 
 def test_pipeline_num_frames(pipe, example):

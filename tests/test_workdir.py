@@ -143,6 +143,21 @@ def test_load_ema_params_reads_the_ema_only_sharded(tmp_path):
         workdir_lib.load_ema_params(str(tmp_path / "nothing"), init_fn, mesh)
 
 
+def test_load_ema_params_reads_the_trained_weights_when_asked(tmp_path):
+    """weights='train' (config.sample.weights) returns the checkpoint's trained parameters, which
+    differ from its EMA by 1 here; an unknown choice is one line naming the choices."""
+    config = configs.load_config("experiments/base.py:runlocal")
+    directory = str(tmp_path / "dit")
+    init_fn, state = _saved_dit_state(directory, config, optax.sgd(0.1))
+    mesh = sharding.make_mesh((1, -1, 1, 1))
+    params, step = workdir_lib.load_ema_params(directory, init_fn, mesh, weights="train")
+    assert step == 3
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(ValueError, match="^weights must be one of ema, train, got 'last'$"):
+        workdir_lib.load_ema_params(directory, init_fn, mesh, weights="last")
+
+
 def test_latent_shape_from_the_vae_factors():
     config = configs.load_config("experiments/base.py:runlocal")
     vae = build.vae(config)
