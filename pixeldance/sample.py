@@ -725,6 +725,7 @@ def load_pipeline(workdir: str, *, mesh=None) -> Pipeline:
     text = build.text_conditioner(config, mesh=mesh)
     init_fn = build.dit_init_fn(model, (T, h, w, stats.channels), text.example())
     dit_dir, lora = os.path.join(workdir, workdir_lib.DIT_DIR), build.dit_lora(config)
+    weights = config.sample.get("weights", "ema")  # (workdirs written before the setting: 'ema')
     trained = workdir_lib.latest_step(dit_dir) is not None
     if build.pretrained_dit_params(config) is not None and (lora is not None or not trained):
         # The converted weights (e.g. Wan 2.1 text-to-video, widened): as they are before any
@@ -734,11 +735,10 @@ def load_pipeline(workdir: str, *, mesh=None) -> Pipeline:
         step = 0
         if lora is not None and trained:
             adapters, step = workdir_lib.load_ema_params(dit_dir, build.lora_init_fn(init_fn, lora), mesh,
-                                                         INFERENCE_PRESET, weights=config.sample.get("weights", "ema"))
+                                                         INFERENCE_PRESET, weights=weights)
             params = build.merge_lora(params, adapters, lora, shardings)
     else:
-        params, step = workdir_lib.load_ema_params(dit_dir, init_fn, mesh, INFERENCE_PRESET,
-                                                   weights=config.sample.get("weights", "ema"))
+        params, step = workdir_lib.load_ema_params(dit_dir, init_fn, mesh, INFERENCE_PRESET, weights=weights)
     return Pipeline(config, vae, model, params, text, stats, mesh, step)
 
 
