@@ -207,6 +207,11 @@ def get_config(arg=None):
                              # I2V direction 0.938 -> 0.969 (benchmarks/README.md, issue 19)
         context_parallel="ulysses",  # 'ulysses' | 'ring': self-attention over a 'context'-split sequence
         remat="none",        # 'none' | 'full' | 'dots'
+        # Layers per iteration of the scanned layer loop (models/dit.py VideoDiT.scan_unroll): the
+        # small DiTs of the built-in world run unrolled (no loop, the same parameters): the main
+        # job's train step 1.2-1.26x faster on a 2-core CPU (benchmarks/README.md, issue 19);
+        # larger variants keep 1 (one compiled layer, compile time independent of depth).
+        scan_unroll=4 if arg.dit in ("shapes", "shapes_wide") else 1,
         dtype="float32",
     )
 

@@ -296,7 +296,8 @@ def dit(config, latent_channels: int) -> dit_lib.PixelDanceModel:
     video = dit_lib.VideoDiT(latent_channels=latent_channels, remat=config.dit.remat, dtype=dtype,
                              attention=config.dit.attention,
                              context_parallel=config.dit.get("context_parallel", "ulysses"),
-                             pos_embed=config.dit.get("pos_embed", "none"), **kwargs)
+                             pos_embed=config.dit.get("pos_embed", "none"),
+                             scan_unroll=config.dit.get("scan_unroll", 1), **kwargs)
     return dit_lib.PixelDanceModel(text, video)
 
 

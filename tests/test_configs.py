@@ -156,3 +156,15 @@ def test_vae_crops_on_the_synthetic_world_only():
         assert (c.vae.train_size, c.vae.batch_size, c.vae.num_steps) == (0, 4, 1500), name
     for name in ("shapes", "ucf101", "video_folder"):
         assert load(f"{name}.py:runlocal").vae.train_size == 0, name
+
+
+def test_small_dits_run_their_layers_unrolled():
+    """The built-in world's DiTs unroll their layer loop (issue 19: 1.2x the main job's train
+    step on a 2-core CPU); larger variants keep one compiled layer; build.dit passes it on."""
+    from pixeldance import build
+    load = lambda arg: configs.load_config(os.path.join(REPO, "experiments", "shapes.py") + arg)
+    assert load("").dit.scan_unroll == load(":dit=shapes_wide").dit.scan_unroll == 4
+    assert load(":dit=B").dit.scan_unroll == 1
+    for unroll in (1, 3):
+        config = configs.override(load(":runlocal"), **{"dit.scan_unroll": unroll})
+        assert build.dit(config, 16).dit.scan_unroll == unroll

@@ -431,3 +431,31 @@ def test_pos_embed_tells_tokens_apart(pos_embed):
 def test_unknown_pos_embed_is_refused():
     with pytest.raises(ValueError, match="pos_embed"):
         _model(pos_embed="learned").init(jax.random.key(0), *_inputs(batch=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Unrolled layer loop: the same parameters and gradients, no loop in the compiled step
+
+@pytest.mark.parametrize("unroll", [2, 5])
+def test_unrolled_layers_give_equal_gradients_without_a_loop(reference, unroll):
+    """scan_unroll keeps the scanned parameter layout (checkpoints stay interchangeable) and the
+    gradients; at >= depth the compiled step has no while loop (the point: no per-layer stacking)."""
+    inputs, params, ref = reference["inputs"], reference["params"], reference["grads"]
+    model = _model(attention_impl="xla", scan_unroll=unroll)
+    shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), *inputs)))
+    assert jax.tree.structure(shapes) == jax.tree.structure(params)
+    assert all(a.shape == b.shape for a, b in zip(jax.tree.leaves(shapes), jax.tree.leaves(params)))
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(ref))
+    grads = _grads(model, params, inputs)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5 * scale)
+
+    def loops(m):
+        return jax.jit(lambda p: m.apply(p, *inputs)).lower(params).as_text().count("stablehlo.while")
+    assert loops(_model()) >= 1  # the scanned default: one loop over the layers
+    assert loops(model) == 0     # TINY has depth 2: both settings unroll it whole
+
+
+def test_scan_unroll_below_one_is_refused():
+    with pytest.raises(ValueError, match="scan_unroll"):
+        _model(scan_unroll=0).init(jax.random.key(0), *_inputs(batch=1))

@@ -316,6 +316,12 @@ class VideoDiT(nn.Module):
     mlp_ratio: int = 4
     remat: str = "none"
     scan_layers: bool = True
+    # Layers per iteration of the scanned loop (lax.scan's `unroll`; >= depth: straight-line code
+    # over the same stacked parameters). On a CPU a small DiT's loop costs more than its layers'
+    # elementwise work: the stacking of residuals and per-layer gradients (dynamic-update-slices,
+    # broadcasts) was 45 % of the shapes DiT's train step; unrolled it runs 1.2-1.26x faster
+    # (benchmarks/README.md, issue 19). Large models keep 1: one compiled body, fast compiles.
+    scan_unroll: int = 1
     dtype: Any = jnp.float32
     attention: str = "full"
     attention_impl: str | None = None
@@ -336,6 +342,8 @@ class VideoDiT(nn.Module):
             raise ValueError(f"unknown context_parallel {self.context_parallel!r}; choose from {CONTEXT_PARALLEL}")
         if self.pos_embed not in POS_EMBEDS:
             raise ValueError(f"unknown pos_embed {self.pos_embed!r}; choose from {POS_EMBEDS}")
+        if self.scan_unroll < 1:
+            raise ValueError(f"scan_unroll must be >= 1 (layers per loop iteration), got {self.scan_unroll}")
         grid = (T // pt, h // ph, w // pw)
         D = self.width
 
@@ -367,7 +375,7 @@ class VideoDiT(nn.Module):
         if self.scan_layers:
             # One compiled layer body, iterated: compile time independent of depth.
             blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                             in_axes=(nn.broadcast,) * 4, length=self.depth,
+                             in_axes=(nn.broadcast,) * 4, length=self.depth, unroll=min(self.scan_unroll, self.depth),
                              metadata_params={nn.PARTITION_NAME: "layers"})
             hidden, _ = blocks(**block_kwargs, name="blocks")(hidden, cond, rope, text_h, text_mask)
         else:
