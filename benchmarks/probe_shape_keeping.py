@@ -8,9 +8,9 @@ ways:
            call, its clean-sample estimate decoded: does the DiT keep a shape it is shown at
            that noise? (An estimate at high noise is a mean over clips, so it blurs by design.)
   sample   sampled from noise with the first frame and caption given (guided as the workdir's
-           config.sample says, or `--guidance`), by DDIM with eta 0 (deterministic, the 'ddim'
-           sampler) and eta 1 (fresh noise at each step, DDPM's posterior variance), at each of
-           `--steps`: does sampling make the shape?
+           config.sample says, or `--guidance` / `--image_guidance`), by DDIM with eta 0
+           (deterministic, the 'ddim' sampler) and eta 1 (fresh noise at each step, DDPM's
+           posterior variance), at each of `--steps`: does sampling make the shape?
 
   python benchmarks/probe_shape_keeping.py --workdir=workdirs/shapes_keyframes_sharp \
       --num_videos=64 --output=benchmarks/results/probe_shape_keeping.json
@@ -73,6 +73,8 @@ def main(argv=None):
     p.add_argument("--levels", default="0.02,0.05,0.1,0.2,0.3,0.5,0.7", help="noise levels t in (0, 1) for 'denoise'")
     p.add_argument("--steps", default="8,32", help="sampling steps for 'sample' (comma list; '' skips)")
     p.add_argument("--guidance", type=float, default=None, help="text guidance (default: the workdir's config.sample)")
+    p.add_argument("--image_guidance", type=float, default=None,
+                   help="image-instruction guidance (default: the workdir's config.sample; 1: off)")
     p.add_argument("--world_seed_offset", type=int, default=3000)
     p.add_argument("--output", default=None, help=".json to write (default: print only)")
     args = p.parse_args(argv)
@@ -87,6 +89,8 @@ def main(argv=None):
         raise ValueError(f"--levels must lie in (0, 1), got {args.levels!r}")
     if not all(s >= 1 for s in steps_list):
         raise ValueError(f"--steps must be >= 1, got {args.steps!r}")
+    if args.image_guidance is not None and args.image_guidance < 1.0:
+        raise ValueError(f"--image_guidance must be >= 1 (1: off), got {args.image_guidance}")
 
     import jax
     import jax.numpy as jnp
@@ -118,7 +122,7 @@ def main(argv=None):
         return np.concatenate([pipe.vae.decode(lat[i:i + 8]) for i in range(0, N, 8)])
 
     guidance = float(s.guidance if args.guidance is None else args.guidance)
-    image_guidance = float(s.image_guidance)
+    image_guidance = float(s.image_guidance if args.image_guidance is None else args.image_guidance)
     branches = guidance_lib.num_branches(image_guidance)
     c_full = conditioning.noise_instructions(jax.random.key(11), c_clean, m_full, task.noise)
     guided = task.denoiser(pipe.model, pipe.params, c_full, m_full, text, jnp.float32(guidance),

@@ -260,14 +260,15 @@ def test_probe_shape_keeping_ddim_step_and_end_to_end(runlocal_workdir, tmp_path
     assert read["shape"] == 1.0 and all(read[s]["read"] == 1.0 for s in ("circle", "square", "triangle") if s in read)
     out = tmp_path / "probe.json"
     probe.main([f"--workdir={runlocal_workdir}", "--num_videos=4", "--levels=0.1,0.5", "--steps=2",
-                f"--output={out}"])
+                "--image_guidance=3", f"--output={out}"])
     result = json.loads(out.read_text())
+    assert result["image_guidance"] == 3.0  # the flag over the workdir's config.sample
     assert set(result["denoise"]) == {"0.1", "0.5"} and set(result["sample"]) == {"steps2_eta0", "steps2_eta1"}
     for reading in [result["vae"], *result["denoise"].values(), *result["sample"].values()]:
         assert 0.0 <= reading["shape"] <= 1.0 and 0.0 <= reading["colour"] <= 1.0
         shapes = [k for k in reading if k in ("circle", "square", "triangle")]
         assert shapes and sum(reading[k]["n"] for k in shapes) == 4
-    for bad in ("--levels=1.5", "--steps=0", "--levels=x"):
+    for bad in ("--levels=1.5", "--steps=0", "--levels=x", "--image_guidance=0.5"):
         proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "probe_shape_keeping.py"),
                                f"--workdir={runlocal_workdir}", bad], capture_output=True, text=True)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, (bad, proc.stderr)
