@@ -11,6 +11,10 @@ ways:
            config.sample says, or `--guidance` / `--image_guidance`), by DDIM with eta 0
            (deterministic, the 'ddim' sampler) and eta 1 (fresh noise at each step, DDPM's
            posterior variance), at each of `--steps`: does sampling make the shape?
+  pipeline the Pipeline's own sampler (the workdir's config.sample, `--guidance` /
+           `--image_guidance` over it), per `--pipeline_modes`: 'i2v' (the first frame given),
+           'direct' / 'first_frame' (text alone, by that text-to-video route): does the DiT
+           draw a shape it is only told about?
 
   python benchmarks/probe_shape_keeping.py --workdir=workdirs/shapes_keyframes_sharp \
       --num_videos=64 --output=benchmarks/results/probe_shape_keeping.json
@@ -65,6 +69,23 @@ def ddim_eta_step(x0, eps, t, t_next, noise, eta, path: str):
     return a_n * x0 + jnp.sqrt(jnp.maximum(s_n ** 2 - s ** 2, 0.0)) * eps + s * noise
 
 
+PIPELINE_MODES = ("i2v", "direct", "first_frame")
+
+
+def pipeline_videos(pipe, mode: str, captions, first_frames, guidance: float, image_guidance: float,
+                    batch: int = 16) -> np.ndarray:
+    """uint8 [N, F, R, R, 3]: the captions sampled by `pipe.generate_batch` in `mode` ('i2v': with
+    their first frames; else text alone by that `text_to_video` route), `batch` at a time."""
+    out = []
+    for i in range(0, len(captions), batch):
+        caps = list(captions[i:i + batch])
+        firsts = list(first_frames[i:i + batch]) if mode == "i2v" else [None] * len(caps)
+        route = None if mode == "i2v" else mode
+        out.append(pipe.generate_batch(caps, firsts, [None] * len(caps), seed=i, guidance=guidance,
+                                       image_guidance=image_guidance, text_to_video=route))
+    return np.concatenate(out)
+
+
 def main(argv=None):
     from pixeldance import cli
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,6 +96,8 @@ def main(argv=None):
     p.add_argument("--guidance", type=float, default=None, help="text guidance (default: the workdir's config.sample)")
     p.add_argument("--image_guidance", type=float, default=None,
                    help="image-instruction guidance (default: the workdir's config.sample; 1: off)")
+    p.add_argument("--pipeline_modes", default="", help="comma list of i2v, direct, first_frame: the "
+                   "Pipeline's own sampling of the same captions ('' skips)")
     p.add_argument("--world_seed_offset", type=int, default=3000)
     p.add_argument("--output", default=None, help=".json to write (default: print only)")
     args = p.parse_args(argv)
@@ -89,6 +112,10 @@ def main(argv=None):
         raise ValueError(f"--levels must lie in (0, 1), got {args.levels!r}")
     if not all(s >= 1 for s in steps_list):
         raise ValueError(f"--steps must be >= 1, got {args.steps!r}")
+    modes = [m.strip() for m in args.pipeline_modes.split(",") if m.strip()]
+    if not set(modes) <= set(PIPELINE_MODES):
+        raise ValueError(f"--pipeline_modes must be a comma list of {', '.join(PIPELINE_MODES)}, got "
+                         f"{args.pipeline_modes!r}")
     if args.image_guidance is not None and args.image_guidance < 1.0:
         raise ValueError(f"--image_guidance must be >= 1 (1: off), got {args.image_guidance}")
 
@@ -140,7 +167,7 @@ def main(argv=None):
 
     result = dict(workdir=os.path.abspath(args.workdir), num_videos=N, objective=task.objective,
                   guidance=guidance, image_guidance=image_guidance, shift=float(s.shift),
-                  vae=read_shapes(decode(z), captions), denoise={}, sample={})
+                  vae=read_shapes(decode(z), captions), denoise={}, sample={}, pipeline={})
     eps = rng_lib.normal(jax.random.key(7), z.shape)
     with jax.set_mesh(pipe.mesh), nn.logical_axis_rules(sharding.rules("fsdp")):
         for t in levels:
@@ -155,6 +182,9 @@ def main(argv=None):
                     x = sample_step(x, jnp.float32(grid[i]), jnp.float32(grid[i + 1]),
                                     jax.random.fold_in(jax.random.key(6), i), jnp.float32(eta))
                 result["sample"][f"steps{steps}_eta{eta:g}"] = read_shapes(decode(x), captions)
+    for mode in modes:
+        result["pipeline"][mode] = read_shapes(pipeline_videos(pipe, mode, captions, videos[:, 0], guidance,
+                                                               image_guidance), captions)
     result["seconds"] = round(time.time() - start, 1)
     print(json.dumps(result))
     if args.output:

@@ -78,6 +78,8 @@ def main():
     p.add_argument("--attention", default="full", help="full | factorised")
     p.add_argument("--attention_impl", default=None, help="attention kernel (default: per backend)")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--scan_unroll", type=int, default=1, help="layers per iteration of the layer loop "
+                   "(VideoDiT.scan_unroll; the main job's shapes DiT: 4, its whole depth)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--peak_dtype", default="float32", help="dtype of the peak matmul (bfloat16 on GPUs)")
     p.add_argument("--peak_n", type=int, default=2048, help="size of the peak matmul (8192 on GPUs)")
@@ -91,7 +93,8 @@ def main():
         text_lib.TextEncoder(vocab_size=32, max_length=args.text_len, width=args.text_width,
                              num_layers=args.text_layers, num_heads=4, dtype=dtype),
         dit_lib.VideoDiT(latent_channels=args.channels, remat=args.remat, attention=args.attention,
-                         attention_impl=args.attention_impl, dtype=dtype, **kwargs))
+                         attention_impl=args.attention_impl, dtype=dtype, scan_unroll=args.scan_unroll,
+                         **kwargs))
     B, T, H, C, S = args.batch, args.frames, args.latent, args.channels, args.text_len
     rng = np.random.default_rng(0)
     batch = dict(x=rng.normal(size=(B, T, H, H, C)).astype(np.float32),
@@ -138,7 +141,8 @@ def main():
     median = float(np.median(times))
     result = dict(
         benchmark="train_step", variant=args.variant, batch=B, latent=[T, H, H, C], patch=args.patch,
-        tokens=tokens, remat=args.remat, attention=args.attention, attention_impl=args.attention_impl,
+        tokens=tokens, remat=args.remat, scan_unroll=args.scan_unroll, attention=args.attention,
+        attention_impl=args.attention_impl,
         dtype=args.dtype, peak_dtype=args.peak_dtype, peak_n=args.peak_n, params=int(sum(x.size for x in jax.tree.leaves(params))),
         flops_per_step=flops, step_time_median_s=median, step_time_min_s=float(min(times)),
         compile_s=compile_s, achieved_flops=flops / min(times), peak_flops=float(max(peaks)),

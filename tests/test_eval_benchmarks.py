@@ -260,15 +260,40 @@ def test_probe_shape_keeping_ddim_step_and_end_to_end(runlocal_workdir, tmp_path
     assert read["shape"] == 1.0 and all(read[s]["read"] == 1.0 for s in ("circle", "square", "triangle") if s in read)
     out = tmp_path / "probe.json"
     probe.main([f"--workdir={runlocal_workdir}", "--num_videos=4", "--levels=0.1,0.5", "--steps=2",
-                "--image_guidance=3", f"--output={out}"])
+                "--image_guidance=3", "--pipeline_modes=i2v,direct", f"--output={out}"])
     result = json.loads(out.read_text())
     assert result["image_guidance"] == 3.0  # the flag over the workdir's config.sample
+    assert set(result["pipeline"]) == {"i2v", "direct"}
     assert set(result["denoise"]) == {"0.1", "0.5"} and set(result["sample"]) == {"steps2_eta0", "steps2_eta1"}
-    for reading in [result["vae"], *result["denoise"].values(), *result["sample"].values()]:
+    for reading in [result["vae"], *result["denoise"].values(), *result["sample"].values(),
+                    *result["pipeline"].values()]:
         assert 0.0 <= reading["shape"] <= 1.0 and 0.0 <= reading["colour"] <= 1.0
         shapes = [k for k in reading if k in ("circle", "square", "triangle")]
         assert shapes and sum(reading[k]["n"] for k in shapes) == 4
-    for bad in ("--levels=1.5", "--steps=0", "--levels=x", "--image_guidance=0.5"):
+    for bad in ("--levels=1.5", "--steps=0", "--levels=x", "--image_guidance=0.5", "--pipeline_modes=t2v"):
         proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "probe_shape_keeping.py"),
                                f"--workdir={runlocal_workdir}", bad], capture_output=True, text=True)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, (bad, proc.stderr)
+
+
+def test_probe_shape_keeping_pipeline_videos_pass_first_frames_only_for_i2v():
+    """The 'pipeline' reading: 'i2v' gives each caption its own first frame; the text-only modes
+    give none and name their text-to-video route; batches keep the captions' order."""
+    probe = _load("probe_shape_keeping")
+    calls = []
+
+    class FakePipe:
+        def generate_batch(self, prompts, firsts, lasts, *, seed, guidance, image_guidance, text_to_video):
+            calls.append((list(prompts), firsts, text_to_video, seed, guidance, image_guidance))
+            return np.stack([np.full((2, 4, 4, 3), int(p), np.uint8) for p in prompts])
+
+    caps = [str(i) for i in range(5)]
+    firsts = np.arange(5)[:, None, None, None] * np.ones((5, 4, 4, 3), np.uint8)
+    out = probe.pipeline_videos(FakePipe(), "i2v", caps, firsts, 8.0, 1.5, batch=2)
+    assert [int(v[0, 0, 0, 0]) for v in out] == [0, 1, 2, 3, 4]
+    assert [c[0] for c in calls] == [["0", "1"], ["2", "3"], ["4"]] and all(c[2] is None for c in calls)
+    assert all(int(f[0, 0, 0]) == int(p) for c in calls for p, f in zip(c[0], c[1]))
+    assert calls[0][4:] == (8.0, 1.5)
+    calls.clear()
+    probe.pipeline_videos(FakePipe(), "first_frame", caps, firsts, 4.0, 1.0, batch=8)
+    assert calls[0][1] == [None] * 5 and calls[0][2] == "first_frame"
