@@ -209,7 +209,7 @@ def get_config(arg=None):
         remat="none",        # 'none' | 'full' | 'dots'
         # Layers per iteration of the scanned layer loop (models/dit.py VideoDiT.scan_unroll): the
         # small DiTs of the built-in world run unrolled (no loop, the same parameters): the main
-        # job's train step 1.2-1.26x faster on a 2-core CPU (benchmarks/README.md, issue 19);
+        # job's train step 1.2x faster on a 2-core CPU (benchmarks/README.md, issue 19);
         # larger variants keep 1 (one compiled layer, compile time independent of depth).
         scan_unroll=4 if arg.dit in ("shapes", "shapes_wide") else 1,
         dtype="float32",

@@ -317,10 +317,10 @@ class VideoDiT(nn.Module):
     remat: str = "none"
     scan_layers: bool = True
     # Layers per iteration of the scanned loop (lax.scan's `unroll`; >= depth: straight-line code
-    # over the same stacked parameters). On a CPU a small DiT's loop costs more than its layers'
-    # elementwise work: the stacking of residuals and per-layer gradients (dynamic-update-slices,
-    # broadcasts) was 45 % of the shapes DiT's train step; unrolled it runs 1.2-1.26x faster
-    # (benchmarks/README.md, issue 19). Large models keep 1: one compiled body, fast compiles.
+    # over the same stacked parameters). On a CPU the loop's own work — stacking residuals and
+    # per-layer gradients (dynamic-update-slices, broadcasts, copies) — weighs on a small DiT:
+    # the shapes DiT's train step runs 1.2x faster unrolled (benchmarks/README.md, issue 19).
+    # Large models keep 1: one compiled body, compile time independent of depth.
     scan_unroll: int = 1
     dtype: Any = jnp.float32
     attention: str = "full"
@@ -375,7 +375,8 @@ class VideoDiT(nn.Module):
         if self.scan_layers:
             # One compiled layer body, iterated: compile time independent of depth.
             blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                             in_axes=(nn.broadcast,) * 4, length=self.depth, unroll=min(self.scan_unroll, self.depth),
+                             in_axes=(nn.broadcast,) * 4, length=self.depth,
+                             unroll=min(self.scan_unroll, self.depth),
                              metadata_params={nn.PARTITION_NAME: "layers"})
             hidden, _ = blocks(**block_kwargs, name="blocks")(hidden, cond, rope, text_h, text_mask)
         else:
