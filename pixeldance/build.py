@@ -277,6 +277,15 @@ def wan_video(config, latent_channels: int, dtype) -> wan_dit.WanVideo:
     return wan_dit.WanVideo(transformer, widen=d.get("widen", True), mask_text=d.get("mask_text", False))
 
 
+def check_dit_loop(config) -> int:
+    """config.dit.scan_unroll (default 1), refused below 1 in one line naming it: checked by
+    `pixeldance.main` before the first stage, so a typo does not wait for the DiT stage."""
+    unroll = config.dit.get("scan_unroll", 1)
+    if not isinstance(unroll, int) or unroll < 1:
+        raise ValueError(f"config.dit.scan_unroll must be an integer >= 1 (layers per loop iteration), got {unroll!r}")
+    return unroll
+
+
 def dit(config, latent_channels: int) -> dit_lib.PixelDanceModel:
     """Text encoder + video DiT of config.text / config.dit for latents of `latent_channels`:
     this codebase's VideoDiT, or the Wan 2.1 DiT (config.dit.family = 'wan', which needs a frozen
@@ -297,7 +306,7 @@ def dit(config, latent_channels: int) -> dit_lib.PixelDanceModel:
                              attention=config.dit.attention,
                              context_parallel=config.dit.get("context_parallel", "ulysses"),
                              pos_embed=config.dit.get("pos_embed", "none"),
-                             scan_unroll=config.dit.get("scan_unroll", 1), **kwargs)
+                             scan_unroll=check_dit_loop(config), **kwargs)
     return dit_lib.PixelDanceModel(text, video)
 
 

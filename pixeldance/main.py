@@ -125,6 +125,7 @@ def _main(argv):
         # Settings the last stages read, checked before the first one spends minutes to hours:
         # config.diffusion and config.cond (the task) and config.sample; one line each, exit 2.
         build.task(config)
+        build.check_dit_loop(config)
         check_sample_config(config.sample)
     workdir_lib.write_config(workdir, config)
     timing_path = os.path.join(workdir, workdir_lib.TIMING)
