@@ -199,6 +199,7 @@ def get_config(arg=None):
         widen=True,          # wan: [x, c_image, c_mask] in, zero-initialised (False: text-to-video)
         mask_text=False,     # wan: False zeroes padded text states (Wan's own way); True masks them
         variant=arg.dit,
+        depth=0,             # layers; 0: the variant's (models/dit.py DIT_VARIANTS)
         patch_size=(1, 2, 2),
         attention="full",    # 'full' space-time attention
         pos_embed="sincos",  # 'none': 3D RoPE only (relative); 'sincos': plus fixed absolute
@@ -261,6 +262,8 @@ def get_config(arg=None):
                                    # says (a story's next prompt); the cache stores each window's n
         first_latent_weight=1.0,   # loss weight of latent 0 where it is generated (no first frame):
                                    # it is in the loss of 1 - p_first of the examples only
+        object_weight=0.0,         # loss weight 1 + w * (object map) per latent position
+                                   # (diffusion/task.py object_map); 0: every position alike
     )
 
     c.train = dict(

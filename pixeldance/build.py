@@ -279,11 +279,28 @@ def wan_video(config, latent_channels: int, dtype) -> wan_dit.WanVideo:
 
 def check_dit_loop(config) -> int:
     """config.dit.scan_unroll (default 1), refused below 1 in one line naming it: checked by
-    `pixeldance.main` before the first stage, so a typo does not wait for the DiT stage."""
+    `pixeldance.main` before the first stage, so a typo does not wait for the DiT stage.
+    Also checks config.dit.depth (`dit_size`)."""
     unroll = config.dit.get("scan_unroll", 1)
     if not isinstance(unroll, int) or unroll < 1:
         raise ValueError(f"config.dit.scan_unroll must be an integer >= 1 (layers per loop iteration), got {unroll!r}")
+    if config.dit.get("family", "pixeldance") == "pixeldance":
+        dit_size(config)
     return unroll
+
+
+def dit_size(config) -> dict:
+    """VideoDiT's size kwargs (width, depth, num_heads, mlp_ratio[, patch_size]): the size table's
+    row config.dit.variant (`dit_lib.decode_variant`), its depth replaced by config.dit.depth
+    where that is > 0 (0 or absent: the table's). A depth that is not an integer >= 0 is refused
+    in one line naming it."""
+    kwargs = dit_lib.decode_variant(config.dit.variant)
+    depth = config.dit.get("depth", 0)
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
+        raise ValueError(f"config.dit.depth must be an integer >= 0 (0: the variant's), got {depth!r}")
+    if depth:
+        kwargs["depth"] = depth
+    return kwargs
 
 
 def dit(config, latent_channels: int) -> dit_lib.PixelDanceModel:
@@ -300,7 +317,7 @@ def dit(config, latent_channels: int) -> dit_lib.PixelDanceModel:
             raise ValueError("config.dit.family='wan' conditions on a frozen text encoder: set config.text.encoder "
                              "(umt5 for Wan 2.1) and config.text.encoder_path")
         return dit_lib.PixelDanceModel(text, wan_video(config, latent_channels, dtype))
-    kwargs = dit_lib.decode_variant(config.dit.variant)
+    kwargs = dit_size(config)
     kwargs.setdefault("patch_size", tuple(config.dit.patch_size))
     video = dit_lib.VideoDiT(latent_channels=latent_channels, remat=config.dit.remat, dtype=dtype,
                              attention=config.dit.attention,

@@ -168,3 +168,18 @@ def test_small_dits_run_their_layers_unrolled():
     for unroll in (1, 3):
         config = configs.override(load(":runlocal"), **{"dit.scan_unroll": unroll})
         assert build.dit(config, 16).dit.scan_unroll == unroll
+
+
+def test_dit_depth_overrides_the_variant():
+    """config.dit.depth > 0 replaces the size table's depth (build.dit, and the planner's FLOPs
+    through build.dit_size); 0 keeps the table's; anything else is refused naming it."""
+    from pixeldance import build
+    from pixeldance.models import dit as dit_lib
+    config = configs.load_config(os.path.join(REPO, "experiments", "shapes.py") + ":runlocal")
+    table = dit_lib.DIT_VARIANTS[config.dit.variant]["depth"]
+    assert build.dit(configs.override(config, **{"dit.depth": 0}), 16).dit.depth == table
+    deeper = configs.override(config, **{"dit.depth": table + 1})
+    assert build.dit(deeper, 16).dit.depth == table + 1
+    assert build.dit_size(deeper) == dict(dit_lib.DIT_VARIANTS[config.dit.variant], depth=table + 1)
+    with pytest.raises(ValueError, match=r"config.dit.depth must be an integer >= 0"):
+        build.check_dit_loop(configs.override(config, **{"dit.depth": -1}))

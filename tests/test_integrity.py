@@ -302,8 +302,10 @@ def test_failed_checkpoint_write_stops_training_with_the_cause_last(runlocal_wor
     ("--config.sample.text_to_video=imgae", "error: config.sample.text_to_video must be one of direct, "
      "first_frame, first_latent, image, got 'imgae'"),
     ("--config.cond.first_latent_weight=0", "error: config.cond.first_latent_weight must be > 0, got 0.0"),
+    ("--config.cond.object_weight=-1", "error: config.cond.object_weight must be >= 0, got -1.0"),
     ("--config.dit.scan_unroll=0", "error: config.dit.scan_unroll must be an integer >= 1 (layers per loop "
      "iteration), got 0"),
+    ("--config.dit.depth=-1", "error: config.dit.depth must be an integer >= 0 (0: the variant's), got -1"),
 ])
 def test_main_config_errors_are_one_line(python_runner, tmp_path, flag, line):
     from conftest import RUNLOCAL

@@ -160,7 +160,7 @@ def model_flops(config, latent, batch: int, text_len: int | None = None) -> floa
         kw = dict(width=width, depth=f["num_layers"], mlp_ratio=f["ffn_dim"] / width)
         attention, c_in = "full", 2 * C + 1 if config.dit.get("widen", True) else C
     else:
-        kw = dit_lib.decode_variant(config.dit.variant)
+        kw = build.dit_size(config)
         attention, c_in = config.dit.attention, 2 * C + 1
     per_sample = dit_lib.dit_flops_per_sample(
         num_tokens=(T // pt) * (h // ph) * (w // pw), text_len=text_len or config.text.max_length, width=kw["width"],
