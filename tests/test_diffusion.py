@@ -660,6 +660,55 @@ def test_first_latent_weight(weight):
         _loss_setup("v", **{"cond.first_latent_weight": 0.0})
 
 
+def test_object_map():
+    """object_map: 1 on a frame's object, its background's distance over the object's elsewhere
+    (a 2 x 2 object of 64 positions pulls the frame mean 4/64 of the way: 4/60 = 1/15)."""
+    from pixeldance.diffusion.task import object_map
+    z = jnp.zeros((2, 3, 8, 8, 4)).at[:, :, 2:4, 5:7].set(jnp.array([1.0, -2.0, 0.5, 3.0]))
+    z = z.at[1].add(7.0)  # a background latent that is not 0 changes nothing
+    m = np.asarray(object_map(z))
+    assert m.shape == (2, 3, 8, 8, 1)
+    obj = np.zeros((8, 8), bool)
+    obj[2:4, 5:7] = True
+    np.testing.assert_allclose(m[..., 0][:, :, obj], 1.0, rtol=1e-5)
+    np.testing.assert_allclose(m[..., 0][:, :, ~obj], 1 / 15, rtol=1e-4)
+    np.testing.assert_array_equal(np.asarray(object_map(jnp.ones((1, 2, 4, 4, 3)))), 0.0)  # a plain frame: no object
+
+
+@pytest.mark.parametrize("weight", [0.0, 6.0])
+def test_object_weight(weight):
+    """cond.object_weight weighs each latent position 1 + w * object_map, on top of the first-frame
+    mask (0 where the first frame is given stays 0): an output wrong by 1 on the object's
+    positions alone costs each example the object's share of the weights."""
+    from pixeldance.diffusion.task import object_map
+    B, T, h, C = 256, 3, 4, 2
+    task, _ = _loss_setup("v", B=B, C=C, **{"cond.p_first": 0.5, "cond.object_weight": weight})
+    z = 0.1 * _normal(3, (B, T, h, h, C))
+    z = z.at[:, :, 1, 2].add(3.0)  # one object position per frame
+    batch = dict(z=z, z_last=_normal(4, (B, 3, h, h, C)),
+                 tokens=jnp.zeros((B, 12), jnp.int32).at[:, :3].set(jnp.array([1, 5, 6])))
+    x = task.training_inputs(batch["z"], batch["z_last"], batch["tokens"], jax.random.key(4))
+    mask, has_first = np.asarray(x["loss_mask"]), np.asarray(x["has_first"])
+    expect = 1.0 + weight * np.asarray(object_map(z))
+    expect[:, 0] *= ~has_first[:, None, None, None]
+    np.testing.assert_allclose(np.broadcast_to(mask, expect.shape), expect, rtol=1e-6)
+
+    def off_on_object(x_t, t):  # the exact v target plus 1 on the object's positions
+        tb = t[:, None, None, None, None]
+        alpha, sigma = schedules.alpha_sigma(tb, "ddpm")
+        eps = (x_t - alpha * batch["z"]) / sigma
+        return (alpha * eps - sigma * batch["z"]).at[:, :, 1, 2].add(1.0)
+
+    ((loss, _),) = _task_loss([_Recorder(off_on_object)], task, batch)
+    w = np.broadcast_to(expect, (B, T, h, h, C))
+    expected = np.mean(w[:, :, 1, 2].reshape(B, -1).sum(1) / w.reshape(B, -1).sum(1))
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-3)
+    if weight:
+        assert expected > 3 / (h * h)  # the object counts for more than its area (1 / 16)
+    with pytest.raises(ValueError, match="object_weight"):
+        _loss_setup("v", **{"cond.object_weight": -1.0})
+
+
 # ---------------------------------------------------------------------------------------------
 # Joint image-video training
 # ---------------------------------------------------------------------------------------------

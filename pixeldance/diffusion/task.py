@@ -45,6 +45,17 @@ KEYFRAME_SETS = ("none", "first", "first_last", "first_middle", "random", "conte
 KEYFRAME_LATENTS = ("frames", "clip")
 
 
+def object_map(z):
+    """z [B, T, h, w, C] clean latents -> float32 [B, T, h, w, 1] in [0, 1]: each position's
+    distance from its frame's mean latent over the frame's largest distance. On the synthetic
+    world a frame is a plain background and one small object (a few latent positions), so the
+    mean is the background's latent and the map is near 1 on the object and near 0 elsewhere.
+    Computed from the clean latents and held constant (no gradient flows through a loss weight)."""
+    z = jax.lax.stop_gradient(z.astype(jnp.float32))
+    d = jnp.sqrt(jnp.sum(jnp.square(z - z.mean(axis=(2, 3), keepdims=True)), axis=-1, keepdims=True))
+    return d / jnp.maximum(d.max(axis=(2, 3), keepdims=True), 1e-6)
+
+
 def parse_keyframe_sets(spec: str) -> tuple[float, ...]:
     """config.cond.keyframe_sets, 'none:0.3,first:0.35,first_last:0.35,...' -> the probabilities
     of `KEYFRAME_SETS` in that order (weights >= 0, normalised; a set not named has weight 0);
@@ -92,6 +103,9 @@ class PixelDanceTask:
     own latent at that position); context_frames: the 'context' and 'continue' sets' largest
     number of leading latent frames (continuation in latent space).
 
+    object_weight: w >= 0; each latent position's loss weight is 1 + w * `object_map(z)` (about 1
+    on the world's object, 0 on its plain background), so the few positions that carry an
+    object's shape are not outweighed by the many that carry background; 0 weighs all alike.
     first_latent_weight: the loss weight of latent frame 0 in examples that generate it (no first
     frame given, no context there); 1 weighs every latent alike. With p_first = 0.7 latent 0 is
     in the loss of 30 % of the examples only; weighting it 4x did not place text-only samples'
@@ -117,6 +131,7 @@ class PixelDanceTask:
     keyframe_latents: str = "frames"
     context_frames: int = 2
     first_latent_weight: float = 1.0
+    object_weight: float = 0.0
 
     def __post_init__(self):
         objectives.path(self.objective)  # rejects unknown objectives, naming the choices
@@ -134,6 +149,8 @@ class PixelDanceTask:
                              f"got {self.keyframe_latents!r}")
         if not self.first_latent_weight > 0:
             raise ValueError(f"config.cond.first_latent_weight must be > 0, got {self.first_latent_weight}")
+        if not self.object_weight >= 0:
+            raise ValueError(f"config.cond.object_weight must be >= 0, got {self.object_weight}")
         if self.context_frames < 1:
             raise ValueError(f"config.cond.context_frames must be >= 1, got {self.context_frames}")
         for name in ("keyframe_rate", "keyframe_drop"):
@@ -153,7 +170,8 @@ class PixelDanceTask:
                    keyframe_rate=c.get("keyframe_rate", 0.25), keyframe_drop=c.get("keyframe_drop", 0.0),
                    keyframe_latents=c.get("keyframe_latents", "frames"),
                    context_frames=c.get("context_frames", 2),
-                   first_latent_weight=c.get("first_latent_weight", 1.0))
+                   first_latent_weight=c.get("first_latent_weight", 1.0),
+                   object_weight=c.get("object_weight", 0.0))
 
     @property
     def path(self) -> str:
@@ -217,7 +235,7 @@ class PixelDanceTask:
         'continue' shows the DiT group latents at the leading positions, as sampling gives them.
 
         Returns dict(x_t [B, T, h, w, C], t [B], c_image [B, T, h, w, C], c_mask [B, T, h, w, 1],
-        text (as given, dropped ones replaced), noise [B, T, h, w, C], loss_mask [B, T, 1, 1, 1], has_first [B],
+        text (as given, dropped ones replaced), noise [B, T, h, w, C], loss_mask [B, T, 1, 1, 1] ([B, T, h, w, 1] with object_weight), has_first [B],
         has_last [B], last_pick int32 [B], keyframes bool [B, T]: the latent frames given,
         context bool [B, T]: the context sets' frames, a subset of keyframes, z [B, T, h, w, C]:
         the clean latents each example trains on (z, or z_shift for the 'continue' set)).
@@ -267,6 +285,8 @@ class PixelDanceTask:
             # Latent 0 weighed where it is generated (0 where given stays 0): the losses are means
             # over each example's weighted elements (objectives._masked_mse).
             loss_mask = loss_mask.at[:, 0].multiply(self.first_latent_weight)
+        if self.object_weight:
+            loss_mask = loss_mask * (1.0 + self.object_weight * object_map(z))  # [B, T, h, w, 1]
         return dict(x_t=x_t, t=t, c_image=c_image, c_mask=c_mask, text=text, noise=noise, loss_mask=loss_mask,
                     has_first=has_first, has_last=has_last, last_pick=pick, keyframes=given, context=context, z=z)
 
