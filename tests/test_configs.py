@@ -127,11 +127,13 @@ def test_importing_entry_points_defines_no_flags(python_runner):
 
 def test_shapes_keyframes_sharp_changes_only_the_vae_crops():
     """Issue 20's sharp-VAE experiment is shapes_keyframes with the VAE on 32 px crops, 8 per batch,
-    9,000 steps (the main job's stage, 3x longer): everything else (data, DiT, keyframe sets,
+    9,000 steps (the main job's stage, longer) and the 4-layer DiT its results were measured with
+    (the main job's has 3 since session 28): everything else (data, DiT width, keyframe sets,
     sampling) is the same; runlocal is shapes_keyframes' runlocal."""
     base = configs.load_config(os.path.join(REPO, "experiments", "shapes_keyframes.py")).to_dict()
     sharp = configs.load_config(os.path.join(REPO, "experiments", "shapes_keyframes_sharp.py")).to_dict()
     vae_base, vae_sharp = base.pop("vae"), sharp.pop("vae")
+    assert (base["dit"].pop("depth"), sharp["dit"].pop("depth")) == (3, 4)
     assert sharp == base
     assert (vae_sharp["train_size"], vae_sharp["batch_size"], vae_sharp["num_steps"]) == (32, 8, 9_000)
     assert vae_sharp["train_size"] < base["data"]["resolution"]
@@ -149,7 +151,7 @@ def test_vae_crops_on_the_synthetic_world_only():
     runlocal trains on whole frames."""
     load = lambda name: configs.load_config(os.path.join(REPO, "experiments", name))
     main = load("shapes.py")
-    assert (main.vae.train_size, main.vae.batch_size, main.vae.num_steps) == (32, 8, 3000)
+    assert (main.vae.train_size, main.vae.batch_size, main.vae.num_steps) == (32, 8, 2000)
     assert main.vae.train_size < main.data.resolution
     for name in ("ucf101", "msrvtt", "video_folder", "video_image_mix"):
         c = load(f"{name}.py")
@@ -181,5 +183,9 @@ def test_dit_depth_overrides_the_variant():
     deeper = configs.override(config, **{"dit.depth": table + 1})
     assert build.dit(deeper, 16).dit.depth == table + 1
     assert build.dit_size(deeper) == dict(dit_lib.DIT_VARIANTS[config.dit.variant], depth=table + 1)
+    from pixeldance.tools import plan  # the planner's FLOPs follow the depth (no other term is per layer)
+    flops = lambda c: plan.model_flops(c, (3, 4, 4, 16), batch=1)
+    patch = 2 * 4 * 4 * (33 + 16) * dit_lib.DIT_VARIANTS[config.dit.variant]["width"] * 3  # in/out projections
+    assert (flops(deeper) - patch) * table == pytest.approx((flops(config) - patch) * (table + 1))
     with pytest.raises(ValueError, match=r"config.dit.depth must be an integer >= 0"):
         build.check_dit_loop(configs.override(config, **{"dit.depth": -1}))

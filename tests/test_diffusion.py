@@ -664,14 +664,16 @@ def test_object_map():
     """object_map: 1 on a frame's object, its background's distance over the object's elsewhere
     (a 2 x 2 object of 64 positions pulls the frame mean 4/64 of the way: 4/60 = 1/15)."""
     from pixeldance.diffusion.task import object_map
-    z = jnp.zeros((2, 3, 8, 8, 4)).at[:, :, 2:4, 5:7].set(jnp.array([1.0, -2.0, 0.5, 3.0]))
-    z = z.at[1].add(7.0)  # a background latent that is not 0 changes nothing
+    code = jnp.array([1.0, -2.0, 0.5, 3.0])
+    z = jnp.zeros((2, 3, 8, 8, 4)).at[:, 0, 2:4, 5:7].set(code).at[:, 1, 4:6, 0:2].set(5 * code)
+    z = z.at[:, 2, 6:8, 6:8].set(-code).at[1].add(7.0)  # a background latent that is not 0 changes nothing
     m = np.asarray(object_map(z))
     assert m.shape == (2, 3, 8, 8, 1)
-    obj = np.zeros((8, 8), bool)
-    obj[2:4, 5:7] = True
-    np.testing.assert_allclose(m[..., 0][:, :, obj], 1.0, rtol=1e-5)
-    np.testing.assert_allclose(m[..., 0][:, :, ~obj], 1 / 15, rtol=1e-4)
+    for t, (r, c) in enumerate([(2, 5), (4, 0), (6, 6)]):  # per frame: its own object and scale
+        obj = np.zeros((8, 8), bool)
+        obj[r:r + 2, c:c + 2] = True
+        np.testing.assert_allclose(m[:, t, obj, 0], 1.0, rtol=1e-5)
+        np.testing.assert_allclose(m[:, t, ~obj, 0], 1 / 15, rtol=1e-4)
     np.testing.assert_array_equal(np.asarray(object_map(jnp.ones((1, 2, 4, 4, 3)))), 0.0)  # a plain frame: no object
 
 
