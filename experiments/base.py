@@ -273,7 +273,7 @@ def get_config(arg=None):
 
     c.train = dict(
         batch_size=32,
-        num_steps=2000,            # about 7.5 min on the 2-core CPU (batch 32, 80 tokens), issue 19's
+        num_steps=2000,            # 7.5-9 min on the 2-core CPU (batch 32, 80 tokens, 3 layers), issue 19's
                                    # time budget; with zero SNR 1,600 -> 2,000 steps raised held-out
                                    # text-only direction 0.75 / 0.70 -> 0.80 / 0.97 (seeds 0 / 1)
         # 1e-3 on the shapes DiT: at 1,600 steps consistency with a first frame 0.41-0.48 -> 0.70-0.78
