@@ -84,10 +84,12 @@ def frames_per_clip(mode: str, F: int, T: int, K: int) -> int:
     return F - 1 if mode == "reencode" else (F - 1) // (T - 1) * (T - K)
 
 
-def open_workdir(workdir: str, context_latents: int | None, world_seed_offset: int, size: int):
+def open_workdir(workdir: str, context_latents: int | None, world_seed_offset: int, size: int,
+                 split: str = "heldout"):
     """(pipe, F, T, K, world, items): the trained pipeline, its clip's frames and latent frames,
-    K (config.cond.context_frames unless given), and `size` held-out items of the synthetic world
-    at seed + world_seed_offset."""
+    K (config.cond.context_frames unless given), and `size` items of the synthetic world's
+    `split` ('heldout' combinations, or 'train': those the DiT was trained on) at seed +
+    world_seed_offset."""
     import pixeldance
     from pixeldance.data import synthetic
 
@@ -97,7 +99,7 @@ def open_workdir(workdir: str, context_latents: int | None, world_seed_offset: i
     K = pipe.config.cond.get("context_frames", 1) if context_latents is None else context_latents
     world = synthetic.world_config(pipe.config)
     world = synthetic.WorldConfig(**{**world.__dict__, "seed": world.seed + world_seed_offset})
-    return pipe, F, T, K, world, synthetic.ShapesSource("heldout", size=size, config=world)
+    return pipe, F, T, K, world, synthetic.ShapesSource(split, size=size, config=world)
 
 
 def windows(video: np.ndarray, size: int = WINDOW) -> np.ndarray:

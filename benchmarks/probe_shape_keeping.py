@@ -99,6 +99,8 @@ def main(argv=None):
     p.add_argument("--pipeline_modes", default="", help="comma list of i2v, direct, first_frame: the "
                    "Pipeline's own sampling of the same captions ('' skips)")
     p.add_argument("--world_seed_offset", type=int, default=3000)
+    p.add_argument("--split", default="heldout", choices=("heldout", "train"),
+                   help="the clips' colour-shape-direction combinations: held out of training, or trained on")
     p.add_argument("--output", default=None, help=".json to write (default: print only)")
     args = p.parse_args(argv)
     if args.num_videos < 1:
@@ -127,7 +129,8 @@ def main(argv=None):
     from pixeldance.diffusion import guidance as guidance_lib
 
     start = time.time()
-    pipe, _, _, _, _, items = lv.open_workdir(args.workdir, None, args.world_seed_offset, args.num_videos)
+    pipe, _, _, _, _, items = lv.open_workdir(args.workdir, None, args.world_seed_offset, args.num_videos,
+                                                split=args.split)
     N = args.num_videos
     videos = np.stack([items[i]["video"] for i in range(N)])
     captions = [items[i]["caption"] for i in range(N)]
@@ -165,7 +168,8 @@ def main(argv=None):
         x0, v = guided(x, t, 0)
         return put_first(ddim_eta_step(x0, x0 + v, t, t_next, rng_lib.normal(key, x.shape), eta, path))
 
-    result = dict(workdir=os.path.abspath(args.workdir), num_videos=N, objective=task.objective,
+    result = dict(workdir=os.path.abspath(args.workdir), num_videos=N, split=args.split, captions=captions,
+                  objective=task.objective,
                   guidance=guidance, image_guidance=image_guidance, shift=float(s.shift),
                   vae=read_shapes(decode(z), captions), denoise={}, sample={}, pipeline={})
     eps = rng_lib.normal(jax.random.key(7), z.shape)

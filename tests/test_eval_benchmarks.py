@@ -262,9 +262,11 @@ def test_probe_shape_keeping_ddim_step_and_end_to_end(runlocal_workdir, tmp_path
     assert read["shape"] == 1.0 and all(read[s]["read"] == 1.0 for s in ("circle", "square", "triangle") if s in read)
     out = tmp_path / "probe.json"
     probe.main([f"--workdir={runlocal_workdir}", "--num_videos=4", "--levels=0.1,0.5", "--steps=2",
-                "--image_guidance=3", "--pipeline_modes=i2v,direct", f"--output={out}"])
+                "--image_guidance=3", "--pipeline_modes=i2v,direct", "--split=train", f"--output={out}"])
     result = json.loads(out.read_text())
     assert result["image_guidance"] == 3.0  # the flag over the workdir's config.sample
+    assert result["split"] == "train" and len(result["captions"]) == 4
+    assert all(tuple(synthetic.parse_caption(c)[0]) in synthetic.TRAIN_COMBOS for c in result["captions"])
     assert set(result["pipeline"]) == {"i2v", "direct"}
     assert set(result["denoise"]) == {"0.1", "0.5"} and set(result["sample"]) == {"steps2_eta0", "steps2_eta1"}
     for reading in [result["vae"], *result["denoise"].values(), *result["sample"].values(),
@@ -272,10 +274,23 @@ def test_probe_shape_keeping_ddim_step_and_end_to_end(runlocal_workdir, tmp_path
         assert 0.0 <= reading["shape"] <= 1.0 and 0.0 <= reading["colour"] <= 1.0
         shapes = [k for k in reading if k in ("circle", "square", "triangle")]
         assert shapes and sum(reading[k]["n"] for k in shapes) == 4
-    for bad in ("--levels=1.5", "--steps=0", "--levels=x", "--image_guidance=0.5", "--pipeline_modes=t2v"):
+    for bad in ("--levels=1.5", "--steps=0", "--levels=x", "--image_guidance=0.5", "--pipeline_modes=t2v",
+                "--split=seen"):
         proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "probe_shape_keeping.py"),
                                f"--workdir={runlocal_workdir}", bad], capture_output=True, text=True)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, (bad, proc.stderr)
+
+
+def test_long_video_open_workdir_draws_the_split_asked_for(runlocal_workdir):
+    """open_workdir's items (long_video.py, probe_shape_keeping.py --split): held-out
+    combinations by default, trained-on ones with split='train'."""
+    from pixeldance.data import synthetic
+    lv = _load("long_video")
+    for split, combos in (("heldout", synthetic.HELD_OUT), ("train", synthetic.TRAIN_COMBOS)):
+        kwargs = {} if split == "heldout" else dict(split=split)
+        *_, items = lv.open_workdir(runlocal_workdir, None, 3000, 12, **kwargs)
+        parsed = [synthetic.parse_caption(items[i]["caption"])[0] for i in range(12)]
+        assert all(tuple(p) in combos for p in parsed), (split, parsed)
 
 
 def test_probe_shape_keeping_pipeline_videos_pass_first_frames_only_for_i2v():
