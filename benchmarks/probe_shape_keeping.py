@@ -3,7 +3,9 @@ their first frame given (image-to-video) and their caption, read per true shape 
 triangle: how often the evaluator reads it, and the bounding-box fill it reads it from), three
 ways:
 
-  vae      the clips encoded and decoded: the ceiling (`vae_shape_ceiling.py`'s reading).
+  vae      the clips encoded and decoded: the ceiling (`vae_shape_ceiling.py`'s reading); and
+           `latent_distance`, each clip drawn as each shape: how far apart two shapes' latents
+           are (`swap_distances`).
   denoise  the clips' own latents noised to level t (`--levels`, the objective's time), one DiT
            call, its clean-sample estimate decoded: does the DiT keep a shape it is shown at
            that noise? (An estimate at high noise is a mean over clips, so it blurs by design.)
@@ -53,6 +55,29 @@ def read_shapes(videos: np.ndarray, captions) -> dict:
         out[shape] = dict(n=len(mine), read=float(np.mean([scores[i]["shape_correct"] for i in mine])),
                           fill=fills.get(shape))
     return out
+
+
+def swap_distances(pipe, source, n: int) -> dict:
+    """How far apart the shapes are where the DiT works: source's items 0..n-1 (one object each)
+    drawn again as each shape (same colour, size, path and background), encoded, normalised by
+    the workdir's latent statistics; the mean squared difference per pair of shapes, over every
+    latent element. A pair whose latents differ little costs the DiT's loss little when it
+    draws one for the other."""
+    import itertools
+    from pixeldance.data import synthetic
+    cfg = source.config
+    latents = {}
+    for shape in synthetic.SHAPES:
+        videos = []
+        for i in range(n):
+            _, objects, background = source.objects(i)
+            videos.append(synthetic.render([dict(o, shape=shape) for o in objects], background,
+                                           cfg.num_frames, cfg.resolution))
+        videos = np.stack(videos)
+        z = np.concatenate([pipe.vae.encode(videos[i:i + 8]) for i in range(0, n, 8)])
+        latents[shape] = np.asarray(pipe.stats.normalise(z), np.float64)
+    return {f"{a}-{b}": float(np.mean((latents[a] - latents[b]) ** 2))
+            for a, b in itertools.combinations(sorted(synthetic.SHAPES), 2)}
 
 
 def ddim_eta_step(x0, eps, t, t_next, noise, eta, path: str):
@@ -171,7 +196,8 @@ def main(argv=None):
     result = dict(workdir=os.path.abspath(args.workdir), num_videos=N, split=args.split, captions=captions,
                   objective=task.objective,
                   guidance=guidance, image_guidance=image_guidance, shift=float(s.shift),
-                  vae=read_shapes(decode(z), captions), denoise={}, sample={}, pipeline={})
+                  vae=read_shapes(decode(z), captions), denoise={}, sample={}, pipeline={},
+                  latent_distance=swap_distances(pipe, items, N))
     eps = rng_lib.normal(jax.random.key(7), z.shape)
     with jax.set_mesh(pipe.mesh), nn.logical_axis_rules(sharding.rules("fsdp")):
         for t in levels:

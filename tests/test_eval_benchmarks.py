@@ -266,6 +266,8 @@ def test_probe_shape_keeping_ddim_step_and_end_to_end(runlocal_workdir, tmp_path
     result = json.loads(out.read_text())
     assert result["image_guidance"] == 3.0  # the flag over the workdir's config.sample
     assert result["split"] == "train" and len(result["captions"]) == 4
+    assert set(result["latent_distance"]) == {"circle-square", "circle-triangle", "square-triangle"}
+    assert all(d > 0 for d in result["latent_distance"].values())
     assert all(tuple(synthetic.parse_caption(c)[0]) in synthetic.TRAIN_COMBOS for c in result["captions"])
     assert set(result["pipeline"]) == {"i2v", "direct"}
     assert set(result["denoise"]) == {"0.1", "0.5"} and set(result["sample"]) == {"steps2_eta0", "steps2_eta1"}
@@ -291,6 +293,30 @@ def test_long_video_open_workdir_draws_the_split_asked_for(runlocal_workdir):
         *_, items = lv.open_workdir(runlocal_workdir, None, 3000, 12, **kwargs)
         parsed = [synthetic.parse_caption(items[i]["caption"])[0] for i in range(12)]
         assert all(tuple(p) in combos for p in parsed), (split, parsed)
+
+
+def test_probe_shape_keeping_swap_distances_compare_each_clip_drawn_as_each_shape():
+    """swap_distances: each item redrawn as every shape, encoded and normalised; with an identity
+    'VAE' the pair's number is the mean squared pixel difference of the two drawings."""
+    from types import SimpleNamespace
+    from pixeldance.data import synthetic
+    probe = _load("probe_shape_keeping")
+    pipe = SimpleNamespace(vae=SimpleNamespace(encode=lambda v: v.astype(np.float32) / 255),
+                           stats=SimpleNamespace(normalise=lambda z: 2 * z))
+    source = synthetic.ShapesSource("heldout", size=3, config=synthetic.WorldConfig(seed=2))
+    got = probe.swap_distances(pipe, source, 3)
+
+    def drawn(shape):
+        out = []
+        for i in range(3):
+            _, objects, background = source.objects(i)
+            out.append(synthetic.render([dict(objects[0], shape=shape)], background, 17, 64))
+        return 2 * np.stack(out).astype(np.float64) / 255
+
+    for pair in ("circle-square", "circle-triangle", "square-triangle"):
+        a, b = pair.split("-")
+        np.testing.assert_allclose(got[pair], np.mean((drawn(a) - drawn(b)) ** 2), rtol=1e-6)
+    assert got["circle-square"] < got["square-triangle"]  # a square covers a circle's pixels
 
 
 def test_probe_shape_keeping_pipeline_videos_pass_first_frames_only_for_i2v():
