@@ -80,6 +80,18 @@ def swap_distances(pipe, source, n: int) -> dict:
             for a, b in itertools.combinations(sorted(synthetic.SHAPES), 2)}
 
 
+def negative_captions(captions, negative: dict) -> list:
+    """Per caption the negative prompt that guidance pushes away from: the same caption with its
+    object's shape replaced by negative[shape], or None (the empty prompt) where negative names
+    no replacement for that shape. One object per caption."""
+    from pixeldance.data import synthetic
+    out = []
+    for c in captions:
+        (colour, shape, direction), = synthetic.parse_caption(c)
+        out.append(synthetic.caption([(colour, negative[shape], direction)]) if shape in negative else None)
+    return out
+
+
 def ddim_eta_step(x0, eps, t, t_next, noise, eta, path: str):
     """One DDIM step from time t to t_next < t on a Gaussian path, from the clean-sample and noise
     estimates x0, eps: alpha' x0 + sqrt(sigma'^2 - s^2) eps + s noise with s = eta times DDPM's
@@ -124,6 +136,9 @@ def main(argv=None):
     p.add_argument("--pipeline_modes", default="", help="comma list of i2v, direct, first_frame: the "
                    "Pipeline's own sampling of the same captions ('' skips)")
     p.add_argument("--world_seed_offset", type=int, default=3000)
+    p.add_argument("--negative", default="", help="'sample' only: comma list of shape:other (e.g. "
+                   "square:circle): the captions naming that shape are guided against the same caption "
+                   "with the other shape instead of the empty prompt (a negative prompt)")
     p.add_argument("--split", default="heldout", choices=("heldout", "train"),
                    help="the clips' colour-shape-direction combinations: held out of training, or trained on")
     p.add_argument("--output", default=None, help=".json to write (default: print only)")
@@ -143,6 +158,13 @@ def main(argv=None):
     if not set(modes) <= set(PIPELINE_MODES):
         raise ValueError(f"--pipeline_modes must be a comma list of {', '.join(PIPELINE_MODES)}, got "
                          f"{args.pipeline_modes!r}")
+    from pixeldance.data import synthetic
+    try:
+        negative = dict(pair.split(":") for pair in args.negative.split(",") if pair.strip())
+    except ValueError:
+        raise ValueError(f"--negative must be a comma list of shape:other, got {args.negative!r}") from None
+    if not all(a in synthetic.SHAPES and b in synthetic.SHAPES and a != b for a, b in negative.items()):
+        raise ValueError(f"--negative must pair two different shapes of {synthetic.SHAPES}, got {args.negative!r}")
     if args.image_guidance is not None and args.image_guidance < 1.0:
         raise ValueError(f"--image_guidance must be >= 1 (1: off), got {args.image_guidance}")
 
@@ -180,9 +202,16 @@ def main(argv=None):
     image_guidance = float(s.image_guidance if args.image_guidance is None else args.image_guidance)
     branches = guidance_lib.num_branches(image_guidance)
     c_full = conditioning.noise_instructions(jax.random.key(11), c_clean, m_full, task.noise)
+    null = pipe.text.null
+    if negative:  # per caption: its negative prompt, or the empty prompt
+        from pixeldance.models import text as text_lib
+        negs = negative_captions(captions, negative)
+        use_null = jnp.asarray([n is None for n in negs])
+        null = text_lib.select_text(use_null, pipe.text([n or c for n, c in zip(negs, captions)]),
+                                    text_lib.null_text(text, null))
     guided = task.denoiser(pipe.model, pipe.params, c_full, m_full, text, jnp.float32(guidance),
                            jnp.float32(image_guidance), jnp.int32(conditioning.ALWAYS), branches=branches,
-                           null_text=pipe.text.null)
+                           null_text=null)
 
     @jax.jit
     def one_call(x_t, t):  # the unguided full branch, as training sees it
@@ -194,6 +223,7 @@ def main(argv=None):
         return put_first(ddim_eta_step(x0, x0 + v, t, t_next, rng_lib.normal(key, x.shape), eta, path))
 
     result = dict(workdir=os.path.abspath(args.workdir), num_videos=N, split=args.split, captions=captions,
+                  negative=negative,
                   objective=task.objective,
                   guidance=guidance, image_guidance=image_guidance, shift=float(s.shift),
                   vae=read_shapes(decode(z), captions), denoise={}, sample={}, pipeline={},

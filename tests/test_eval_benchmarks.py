@@ -262,10 +262,11 @@ def test_probe_shape_keeping_ddim_step_and_end_to_end(runlocal_workdir, tmp_path
     assert read["shape"] == 1.0 and all(read[s]["read"] == 1.0 for s in ("circle", "square", "triangle") if s in read)
     out = tmp_path / "probe.json"
     probe.main([f"--workdir={runlocal_workdir}", "--num_videos=4", "--levels=0.1,0.5", "--steps=2",
-                "--image_guidance=3", "--pipeline_modes=i2v,direct", "--split=train", f"--output={out}"])
+                "--image_guidance=3", "--pipeline_modes=i2v,direct", "--split=train", "--negative=square:circle",
+                f"--output={out}"])
     result = json.loads(out.read_text())
     assert result["image_guidance"] == 3.0  # the flag over the workdir's config.sample
-    assert result["split"] == "train" and len(result["captions"]) == 4
+    assert result["split"] == "train" and len(result["captions"]) == 4 and result["negative"] == {"square": "circle"}
     assert set(result["latent_distance"]) == {"circle-square", "circle-triangle", "square-triangle"}
     assert all(d > 0 for d in result["latent_distance"].values())
     assert all(tuple(synthetic.parse_caption(c)[0]) in synthetic.TRAIN_COMBOS for c in result["captions"])
@@ -277,7 +278,7 @@ def test_probe_shape_keeping_ddim_step_and_end_to_end(runlocal_workdir, tmp_path
         shapes = [k for k in reading if k in ("circle", "square", "triangle")]
         assert shapes and sum(reading[k]["n"] for k in shapes) == 4
     for bad in ("--levels=1.5", "--steps=0", "--levels=x", "--image_guidance=0.5", "--pipeline_modes=t2v",
-                "--split=seen"):
+                "--split=seen", "--negative=square:oval", "--negative=square", "--negative=circle:circle"):
         proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "probe_shape_keeping.py"),
                                f"--workdir={runlocal_workdir}", bad], capture_output=True, text=True)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, (bad, proc.stderr)
@@ -317,6 +318,14 @@ def test_probe_shape_keeping_swap_distances_compare_each_clip_drawn_as_each_shap
         a, b = pair.split("-")
         np.testing.assert_allclose(got[pair], np.mean((drawn(a) - drawn(b)) ** 2), rtol=1e-6)
     assert got["circle-square"] < got["square-triangle"]  # a square covers a circle's pixels
+
+
+def test_probe_shape_keeping_negative_captions_swap_only_the_named_shapes():
+    probe = _load("probe_shape_keeping")
+    caps = ["a red square moves left", "a blue circle moves up", "a white triangle moves down"]
+    assert probe.negative_captions(caps, {"square": "circle"}) == ["a red circle moves left", None, None]
+    assert probe.negative_captions(caps, {"circle": "square", "triangle": "circle"}) == [
+        None, "a blue square moves up", "a white circle moves down"]
 
 
 def test_probe_shape_keeping_pipeline_videos_pass_first_frames_only_for_i2v():
