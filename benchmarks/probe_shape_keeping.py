@@ -223,9 +223,8 @@ def main(argv=None):
         return put_first(ddim_eta_step(x0, x0 + v, t, t_next, rng_lib.normal(key, x.shape), eta, path))
 
     result = dict(workdir=os.path.abspath(args.workdir), num_videos=N, split=args.split, captions=captions,
-                  negative=negative,
-                  objective=task.objective,
-                  guidance=guidance, image_guidance=image_guidance, shift=float(s.shift),
+                  negative=negative, objective=task.objective, guidance=guidance,
+                  image_guidance=image_guidance, shift=float(s.shift),
                   vae=read_shapes(decode(z), captions), denoise={}, sample={}, pipeline={},
                   latent_distance=swap_distances(pipe, items, N))
     eps = rng_lib.normal(jax.random.key(7), z.shape)
