@@ -161,10 +161,8 @@ def encode_gif(video: np.ndarray, fps: int = 8, scale: int = 1) -> bytes:
     frames = []
     for f in video:
         p = Image.fromarray(f).quantize(256, method=Image.Quantize.FASTOCTREE)
-        if scale > 1:
-            big = Image.fromarray(np.asarray(p).repeat(scale, axis=0).repeat(scale, axis=1), mode="P")
-            big.putpalette(p.getpalette())
-            p = big
+        if scale > 1:  # nearest: each palette index repeated scale x scale, the palette kept
+            p = p.resize((p.width * scale, p.height * scale), Image.Resampling.NEAREST)
         frames.append(p)
     out = io.BytesIO()
     frames[0].save(out, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
