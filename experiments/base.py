@@ -213,6 +213,10 @@ def get_config(arg=None):
                              # I2V direction 0.938 -> 0.969 (benchmarks/README.md, issue 19)
         context_parallel="ulysses",  # 'ulysses' | 'ring': self-attention over a 'context'-split sequence
         remat="none",        # 'none' | 'full' | 'dots'
+        # The attention kernel (models/attention_kernels.py): '' picks per backend and shape
+        # (splash on TPU, cuDNN on GPU, on the CPU 'dense' for short sequences and 'chunked' for
+        # long ones), or one of 'xla' | 'dense' | 'chunked' | 'cudnn' | 'splash' forced.
+        attention_impl="",
         # Layers per iteration of the scanned layer loop (models/dit.py VideoDiT.scan_unroll): the
         # small DiTs of the built-in world run unrolled (no loop, the same parameters): the main
         # job's train step 1.2x faster on a 2-core CPU (benchmarks/README.md, issue 19);

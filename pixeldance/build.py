@@ -29,6 +29,7 @@ from flax import traverse_util
 
 from pixeldance.data import synthetic
 from pixeldance.diffusion.task import PixelDanceTask
+from pixeldance.models import attention_kernels
 from pixeldance.models import dit as dit_lib
 from pixeldance.models import lora as lora_lib
 from pixeldance.models import text as text_lib
@@ -273,14 +274,26 @@ def wan_video(config, latent_channels: int, dtype) -> wan_dit.WanVideo:
     fields = dict(fields, in_channels=2 * C + 1 if d.get("widen", True) else C)
     transformer = wan_dit.model_from_config(fields, dtype=dtype, remat=d.remat,
                                             context_parallel=d.get("context_parallel", "ulysses"),
-                                            where="config.dit")
+                                            attention_impl=attention_impl(config), where="config.dit")
     return wan_dit.WanVideo(transformer, widen=d.get("widen", True), mask_text=d.get("mask_text", False))
+
+
+def attention_impl(config) -> str | None:
+    """config.dit.attention_impl: '' (None: the kernel `attention_kernels.pick_implementation`
+    chooses per backend and shape) or one of `attention_kernels.IMPLEMENTATIONS`, forced for every
+    attention of the DiT; refused in one line naming it otherwise."""
+    impl = config.dit.get("attention_impl", "") or None
+    if impl is not None and impl not in attention_kernels.IMPLEMENTATIONS:
+        raise ValueError(f"unknown config.dit.attention_impl {impl!r}; choose from "
+                         f"{attention_kernels.IMPLEMENTATIONS} or '' (per backend)")
+    return impl
 
 
 def check_dit_loop(config) -> int:
     """config.dit.scan_unroll (default 1), refused below 1 in one line naming it: checked by
     `pixeldance.main` before the first stage, so a typo does not wait for the DiT stage.
-    Also checks config.dit.depth (`dit_size`)."""
+    Also checks config.dit.depth (`dit_size`) and config.dit.attention_impl."""
+    attention_impl(config)
     unroll = config.dit.get("scan_unroll", 1)
     if not isinstance(unroll, int) or unroll < 1:
         raise ValueError(f"config.dit.scan_unroll must be an integer >= 1 (layers per loop iteration), got {unroll!r}")
@@ -323,7 +336,8 @@ def dit(config, latent_channels: int) -> dit_lib.PixelDanceModel:
                              attention=config.dit.attention,
                              context_parallel=config.dit.get("context_parallel", "ulysses"),
                              pos_embed=config.dit.get("pos_embed", "none"),
-                             scan_unroll=check_dit_loop(config), **kwargs)
+                             scan_unroll=check_dit_loop(config), attention_impl=attention_impl(config),
+                             **kwargs)
     return dit_lib.PixelDanceModel(text, video)
 
 

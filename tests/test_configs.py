@@ -172,6 +172,16 @@ def test_small_dits_run_their_layers_unrolled():
         assert build.dit(config, 16).dit.scan_unroll == unroll
 
 
+def test_dit_attention_impl_reaches_every_attention():
+    """config.dit.attention_impl: '' leaves the kernel to the backend (None), a name forces it
+    on the DiT's blocks (build.dit)."""
+    from pixeldance import build
+    config = configs.load_config(os.path.join(REPO, "experiments", "shapes.py") + ":runlocal")
+    assert config.dit.attention_impl == "" and build.dit(config, 16).dit.attention_impl is None
+    for impl in ("xla", "dense"):
+        assert build.dit(configs.override(config, **{"dit.attention_impl": impl}), 16).dit.attention_impl == impl
+
+
 def test_dit_depth_overrides_the_variant():
     """config.dit.depth > 0 replaces the size table's depth (build.dit, and the planner's FLOPs
     through build.dit_size); 0 keeps the table's; anything else is refused naming it."""

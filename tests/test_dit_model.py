@@ -98,6 +98,26 @@ def test_param_count_formula_matches_init(name, attention):
         assert 1.4e9 < actual < 1.6e9  # PixelDance's 1.5B
 
 
+@pytest.mark.parametrize("shape,in_dims", [((16, 3, 4, 8), 1), ((4, 8, 16), 2), ((12, 20), 1)])
+def test_dense_kernels_draw_flat_the_values_of_their_shape(shape, in_dims):
+    """`layers.Dense` draws its kernel as an [inputs, outputs] matrix (cheaper to compile): bit
+    for bit the draw of the N-D shape with the input axes as fan-in and the rest as fan-out."""
+    from pixeldance.models import layers
+    nd_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=tuple(range(in_dims)),
+                                               out_axis=tuple(range(in_dims, len(shape))))
+
+    class NDKernel(nn.Module):  # the same parameter path and name, drawn in its N-D shape
+        @nn.compact
+        def __call__(self, x):
+            return self.param("kernel", nd_init, shape)
+
+    key, x = jax.random.key(3), jnp.zeros((1,) + shape[:in_dims])
+    dense = layers.Dense(shape[in_dims:], (None,) * len(shape), in_dims=in_dims)
+    kernel = nn.unbox(dense.init(key, x))["params"]["kernel"]
+    assert kernel.shape == shape
+    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(NDKernel().init(key, x)["params"]["kernel"]))
+
+
 @pytest.mark.parametrize("attention,scan", [("full", True), ("factorised", True), ("full", False)])
 def test_every_parameter_has_logical_names(attention, scan):
     """Each leaf is boxed with one known logical name per dimension (scanned: 'layers' first)."""
@@ -119,8 +139,9 @@ def test_every_parameter_has_logical_names(attention, scan):
 # Sharded forward pass == single device
 
 @pytest.mark.parametrize("preset,mesh_shape,impl", [
-    ("fsdp", (2, 4, 1, 1), None),
+    ("fsdp", (2, 4, 1, 1), None),  # 'dense' (the CPU's pick for these short sequences)
     ("fsdp", (2, 4, 1, 1), "chunked"),
+    ("fsdp_context", (1, 2, 4, 1), None),  # Ulysses with 'dense' per device
     ("fsdp_tensor", (1, 2, 1, 4), "chunked"),
     ("fsdp_context", (1, 2, 4, 1), "chunked"),
     ("fsdp_context_params", (1, 2, 4, 1), "chunked"),
@@ -164,7 +185,7 @@ def _equations(jaxpr):
                     yield from _equations(sub)
 
 
-@pytest.mark.parametrize("impl", ["xla", "chunked"])
+@pytest.mark.parametrize("impl", ["xla", "dense", "chunked"])
 def test_bfloat16_compute_float32_params(reference, impl):
     inputs, params = reference["inputs"], reference["params"]
     bf16 = _model(attention_impl=impl, dtype=jnp.bfloat16)
@@ -189,6 +210,7 @@ def test_bfloat16_compute_float32_params(reference, impl):
 @pytest.mark.parametrize("impl,policies", [
     ("xla", sorted(set(dit_lib.REMAT_POLICIES) - {"none"})),
     ("chunked", ["none", "full"]),  # the custom VJP alone and under remat
+    ("dense", ["none", "full", "dots"]),
 ])
 def test_remat_policies_give_equal_gradients(reference, impl, policies):
     inputs, params, ref = reference["inputs"], reference["params"], reference["grads"]
@@ -229,6 +251,29 @@ def test_chunked_attention_matches_reference(monkeypatch):
     grad = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * g), argnums=(0, 1, 2)))(q, k, v)
     for a, b in zip(grad(attend("chunked")), grad(attend("xla"))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_dense_attention_matches_reference():
+    """The 'dense' kernel: values against float64 softmax attention (masked keys, a row that may
+    attend to one key only), gradients against autodiff of jax.nn's, bfloat16 in -> bfloat16 out."""
+    r = np.random.default_rng(0)
+    q = jnp.asarray(r.normal(size=(3, 20, 2, 8)), jnp.float32)
+    k, v = (jnp.asarray(r.normal(size=(3, 12, 2, 8)), jnp.float32) for _ in range(2))
+    mask = jnp.asarray(r.uniform(size=(3, 12)) < 0.5).at[:, 0].set(True).at[2].set(jnp.arange(12) == 0)
+    for key_mask in (None, mask):
+        full = np.ones((3, 12), bool) if key_mask is None else key_mask
+        out = jax.jit(lambda q, k, v: kernels.dense_attention(q, k, v, key_mask))(q, k, v)
+        np.testing.assert_allclose(np.asarray(out), _reference_attention(q, k, v, full), atol=2e-6)
+        g = jnp.asarray(r.normal(size=out.shape), jnp.float32)
+        grad = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * g), argnums=(0, 1, 2)))(q, k, v)
+        mask4 = None if key_mask is None else key_mask[:, None, None, :]
+        for a, b in zip(grad(lambda q, k, v: kernels.dense_attention(q, k, v, key_mask)),
+                        grad(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask4))):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+    bf = [a.astype(jnp.bfloat16) for a in (q, k, v)]
+    out = kernels.dense_attention(*bf, mask)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), _reference_attention(q, k, v, mask), atol=0.05)
 
 
 def test_splash_attention_in_interpreter():
@@ -278,8 +323,8 @@ def test_splash_kernel_per_device_under_a_mesh():
 def test_kernel_choice_on_cpu():
     pick = kernels.pick_implementation
     assert pick((2, 1024, 6, 64), (2, 1024, 6, 64), jnp.float32) == "chunked"
-    assert pick((8, 80, 4, 32), (8, 80, 4, 32), jnp.float32) == "xla"
-    assert pick((8, 1024, 4, 32), (8, 12, 4, 32), jnp.float32) == "xla"  # cross-attention to text
+    assert pick((8, 80, 4, 32), (8, 80, 4, 32), jnp.float32) == "dense"
+    assert pick((8, 1024, 4, 32), (8, 12, 4, 32), jnp.float32, masked=True) == "dense"  # cross-attention to text
     with pytest.raises(ValueError, match="flash"):
         attn_lib.dot_product_attention(*([jnp.zeros((1, 4, 1, 8))] * 3), implementation="flash")
 

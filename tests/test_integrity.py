@@ -306,6 +306,8 @@ def test_failed_checkpoint_write_stops_training_with_the_cause_last(runlocal_wor
     ("--config.dit.scan_unroll=0", "error: config.dit.scan_unroll must be an integer >= 1 (layers per loop "
      "iteration), got 0"),
     ("--config.dit.depth=-1", "error: config.dit.depth must be an integer >= 0 (0: the variant's), got -1"),
+    ("--config.dit.attention_impl=flash", "error: unknown config.dit.attention_impl 'flash'; choose from "
+     "('xla', 'dense', 'chunked', 'cudnn', 'splash') or '' (per backend)"),
 ])
 def test_main_config_errors_are_one_line(python_runner, tmp_path, flag, line):
     from conftest import RUNLOCAL

@@ -3,6 +3,11 @@
 Kernels ('implementation'):
   xla      `jax.nn.dot_product_attention` as plain XLA ops: the logits [B, N, L, M] are
            materialised. Used for short sequences (e.g. cross-attention to text) on any backend.
+  dense    plain-JAX softmax attention with the logits materialised, as 'xla', and a custom VJP
+           that keeps the probabilities [B, N, L, M] from the forward pass: the backward pass is
+           four matmuls and one elementwise pass, where autodiff of 'xla' goes back through the
+           max, exp, sum and divide. Picked on the CPU for short sequences (e.g. the main job's
+           80 video tokens, cross-attention to text); its memory is 'xla''s.
   chunked  heads-major, query-chunked softmax attention with a flash-style custom VJP, in plain
            JAX: 2D matmuls per (batch, head, query chunk), softmax statistics saved instead of
            the probabilities, which the backward pass recomputes chunk by chunk. Memory O(L) per
@@ -34,14 +39,14 @@ try:  # the TPU kernel; absent or unusable on some installs, and only ever used 
 except Exception:  # noqa: BLE001 - any import failure just disables the TPU kernel
     _splash = None
 
-IMPLEMENTATIONS = ("xla", "chunked", "cudnn", "splash")
+IMPLEMENTATIONS = ("xla", "dense", "chunked", "cudnn", "splash")
 # Checkpoint names of the attention residuals of the 'chunked' and 'splash' kernels (output,
 # softmax log-normalisers): remat policies that keep these skip the attention forward pass
 # when they recompute a block.
 REMAT_NAMES = ("attention_out", "attention_lse")
 MASK_VALUE = -1e30  # finite, so a fully masked row gives a uniform softmax instead of NaN
-# On the CPU, logits tensors up to this many elements (all heads) stay with plain XLA: for
-# small ones the loop of the chunked kernel costs more than the passes over memory it saves.
+# On the CPU, logits tensors up to this many elements (all heads) stay materialised ('dense'):
+# for small ones the loop of the chunked kernel costs more than the passes over memory it saves.
 CPU_CHUNKED_MIN_LOGITS = 1 << 22
 # Target query-chunk size: Q * M logits (4 MiB in float32) stay in the CPU's caches.
 _CHUNK_LOGITS = 1 << 20
@@ -74,7 +79,7 @@ def pick_implementation(q_shape, k_shape, dtype, masked: bool = False) -> str:
     if backend == "gpu":
         half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
         return "cudnn" if half and K <= 128 and K % 8 == 0 and not masked else "xla"
-    return "chunked" if B * N * L * M >= CPU_CHUNKED_MIN_LOGITS else "xla"
+    return "chunked" if B * N * L * M >= CPU_CHUNKED_MIN_LOGITS else "dense"
 
 
 def local_attention(q, k, v, key_mask=None, implementation: str | None = None):
@@ -82,6 +87,8 @@ def local_attention(q, k, v, key_mask=None, implementation: str | None = None):
     key_mask: optional bool [B, M]; implementation: one of IMPLEMENTATIONS, None to pick one.
     Returns [B, L, N, K] in q's dtype."""
     impl = implementation or pick_implementation(q.shape, k.shape, q.dtype, masked=key_mask is not None)
+    if impl == "dense":
+        return dense_attention(q, k, v, key_mask)
     if impl in ("xla", "cudnn"):
         mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1(N), 1(L), M]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
@@ -117,6 +124,55 @@ def mesh_axes(logical: str, mesh, size: int):
     if not axes or size % math.prod(mesh.shape[a] for a in axes):
         return None
     return axes
+
+
+# ----------------------------------------------------------------------------------------------
+# Dense attention (CPU, short sequences): materialised probabilities, kept for the backward pass.
+
+def dense_attention(q, k, v, key_mask=None):
+    """[B, L, N, K] x [B, M, N, K] (key_mask: bool [B, M] | None) -> [B, L, N, K] in q's dtype;
+    see the module docstring ('dense'). Masked keys get MASK_VALUE logits, as in 'chunked'."""
+    bias = None if key_mask is None else jnp.where(key_mask, 0.0, MASK_VALUE).astype(jnp.float32)
+    return _dense(q, k, v, bias)
+
+
+def _dense_forward(q, k, v, bias):
+    """(out [B, L, N, K] in q's dtype, residuals for `_dense_bwd`)."""
+    qs = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    logits = jnp.einsum("blnk,bmnk->bnlm", qs, k, preferred_element_type=jnp.float32)
+    if bias is not None:
+        logits = logits + bias[:, None, None, :]
+    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    p = e / jnp.sum(e, axis=-1, keepdims=True)  # [B, N, L, M] float32
+    out = jnp.einsum("bnlm,bmnk->blnk", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype), (qs, k, v, p, out)
+
+
+@jax.custom_vjp
+def _dense(q, k, v, bias):
+    return _dense_forward(q, k, v, bias)[0]
+
+
+def _dense_fwd(q, k, v, bias):
+    return _dense_forward(q, k, v, bias)
+
+
+def _dense_bwd(res, dout):
+    qs, k, v, p, out = res
+    f32 = jnp.float32
+    dv = jnp.einsum("bnlm,blnk->bmnk", p.astype(dout.dtype), dout, preferred_element_type=f32)
+    dp = jnp.einsum("blnk,bmnk->bnlm", dout, v, preferred_element_type=f32)
+    # rowsum(dp * p) = rowsum(dout * out): the softmax backward's per-row constant, from the
+    # [B, L, N, K] output instead of another pass over the [B, N, L, M] probabilities.
+    delta = jnp.einsum("blnk,blnk->bnl", dout.astype(f32), out)[..., None]
+    ds = (p * (dp - delta)).astype(qs.dtype)
+    dq = jnp.einsum("bnlm,bmnk->blnk", ds, k, preferred_element_type=f32) * (qs.shape[-1] ** -0.5)
+    dk = jnp.einsum("bnlm,blnk->bmnk", ds, qs, preferred_element_type=f32)
+    # None: no cotangent for the bias (a key mask is not trained).
+    return dq.astype(qs.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 # ----------------------------------------------------------------------------------------------

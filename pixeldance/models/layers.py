@@ -12,6 +12,20 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 
+def _flat_init(init, in_dims: int):
+    """`init` run on the kernel as a [inputs, outputs] matrix, reshaped to the kernel's shape.
+
+    The same values as drawing the N-D shape with the input axes as fan-in and the rest as
+    fan-out (the random bits come flat either way; tested bit for bit), but XLA:CPU compiles a
+    rank-2 draw in a third of the time of a rank-4 one: the DiT's jitted initialisation compiled
+    in 3.1 s instead of 4.2 (the same trick as `causal_conv.matrix_init`).
+    """
+    def init_flat(key, shape, dtype=jnp.float32):
+        matrix = (math.prod(shape[:in_dims]), math.prod(shape[in_dims:]))
+        return init(key, matrix, dtype).reshape(shape)
+    return init_flat
+
+
 class Dense(nn.Module):
     """Contracts the last `in_dims` axes of x with a kernel of shape in_shape + features.
 
@@ -42,9 +56,7 @@ class Dense(nn.Module):
         if self.zero_init:
             init = nn.initializers.zeros_init()
         else:
-            in_axes = tuple(range(self.in_dims))
-            out_axes = tuple(range(self.in_dims, self.in_dims + len(features)))
-            init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=in_axes, out_axis=out_axes)
+            init = _flat_init(nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"), self.in_dims)
         kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.kernel_axes)),
                             in_shape + features)
         # As one 2D matmul: XLA:CPU runs multi-axis dot_generals (and their gradients) as slow
