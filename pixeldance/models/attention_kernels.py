@@ -2,7 +2,8 @@
 
 Kernels ('implementation'):
   xla      `jax.nn.dot_product_attention` as plain XLA ops: the logits [B, N, L, M] are
-           materialised. Used for short sequences (e.g. cross-attention to text) on any backend.
+           materialised. Used on TPU and GPU where their kernels do not apply (e.g. masked
+           cross-attention to text), and wherever it is asked for.
   dense    plain-JAX softmax attention with the logits materialised, as 'xla', and a custom VJP
            that keeps the probabilities [B, N, L, M] from the forward pass: the backward pass is
            four matmuls and one elementwise pass, where autodiff of 'xla' goes back through the
@@ -153,10 +154,6 @@ def _dense(q, k, v, bias):
     return _dense_forward(q, k, v, bias)[0]
 
 
-def _dense_fwd(q, k, v, bias):
-    return _dense_forward(q, k, v, bias)
-
-
 def _dense_bwd(res, dout):
     qs, k, v, p, out = res
     f32 = jnp.float32
@@ -172,7 +169,7 @@ def _dense_bwd(res, dout):
     return dq.astype(qs.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
-_dense.defvjp(_dense_fwd, _dense_bwd)
+_dense.defvjp(_dense_forward, _dense_bwd)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -280,8 +280,8 @@ REMAT_POLICIES = {
     "full": None,
     # Matmul outputs without batch dimensions (projections, MLP) and the attention kernels'
     # outputs and softmax statistics are stored; norms, RoPE, activations and, for the 'xla'
-    # and 'dense' kernels, attention are recomputed. About a fifth of 'none''s activation memory, and
-    # elementwise recompute only.
+    # and 'dense' kernels, attention are recomputed. About a fifth of 'none''s activation
+    # memory, and elementwise recompute only.
     "dots": _policies.save_from_both_policies(_policies.checkpoint_dots_with_no_batch_dims,
                                               _KEEP_ATTENTION),
     # As 'dots', plus batched matmul outputs: the 'xla' kernel's logits [B, N, L, M] too
