@@ -26,6 +26,7 @@ import logging as std_logging
 import os
 import shutil
 import sys
+import time
 from typing import Any
 
 import jax
@@ -337,11 +338,25 @@ class Checkpointer:
                 cause = _cause(e)
             raise CheckpointWriteError(f"checkpoint {which} could not be written to {self.directory}: {cause}") from None
 
-    def _remove_unfinished(self):
-        """Deletes the `*.orbax-checkpoint-tmp*` folders of failed saves (process 0 only)."""
-        if jax.process_index() == 0:
-            for tmp in glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*")):
+    def _remove_unfinished(self, settle: float = 0.0):
+        """Deletes the `*.orbax-checkpoint-tmp*` folders of failed saves (process 0 only).
+
+        settle > 0: keep deleting until none has been seen for 0.1 s, for at most `settle`
+        seconds: a writer still finishing (TensorStore's I/O can outlive Orbax's threads) can
+        add files while a folder is being removed, which makes the removal give up on it, or
+        make the folder again (a leftover `6.orbax-checkpoint-tmp` seen in CI)."""
+        if jax.process_index() != 0:
+            return
+        pattern = os.path.join(self.directory, "*.orbax-checkpoint-tmp*")
+        deadline, quiet = time.monotonic() + settle, 0
+        while True:
+            found = glob.glob(pattern)
+            for tmp in found:
                 shutil.rmtree(tmp, ignore_errors=True)
+            quiet = 0 if found else quiet + 1
+            if quiet >= 3 or time.monotonic() >= deadline:
+                return
+            time.sleep(0.05)
 
     def poll(self):
         """Seals this object's saves that have finished since the last call, without waiting for
@@ -441,7 +456,7 @@ class Checkpointer:
                 self._manager.close()
             # Again, now that Orbax's threads have ended: one still writing when the error
             # surfaced can have made its temporary folder after the first removal (seen in CI).
-            self._remove_unfinished()
+            self._remove_unfinished(settle=3.0)
             if self._held is not None:  # Orbax's threads have ended (TensorStore's callbacks may not)
                 self._held.remove(replay=False)
                 self._held = None
