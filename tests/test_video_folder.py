@@ -1,9 +1,11 @@
 """The video-folder dataset (pixeldance/data/video_folder.py): decoding, bad input, wiring."""
+import concurrent.futures
 import importlib.util
 import json
 import logging
 import os
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -188,6 +190,29 @@ def test_bad_inputs_are_skipped_counted_and_logged(messy_dir, caplog):
     assert "too_short 1" in line and "\n" not in line
     # A real sample clip decodes to its (seeked) frames: the carphone clip has motion.
     assert src[6]["video"].std() > 20 and np.abs(np.diff(src[7]["video"].astype(int), axis=0)).mean() > 1
+
+
+def test_a_bad_entry_hit_by_read_threads_at_once_is_counted_once(messy_dir):
+    """The pipeline's read threads can fail on one bad video together; the summary (which the main
+    job prints) still counts it once."""
+    src = video_folder.VideoFolderSource(messy_dir, num_frames=9, resolution=16, stride=1)
+    n = pipeline.READ_THREADS
+    together = threading.Barrier(n)
+    read = src._read_entry
+
+    def read_together(entry, *args):
+        if entry == 3:  # noise.mp4: every thread is inside its read before any of them fails
+            together.wait(timeout=60)
+        return read(entry, *args)
+
+    src._read_entry = read_together
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        items = list(pool.map(lambda i: src[i], [3] * n))
+    assert [it["caption"] for it in items] == ["a man on the phone"] * n  # entries 3-5 bad, 6 read
+    s = src.summary()
+    assert s["skipped"] == {"malformed_row": 1, "corrupt": 1, "too_short": 1, "missing": 1}
+    assert s["examples"]["corrupt"] == [os.path.join(messy_dir, "noise.mp4")]
+    assert "corrupt 1 " in src.summary_line()
 
 
 @pytest.mark.parametrize("name,kind", [("empty.mp4", "empty"), ("truncated.mp4", "corrupt"),

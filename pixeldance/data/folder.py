@@ -26,6 +26,7 @@ import copy
 import csv
 import json
 import os
+import threading
 import zlib
 
 import numpy as np
@@ -34,6 +35,10 @@ from absl import logging
 from pixeldance.data.paths import OutsideRootError, resolve_inside
 
 REASONS = ("malformed_row", "outside_root", "missing", "empty", "corrupt", "too_short")
+# The pipeline's read threads (pipeline.READ_THREADS) can hit one bad entry at the same moment:
+# the check-and-count is one step under this lock, so each bad entry is counted once. One lock for
+# the module, not per source: a source is pickled into grain's worker processes, a lock cannot be.
+_SKIP_LOCK = threading.Lock()
 SPLITS = ("train", "heldout")
 _EXAMPLES = 5  # paths kept per reason in summary()
 
@@ -239,11 +244,15 @@ class FolderSource:
 
     def _skip_bad(self, entry: int, error: BadVideoError):
         """A bad entry: with on_error='raise' the error propagates; else it is remembered (never
-        read again in this process), logged and counted."""
+        read again in this process), logged and counted, once even where read threads find it
+        together."""
         if self.on_error == "raise":
             raise error
-        self._bad[entry] = error.reason
-        self._record(error.reason, error.path, str(error))
+        with _SKIP_LOCK:
+            if entry in self._bad:  # another read thread found it first
+                return
+            self._bad[entry] = error.reason
+            self._record(error.reason, error.path, str(error))
 
     def _record(self, reason: str, path: str, message: str | None = None):
         self._counts[reason] += 1
